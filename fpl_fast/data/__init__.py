@@ -1,0 +1,1 @@
+"""fpl_fast.data."""

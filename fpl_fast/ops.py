@@ -1,0 +1,205 @@
+"""Python face of the fpl_fast custom ops.
+
+Loads the compiled extension ``fpl_fast._C`` (which registers ``torch.ops.fpl_fast.*`` for CPU and,
+when built, CUDA), adds fake (meta) kernels and autograd formulas, and falls back to the
+plain-PyTorch twins in :mod:`fpl_fast.reference` with one warning when ``_C`` is missing.
+Semantics, shapes and the noise stream of every op are documented in :mod:`fpl_fast.reference`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from fpl_fast import reference
+
+__all__ = [
+    "has_cpp_ops",
+    "has_cuda_kernels",
+    "lowrank_prompt",
+    "dp_lowrank_clip_noise",
+    "lowrank_full_grad",
+    "lowrank_factorize",
+]
+
+try:
+    from fpl_fast import _C  # noqa: F401  (loading it registers torch.ops.fpl_fast)
+
+    _HAS_C = True
+except ImportError as exc:  # pragma: no cover - exercised by the fallback test in a subprocess
+    _C = None
+    _HAS_C = False
+    warnings.warn(
+        f"fpl_fast._C could not be loaded ({exc}); using the plain-PyTorch reference ops. "
+        "Build the extension with `pip install --no-build-isolation .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def has_cpp_ops() -> bool:
+    """True when the compiled C++ ops are loaded (else the reference runs)."""
+    return _HAS_C
+
+
+def has_cuda_kernels() -> bool:
+    """True when the extension was compiled with its CUDA kernels."""
+    return _HAS_C and bool(_C.cuda_built())
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake kernels: the reference computes the right shapes and dtypes on fake tensors.
+# ----------------------------------------------------------------------------------------------
+def _contiguous(out):
+    if isinstance(out, tuple):
+        return tuple(t.contiguous() for t in out)
+    return out.contiguous()
+
+
+if _HAS_C:
+
+    @torch.library.register_fake("fpl_fast::lowrank_prompt")
+    def _lowrank_prompt_fake(prefix, suffix, g, u, v, residual):
+        return _contiguous(reference.lowrank_prompt(prefix, suffix, g, u, v, residual))
+
+    @torch.library.register_fake("fpl_fast::lowrank_prompt_backward")
+    def _lowrank_prompt_backward_fake(grad_out, u, v, n_ctx):
+        return _contiguous(reference.lowrank_prompt_backward(grad_out, u, v, n_ctx))
+
+    @torch.library.register_fake("fpl_fast::dp_lowrank_clip_noise")
+    def _dp_fake(grad, u, v, clip_norm, noise_multiplier, seed, offset, expected_batch_size, joint_uv, per_sample, sum_classes):
+        # Shapes only: run the reference without noise (the noise never changes shapes).
+        return _contiguous(
+            reference.dp_lowrank_clip_noise(
+                grad, u, v, clip_norm, 0.0, seed, offset, expected_batch_size, joint_uv, per_sample, sum_classes
+            )
+        )
+
+    @torch.library.register_fake("fpl_fast::lowrank_full_grad")
+    def _full_grad_fake(grad_u, grad_v, u, v, scale):
+        return _contiguous(reference.lowrank_full_grad(grad_u, grad_v, u, v, scale))
+
+    @torch.library.register_fake("fpl_fast::lowrank_factorize")
+    def _factorize_fake(l, rank, seed, offset):  # noqa: E741
+        x = l if l.dim() == 3 else l.unsqueeze(0)
+        reference._check(1 <= rank <= min(x.shape[1], x.shape[2]), f"rank must be in [1, {min(x.shape[1], x.shape[2])}], got {rank}")
+        u = l.new_empty(*l.shape[:-1], rank)
+        v = l.new_empty(*l.shape[:-2], rank, l.shape[-1])
+        return u, v, torch.empty_like(l, memory_format=torch.contiguous_format)
+
+    # ------------------------------------------------------------------------------------------
+    # Autograd
+    # ------------------------------------------------------------------------------------------
+    def _lowrank_prompt_setup(ctx, inputs, output):
+        prefix, suffix, g, u, v, residual = inputs
+        ctx.save_for_backward(u, v)
+        ctx.n_ctx = g.shape[-2]
+        ctx.batched = output.dim() == 4
+        ctx.dims = tuple(None if t is None else t.dim() for t in (g, u, v, residual))
+
+    def _reduce_k(grad: Tensor, dim_of_input: int | None, plain_dims: int) -> Tensor | None:
+        """Sum the per-client gradient over K for an input that was shared (had no K)."""
+        if dim_of_input is None:
+            return None
+        return grad if dim_of_input == plain_dims + 1 else grad.sum(0)
+
+    def _lowrank_prompt_backward(ctx, grad_out):
+        u, v = ctx.saved_tensors
+        grad_ctx, grad_u, grad_v = torch.ops.fpl_fast.lowrank_prompt_backward(grad_out.contiguous(), u, v, ctx.n_ctx)
+        g_dim, u_dim, v_dim, r_dim = ctx.dims
+        go = grad_out if ctx.batched else grad_out.unsqueeze(0)
+        need = ctx.needs_input_grad
+        g_prefix = go[:, :, :1].sum(0) if need[0] else None
+        g_suffix = go[:, :, 1 + ctx.n_ctx :].sum(0) if need[1] else None
+        return (
+            g_prefix,
+            g_suffix,
+            _reduce_k(grad_ctx, g_dim, 2) if need[2] else None,
+            _reduce_k(grad_u, u_dim, 2) if need[3] else None,
+            _reduce_k(grad_v, v_dim, 2) if need[4] else None,
+            _reduce_k(grad_ctx, r_dim, 2) if need[5] else None,
+        )
+
+    torch.library.register_autograd(
+        "fpl_fast::lowrank_prompt", _lowrank_prompt_backward, setup_context=_lowrank_prompt_setup
+    )
+
+    def _full_grad_setup(ctx, inputs, output):
+        grad_u, grad_v, u, v, scale = inputs
+        ctx.save_for_backward(grad_u, grad_v, u, v)
+        ctx.scale = scale
+
+    def _full_grad_backward(ctx, grad):
+        # out = s (gU V + U gV + U U^T gU V); grad is dL/d out.
+        gu, gv, u, v = ctx.saved_tensors
+        s = ctx.scale
+        ut = u.transpose(-1, -2)
+        vt = v.transpose(-1, -2)
+        g_vt = torch.matmul(grad, vt)  # (K, n_ctx, r)
+        ut_g = torch.matmul(ut, grad)  # (K, r, d)
+        d_gu = s * (g_vt + torch.matmul(u, torch.matmul(ut, g_vt)))
+        d_gv = s * ut_g
+        d_u = s * (
+            torch.matmul(grad, gv.transpose(-1, -2))
+            + torch.matmul(g_vt, torch.matmul(gu.transpose(-1, -2), u))
+            + torch.matmul(torch.matmul(gu, v), torch.matmul(grad.transpose(-1, -2), u))
+        )
+        d_v = s * (torch.matmul(gu.transpose(-1, -2), ut_g) + torch.matmul(torch.matmul(gu.transpose(-1, -2), u), ut_g))
+        return d_gu, d_gv, d_u, d_v, None
+
+    torch.library.register_autograd("fpl_fast::lowrank_full_grad", _full_grad_backward, setup_context=_full_grad_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------
+def lowrank_prompt(
+    prefix: Tensor,
+    suffix: Tensor,
+    g: Tensor,
+    u: Tensor | None = None,
+    v: Tensor | None = None,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """[prefix | G + U V (+ R) | suffix] for every class (and client); see the reference."""
+    if _HAS_C:
+        return torch.ops.fpl_fast.lowrank_prompt(prefix, suffix, g, u, v, residual)
+    return reference.lowrank_prompt(prefix, suffix, g, u, v, residual)
+
+
+def dp_lowrank_clip_noise(
+    grad: Tensor,
+    u: Tensor | None = None,
+    v: Tensor | None = None,
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    seed: int,
+    offset: int,
+    expected_batch_size: float = 0.0,
+    joint_uv: bool = True,
+    per_sample: bool = True,
+    sum_classes: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused per-sample clipping + local-DP noise of the prompt factors; see the reference."""
+    args = (grad, u, v, float(clip_norm), float(noise_multiplier), int(seed), int(offset))
+    kw = (float(expected_batch_size), bool(joint_uv), bool(per_sample), bool(sum_classes))
+    if _HAS_C:
+        return torch.ops.fpl_fast.dp_lowrank_clip_noise(*args, *kw)
+    return reference.dp_lowrank_clip_noise(*args, *kw)
+
+
+def lowrank_full_grad(grad_u: Tensor, grad_v: Tensor, u: Tensor, v: Tensor, scale: float = 0.1) -> Tensor:
+    """g_L = scale (g_U V + U g_V + U U^T g_U V); see the reference."""
+    if _HAS_C:
+        return torch.ops.fpl_fast.lowrank_full_grad(grad_u, grad_v, u, v, float(scale))
+    return reference.lowrank_full_grad(grad_u, grad_v, u, v, float(scale))
+
+
+def lowrank_factorize(l: Tensor, rank: int, seed: int, offset: int) -> tuple[Tensor, Tensor, Tensor]:  # noqa: E741
+    """One randomised power iteration L -> (U, V, R = L - U V); see the reference."""
+    if _HAS_C:
+        return torch.ops.fpl_fast.lowrank_factorize(l, int(rank), int(seed), int(offset))
+    return reference.lowrank_factorize(l, int(rank), int(seed), int(offset))

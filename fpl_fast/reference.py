@@ -1,0 +1,434 @@
+"""Plain-PyTorch twins of every fpl_fast op: the specification, the fallback and the test oracle.
+
+Each function has the same signature and semantics as ``torch.ops.fpl_fast.<op>``. Shapes use
+K clients (an optional leading dimension), b samples, n_cls classes, n_ctx context tokens, width d,
+rank r. Randomness is data: noise comes from a Philox4x32-10 stream addressed by (seed, offset),
+implemented here with int64 tensor arithmetic so that the reference, the CPU kernels and the CUDA
+kernels draw the same numbers (``csrc/philox.h`` documents the stream layout).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CLIP_EPS",
+    "philox_normal",
+    "dp_noise_numel",
+    "factorize_noise_numel",
+    "lowrank_prompt",
+    "lowrank_prompt_backward",
+    "dp_lowrank_clip_noise",
+    "lowrank_full_grad",
+    "lowrank_factorize",
+]
+
+# Clip factor min(1, C / (norm + CLIP_EPS)), as Opacus and the DP-FPL authors' code.
+CLIP_EPS = 1e-6
+# Gram-Schmidt guard for an all-zero column.
+GS_EPS = 1e-12
+
+_M32 = 0xFFFFFFFF
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+
+
+# ----------------------------------------------------------------------------------------------
+# Philox4x32-10 in int64 arithmetic
+# ----------------------------------------------------------------------------------------------
+def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(hi, lo) 32-bit halves of a * b for a constant a < 2^32 and uint32 values b held in int64."""
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    p_lo = a * b_lo  # < 2^48
+    p_hi = a * b_hi  # < 2^48
+    s = p_lo + ((p_hi & 0xFFFF) << 16)  # < 2^49
+    return (p_hi >> 16) + (s >> 32), s & _M32
+
+
+def _philox4x32_10(counter: Tensor, seed: int) -> list[Tensor]:
+    c = [counter & _M32, (counter >> 32) & _M32, torch.zeros_like(counter), torch.zeros_like(counter)]
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for rnd in range(10):
+        if rnd > 0:
+            k0 = (k0 + _PHILOX_W[0]) & _M32
+            k1 = (k1 + _PHILOX_W[1]) & _M32
+        hi0, lo0 = _mulhilo32(_PHILOX_M[0], c[0])
+        hi1, lo1 = _mulhilo32(_PHILOX_M[1], c[2])
+        c = [hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0]
+    return c
+
+
+def philox_normal(seed: int, offset: int, numel: int, device: torch.device | str = "cpu") -> Tensor:
+    """Normals 0..numel-1 of the (seed, offset) stream, float32 (see csrc/philox.h)."""
+    if numel == 0:
+        return torch.zeros(0, dtype=torch.float32, device=device)
+    n_ctr = (numel + 3) // 4
+    ctr = torch.arange(n_ctr, dtype=torch.int64, device=device) + offset
+    x = _philox4x32_10(ctr, seed)
+    two32 = 2.0**-32
+    out = []
+    for a, b in ((x[0], x[1]), (x[2], x[3])):
+        u1 = (a.double() + 1.0) * two32
+        u2 = b.double() * two32
+        r = torch.sqrt(-2.0 * torch.log(u1))
+        out += [r * torch.cos(2 * math.pi * u2), r * torch.sin(2 * math.pi * u2)]
+    return torch.stack(out, dim=1).reshape(-1)[:numel].float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks (the C++ kernels raise the same messages)
+# ----------------------------------------------------------------------------------------------
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _check_dim(t: Tensor, name: str, dims: tuple[int, ...], what: str) -> None:
+    _check(t.dim() in dims, f"{name} must be {what}, got shape {tuple(t.shape)}")
+
+
+def _check_same(ref: Tensor, t: Tensor | None, name: str) -> None:
+    if t is None:
+        return
+    _check(t.device == ref.device, f"{name} must be on {ref.device}, got {t.device}")
+    _check(t.dtype == ref.dtype, f"{name} must have dtype {ref.dtype}, got {t.dtype}")
+
+
+def _check_hyper(clip_norm: float, noise_multiplier: float) -> None:
+    _check(
+        not math.isnan(clip_norm) and clip_norm > 0,
+        f"clip_norm must be > 0 (inf disables clipping), got {clip_norm}",
+    )
+    _check(
+        math.isfinite(noise_multiplier) and noise_multiplier >= 0,
+        f"noise_multiplier must be finite and >= 0, got {noise_multiplier}",
+    )
+
+
+def _clip_factor(norm: Tensor, clip_norm: float) -> Tensor:
+    return torch.clamp(clip_norm / (norm + CLIP_EPS), max=1.0)
+
+
+def _batched(t: Tensor | None, plain_dims: int) -> bool:
+    return t is not None and t.dim() == plain_dims + 1
+
+
+# ----------------------------------------------------------------------------------------------
+# lowrank_prompt
+# ----------------------------------------------------------------------------------------------
+def lowrank_prompt(
+    prefix: Tensor,
+    suffix: Tensor,
+    g: Tensor,
+    u: Tensor | None = None,
+    v: Tensor | None = None,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """Assemble class prompts with context ctx = G + U V (+ R).
+
+    Args:
+        prefix: (n_cls, 1, d) frozen SOT embeddings.
+        suffix: (n_cls, S, d) frozen embeddings of "classname ." EOT and padding.
+        g: (n_ctx, d) shared global prompt, or (K, n_ctx, d) one per client.
+        u: (n_ctx, r) or (K, n_ctx, r); given together with v, or neither.
+        v: (r, d) or (K, r, d).
+        residual: (n_ctx, d) or (K, n_ctx, d); dpfpl's R, or fedotp's full local prompt.
+
+    Returns:
+        (K, n_cls, 1 + n_ctx + S, d) when any of g, u, v, residual has a client dimension, else
+        (n_cls, 1 + n_ctx + S, d): [prefix | ctx | suffix] for every class.
+    """
+    _check_dim(prefix, "prefix", (3,), "3-D (n_cls, 1, d)")
+    _check_dim(suffix, "suffix", (3,), "3-D (n_cls, S, d)")
+    _check_dim(g, "g", (2, 3), "2-D (n_ctx, d) or 3-D (K, n_ctx, d)")
+    n_cls, one, d = prefix.shape
+    _check(one == 1, f"prefix must have one token per class (n_cls, 1, d), got {tuple(prefix.shape)}")
+    _check(
+        suffix.shape[0] == n_cls and suffix.shape[2] == d,
+        f"suffix must be ({n_cls}, S, {d}) to match prefix, got {tuple(suffix.shape)}",
+    )
+    n_ctx = g.shape[-2]
+    _check(g.shape[-1] == d, f"g must have width {d} to match prefix, got {tuple(g.shape)}")
+    _check((u is None) == (v is None), "u and v must be given together or not at all")
+    for t, name in ((suffix, "suffix"), (g, "g"), (u, "u"), (v, "v"), (residual, "residual")):
+        _check_same(prefix, t, name)
+    if u is not None and v is not None:
+        _check_dim(u, "u", (2, 3), "2-D (n_ctx, r) or 3-D (K, n_ctx, r)")
+        _check_dim(v, "v", (2, 3), "2-D (r, d) or 3-D (K, r, d)")
+        r = u.shape[-1]
+        _check(u.shape[-2] == n_ctx, f"u must have {n_ctx} rows (n_ctx), got {tuple(u.shape)}")
+        _check(v.shape[-2:] == (r, d), f"v must be ({r}, {d}) per client, got {tuple(v.shape)}")
+    if residual is not None:
+        _check_dim(residual, "residual", (2, 3), "2-D (n_ctx, d) or 3-D (K, n_ctx, d)")
+        _check(
+            residual.shape[-2:] == (n_ctx, d),
+            f"residual must be ({n_ctx}, {d}) per client, got {tuple(residual.shape)}",
+        )
+    leading = {t.shape[0] for t, nd in ((g, 2), (u, 2), (v, 2), (residual, 2)) if _batched(t, nd)}
+    _check(len(leading) <= 1, f"client dimensions K disagree across g, u, v, residual: {sorted(leading)}")
+    batched = len(leading) == 1
+    K = leading.pop() if batched else 1
+
+    ctx = g if g.dim() == 3 else g.unsqueeze(0)  # (K or 1, n_ctx, d)
+    if u is not None and v is not None:
+        ctx = ctx + torch.matmul(u, v)
+    if residual is not None:
+        ctx = ctx + residual
+    ctx = ctx.expand(K, n_ctx, d)
+    S = suffix.shape[1]
+    out = torch.cat(
+        [
+            prefix.unsqueeze(0).expand(K, n_cls, 1, d),
+            ctx.unsqueeze(1).expand(K, n_cls, n_ctx, d),
+            suffix.unsqueeze(0).expand(K, n_cls, S, d),
+        ],
+        dim=2,
+    )
+    return out if batched else out[0]
+
+
+def lowrank_prompt_backward(
+    grad_out: Tensor, u: Tensor | None, v: Tensor | None, n_ctx: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of ``lowrank_prompt`` at the context positions.
+
+    Args:
+        grad_out: (K, n_cls, L, d) or (n_cls, L, d), the gradient of the assembled prompts.
+        u, v: as given to the forward (2-D ones broadcast over K), or None.
+        n_ctx: number of context tokens (positions 1 .. n_ctx of L).
+
+    Returns:
+        grad_ctx (K, n_ctx, d) summed over classes; grad_u = grad_ctx V^T (K, n_ctx, r) and
+        grad_v = U^T grad_ctx (K, r, d) per client (empty (K, 0, 0) tensors when u, v are None).
+        The K dimension is 1 when grad_out has none; reducing over K for shared inputs is the
+        caller's job.
+    """
+    _check_dim(grad_out, "grad_out", (3, 4), "3-D (n_cls, L, d) or 4-D (K, n_cls, L, d)")
+    go = grad_out if grad_out.dim() == 4 else grad_out.unsqueeze(0)
+    _check(0 <= n_ctx and 1 + n_ctx <= go.shape[2], f"n_ctx must be in [0, {go.shape[2] - 1}], got {n_ctx}")
+    acc = torch.float64 if go.dtype == torch.float64 else torch.float32
+    grad_ctx = go[:, :, 1 : 1 + n_ctx, :].to(acc).sum(dim=1)  # (K, n_ctx, d)
+    K = go.shape[0]
+    if u is None or v is None:
+        empty = grad_ctx.new_zeros(K, 0, 0)
+        return grad_ctx.to(go.dtype), empty.to(go.dtype), empty.to(go.dtype)
+    grad_u = torch.matmul(grad_ctx, v.to(acc).transpose(-1, -2))  # (K, n_ctx, r)
+    grad_v = torch.matmul(u.to(acc).transpose(-1, -2), grad_ctx)  # (K, r, d)
+    return grad_ctx.to(go.dtype), grad_u.to(go.dtype), grad_v.to(go.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# dp_lowrank_clip_noise
+# ----------------------------------------------------------------------------------------------
+def dp_noise_numel(K: int, n_ctx: int, d: int, rank: int | None) -> int:
+    """Normals one ``dp_lowrank_clip_noise`` call draws (rank None: full local prompt)."""
+    per_client = n_ctx * d if rank is None else n_ctx * rank + rank * d
+    return K * per_client
+
+
+def dp_lowrank_clip_noise(
+    grad: Tensor,
+    u: Tensor | None,
+    v: Tensor | None,
+    clip_norm: float,
+    noise_multiplier: float,
+    seed: int,
+    offset: int,
+    expected_batch_size: float = 0.0,
+    joint_uv: bool = True,
+    per_sample: bool = True,
+    sum_classes: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-sample clipping and Gaussian noise for the prompt factors, for all clients at once.
+
+    Per sample i of client k, with grad_i the context gradient (summed over classes if
+    ``sum_classes``): g_U,i = grad_i V^T, g_V,i = U^T grad_i, g_G,i = grad_i. Each is clipped with
+    factor min(1, C / (norm + 1e-6)) (``joint_uv``: g_U,i and g_V,i share one factor from their joint
+    norm), the clipped terms are summed, N(0, (sigma C)^2) is added to the U and V sums (local DP; the
+    global prompt's noise is the server's), and everything is divided by ``expected_batch_size`` if
+    > 0 (Poisson sampling) else by max(b, 1).
+
+    With ``per_sample=False`` (the DP-FPL authors' batch-mean clipping, not a per-example guarantee)
+    the batch mean of grad_i is clipped instead, and the result is clip(mean) + noise / denominator.
+
+    Without u and v (fedotp's full local prompt L) the per-sample context gradient itself is clipped
+    and noised: the first output is the noisy L gradient (K, n_ctx, d) and the second is empty.
+
+    Noise stream: client k draws normals k * P .. (k + 1) * P - 1 of (seed, offset), with
+    P = n_ctx r + r d (U row-major, then V row-major) or n_ctx d without u, v. No draws when sigma = 0.
+
+    Args:
+        grad: (K, b, n_ctx, d) or (b, n_ctx, d); with ``sum_classes`` (K, b, n_cls, n_ctx, d) or
+            (b, n_cls, n_ctx, d).
+        u: (K, n_ctx, r) or (n_ctx, r), batched like grad; or None.
+        v: (K, r, d) or (r, d); or None.
+        clip_norm: C > 0 (inf disables clipping).
+        noise_multiplier: sigma >= 0.
+        seed, offset: the Philox stream.
+
+    Returns:
+        grad_u (K, n_ctx, r), grad_v (K, r, d), grad_g (K, n_ctx, d) in grad's dtype, and
+        norms (K, b, 3) float32 with the unclipped per-sample norms of (g_U, g_V, g_G)
+        ((K, 1, 3) of the batch mean when ``per_sample=False``). K is absent when grad has none.
+    """
+    _check_hyper(clip_norm, noise_multiplier)
+    _check(
+        math.isfinite(expected_batch_size) and expected_batch_size >= 0,
+        f"expected_batch_size must be finite and >= 0 (0: use b), got {expected_batch_size}",
+    )
+    plain = 4 if sum_classes else 3
+    what = "(b, n_cls, n_ctx, d) or (K, b, n_cls, n_ctx, d)" if sum_classes else "(b, n_ctx, d) or (K, b, n_ctx, d)"
+    _check_dim(grad, "grad", (plain, plain + 1), f"{plain}-D or {plain + 1}-D {what}")
+    _check(grad.is_floating_point(), f"grad must be floating point, got {grad.dtype}")
+    batched = grad.dim() == plain + 1
+    x = grad if batched else grad.unsqueeze(0)
+    K, b = x.shape[0], x.shape[1]
+    n_ctx, d = x.shape[-2], x.shape[-1]
+    _check((u is None) == (v is None), "u and v must be given together or not at all")
+    if u is not None and v is not None:
+        kd = 3 if batched else 2
+        _check_dim(u, "u", (kd,), "3-D (K, n_ctx, r) like grad" if batched else "2-D (n_ctx, r) like grad")
+        _check_dim(v, "v", (kd,), "3-D (K, r, d) like grad" if batched else "2-D (r, d) like grad")
+        _check_same(grad, u, "u")
+        _check_same(grad, v, "v")
+        uu = u if batched else u.unsqueeze(0)
+        vv = v if batched else v.unsqueeze(0)
+        r = uu.shape[-1]
+        _check(uu.shape == (K, n_ctx, r), f"u must be ({K}, {n_ctx}, r) to match grad, got {tuple(u.shape)}")
+        _check(vv.shape == (K, r, d), f"v must be ({K}, {r}, {d}) to match grad and u, got {tuple(v.shape)}")
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    xs = x.to(acc)
+    if sum_classes:
+        xs = xs.sum(dim=2)  # (K, b, n_ctx, d)
+    denom = float(expected_batch_size) if expected_batch_size > 0 else float(max(b, 1))
+    C = float(clip_norm)
+
+    if per_sample:
+        xg = xs
+    else:
+        xg = xs.mean(dim=1, keepdim=True) if b > 0 else xs.new_zeros(K, 1, n_ctx, d)
+
+    norm_g = xg.flatten(2).norm(dim=2)  # (K, b')
+    if u is not None:
+        uu, vv = uu.to(acc), vv.to(acc)
+        a = torch.einsum("kind,krd->kinr", xg, vv)  # g_U,i (K, b', n_ctx, r)
+        bb = torch.einsum("knr,kind->kird", uu, xg)  # g_V,i (K, b', r, d)
+        norm_u = a.flatten(2).norm(dim=2)
+        norm_v = bb.flatten(2).norm(dim=2)
+        if joint_uv:
+            cu = cv = _clip_factor(torch.sqrt(norm_u**2 + norm_v**2), C)
+        else:
+            cu, cv = _clip_factor(norm_u, C), _clip_factor(norm_v, C)
+        local_a = (cu[..., None, None] * a).sum(dim=1)  # (K, n_ctx, r)
+        local_b = (cv[..., None, None] * bb).sum(dim=1)  # (K, r, d)
+        norms = torch.stack([norm_u, norm_v, norm_g], dim=-1)
+    else:
+        local_a = (_clip_factor(norm_g, C)[..., None, None] * xg).sum(dim=1)  # (K, n_ctx, d)
+        local_b = xs.new_zeros(K, 0, d)
+        norms = torch.stack([norm_g, torch.zeros_like(norm_g), norm_g], dim=-1)
+    glob = (_clip_factor(norm_g, C)[..., None, None] * xg).sum(dim=1)  # (K, n_ctx, d)
+
+    if per_sample:
+        scale = 1.0 / denom
+    else:
+        scale = 1.0  # clip(mean) itself; only the noise is divided by the denominator
+
+    if noise_multiplier > 0:
+        numel_a, numel_b = local_a[0].numel(), local_b[0].numel()
+        z = philox_normal(seed, offset, K * (numel_a + numel_b), grad.device).to(acc)
+        z = z.view(K, numel_a + numel_b) * (noise_multiplier * C / denom)
+        local_a = local_a * scale + z[:, :numel_a].view_as(local_a)
+        local_b = local_b * scale + z[:, numel_a:].view_as(local_b)
+    else:
+        local_a, local_b = local_a * scale, local_b * scale
+    glob = glob * scale
+
+    outs = (local_a.to(grad.dtype), local_b.to(grad.dtype), glob.to(grad.dtype), norms.float())
+    return outs if batched else tuple(t[0] for t in outs)  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------
+# lowrank_full_grad
+# ----------------------------------------------------------------------------------------------
+def lowrank_full_grad(grad_u: Tensor, grad_v: Tensor, u: Tensor, v: Tensor, scale: float = 0.1) -> Tensor:
+    """Gradient for the full local prompt L from the gradients of its factors.
+
+    g_L = scale * (g_U V + U g_V + U U^T g_U V), computed as U ((U^T g_U) V) for the last term.
+
+    Args:
+        grad_u, u: (K, n_ctx, r) or (n_ctx, r).
+        grad_v, v: (K, r, d) or (r, d).
+        scale: 0.1 in the DP-FPL authors' code.
+
+    Returns:
+        (K, n_ctx, d) or (n_ctx, d).
+    """
+    _check(math.isfinite(scale), f"scale must be finite, got {scale}")
+    _check_dim(u, "u", (2, 3), "2-D (n_ctx, r) or 3-D (K, n_ctx, r)")
+    for t, name in ((grad_u, "grad_u"), (grad_v, "grad_v"), (v, "v")):
+        _check_dim(t, name, (u.dim(),), f"{u.dim()}-D like u")
+        _check_same(u, t, name)
+    _check(grad_u.shape == u.shape, f"grad_u must have u's shape {tuple(u.shape)}, got {tuple(grad_u.shape)}")
+    r = u.shape[-1]
+    _check(v.shape[-2] == r, f"v must have {r} rows (rank of u), got {tuple(v.shape)}")
+    _check(v.shape[:-2] == u.shape[:-2], f"v must have u's client dimension {tuple(u.shape[:-2])}, got {tuple(v.shape)}")
+    _check(grad_v.shape == v.shape, f"grad_v must have v's shape {tuple(v.shape)}, got {tuple(grad_v.shape)}")
+    ut = u.transpose(-1, -2)
+    inner = torch.matmul(ut, grad_u)  # (K, r, r)
+    out = torch.matmul(grad_u, v) + torch.matmul(u, grad_v) + torch.matmul(u, torch.matmul(inner, v))
+    return scale * out
+
+
+# ----------------------------------------------------------------------------------------------
+# lowrank_factorize
+# ----------------------------------------------------------------------------------------------
+def factorize_noise_numel(K: int, d: int, rank: int) -> int:
+    """Normals one ``lowrank_factorize`` call draws."""
+    return K * d * rank
+
+
+def _gram_schmidt(m: Tensor) -> Tensor:
+    """Column-wise modified Gram-Schmidt of (K, n, r): normalise column j, remove it from later ones."""
+    m = m.clone()
+    r = m.shape[-1]
+    for j in range(r):
+        col = m[..., j : j + 1]
+        col = col / (col.norm(dim=-2, keepdim=True) + GS_EPS)
+        m[..., j : j + 1] = col
+        if j + 1 < r:
+            rest = m[..., j + 1 :]
+            m[..., j + 1 :] = rest - (col * rest).sum(dim=-2, keepdim=True) * col
+    return m
+
+
+def lowrank_factorize(l: Tensor, rank: int, seed: int, offset: int) -> tuple[Tensor, Tensor, Tensor]:  # noqa: E741
+    """One randomised power iteration: L ~ U V with residual R = L - U V.
+
+    V0 ~ N(0, 1) of shape (d, r) from the Philox stream (client k: normals k d r .. (k + 1) d r - 1,
+    row-major); U = orth(L V0); W = orth(L^T U); V = W^T; orth is column-wise Gram-Schmidt.
+
+    Args:
+        l: (K, n_ctx, d) or (n_ctx, d).
+        rank: 1 <= r <= min(n_ctx, d).
+
+    Returns:
+        u (K, n_ctx, r), v (K, r, d), residual (K, n_ctx, d), or without K like l.
+    """
+    _check_dim(l, "l", (2, 3), "2-D (n_ctx, d) or 3-D (K, n_ctx, d)")
+    _check(l.is_floating_point(), f"l must be floating point, got {l.dtype}")
+    batched = l.dim() == 3
+    x = l if batched else l.unsqueeze(0)
+    K, n_ctx, d = x.shape
+    _check(1 <= rank <= min(n_ctx, d), f"rank must be in [1, {min(n_ctx, d)}] (min(n_ctx, d)), got {rank}")
+    acc = torch.float64 if l.dtype == torch.float64 else torch.float32
+    xa = x.to(acc)
+    v0 = philox_normal(seed, offset, K * d * rank, l.device).to(acc).view(K, d, rank)
+    u = _gram_schmidt(torch.matmul(xa, v0))  # (K, n_ctx, r)
+    w = _gram_schmidt(torch.matmul(xa.transpose(-1, -2), u))  # (K, d, r)
+    v = w.transpose(-1, -2)  # (K, r, d)
+    res = xa - torch.matmul(u, v)
+    outs = (u.to(l.dtype), v.contiguous().to(l.dtype), res.to(l.dtype))
+    return outs if batched else tuple(t[0] for t in outs)  # type: ignore[return-value]
