@@ -1,1 +1,38 @@
-"""fpl_fast.privacy."""
+"""fpl_fast.privacy: per-sample prompt gradients, clipping + noise, and privacy accounting.
+
+Knows nothing about CLIP: it gets a differentiable text function, tensors and configs.
+"""
+
+from fpl_fast.privacy.accountant import (
+    PrivacyAccountant,
+    calibrate_noise,
+    epsilon_for,
+    paper_noise_multiplier,
+)
+from fpl_fast.privacy.mechanism import (
+    LocalDP,
+    LocalDPResult,
+    NoiseStream,
+    accountant_noise_multiplier,
+    global_accountant_noise_multiplier,
+    privatize_local,
+    server_aggregate_global,
+)
+from fpl_fast.privacy.per_sample import batch_prompt_grad, logit_cotangents, per_sample_prompt_grads
+
+__all__ = [
+    "PrivacyAccountant",
+    "calibrate_noise",
+    "epsilon_for",
+    "paper_noise_multiplier",
+    "LocalDP",
+    "LocalDPResult",
+    "NoiseStream",
+    "accountant_noise_multiplier",
+    "global_accountant_noise_multiplier",
+    "privatize_local",
+    "server_aggregate_global",
+    "batch_prompt_grad",
+    "logit_cotangents",
+    "per_sample_prompt_grads",
+]

@@ -1,0 +1,397 @@
+// Input validation shared by the CPU and CUDA backends.
+//
+// Every user-facing precondition of fpl_fast/reference.py is checked here, in the same order and with the
+// same message, through TORCH_CHECK_VALUE so that Python sees a ValueError exactly like the reference.
+// Shapes, dtypes, devices and floats are printed the way Python prints them ("(2, 3)", "torch.float32",
+// "cpu", "1e-05") so the messages match the reference character for character.
+// The check_* functions return the resolved dimensions. Header-only, no CUDA includes.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace fpl_fast {
+
+// Clip factor min(1, C / (norm + CLIP_EPS)) and the Gram-Schmidt guard, as fpl_fast/reference.py.
+constexpr double kClipEps = 1e-6;
+constexpr double kGsEps = 1e-12;
+
+namespace pyfmt {
+
+// Python's tuple(t.shape): "()", "(5,)", "(2, 3)".
+inline std::string shape(c10::IntArrayRef sizes) {
+  std::string s = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i > 0) s += ", ";
+    s += std::to_string(sizes[i]);
+  }
+  if (sizes.size() == 1) s += ",";
+  return s + ")";
+}
+
+// Python's str(sorted(list_of_ints)): "[2, 3]".
+inline std::string int_list(const std::set<int64_t>& values) {
+  std::string s = "[";
+  bool first = true;
+  for (int64_t v : values) {
+    if (!first) s += ", ";
+    s += std::to_string(v);
+    first = false;
+  }
+  return s + "]";
+}
+
+// Python's str(torch.dtype): "torch.float32".
+inline std::string dtype(c10::ScalarType t) {
+  switch (t) {
+    case c10::ScalarType::Byte:
+      return "torch.uint8";
+    case c10::ScalarType::Char:
+      return "torch.int8";
+    case c10::ScalarType::Short:
+      return "torch.int16";
+    case c10::ScalarType::Int:
+      return "torch.int32";
+    case c10::ScalarType::Long:
+      return "torch.int64";
+    case c10::ScalarType::Half:
+      return "torch.float16";
+    case c10::ScalarType::Float:
+      return "torch.float32";
+    case c10::ScalarType::Double:
+      return "torch.float64";
+    case c10::ScalarType::BFloat16:
+      return "torch.bfloat16";
+    case c10::ScalarType::Bool:
+      return "torch.bool";
+    case c10::ScalarType::ComplexHalf:
+      return "torch.complex32";
+    case c10::ScalarType::ComplexFloat:
+      return "torch.complex64";
+    case c10::ScalarType::ComplexDouble:
+      return "torch.complex128";
+    default:
+      return std::string("torch.") + c10::toString(t);
+  }
+}
+
+// Python's str(torch.device): "cpu", "cuda:0".
+inline std::string device(const c10::Device& d) { return d.str(); }
+
+// Python's repr(float): shortest round-trip digits, "1.0", "0.0001", "1e-05", "1e+16", "nan", "-inf".
+inline std::string py_float(double x) {
+  if (std::isnan(x)) return "nan";
+  if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
+  if (x == 0.0) return std::signbit(x) ? "-0.0" : "0.0";
+  char buf[64];
+  for (int prec = 1; prec <= 17; ++prec) {
+    std::snprintf(buf, sizeof(buf), "%.*e", prec - 1, x);
+    if (std::strtod(buf, nullptr) == x) break;
+  }
+  std::string s(buf);
+  std::string sign;
+  if (s[0] == '-') {
+    sign = "-";
+    s = s.substr(1);
+  }
+  const size_t epos = s.find('e');
+  const int exp10 = std::atoi(s.c_str() + epos + 1);
+  std::string digits;
+  for (size_t i = 0; i < epos; ++i) {
+    if (s[i] != '.') digits += s[i];
+  }
+  while (digits.size() > 1 && digits.back() == '0') digits.pop_back();
+  std::string out;
+  if (exp10 < -4 || exp10 >= 16) {
+    out = digits.substr(0, 1);
+    if (digits.size() > 1) out += "." + digits.substr(1);
+    const int a = std::abs(exp10);
+    out += std::string("e") + (exp10 < 0 ? "-" : "+") + (a < 10 ? "0" : "") + std::to_string(a);
+  } else if (exp10 >= 0) {
+    const size_t int_len = static_cast<size_t>(exp10) + 1;
+    if (digits.size() <= int_len) {
+      out = digits + std::string(int_len - digits.size(), '0') + ".0";
+    } else {
+      out = digits.substr(0, int_len) + "." + digits.substr(int_len);
+    }
+  } else {
+    out = "0." + std::string(static_cast<size_t>(-exp10 - 1), '0') + digits;
+  }
+  return sign + out;
+}
+
+}  // namespace pyfmt
+
+namespace detail {
+
+inline void check_dim(const at::Tensor& t, const char* name, std::initializer_list<int64_t> dims,
+                      const std::string& what) {
+  const bool ok = std::find(dims.begin(), dims.end(), t.dim()) != dims.end();
+  TORCH_CHECK_VALUE(ok, name, " must be ", what, ", got shape ", pyfmt::shape(t.sizes()));
+}
+
+// Same device and dtype as ref (reference.py's _check_same).
+inline void check_same(const at::Tensor& ref, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on ", pyfmt::device(ref.device()), ", got ",
+                    pyfmt::device(t.device()));
+  TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), name, " must have dtype ",
+                    pyfmt::dtype(ref.scalar_type()), ", got ", pyfmt::dtype(t.scalar_type()));
+}
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), name, " must be floating point, got ",
+                    pyfmt::dtype(t.scalar_type()));
+}
+
+inline void check_hyper(double clip_norm, double noise_multiplier) {
+  TORCH_CHECK_VALUE(!std::isnan(clip_norm) && clip_norm > 0, "clip_norm must be > 0 (inf disables clipping), got ",
+                    pyfmt::py_float(clip_norm));
+  TORCH_CHECK_VALUE(std::isfinite(noise_multiplier) && noise_multiplier >= 0,
+                    "noise_multiplier must be finite and >= 0, got ", pyfmt::py_float(noise_multiplier));
+}
+
+}  // namespace detail
+
+// ------------------------------------------------------------------------------------------------
+// lowrank_prompt
+// ------------------------------------------------------------------------------------------------
+struct LowrankPromptDims {
+  bool batched;  // output has the client dimension K
+  int64_t K, n_cls, n_ctx, S, d, r;
+  bool has_uv, has_residual;
+  // Whether g, u, v, residual carry their own K (else they broadcast over clients).
+  bool g_batched, u_batched, v_batched, residual_batched;
+  int64_t L() const { return 1 + n_ctx + S; }
+};
+
+inline LowrankPromptDims check_lowrank_prompt(const at::Tensor& prefix, const at::Tensor& suffix,
+                                              const at::Tensor& g, const std::optional<at::Tensor>& u,
+                                              const std::optional<at::Tensor>& v,
+                                              const std::optional<at::Tensor>& residual) {
+  using detail::check_dim;
+  check_dim(prefix, "prefix", {3}, "3-D (n_cls, 1, d)");
+  check_dim(suffix, "suffix", {3}, "3-D (n_cls, S, d)");
+  check_dim(g, "g", {2, 3}, "2-D (n_ctx, d) or 3-D (K, n_ctx, d)");
+  LowrankPromptDims dims{};
+  dims.n_cls = prefix.size(0);
+  dims.d = prefix.size(2);
+  TORCH_CHECK_VALUE(prefix.size(1) == 1, "prefix must have one token per class (n_cls, 1, d), got ",
+                    pyfmt::shape(prefix.sizes()));
+  TORCH_CHECK_VALUE(suffix.size(0) == dims.n_cls && suffix.size(2) == dims.d, "suffix must be (", dims.n_cls,
+                    ", S, ", dims.d, ") to match prefix, got ", pyfmt::shape(suffix.sizes()));
+  dims.n_ctx = g.size(-2);
+  TORCH_CHECK_VALUE(g.size(-1) == dims.d, "g must have width ", dims.d, " to match prefix, got ",
+                    pyfmt::shape(g.sizes()));
+  TORCH_CHECK_VALUE(u.has_value() == v.has_value(), "u and v must be given together or not at all");
+  detail::check_same(prefix, suffix, "suffix");
+  detail::check_same(prefix, g, "g");
+  if (u.has_value()) detail::check_same(prefix, *u, "u");
+  if (v.has_value()) detail::check_same(prefix, *v, "v");
+  if (residual.has_value()) detail::check_same(prefix, *residual, "residual");
+  dims.has_uv = u.has_value();
+  dims.r = 0;
+  if (dims.has_uv) {
+    check_dim(*u, "u", {2, 3}, "2-D (n_ctx, r) or 3-D (K, n_ctx, r)");
+    check_dim(*v, "v", {2, 3}, "2-D (r, d) or 3-D (K, r, d)");
+    dims.r = u->size(-1);
+    TORCH_CHECK_VALUE(u->size(-2) == dims.n_ctx, "u must have ", dims.n_ctx, " rows (n_ctx), got ",
+                      pyfmt::shape(u->sizes()));
+    TORCH_CHECK_VALUE(v->size(-2) == dims.r && v->size(-1) == dims.d, "v must be (", dims.r, ", ", dims.d,
+                      ") per client, got ", pyfmt::shape(v->sizes()));
+  }
+  dims.has_residual = residual.has_value();
+  if (dims.has_residual) {
+    check_dim(*residual, "residual", {2, 3}, "2-D (n_ctx, d) or 3-D (K, n_ctx, d)");
+    TORCH_CHECK_VALUE(residual->size(-2) == dims.n_ctx && residual->size(-1) == dims.d, "residual must be (",
+                      dims.n_ctx, ", ", dims.d, ") per client, got ", pyfmt::shape(residual->sizes()));
+  }
+  dims.g_batched = g.dim() == 3;
+  dims.u_batched = dims.has_uv && u->dim() == 3;
+  dims.v_batched = dims.has_uv && v->dim() == 3;
+  dims.residual_batched = dims.has_residual && residual->dim() == 3;
+  std::set<int64_t> leading;
+  if (dims.g_batched) leading.insert(g.size(0));
+  if (dims.u_batched) leading.insert(u->size(0));
+  if (dims.v_batched) leading.insert(v->size(0));
+  if (dims.residual_batched) leading.insert(residual->size(0));
+  TORCH_CHECK_VALUE(leading.size() <= 1, "client dimensions K disagree across g, u, v, residual: ",
+                    pyfmt::int_list(leading));
+  dims.batched = leading.size() == 1;
+  dims.K = dims.batched ? *leading.begin() : 1;
+  dims.S = suffix.size(1);
+  // Not in the reference (which would also assemble integer prompts): the kernels are floating point only.
+  detail::check_floating(prefix, "prefix");
+  return dims;
+}
+
+// ------------------------------------------------------------------------------------------------
+// lowrank_prompt_backward
+// ------------------------------------------------------------------------------------------------
+struct LowrankPromptBackwardDims {
+  int64_t K, n_cls, L, n_ctx, d, r;
+  bool has_uv;  // both u and v given (else the factor gradients are empty)
+  bool u_batched, v_batched;
+};
+
+inline LowrankPromptBackwardDims check_lowrank_prompt_backward(const at::Tensor& grad_out,
+                                                               const std::optional<at::Tensor>& u,
+                                                               const std::optional<at::Tensor>& v, int64_t n_ctx) {
+  detail::check_dim(grad_out, "grad_out", {3, 4}, "3-D (n_cls, L, d) or 4-D (K, n_cls, L, d)");
+  LowrankPromptBackwardDims dims{};
+  const bool batched = grad_out.dim() == 4;
+  dims.K = batched ? grad_out.size(0) : 1;
+  dims.n_cls = grad_out.size(-3);
+  dims.L = grad_out.size(-2);
+  dims.d = grad_out.size(-1);
+  TORCH_CHECK_VALUE(0 <= n_ctx && 1 + n_ctx <= dims.L, "n_ctx must be in [0, ", dims.L - 1, "], got ", n_ctx);
+  dims.n_ctx = n_ctx;
+  // Not in the reference (where matmul would raise): the kernels need floating point and matching factors.
+  detail::check_floating(grad_out, "grad_out");
+  dims.has_uv = u.has_value() && v.has_value();
+  dims.r = 0;
+  if (dims.has_uv) {
+    detail::check_dim(*u, "u", {2, 3}, "2-D (n_ctx, r) or 3-D (K, n_ctx, r)");
+    detail::check_dim(*v, "v", {2, 3}, "2-D (r, d) or 3-D (K, r, d)");
+    for (const auto& [t, name] : {std::make_pair(&*u, "u"), std::make_pair(&*v, "v")}) {
+      TORCH_CHECK_VALUE(t->device() == grad_out.device(), name, " must be on ", pyfmt::device(grad_out.device()),
+                        ", got ", pyfmt::device(t->device()));
+      detail::check_floating(*t, name);
+      TORCH_CHECK_VALUE(t->dim() == 2 || t->size(0) == dims.K, name, " must have grad_out's client dimension ",
+                        dims.K, ", got shape ", pyfmt::shape(t->sizes()));
+    }
+    dims.r = u->size(-1);
+    TORCH_CHECK_VALUE(u->size(-2) == n_ctx, "u must have ", n_ctx, " rows (n_ctx), got ", pyfmt::shape(u->sizes()));
+    TORCH_CHECK_VALUE(v->size(-2) == dims.r && v->size(-1) == dims.d, "v must be (", dims.r, ", ", dims.d,
+                      ") per client, got ", pyfmt::shape(v->sizes()));
+    dims.u_batched = u->dim() == 3;
+    dims.v_batched = v->dim() == 3;
+  }
+  return dims;
+}
+
+// ------------------------------------------------------------------------------------------------
+// dp_lowrank_clip_noise
+// ------------------------------------------------------------------------------------------------
+struct DpClipNoiseDims {
+  bool batched;  // grad has the client dimension K
+  int64_t K, b, n_cls, n_ctx, d, r;  // n_cls = 1 without sum_classes; r = 0 without u, v
+  bool has_uv;
+  double denom;  // expected_batch_size if > 0 else max(b, 1)
+  // Normals drawn per client: n_ctx r + r d, or n_ctx d without u, v.
+  int64_t noise_per_client() const { return has_uv ? n_ctx * r + r * d : n_ctx * d; }
+};
+
+inline DpClipNoiseDims check_dp_lowrank_clip_noise(const at::Tensor& grad, const std::optional<at::Tensor>& u,
+                                                   const std::optional<at::Tensor>& v, double clip_norm,
+                                                   double noise_multiplier, double expected_batch_size,
+                                                   bool sum_classes) {
+  detail::check_hyper(clip_norm, noise_multiplier);
+  TORCH_CHECK_VALUE(std::isfinite(expected_batch_size) && expected_batch_size >= 0,
+                    "expected_batch_size must be finite and >= 0 (0: use b), got ",
+                    pyfmt::py_float(expected_batch_size));
+  const int64_t plain = sum_classes ? 4 : 3;
+  const std::string what =
+      sum_classes ? "(b, n_cls, n_ctx, d) or (K, b, n_cls, n_ctx, d)" : "(b, n_ctx, d) or (K, b, n_ctx, d)";
+  detail::check_dim(grad, "grad", {plain, plain + 1},
+                    std::to_string(plain) + "-D or " + std::to_string(plain + 1) + "-D " + what);
+  detail::check_floating(grad, "grad");
+  DpClipNoiseDims dims{};
+  dims.batched = grad.dim() == plain + 1;
+  dims.K = dims.batched ? grad.size(0) : 1;
+  dims.b = grad.size(dims.batched ? 1 : 0);
+  dims.n_cls = sum_classes ? grad.size(-3) : 1;
+  dims.n_ctx = grad.size(-2);
+  dims.d = grad.size(-1);
+  TORCH_CHECK_VALUE(u.has_value() == v.has_value(), "u and v must be given together or not at all");
+  dims.has_uv = u.has_value();
+  dims.r = 0;
+  if (dims.has_uv) {
+    const int64_t kd = dims.batched ? 3 : 2;
+    detail::check_dim(*u, "u", {kd}, dims.batched ? "3-D (K, n_ctx, r) like grad" : "2-D (n_ctx, r) like grad");
+    detail::check_dim(*v, "v", {kd}, dims.batched ? "3-D (K, r, d) like grad" : "2-D (r, d) like grad");
+    detail::check_same(grad, *u, "u");
+    detail::check_same(grad, *v, "v");
+    dims.r = u->size(-1);
+    const int64_t uk = dims.batched ? u->size(0) : 1;
+    TORCH_CHECK_VALUE(uk == dims.K && u->size(-2) == dims.n_ctx, "u must be (", dims.K, ", ", dims.n_ctx,
+                      ", r) to match grad, got ", pyfmt::shape(u->sizes()));
+    const int64_t vk = dims.batched ? v->size(0) : 1;
+    TORCH_CHECK_VALUE(vk == dims.K && v->size(-2) == dims.r && v->size(-1) == dims.d, "v must be (", dims.K, ", ",
+                      dims.r, ", ", dims.d, ") to match grad and u, got ", pyfmt::shape(v->sizes()));
+  }
+  dims.denom = expected_batch_size > 0 ? expected_batch_size : static_cast<double>(std::max<int64_t>(dims.b, 1));
+  return dims;
+}
+
+// ------------------------------------------------------------------------------------------------
+// lowrank_full_grad
+// ------------------------------------------------------------------------------------------------
+struct FullGradDims {
+  bool batched;
+  int64_t K, n_ctx, r, d;
+};
+
+inline FullGradDims check_lowrank_full_grad(const at::Tensor& grad_u, const at::Tensor& grad_v, const at::Tensor& u,
+                                            const at::Tensor& v, double scale) {
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", pyfmt::py_float(scale));
+  detail::check_dim(u, "u", {2, 3}, "2-D (n_ctx, r) or 3-D (K, n_ctx, r)");
+  const std::string like_u = std::to_string(u.dim()) + "-D like u";
+  for (const auto& [t, name] : {std::make_pair(&grad_u, "grad_u"), std::make_pair(&grad_v, "grad_v"),
+                                std::make_pair(&v, "v")}) {
+    detail::check_dim(*t, name, {u.dim()}, like_u);
+    detail::check_same(u, *t, name);
+  }
+  TORCH_CHECK_VALUE(grad_u.sizes() == u.sizes(), "grad_u must have u's shape ", pyfmt::shape(u.sizes()), ", got ",
+                    pyfmt::shape(grad_u.sizes()));
+  const int64_t r = u.size(-1);
+  TORCH_CHECK_VALUE(v.size(-2) == r, "v must have ", r, " rows (rank of u), got ", pyfmt::shape(v.sizes()));
+  TORCH_CHECK_VALUE(v.sizes().slice(0, v.dim() - 2) == u.sizes().slice(0, u.dim() - 2),
+                    "v must have u's client dimension ", pyfmt::shape(u.sizes().slice(0, u.dim() - 2)), ", got ",
+                    pyfmt::shape(v.sizes()));
+  TORCH_CHECK_VALUE(grad_v.sizes() == v.sizes(), "grad_v must have v's shape ", pyfmt::shape(v.sizes()), ", got ",
+                    pyfmt::shape(grad_v.sizes()));
+  // Not in the reference: the kernels are floating point only.
+  detail::check_floating(u, "u");
+  FullGradDims dims{};
+  dims.batched = u.dim() == 3;
+  dims.K = dims.batched ? u.size(0) : 1;
+  dims.n_ctx = u.size(-2);
+  dims.r = r;
+  dims.d = v.size(-1);
+  return dims;
+}
+
+// ------------------------------------------------------------------------------------------------
+// lowrank_factorize
+// ------------------------------------------------------------------------------------------------
+struct FactorizeDims {
+  bool batched;
+  int64_t K, n_ctx, d, r;
+};
+
+inline FactorizeDims check_lowrank_factorize(const at::Tensor& l, int64_t rank) {
+  detail::check_dim(l, "l", {2, 3}, "2-D (n_ctx, d) or 3-D (K, n_ctx, d)");
+  detail::check_floating(l, "l");
+  FactorizeDims dims{};
+  dims.batched = l.dim() == 3;
+  dims.K = dims.batched ? l.size(0) : 1;
+  dims.n_ctx = l.size(-2);
+  dims.d = l.size(-1);
+  const int64_t max_rank = std::min(dims.n_ctx, dims.d);
+  TORCH_CHECK_VALUE(1 <= rank && rank <= max_rank, "rank must be in [1, ", max_rank, "] (min(n_ctx, d)), got ",
+                    rank);
+  dims.r = rank;
+  return dims;
+}
+
+}  // namespace fpl_fast

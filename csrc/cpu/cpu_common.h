@@ -1,0 +1,204 @@
+// Helpers shared by the CPU kernels: ISA clones for the hot loops, the Philox noise fill, small dense products.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "../philox.h"
+
+// The hot loops are compiled for AVX-512 and AVX2 (+FMA) next to the baseline, and the loader picks the best one
+// the CPU has (GNU ifunc), so the wheel stays portable without -march=native.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(FPL_FAST_NO_CLONES)
+#define FPL_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FPL_CPU_CLONES
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define FPL_ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define FPL_ALWAYS_INLINE inline
+#endif
+
+namespace fpl_fast {
+namespace cpu {
+
+// Normals start .. start + count - 1 of the (seed, offset) stream (csrc/philox.h), as float.
+inline void fill_normals(uint64_t seed, uint64_t offset, uint64_t start, int64_t count, float* out) {
+  int64_t j = 0;
+  for (; j < count && (start + j) % 4 != 0; ++j) out[j] = philox_normal(seed, offset, start + j);
+  for (; j + 4 <= count; j += 4) philox_normal4(seed, offset, (start + j) / 4, out + j);
+  for (; j < count; ++j) out[j] = philox_normal(seed, offset, start + j);
+}
+
+// Sum of squares of x[0:len], with W independent lanes so that it vectorises without reassociation flags.
+template <typename T>
+FPL_ALWAYS_INLINE T sumsq_body(int64_t len, const T* x) {
+  constexpr int64_t W = 64 / sizeof(T);
+  T s[W] = {};
+  const int64_t main = len - len % W;
+  for (int64_t e = 0; e < main; e += W) {
+    for (int64_t l = 0; l < W; ++l) s[l] += x[e + l] * x[e + l];
+  }
+  T total = 0;
+  for (int64_t l = 0; l < W; ++l) total += s[l];
+  for (int64_t e = main; e < len; ++e) total += x[e] * x[e];
+  return total;
+}
+
+// Per-sample factor gradients: A (n x r) = X V^T, B (r x d) = U^T X; returns sum(X^2).
+// X (n x d), U (n x r), V (r x d), all row-major. Rows of X are taken four at a time so that each pass over a row
+// of V and of B serves four rows of X.
+template <typename T>
+FPL_ALWAYS_INLINE T sample_factors_body(const T* X, const T* U, const T* V, int64_t n, int64_t d, int64_t r, T* A,
+                                        T* B) {
+  constexpr int64_t W = 64 / sizeof(T);  // one 512-bit register of lanes
+  const int64_t d_main = d - d % W;
+  std::memset(B, 0, sizeof(T) * r * d);
+  const T total_sq = sumsq_body<T>(n * d, X);
+  int64_t i0 = 0;
+  for (; i0 + 4 <= n; i0 += 4) {
+    const T* x0 = X + (i0 + 0) * d;
+    const T* x1 = X + (i0 + 1) * d;
+    const T* x2 = X + (i0 + 2) * d;
+    const T* x3 = X + (i0 + 3) * d;
+    for (int64_t j = 0; j < r; ++j) {
+      const T* vj = V + j * d;
+      T* bj = B + j * d;
+      const T u0 = U[(i0 + 0) * r + j], u1 = U[(i0 + 1) * r + j];
+      const T u2 = U[(i0 + 2) * r + j], u3 = U[(i0 + 3) * r + j];
+      T s0[W] = {}, s1[W] = {}, s2[W] = {}, s3[W] = {};
+      for (int64_t t = 0; t < d_main; t += W) {
+        for (int64_t l = 0; l < W; ++l) {
+          const T a0 = x0[t + l], a1 = x1[t + l], a2 = x2[t + l], a3 = x3[t + l];
+          const T vv = vj[t + l];
+          s0[l] += a0 * vv;
+          s1[l] += a1 * vv;
+          s2[l] += a2 * vv;
+          s3[l] += a3 * vv;
+          bj[t + l] += u0 * a0 + u1 * a1 + u2 * a2 + u3 * a3;
+        }
+      }
+      T h0 = 0, h1 = 0, h2 = 0, h3 = 0;
+      for (int64_t l = 0; l < W; ++l) {
+        h0 += s0[l];
+        h1 += s1[l];
+        h2 += s2[l];
+        h3 += s3[l];
+      }
+      for (int64_t t = d_main; t < d; ++t) {
+        h0 += x0[t] * vj[t];
+        h1 += x1[t] * vj[t];
+        h2 += x2[t] * vj[t];
+        h3 += x3[t] * vj[t];
+        bj[t] += u0 * x0[t] + u1 * x1[t] + u2 * x2[t] + u3 * x3[t];
+      }
+      A[(i0 + 0) * r + j] = h0;
+      A[(i0 + 1) * r + j] = h1;
+      A[(i0 + 2) * r + j] = h2;
+      A[(i0 + 3) * r + j] = h3;
+    }
+  }
+  for (; i0 < n; ++i0) {
+    const T* x0 = X + i0 * d;
+    for (int64_t j = 0; j < r; ++j) {
+      const T* vj = V + j * d;
+      T* bj = B + j * d;
+      const T u0 = U[i0 * r + j];
+      T s0[W] = {};
+      for (int64_t t = 0; t < d_main; t += W) {
+        for (int64_t l = 0; l < W; ++l) {
+          s0[l] += x0[t + l] * vj[t + l];
+          bj[t + l] += u0 * x0[t + l];
+        }
+      }
+      T h0 = 0;
+      for (int64_t l = 0; l < W; ++l) h0 += s0[l];
+      for (int64_t t = d_main; t < d; ++t) {
+        h0 += x0[t] * vj[t];
+        bj[t] += u0 * x0[t];
+      }
+      A[i0 * r + j] = h0;
+    }
+  }
+  return total_sq;
+}
+
+FPL_CPU_CLONES static float sample_factors(const float* X, const float* U, const float* V, int64_t n, int64_t d,
+                                           int64_t r, float* A, float* B) {
+  return sample_factors_body<float>(X, U, V, n, d, r, A, B);
+}
+
+FPL_CPU_CLONES static double sample_factors(const double* X, const double* U, const double* V, int64_t n, int64_t d,
+                                            int64_t r, double* A, double* B) {
+  return sample_factors_body<double>(X, U, V, n, d, r, A, B);
+}
+
+// y[0:len] += alpha * x[0:len].
+template <typename T>
+FPL_ALWAYS_INLINE void axpy_body(int64_t len, T alpha, const T* x, T* y) {
+  for (int64_t e = 0; e < len; ++e) y[e] += alpha * x[e];
+}
+
+FPL_CPU_CLONES static void axpy(int64_t len, float alpha, const float* x, float* y) { axpy_body(len, alpha, x, y); }
+FPL_CPU_CLONES static void axpy(int64_t len, double alpha, const double* x, double* y) {
+  axpy_body(len, alpha, x, y);
+}
+
+FPL_CPU_CLONES static float sumsq(int64_t len, const float* x) { return sumsq_body(len, x); }
+FPL_CPU_CLONES static double sumsq(int64_t len, const double* x) { return sumsq_body(len, x); }
+
+// dst[0:len] = acc_t(src[0:len]) (or += when accumulate).
+template <typename scalar_t, typename acc_t>
+inline void load_acc(int64_t len, const scalar_t* src, acc_t* dst, bool accumulate) {
+  if (accumulate) {
+    for (int64_t e = 0; e < len; ++e) dst[e] += static_cast<acc_t>(src[e]);
+  } else {
+    for (int64_t e = 0; e < len; ++e) dst[e] = static_cast<acc_t>(src[e]);
+  }
+}
+
+// Small dense products on row-major acc_t buffers (per client, sizes n_ctx x r x d).
+// C (m x n) = A (m x k) B (k x n)   [C is overwritten]
+template <typename T>
+inline void mm_nn(const T* A, const T* B, T* C, int64_t m, int64_t k, int64_t n) {
+  for (int64_t i = 0; i < m; ++i) {
+    T* c = C + i * n;
+    for (int64_t e = 0; e < n; ++e) c[e] = 0;
+    for (int64_t p = 0; p < k; ++p) axpy(n, A[i * k + p], B + p * n, c);
+  }
+}
+
+// C (m x n) = A^T B with A (k x m), B (k x n)   [C is overwritten]
+template <typename T>
+inline void mm_tn(const T* A, const T* B, T* C, int64_t m, int64_t k, int64_t n) {
+  for (int64_t e = 0; e < m * n; ++e) C[e] = 0;
+  for (int64_t p = 0; p < k; ++p) {
+    for (int64_t i = 0; i < m; ++i) axpy(n, A[p * m + i], B + p * n, C + i * n);
+  }
+}
+
+// C (m x n) = A B^T with A (m x k), B (n x k)   [C is overwritten]
+template <typename T>
+inline void mm_nt(const T* A, const T* B, T* C, int64_t m, int64_t k, int64_t n) {
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      T s = 0;
+      for (int64_t p = 0; p < k; ++p) s += A[i * k + p] * B[j * k + p];
+      C[i * n + j] = s;
+    }
+  }
+}
+
+// A contiguous copy of t in its op-math dtype (float for half/bfloat16/float, double for double).
+inline at::Tensor to_acc(const at::Tensor& t) {
+  const auto acc = t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return t.to(acc).contiguous();
+}
+
+}  // namespace cpu
+}  // namespace fpl_fast

@@ -1,0 +1,759 @@
+"""Frozen CLIP backbone: open_clip model loading, prompt-injected text encoder, image-feature cache.
+
+The text encoder is exposed as a function of *token embeddings* rather than token ids, so that learned context
+vectors can be spliced in (CoOp): for class k the input is ``[SOT] ctx_1..ctx_n [classname_k .] [EOT] [pad..]``.
+Everything here is frozen: parameters never require gradients and gradients only flow into the prompts passed to
+:meth:`FrozenCLIP.encode_prompts`.
+
+The forward pass of the standard open_clip text block is re-implemented with plain tensor ops (layer norm,
+linear, matmul attention with an additive mask) instead of ``nn.MultiheadAttention``: the result is the same
+(checked in tests against ``model.encode_text``), but it has no fused fast paths, no in-place updates of its
+inputs and no data-dependent Python control flow, so ``torch.func.vjp`` / ``torch.func.vmap`` batch it fully
+(PyTorch has no vmap batching rule for the backward of the fused CPU attention kernel).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.transforms import v2
+
+__all__ = [
+    "CONFIG_DIR",
+    "EMBEDDED_MODEL",
+    "EMBEDDED_WEIGHTS",
+    "FeatureCache",
+    "FrozenCLIP",
+    "PromptParts",
+    "init_token_embedding",
+    "load_backbone",
+    "load_compact_checkpoint",
+    "save_compact_checkpoint",
+    "text_encoder_forward",
+    "text_tower",
+]
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+"""Directory of the JSON model configs shipped with fpl_fast (registered with open_clip on import)."""
+
+EMBEDDED_MODEL = "tiny-digits-clip"
+"""Name of the embedded tiny CLIP config (``fpl_fast/configs/tiny-digits-clip.json``)."""
+
+EMBEDDED_WEIGHTS = CONFIG_DIR / "tiny-digits-clip.pt"
+"""Weights of the embedded tiny CLIP, written by ``python -m fpl_fast.data.pretrain_tiny_clip``."""
+
+COMPACT_FORMAT = "fpl_fast.compact_clip.v1"
+_PRECISIONS = ("fp32", "bf16")
+_CTX_PLACEHOLDER = "X"
+
+open_clip.add_model_config(CONFIG_DIR)
+
+
+def _shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Text tower: a uniform view of the open_clip text encoder, and its functional forward
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _TextTower:
+    """References to the modules of an open_clip text tower (``CLIP`` keeps them at top level,
+    ``CustomTextCLIP`` in ``.text``)."""
+
+    token_embedding: nn.Embedding
+    positional_embedding: Tensor
+    transformer: nn.Module
+    ln_final: nn.Module
+    text_projection: Tensor | nn.Linear | None
+    attn_mask: Tensor | None
+    pool_type: str
+
+
+def text_tower(model: nn.Module) -> _TextTower:
+    """Extract the text tower of an open_clip ``CLIP`` or ``CustomTextCLIP`` model.
+
+    Args:
+        model: an open_clip model.
+
+    Returns:
+        The tower's modules.
+
+    Raises:
+        ValueError: for text towers that cannot take prompt embeddings (Hugging Face text models, CoCa-style
+            towers with an appended class token).
+    """
+    if isinstance(model, open_clip.CLIP):
+        src: Any = model
+        pool_type = model.text_pool_type
+    else:
+        src = getattr(model, "text", None)
+        if not isinstance(src, open_clip.transformer.TextTransformer):
+            raise ValueError(
+                f"text tower {type(src).__name__} of {type(model).__name__} is not supported: prompt learning needs "
+                "an open_clip TextTransformer (Hugging Face text towers are not supported)"
+            )
+        if src.cls_emb is not None:
+            raise ValueError("text towers with an appended class token (CoCa, embed_cls=True) are not supported")
+        pool_type = src.pool_type
+    if pool_type not in ("argmax", "eos", "first", "last"):
+        raise ValueError(f"text pool_type {pool_type!r} is not supported; allowed: argmax, eos, first, last")
+    return _TextTower(
+        token_embedding=src.token_embedding,
+        positional_embedding=src.positional_embedding,
+        transformer=src.transformer,
+        ln_final=src.ln_final,
+        text_projection=src.text_projection,
+        attn_mask=src.attn_mask,
+        pool_type=pool_type,
+    )
+
+
+def _attention(mha: nn.MultiheadAttention, x: Tensor, mask: Tensor | None) -> Tensor:
+    """``nn.MultiheadAttention`` (batch_first, self-attention, eval mode) with plain tensor ops."""
+    n, length, width = x.shape
+    heads = mha.num_heads
+    head_dim = width // heads
+    qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)  # (N, L, 3 D)
+    q, k, v = qkv.reshape(n, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, L, hd)
+    scores = (q * head_dim**-0.5) @ k.transpose(-2, -1)  # (N, H, L, L)
+    if mask is not None:
+        scores = scores + mask
+    out = scores.softmax(dim=-1) @ v  # (N, H, L, hd)
+    out = out.transpose(1, 2).reshape(n, length, width)
+    return mha.out_proj(out)
+
+
+def _block_forward(block: nn.Module, x: Tensor, mask: Tensor | None, batch_first: bool) -> Tensor:
+    std_block = isinstance(block, open_clip.transformer.ResidualAttentionBlock)
+    if std_block and block.attn._qkv_same_embed_dim and not hasattr(block, "ln_1_kv"):
+        x = x + block.ls_1(_attention(block.attn, block.ln_1(x), mask))
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+    # Custom blocks (qk-norm, scaled cosine attention, ...) already use functional attention.
+    if not batch_first:
+        return block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
+    return block(x, attn_mask=mask)
+
+
+def text_encoder_forward(tower: _TextTower, prompts: Tensor, pool_index: Tensor) -> Tensor:
+    """Run a text tower on token embeddings (no truncation here; see :meth:`FrozenCLIP.encode_prompts`).
+
+    Math: ``x = prompts + pos[:L]``; ``x = blocks(x, mask[:L, :L])``; ``x = ln_final(x)``;
+    ``out = x[n, pool_index[n]] @ text_projection``.
+
+    Args:
+        tower: the text tower (:func:`text_tower`).
+        prompts: token embeddings, (N, L, d), L <= context_length.
+        pool_index: (N,) long, the position pooled for each sequence (the EOT token for CLIP).
+
+    Returns:
+        Unnormalised text features, (N, embed_dim) (or (N, d) for towers without projection).
+    """
+    cast_dtype = tower.transformer.get_cast_dtype()
+    length = prompts.shape[-2]
+    x = prompts.to(cast_dtype) + tower.positional_embedding[:length].to(cast_dtype)  # (N, L, d)
+    mask = None if tower.attn_mask is None else tower.attn_mask[:length, :length].to(cast_dtype)
+    batch_first = getattr(tower.transformer, "batch_first", True)
+    for block in tower.transformer.resblocks:
+        x = _block_forward(block, x, mask, batch_first)
+    x = tower.ln_final(x)
+    index = pool_index.to(device=x.device, dtype=torch.long).reshape(-1, 1, 1).expand(-1, 1, x.shape[-1])
+    pooled = x.gather(-2, index).squeeze(-2)  # (N, d)
+    proj = tower.text_projection
+    if proj is None:
+        return pooled
+    if isinstance(proj, nn.Linear):
+        return proj(pooled)
+    return pooled @ proj
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Compact checkpoints (the embedded tiny CLIP)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def init_token_embedding(vocab_size: int, width: int, *, seed: int, std: float = 0.02) -> Tensor:
+    """The seeded N(0, std^2) token-embedding initialisation used by the embedded tiny CLIP.
+
+    Rows of tokens that never occur in the pretraining captions keep exactly this value (they receive no gradient),
+    so a compact checkpoint stores only the trained rows and regenerates the others from ``seed``.
+
+    Args:
+        vocab_size: number of rows.
+        width: embedding width d.
+        seed: seed of a dedicated CPU ``torch.Generator``.
+        std: standard deviation.
+
+    Returns:
+        (vocab_size, width) float32 tensor.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(vocab_size, width, generator=gen) * std
+
+
+def save_compact_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    model_name: str,
+    token_seed: int,
+    token_std: float,
+    trained_rows: Tensor,
+    meta: dict[str, Any] | None = None,
+) -> None:
+    """Save an open_clip model in fp16, storing only the trained rows of the token embedding.
+
+    Args:
+        model: the trained model.
+        path: output file.
+        model_name: open_clip config name of ``model``.
+        token_seed: seed of :func:`init_token_embedding` used to initialise the token embedding.
+        token_std: its standard deviation.
+        trained_rows: (R,) long ids of the rows that may differ from the initialisation.
+        meta: JSON-like metadata stored alongside (training recipe, measured accuracies).
+
+    Raises:
+        ValueError: if a row outside ``trained_rows`` differs from its initialisation (it would be lost).
+    """
+    tower = text_tower(model)
+    emb = tower.token_embedding.weight.detach().float().cpu()
+    init = init_token_embedding(emb.shape[0], emb.shape[1], seed=token_seed, std=token_std)
+    untouched = torch.ones(emb.shape[0], dtype=torch.bool)
+    untouched[trained_rows] = False
+    if not torch.equal(emb[untouched], init[untouched]):
+        raise ValueError("token-embedding rows outside trained_rows changed during training; cannot store compactly")
+    emb_key = next(k for k, v in model.state_dict().items() if v is tower.token_embedding.weight)
+    state = {k: v.detach().cpu().half() for k, v in model.state_dict().items() if k != emb_key}
+    torch.save(
+        {
+            "format": COMPACT_FORMAT,
+            "model": model_name,
+            "state_dict": state,
+            "token_embedding_key": emb_key,
+            "token_rows": trained_rows.cpu().long(),
+            "token_values": emb[trained_rows].half(),
+            "token_shape": list(emb.shape),
+            "token_seed": token_seed,
+            "token_std": token_std,
+            "meta": meta or {},
+        },
+        path,
+    )
+
+
+def _is_compact(path: str | os.PathLike[str]) -> bool:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any non-compact or unreadable file is handled by open_clip's loader
+        return False
+    return isinstance(ckpt, dict) and ckpt.get("format") == COMPACT_FORMAT
+
+
+def load_compact_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_compact_checkpoint` into ``model`` (strict).
+
+    Args:
+        model: an open_clip model built from the same config.
+        path: the checkpoint file.
+
+    Returns:
+        The checkpoint's metadata dict.
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != COMPACT_FORMAT:
+        raise ValueError(f"{path} is not a {COMPACT_FORMAT} checkpoint")
+    vocab, width = ckpt["token_shape"]
+    emb = init_token_embedding(vocab, width, seed=ckpt["token_seed"], std=ckpt["token_std"])
+    emb[ckpt["token_rows"]] = ckpt["token_values"].float()
+    state = dict(ckpt["state_dict"])
+    state[ckpt["token_embedding_key"]] = emb
+    target = model.state_dict()
+    state = {k: v.to(dtype=target[k].dtype) if k in target else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True)
+    return dict(ckpt.get("meta", {}))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments: Sequence[str]) -> None:
+        super().__init__()
+        self.fragments = tuple(fragments)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(f in msg for f in self.fragments)
+
+
+@contextmanager
+def _quiet_open_clip(*fragments: str) -> Iterator[None]:
+    """Drop open_clip's root-logger messages that would be misleading for how we load weights."""
+    filt = _DropMessages(fragments)
+    root = logging.getLogger()
+    root.addFilter(filt)
+    try:
+        yield
+    finally:
+        root.removeFilter(filt)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
+
+
+def load_backbone(
+    model: str,
+    pretrained: str | None = None,
+    *,
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
+) -> FrozenCLIP:
+    """Load a frozen open_clip model.
+
+    Args:
+        model: an open_clip model name (``open_clip.list_models()``, e.g. ``"ViT-B-16"``), the name of a JSON config
+            shipped in ``fpl_fast/configs`` (e.g. ``"tiny-digits-clip"``), or an ``hf-hub:``/``local-dir:`` name.
+        pretrained: an open_clip pretrained tag (e.g. ``"openai"``; downloaded by open_clip, needs a network), a
+            local checkpoint file (open_clip format, or a compact file written by
+            ``fpl_fast.data.pretrain_tiny_clip``), ``None`` for random initialisation, or ``"embedded"`` for the
+            shipped tiny digits CLIP weights (only with ``model="tiny-digits-clip"``). For tags trained with
+            QuickGELU (the OpenAI weights) QuickGELU is switched on automatically, as open_clip requires.
+        precision: ``"fp32"`` or ``"bf16"`` (open_clip's mixed bf16: bf16 weights, fp32 layer norms).
+        device: where the model lives.
+
+    Returns:
+        The frozen model.
+
+    Raises:
+        ValueError: unknown model name, unknown pretrained value, bad precision.
+        RuntimeError: pretrained weights that cannot be downloaded (no network) or loaded.
+    """
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    has_schema = model.startswith(("hf-hub:", "local-dir:"))
+    if not has_schema and model not in open_clip.list_models():
+        raise ValueError(
+            f"unknown model {model!r}: names come from open_clip.list_models() (open_clip's built-in configs, e.g. "
+            f"'ViT-B-16', 'ViT-B-32', 'RN50') and from the JSON configs in {CONFIG_DIR} ({', '.join(_shipped_configs())})"
+        )
+    kwargs: dict[str, Any] = {"precision": precision, "device": device}
+    compact_path: str | os.PathLike[str] | None = None
+    if pretrained == "embedded":
+        if model != EMBEDDED_MODEL:
+            raise ValueError(f"pretrained='embedded' is only available for model {EMBEDDED_MODEL!r}, got {model!r}")
+        if not EMBEDDED_WEIGHTS.is_file():
+            raise RuntimeError(
+                f"embedded weights {EMBEDDED_WEIGHTS} are missing; rebuild them with "
+                f"`python -m fpl_fast.data.pretrain_tiny_clip --out {EMBEDDED_WEIGHTS}`"
+            )
+        compact_path, pretrained = EMBEDDED_WEIGHTS, None
+    elif pretrained is not None and os.path.isfile(pretrained) and _is_compact(pretrained):
+        compact_path, pretrained = pretrained, None
+    elif pretrained is not None and not has_schema and not os.path.isfile(pretrained):
+        tag_cfg = open_clip.get_pretrained_cfg(model, pretrained)
+        if not tag_cfg:
+            tags = open_clip.list_pretrained_tags_by_model(model)
+            raise ValueError(
+                f"pretrained {pretrained!r} for model {model!r} is neither an open_clip tag nor an existing file; "
+                f"allowed: None (random init), a checkpoint file path, 'embedded' (only {EMBEDDED_MODEL!r}), "
+                f"or one of the tags {tags}"
+            )
+        if tag_cfg.get("quick_gelu", False):
+            kwargs["force_quick_gelu"] = True
+    try:
+        with _quiet_open_clip("initialized randomly") if compact_path is not None else nullcontext():
+            clip = open_clip.create_model(model, pretrained, **kwargs)
+        meta = load_compact_checkpoint(clip, compact_path) if compact_path is not None else {}
+    except (ValueError, TypeError):
+        raise
+    except Exception as err:  # noqa: BLE001 - download/IO errors from open_clip, re-raised as one clear line
+        what = pretrained if pretrained is not None else compact_path
+        raise RuntimeError(
+            f"could not load weights {what!r} for model {model!r}: {_first_line(err)} "
+            "(downloads need a network; pass a local checkpoint file as pretrained= instead)"
+        ) from None
+    return FrozenCLIP(clip, model_name=model, meta=meta)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The frozen model
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptParts:
+    """Frozen pieces of the CoOp prompts of a list of classes.
+
+    The full prompt of class k is ``cat([prefix[k], ctx, suffix[k]])`` of length ``1 + n_ctx + S``.
+
+    Attributes:
+        prefix: (n_cls, 1, d) SOT embedding.
+        suffix: (n_cls, S, d) embeddings of ``"classname ."``, EOT and padding; S = context_length - 1 - n_ctx.
+        eot_index: (n_cls,) long, position of EOT in the full sequence.
+        n_ctx: number of context vectors.
+        tokens: (n_cls, context_length) the token ids of ``"X X ... X classname."``.
+        seq_len: max(eot_index) + 1, the exact truncation length for causal towers.
+    """
+
+    prefix: Tensor
+    suffix: Tensor
+    eot_index: Tensor
+    n_ctx: int
+    tokens: Tensor
+    seq_len: int
+
+    def assemble(self, ctx: Tensor) -> Tensor:
+        """Build ``[prefix | ctx | suffix]``.
+
+        Args:
+            ctx: (n_ctx, d) shared or (n_cls, n_ctx, d) per-class context.
+
+        Returns:
+            (n_cls, 1 + n_ctx + S, d) prompts.
+        """
+        n_cls = self.prefix.shape[0]
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0).expand(n_cls, -1, -1)
+        return torch.cat([self.prefix.to(ctx.dtype), ctx, self.suffix.to(ctx.dtype)], dim=1)
+
+
+class FrozenCLIP(nn.Module):
+    """A frozen open_clip model with a prompt-injected text encoder and an image-feature cache.
+
+    Every parameter has ``requires_grad=False`` and the module stays in eval mode (``train()`` is a no-op).
+
+    Attributes:
+        model: the wrapped open_clip model.
+        model_name: its config name.
+        meta: metadata of the loaded compact checkpoint (empty otherwise).
+        attention: ``"math"`` (default; plain matmul attention, fully batched by ``torch.func.vmap``) is the only
+            implementation of the standard text block here; custom open_clip blocks use their own attention.
+        feature_cache: the default :class:`FeatureCache` used by :meth:`image_features`.
+    """
+
+    def __init__(self, model: nn.Module, *, model_name: str = "", meta: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.model_name = model_name
+        self.meta = dict(meta or {})
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+        self._tower = text_tower(model)
+        self.tokenizer = open_clip.get_tokenizer(model_name) if model_name else open_clip.SimpleTokenizer()
+        self.feature_cache = FeatureCache(self)
+
+    # ---- properties ------------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> FrozenCLIP:
+        """No-op: the backbone always stays in eval mode."""
+        return self
+
+    @property
+    def ctx_dim(self) -> int:
+        """Token-embedding width d."""
+        return int(self._tower.token_embedding.weight.shape[1])
+
+    @property
+    def embed_dim(self) -> int:
+        """Joint image-text feature dimension."""
+        proj = self._tower.text_projection
+        if proj is None:
+            return self.ctx_dim
+        return int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1])
+
+    @property
+    def logit_scale(self) -> float:
+        """exp(learned logit scale), as a Python float."""
+        return float(self.model.logit_scale.detach().float().exp().reshape(-1)[0])
+
+    @property
+    def context_length(self) -> int:
+        """Text context length (positions of the positional embedding)."""
+        return int(self._tower.positional_embedding.shape[0])
+
+    @property
+    def is_causal(self) -> bool:
+        """True if the text transformer uses a causal mask and pools at EOT (then truncation is exact)."""
+        return self._tower.attn_mask is not None and self._tower.pool_type in ("argmax", "eos")
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model."""
+        return self._tower.token_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype of the text transformer (fp32, bf16, or float64 after ``.double()``)."""
+        return self._tower.transformer.get_cast_dtype()
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """Input image size (H, W)."""
+        size = self.model.visual.preprocess_cfg["size"]
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FrozenCLIP:
+        super()._apply(fn, recurse)
+        self._tower = text_tower(self.model)  # the causal-mask buffer is replaced on .to()
+        return self
+
+    # ---- text ------------------------------------------------------------------------------------------------
+    def _eot_index(self, tokens: Tensor) -> Tensor:
+        eot_id = getattr(self.tokenizer, "eot_token_id", None)
+        if self._tower.pool_type == "argmax" or eot_id is None:
+            return tokens.argmax(dim=-1)
+        return (tokens == eot_id).int().argmax(dim=-1)
+
+    def _tokenize(self, texts: list[str]) -> Tensor:
+        encode = getattr(self.tokenizer, "encode", None)
+        if encode is not None:
+            for text in texts:
+                n = len(encode(text)) + 2
+                if n > self.context_length:
+                    raise ValueError(
+                        f"prompt {text!r} needs {n} tokens, more than the context length {self.context_length}; "
+                        "use fewer context tokens or a shorter class name"
+                    )
+        return self.tokenizer(texts).to(self.device)
+
+    def token_embeddings(self, tokens: Tensor) -> Tensor:
+        """Frozen token embeddings of token ids, (..., d)."""
+        with torch.no_grad():
+            return self._tower.token_embedding(tokens.to(self.device))
+
+    def prompt_parts(self, classnames: list[str], n_ctx: int) -> PromptParts:
+        """Tokenize ``"X X ... X classname."`` (n_ctx placeholders, as CoOp) and split its embeddings.
+
+        Underscores in class names become spaces (as CoOp).
+
+        Args:
+            classnames: class names, n_cls of them.
+            n_ctx: number of context vectors, 0 <= n_ctx <= context_length - 3.
+
+        Returns:
+            The prompt parts.
+
+        Raises:
+            ValueError: bad n_ctx, empty class list, or a prompt that does not fit the context length.
+        """
+        if not classnames:
+            raise ValueError("classnames must be a non-empty list of class names")
+        if not isinstance(n_ctx, int) or not 0 <= n_ctx <= self.context_length - 3:
+            raise ValueError(f"n_ctx must be an int in [0, {self.context_length - 3}], got {n_ctx!r}")
+        names = [name.replace("_", " ") for name in classnames]
+        prefix_text = " ".join([_CTX_PLACEHOLDER] * n_ctx)
+        texts = [f"{prefix_text} {name}." if n_ctx else f"{name}." for name in names]
+        tokens = self._tokenize(texts)  # (n_cls, context_length)
+        if n_ctx:
+            placeholder = self._tokenize([_CTX_PLACEHOLDER])[0, 1]
+            if not bool((tokens[:, 1 : 1 + n_ctx] == placeholder).all()):
+                raise ValueError("the context placeholder did not tokenize to one token per context vector")
+        emb = self.token_embeddings(tokens)  # (n_cls, context_length, d)
+        eot_index = self._eot_index(tokens)
+        return PromptParts(
+            prefix=emb[:, :1].clone(),
+            suffix=emb[:, 1 + n_ctx :].clone(),
+            eot_index=eot_index,
+            n_ctx=n_ctx,
+            tokens=tokens,
+            seq_len=int(eot_index.max()) + 1,
+        )
+
+    def encode_prompts(self, prompts: Tensor, eot_index: Tensor, *, seq_len: int | None = None) -> Tensor:
+        """Text features of prompt embeddings (unnormalised).
+
+        Adds positional embeddings, runs the text transformer with its attention mask, ``ln_final``, takes the
+        EOT position (or the tower's pooling position) and applies ``text_projection``. Differentiable w.r.t.
+        ``prompts``; the encoder's own weights never get gradients.
+
+        Truncation: for a causal tower that pools at EOT the sequence is cut to ``max(eot_index) + 1`` positions
+        before the transformer. This is exact: with causal attention, positions <= EOT never attend to later ones.
+        Towers without a causal mask keep the full length (every position attends to every other one).
+
+        Args:
+            prompts: (N, L, d) token embeddings, L <= context_length (usually the full context length).
+            eot_index: (N,) long, EOT position per sequence.
+            seq_len: truncation length if already known (``PromptParts.seq_len``): saves a device sync and allows
+                a ``vmap`` over ``eot_index``. Ignored for non-causal towers.
+
+        Returns:
+            (N, embed_dim) text features in the model dtype.
+        """
+        if prompts.dim() != 3 or prompts.shape[-1] != self.ctx_dim:
+            raise ValueError(f"prompts must be (N, L, {self.ctx_dim}), got {tuple(prompts.shape)}")
+        if prompts.shape[-2] > self.context_length:
+            raise ValueError(f"prompts have length {prompts.shape[-2]} > context length {self.context_length}")
+        pool = self._tower.pool_type
+        if self.is_causal:
+            cut = seq_len if seq_len is not None else int(eot_index.max()) + 1
+            prompts = prompts[:, : min(cut, prompts.shape[-2])]
+            index = eot_index
+        elif pool == "first":
+            index = torch.zeros_like(eot_index)
+        elif pool == "last":
+            index = torch.full_like(eot_index, prompts.shape[-2] - 1)
+        else:
+            index = eot_index
+        return text_encoder_forward(self._tower, prompts, index)
+
+    def encode_text(self, texts: list[str]) -> Tensor:
+        """Unnormalised features of plain texts through the same path as :meth:`encode_prompts`, (N, embed_dim)."""
+        tokens = self._tokenize(texts)
+        with torch.no_grad():
+            return self.encode_prompts(self.token_embeddings(tokens), self._eot_index(tokens))
+
+    def zero_shot_weights(self, classnames: list[str], template: str | Sequence[str] = "a photo of a {}.") -> Tensor:
+        """Normalised text features of hand-written prompts (the zero-shot baseline).
+
+        Args:
+            classnames: class names (underscores become spaces).
+            template: a format string with one ``{}`` or a list of them (features averaged over templates, then
+                renormalised, as CLIP's prompt ensembling).
+
+        Returns:
+            (n_cls, embed_dim) unit-norm class weights.
+        """
+        templates = [template] if isinstance(template, str) else list(template)
+        if not templates or any("{}" not in t for t in templates):
+            raise ValueError(f"template must be a format string with '{{}}' or a list of them, got {template!r}")
+        names = [c.replace("_", " ") for c in classnames]
+        feats = torch.stack([F.normalize(self.encode_text([t.format(c) for c in names]), dim=-1) for t in templates])
+        return F.normalize(feats.mean(0), dim=-1)
+
+    # ---- images ----------------------------------------------------------------------------------------------
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Unnormalised image features of preprocessed images (N, 3, H, W), no gradient, (N, embed_dim)."""
+        with torch.no_grad():
+            dtype = self.model.visual.conv1.weight.dtype if hasattr(self.model.visual, "conv1") else self.dtype
+            return self.model.encode_image(images.to(device=self.device, dtype=dtype))
+
+    def eval_transform(self) -> v2.Compose:
+        """Resize (shorter side, bicubic) + center crop to the model size, CLIP mean/std normalisation.
+
+        Accepts PIL images and (C, H, W) tensors (uint8, or float in [0, 1]).
+        """
+        return self.train_transform(augment=False)
+
+    def train_transform(self, augment: bool) -> v2.Compose:
+        """Training transform: with ``augment``, random resized crop (scale 0.08-1, as CoOp/Dassl) and horizontal
+        flip, then normalisation; without, the same as :meth:`eval_transform`."""
+        cfg = self.model.visual.preprocess_cfg
+        size = self.image_size
+        interp = v2.InterpolationMode.BICUBIC if cfg.get("interpolation", "bicubic") == "bicubic" else None
+        interp = interp or v2.InterpolationMode.BILINEAR
+        if augment:
+            geometric = [
+                v2.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=interp, antialias=True),
+                v2.RandomHorizontalFlip(),
+            ]
+        else:
+            geometric = [v2.Resize(min(size), interpolation=interp, antialias=True), v2.CenterCrop(size)]
+        return v2.Compose(
+            [
+                v2.ToImage(),
+                *geometric,
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=list(cfg["mean"]), std=list(cfg["std"])),
+            ]
+        )
+
+    def image_features(
+        self,
+        dataset_key: str,
+        split: str,
+        dataset: torch.utils.data.Dataset,
+        indices: Sequence[int] | Tensor | None = None,
+        *,
+        augment: bool = False,
+    ) -> Tensor:
+        """Image features through :attr:`feature_cache` (see :meth:`FeatureCache.features`)."""
+        return self.feature_cache.features(dataset_key, split, dataset, indices, augment=augment)
+
+
+class FeatureCache:
+    """Image features keyed by (dataset, split, index).
+
+    Without augmentation each image is encoded once (with :meth:`FrozenCLIP.eval_transform`) and its feature is
+    reused. With ``augment=True`` features are recomputed at every call with
+    :meth:`FrozenCLIP.train_transform` ``(augment=True)`` (fresh random crops/flips from the global torch RNG) and
+    nothing is cached.
+
+    Args:
+        backbone: the frozen model.
+        batch_size: images encoded per forward pass.
+    """
+
+    def __init__(self, backbone: FrozenCLIP, *, batch_size: int = 256) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.backbone = backbone
+        self.batch_size = batch_size
+        self._store: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
+
+    def clear(self) -> None:
+        """Drop every cached feature."""
+        self._store.clear()
+
+    def __len__(self) -> int:
+        return sum(int(done.sum()) for _, done in self._store.values())
+
+    def _encode(self, dataset: torch.utils.data.Dataset, idx: list[int], transform: Callable[[Any], Tensor]) -> Tensor:
+        out = []
+        for start in range(0, len(idx), self.batch_size):
+            chunk = idx[start : start + self.batch_size]
+            images = torch.stack([transform(dataset[i][0]) for i in chunk])
+            out.append(self.backbone.encode_images(images).float())
+        if not out:
+            return torch.empty(0, self.backbone.embed_dim, device=self.backbone.device)
+        return torch.cat(out)
+
+    def features(
+        self,
+        dataset_key: str,
+        split: str,
+        dataset: torch.utils.data.Dataset,
+        indices: Sequence[int] | Tensor | None = None,
+        *,
+        augment: bool = False,
+    ) -> Tensor:
+        """Unnormalised float32 features of ``dataset[i]`` for i in ``indices`` (all if None), (len, embed_dim).
+
+        Args:
+            dataset_key: name of the dataset (cache key).
+            split: split name (cache key).
+            dataset: items are ``(image, label)``; images are PIL or (C, H, W) tensors, not yet normalised.
+            indices: which items.
+            augment: recompute with random augmentation instead of using the cache.
+        """
+        n = len(dataset)  # type: ignore[arg-type]
+        idx = list(range(n)) if indices is None else [int(i) for i in torch.as_tensor(indices).reshape(-1).tolist()]
+        if any(not 0 <= i < n for i in idx):
+            raise ValueError(f"indices must lie in [0, {n}) for dataset {dataset_key!r} split {split!r}")
+        if augment:
+            return self._encode(dataset, idx, self.backbone.train_transform(augment=True))
+        key = (dataset_key, split)
+        if key not in self._store:
+            feats = torch.zeros(n, self.backbone.embed_dim, device=self.backbone.device)
+            self._store[key] = (feats, torch.zeros(n, dtype=torch.bool))
+        feats, done = self._store[key]
+        missing = sorted({i for i in idx if not done[i]})
+        if missing:
+            feats[missing] = self._encode(dataset, missing, self.backbone.eval_transform())
+            done[missing] = True
+        return feats[idx]

@@ -1,0 +1,180 @@
+"""Run configuration: one frozen dataclass with documented defaults, loadable from JSON and the CLI.
+
+Defaults are the embedded offline job (tiny CLIP on scikit-learn's digits, 10 clients, dpfpl with DP on);
+``PAPER`` lists the DP-FPL authors' settings for a real run (ViT-B/16, Caltech101, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fpl_fast.prompts import FACTORIZATIONS
+
+__all__ = ["RunConfig", "PAPER", "CHOICES", "load_config_file"]
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "factorization": FACTORIZATIONS,
+    "clip_mode": ("sample", "batch"),
+    "clip_uv": ("joint", "separate"),
+    "calibration": ("accountant", "paper"),
+    "accountant": ("rdp", "pld"),
+    "sampling": ("shuffle", "poisson"),
+    "sync": ("step", "round"),
+    "partition": ("iid", "pathological", "dirichlet"),
+    "precision": ("fp32", "bf16"),
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a federated DP-FPL job needs (see README for each flag)."""
+
+    # prompt
+    factorization: str = "dpfpl"
+    rank: int = 8
+    n_ctx: int = 16
+    full_grad_scale: float = 0.1
+    # privacy
+    noise: float | None = 1.0  # noise multiplier sigma (local and global); None when --epsilon is given
+    noise_local: float | None = None  # overrides noise for the local prompt
+    noise_global: float | None = None  # overrides noise for the global prompt
+    epsilon: float | None = None  # target epsilon: calibrate sigma instead of --noise
+    delta: float = 1e-5
+    norm_thresh: float = 10.0  # clip norm C (authors: 10)
+    clip_mode: str = "sample"
+    clip_uv: str = "joint"
+    calibration: str = "accountant"
+    accountant: str = "rdp"
+    sampling: str = "shuffle"
+    # federation
+    num_users: int = 10
+    rounds: int = 30
+    local_epochs: int = 1
+    sync: str = "step"
+    client_fraction: float = 1.0
+    lr: float = 1.0
+    momentum: float = 0.9
+    batch_size: int = 32
+    # data and model
+    dataset: str = "digits"
+    data_root: str = "data"
+    model: str = "tiny-digits-clip"
+    pretrained: str | None = "embedded"
+    precision: str = "fp32"
+    partition: str = "dirichlet"
+    beta: float = 0.5
+    num_shots: int | None = None
+    augment: bool = False
+    # run
+    eval_every: int = 1
+    seed: int = 1
+    device: str = "cpu"
+    chunk_size: int | None = None  # per-sample gradient chunk (samples per vmap call); None = whole batch
+    out: str | None = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"--{_flag(name)} must be one of {', '.join(allowed)}, got {value!r}")
+        _positive_int(self, "rank", "n_ctx", "num_users", "rounds", "local_epochs", "batch_size", "eval_every")
+        if self.num_shots is not None and self.num_shots < 1:
+            raise ValueError(f"--num-shots must be >= 1, got {self.num_shots}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"--chunk-size must be >= 1, got {self.chunk_size}")
+        for name in ("noise", "noise_local", "noise_global"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{_flag(name)} must be a finite number >= 0, got {value}")
+        if self.epsilon is not None and not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise ValueError(f"--epsilon must be a finite number > 0, got {self.epsilon}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"--delta must be in (0, 1), got {self.delta}")
+        if not (self.norm_thresh > 0):  # inf allowed: no clipping (only meaningful without noise)
+            raise ValueError(f"--norm-thresh must be > 0 (inf: no clipping), got {self.norm_thresh}")
+        if not 0 < self.client_fraction <= 1:
+            raise ValueError(f"--client-fraction must be in (0, 1], got {self.client_fraction}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"--beta must be a finite number > 0, got {self.beta}")
+        if self.full_grad_scale <= 0 or not math.isfinite(self.full_grad_scale):
+            raise ValueError(f"--full-grad-scale must be a finite number > 0, got {self.full_grad_scale}")
+        if self.calibration == "paper" and self.epsilon is None:
+            raise ValueError("--calibration paper needs --epsilon (the authors' formula maps epsilon to sigma)")
+        if self.factorization in ("fedpgp", "dplora", "dpfpl") and self.rank > self.n_ctx:
+            raise ValueError(f"--rank must be <= --n-ctx ({self.n_ctx}) for {self.factorization}, got {self.rank}")
+        if self.sampling == "poisson" and self.clip_mode == "batch":
+            raise ValueError("--sampling poisson needs --clip-mode sample (batch-mean clipping has no Poisson account)")
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def dp_enabled(self) -> bool:
+        """Whether any noise is added (calibrated or given)."""
+        return self.epsilon is not None or any(
+            (x or 0) > 0 for x in (self.noise, self.noise_local, self.noise_global)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _positive_int(cfg: RunConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{_flag(name)} must be an integer >= 1, got {value!r}")
+
+
+# The DP-FPL authors' run settings (DESIGN.md): use with real weights and data.
+PAPER: dict[str, Any] = {
+    "model": "ViT-B-16",
+    "pretrained": "openai",
+    "dataset": "caltech101",
+    "precision": "fp32",
+    "lr": 0.001,
+    "momentum": 0.9,
+    "batch_size": 32,
+    "n_ctx": 16,
+    "rank": 8,
+    "norm_thresh": 10.0,
+    "num_users": 10,
+    "rounds": 100,
+    "local_epochs": 1,
+    "sync": "step",
+    "partition": "pathological",
+    "augment": True,
+}
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON config file into a dict of RunConfig fields (unknown keys are an error)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--config file not found: {p}")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--config {p} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {p} must hold a JSON object of settings, got {type(data).__name__}")
+    known = {f.name for f in fields(RunConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"--config {p} has unknown settings {unknown}; allowed: {sorted(known)}")
+    return data

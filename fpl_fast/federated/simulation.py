@@ -1,0 +1,393 @@
+"""In-process simulation of a DP-FPL federation: every client of a step goes through the text encoder together.
+
+One training step of the active clients A (|A| = K_a):
+    factors (lowrank of L, fresh randomness) -> ctx (K_a, n_ctx, d)
+    -> text features T = f_txt([prefix | ctx | suffix]) (K_a, n_cls, D), one encoder call for all clients
+    -> per-sample cotangents dL_i/dT from the logit head -> per-sample grad_ctx (K_a, b, n_ctx, d)
+       (b vector-Jacobian products, chunked; or one backward of the batch mean with --clip-mode batch)
+    -> fused clip + local noise (ops.dp_lowrank_clip_noise) -> local update (g_L rebuilt from g_U, g_V)
+    -> global prompt: server mean over clients + N(0, (sigma_g C / (b K_a))^2) (sync="step"), or
+       client-side DP-SGD on its copy of G and averaging at the round's end (sync="round").
+Local prompts never leave their client's rows; only G (or its gradient) is aggregated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fpl_fast import ops, reference
+from fpl_fast.config import RunConfig
+from fpl_fast.federated.optim import ClientSGD
+from fpl_fast.privacy.mechanism import NoiseStream
+from fpl_fast.privacy.per_sample import logit_cotangents, per_sample_prompt_grads
+from fpl_fast.prompts import PromptConfig, PromptLearner
+
+__all__ = ["ClientData", "Federation", "StepStats"]
+
+
+@dataclass
+class ClientData:
+    """Cached features of one federation: images encoded once, indices per client.
+
+    train_feats (N_train, D) and test_feats (N_test, D) are the frozen image encoder's outputs (float32);
+    train_idx[k] / test_idx[k] index client k's examples.
+    """
+
+    train_feats: Tensor
+    train_labels: Tensor
+    test_feats: Tensor
+    test_labels: Tensor
+    train_idx: list[np.ndarray]
+    test_idx: list[np.ndarray]
+
+
+@dataclass
+class StepStats:
+    loss: float
+    clipped_fraction: float
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+class _BatchSampler:
+    """Per-client batches: shuffled fixed-size batches (reshuffled each pass) or Poisson sampling."""
+
+    def __init__(self, sizes: list[int], batch_size: int, *, poisson: bool, rng: np.random.Generator) -> None:
+        self.sizes = sizes
+        self.poisson = poisson
+        self.rng = rng
+        # Fixed-size batches: every client uses the same b (the smallest client caps it) so that
+        # the denominator b of the clipped mean is one number for the whole federation.
+        self.batch_size = min([batch_size, *sizes])
+        self.expected = float(batch_size)
+        self.orders = [rng.permutation(n) for n in sizes]
+        self.pos = [0] * len(sizes)
+
+    def sample_rate(self, k: int) -> float:
+        b = self.expected if self.poisson else self.batch_size
+        return min(1.0, b / self.sizes[k])
+
+    def next(self, k: int) -> np.ndarray:
+        n = self.sizes[k]
+        if self.poisson:
+            return np.flatnonzero(self.rng.random(n) < self.sample_rate(k))
+        out: list[np.ndarray] = []
+        need = self.batch_size
+        while need > 0:
+            if self.pos[k] >= n:
+                self.orders[k] = self.rng.permutation(n)
+                self.pos[k] = 0
+            take = self.orders[k][self.pos[k] : self.pos[k] + need]
+            self.pos[k] += len(take)
+            need -= len(take)
+            out.append(take)
+        return np.concatenate(out)
+
+    def state_dict(self) -> dict:
+        return {"orders": [o.copy() for o in self.orders], "pos": list(self.pos)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.orders = [np.asarray(o) for o in state["orders"]]
+        self.pos = list(state["pos"])
+
+
+class Federation:
+    """K clients, a server and the prompt state, stepping together.
+
+    Args:
+        cfg: the run configuration.
+        backbone: a frozen CLIP (``fpl_fast.backbone.FrozenCLIP``).
+        classnames: class names in label order.
+        data: cached image features and client splits.
+        noise_local, noise_global: the noise multipliers in force (already calibrated).
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        backbone,
+        classnames: list[str],
+        data: ClientData,
+        *,
+        noise_local: float,
+        noise_global: float,
+    ) -> None:
+        self.cfg = cfg
+        self.backbone = backbone
+        self.data = data
+        self.noise_local = noise_local
+        self.noise_global = noise_global
+        self.device = torch.device(cfg.device)
+        K = cfg.num_users
+        parts = backbone.prompt_parts(classnames, cfg.n_ctx)
+        self.prefix, self.suffix = parts.prefix, parts.suffix  # (n_cls, 1, d), (n_cls, S, d)
+        self.eot_index = parts.eot_index  # (n_cls,)
+        self.n_cls = self.prefix.shape[0]
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.learner = PromptLearner(
+            PromptConfig(cfg.factorization, cfg.n_ctx, cfg.rank, full_grad_scale=cfg.full_grad_scale),
+            K,
+            backbone.ctx_dim,
+            generator=gen,
+            device=self.device,
+        )
+        self.rng = np.random.default_rng(cfg.seed)
+        self.noise = NoiseStream(cfg.seed)
+        self.sampler = _BatchSampler(
+            [len(ix) for ix in data.train_idx], cfg.batch_size, poisson=cfg.sampling == "poisson", rng=self.rng
+        )
+        self.opt_local = ClientSGD(self.learner.local, lr=cfg.lr, momentum=cfg.momentum)
+        # sync="round": each client runs SGD on its own copy of G; sync="step": the server owns G and
+        # its momentum buffer (one buffer, whichever clients were sampled).
+        self.opt_global = ClientSGD({"g": self.learner.client_global}, lr=cfg.lr, momentum=cfg.momentum)
+        self.server_buf = torch.zeros_like(self.learner.global_ctx)
+        self.steps_taken = np.zeros(K, dtype=np.int64)  # noised steps per client (for the accountant)
+
+    # ------------------------------------------------------------------------------------------
+    # Geometry
+    # ------------------------------------------------------------------------------------------
+    @property
+    def steps_per_epoch(self) -> int:
+        """Local steps per epoch: enough for the largest client to see its data once."""
+        b = self.sampler.expected if self.cfg.sampling == "poisson" else self.sampler.batch_size
+        return max(math.ceil(len(ix) / b) for ix in self.data.train_idx)
+
+    @property
+    def steps_per_round(self) -> int:
+        return self.cfg.local_epochs * self.steps_per_epoch
+
+    def sample_clients(self) -> Tensor:
+        """Clients taking part in this round (client fraction, at least one)."""
+        K = self.cfg.num_users
+        m = max(1, round(self.cfg.client_fraction * K))
+        chosen = np.sort(self.rng.choice(K, size=m, replace=False)) if m < K else np.arange(K)
+        return torch.as_tensor(chosen, dtype=torch.long, device=self.device)
+
+    # ------------------------------------------------------------------------------------------
+    # Text side
+    # ------------------------------------------------------------------------------------------
+    def _text_features(self, ctx: Tensor) -> Tensor:
+        """(K_a, n_ctx, d) context -> (K_a, n_cls, D) text features, all clients in one encoder call.
+
+        Uses the plain-PyTorch assembly so that torch.func can vmap its pull-back over samples.
+        """
+        Ka = ctx.shape[0]
+        prompts = reference.lowrank_prompt(self.prefix, self.suffix, ctx.to(self.prefix.dtype))
+        L, d = prompts.shape[-2:]
+        feats = self.backbone.encode_prompts(prompts.reshape(Ka * self.n_cls, L, d), self.eot_index.repeat(Ka))
+        return feats.reshape(Ka, self.n_cls, -1).float()
+
+    def _logits(self, text: Tensor, img: Tensor) -> Tensor:
+        """Cosine logits: text (K_a, n_cls, D), img (K_a, B, D) -> (K_a, B, n_cls)."""
+        t = F.normalize(text, dim=-1)
+        x = F.normalize(img, dim=-1)
+        return self.backbone.logit_scale * torch.matmul(x, t.transpose(-1, -2))
+
+    # ------------------------------------------------------------------------------------------
+    # One step
+    # ------------------------------------------------------------------------------------------
+    def _batch(self, clients: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Padded features (K_a, B, D), labels (K_a, B), mask (K_a, B) of this step's batches."""
+        batches = []
+        for k in clients.tolist():
+            batches.append(self.data.train_idx[k][self.sampler.next(k)])
+        B = max(1, max(len(x) for x in batches))
+        D = self.data.train_feats.shape[1]
+        feats = torch.zeros(len(batches), B, D)
+        labels = torch.zeros(len(batches), B, dtype=torch.long)
+        mask = torch.zeros(len(batches), B)
+        for j, ix in enumerate(batches):
+            ix_t = torch.as_tensor(ix, dtype=torch.long)
+            feats[j, : len(ix)] = self.data.train_feats[ix_t]
+            labels[j, : len(ix)] = self.data.train_labels[ix_t]
+            mask[j, : len(ix)] = 1.0
+        return feats.to(self.device), labels.to(self.device), mask.to(self.device)
+
+    def _per_sample_grads(self, ctx: Tensor, feats: Tensor, labels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-sample context gradients (K_a, B, n_ctx, d) and the per-sample losses (K_a, B).
+
+        The prompt-side primal is the context itself, so each vmapped pull-back returns (K_a, n_ctx, d)
+        already summed over classes; lane i carries sample i of every client on that client's rows.
+        """
+        Ka = ctx.shape[0]
+        with torch.no_grad():
+            text = self._text_features(ctx)  # (K_a, n_cls, D)
+        cot, losses = logit_cotangents(feats, text, labels, self.backbone.logit_scale)  # (B, K_a, n_cls, D)
+        cot = cot * mask.transpose(0, 1)[..., None, None]  # padded (Poisson) rows contribute nothing
+        flat_text = lambda c: self._text_features(c).reshape(Ka * self.n_cls, -1)  # noqa: E731
+        grads = per_sample_prompt_grads(flat_text, ctx, cot.flatten(1, 2), chunk_size=self.cfg.chunk_size)
+        return grads.transpose(0, 1), (losses * mask).detach()
+
+    def _batch_mean_grad(self, ctx: Tensor, feats: Tensor, labels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Batch-mean context gradient (K_a, 1, n_ctx, d) (one backward) and per-sample losses."""
+        ctx = ctx.detach().requires_grad_(True)
+        with torch.enable_grad():
+            Ka = ctx.shape[0]
+            prompts = ops.lowrank_prompt(self.prefix, self.suffix, ctx.to(self.prefix.dtype))
+            L, d = prompts.shape[-2:]
+            text = self.backbone.encode_prompts(prompts.reshape(Ka * self.n_cls, L, d), self.eot_index.repeat(Ka))
+            text = text.reshape(Ka, self.n_cls, -1).float()
+            losses = F.cross_entropy(
+                self._logits(text, feats).flatten(0, 1), labels.flatten(), reduction="none"
+            ).view_as(mask) * mask
+            per_client_mean = losses.sum(1) / mask.sum(1).clamp(min=1)
+            (grad,) = torch.autograd.grad(per_client_mean.sum(), ctx)
+        return grad.unsqueeze(1), losses.detach()
+
+    def train_step(self, clients: Tensor, *, server_average: bool) -> StepStats:
+        """One local step of every client in ``clients`` (sync="step": with server averaging of G)."""
+        cfg, L = self.cfg, self.learner
+        Ka = len(clients)
+        seed, off = self.noise.take(L.factorize_draws(Ka))
+        factors = L.factors(clients, seed=seed, offset=off)
+        ctx = L.context(clients, factors).detach()
+        feats, labels, mask = self._batch(clients)
+        per_sample = cfg.clip_mode == "sample" and self.dp_active
+        if per_sample:
+            grad_ctx, losses = self._per_sample_grads(ctx, feats, labels, mask)
+        else:
+            grad_ctx, losses = self._batch_mean_grad(ctx, feats, labels, mask)
+
+        u = factors.u if cfg.factorization in ("fedpgp", "dplora", "dpfpl") else None
+        v = factors.v if u is not None else None
+        numel = reference.dp_noise_numel(Ka, cfg.n_ctx, L.global_ctx.shape[-1], cfg.rank if u is not None else None)
+        seed, off = self.noise.take(numel if self.noise_local > 0 else 0)
+        b = self.sampler.batch_size if cfg.sampling == "shuffle" else self.sampler.expected
+        clip = cfg.norm_thresh if self.dp_active else math.inf
+        g_a, g_b, g_glob, norms = ops.dp_lowrank_clip_noise(
+            grad_ctx.to(torch.float32),
+            None if u is None else u.float(),
+            None if v is None else v.float(),
+            clip_norm=clip,
+            noise_multiplier=self.noise_local if cfg.factorization != "promptfl" else 0.0,
+            seed=seed,
+            offset=off,
+            expected_batch_size=float(b) if (per_sample or cfg.clip_mode == "batch") else 0.0,
+            joint_uv=cfg.clip_uv == "joint",
+            per_sample=per_sample,
+        )
+        local_grads = L.local_update_direction(factors, g_a, g_b)
+        if local_grads:
+            self.opt_local.step(clients, local_grads)
+
+        # Global prompt: clipped mean gradients of the clients, noised for global DP.
+        C = clip if math.isfinite(clip) else 0.0
+        if server_average:
+            std = self.noise_global * C / (b * Ka)
+            seed, off = self.noise.take(g_glob[0].numel() if std > 0 else 0)
+            noise = reference.philox_normal(seed, off, g_glob[0].numel(), self.device).view_as(g_glob[0]) * std
+            g_server = g_glob.mean(0) + noise if std > 0 else g_glob.mean(0)
+            self._server_step(g_server)
+        else:
+            std = self.noise_global * C / b  # client-side DP-SGD on its copy of G (no trusted server needed)
+            seed, off = self.noise.take(g_glob.numel() if std > 0 else 0)
+            noise = reference.philox_normal(seed, off, g_glob.numel(), self.device).view_as(g_glob) * std
+            self.opt_global.step(clients, {"g": g_glob + noise if std > 0 else g_glob})
+
+        self.steps_taken[clients.cpu().numpy()] += 1
+        n = mask.sum().clamp(min=1)
+        thr = norms[..., 2] > cfg.norm_thresh
+        return StepStats(
+            loss=float(losses.sum() / n),
+            clipped_fraction=float(thr.float().mean()) if norms.numel() else 0.0,
+            batch_sizes=[int(x) for x in mask.sum(1).tolist()],
+        )
+
+    @torch.no_grad()
+    def _server_step(self, grad: Tensor) -> None:
+        """SGD with momentum on the server's G, then broadcast to every client (idle ones too)."""
+        cfg, L = self.cfg, self.learner
+        self.server_buf = self.server_buf * cfg.momentum + grad if cfg.momentum else grad
+        L.global_ctx = L.global_ctx - cfg.lr * self.server_buf
+        L.client_global[:] = L.global_ctx
+
+    @property
+    def dp_active(self) -> bool:
+        """Clipping is on whenever any noise is (a run without noise trains the plain objective)."""
+        return self.noise_local > 0 or self.noise_global > 0
+
+    def train_round(self, clients: Tensor, on_step=None) -> list[StepStats]:
+        """One round: E local epochs of the active clients (G synchronised per step or at the end)."""
+        L = self.learner
+        sync_step = self.cfg.sync == "step"
+        if not sync_step:
+            L.client_global[clients] = L.global_ctx  # broadcast the server's prompt
+        stats = []
+        for _ in range(self.steps_per_round):
+            stats.append(self.train_step(clients, server_average=sync_step))
+            if on_step is not None:
+                on_step()
+        if not sync_step:
+            L.global_ctx = L.client_global[clients].mean(0)  # FedAvg of the (DP-SGD trained) copies
+            L.client_global[:] = L.global_ctx
+        return stats
+
+    # ------------------------------------------------------------------------------------------
+    # Evaluation
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def client_text_features(self, eval_seed: int) -> Tensor:
+        """(K, n_cls, D) normalised text features of every client's current prompt."""
+        L = self.learner
+        clients = torch.arange(self.cfg.num_users, device=self.device)
+        # lowrank() at evaluation draws from a stream of its own, so evaluating never shifts training noise.
+        factors = L.factors(clients, seed=eval_seed, offset=0)
+        prompts = L.prompts(self.prefix, self.suffix, clients, factors)
+        K, n_cls, Lq, d = prompts.shape
+        feats = self.backbone.encode_prompts(prompts.reshape(K * n_cls, Lq, d), self.eot_index.repeat(K))
+        return F.normalize(feats.reshape(K, n_cls, -1).float(), dim=-1)
+
+    @torch.no_grad()
+    def evaluate(self, eval_seed: int) -> dict:
+        """Per-client local accuracy (own test split) and neighbour accuracy (the others' test splits)."""
+        text = self.client_text_features(eval_seed)  # (K, n_cls, D)
+        x = F.normalize(self.data.test_feats.to(self.device), dim=-1)
+        preds = torch.einsum("nd,kcd->knc", x, text).argmax(-1).cpu()  # (K, N_test)
+        correct = preds == self.data.test_labels.cpu()[None]
+        K = self.cfg.num_users
+        local, neighbor = [], []
+        for k in range(K):
+            own = torch.as_tensor(self.data.test_idx[k], dtype=torch.long)
+            others = [torch.as_tensor(self.data.test_idx[j], dtype=torch.long) for j in range(K) if j != k]
+            oth = torch.cat(others) if others else own.new_zeros(0)
+            local.append(float(correct[k, own].float().mean()) if len(own) else float("nan"))
+            neighbor.append(float(correct[k, oth].float().mean()) if len(oth) else float("nan"))
+        return {
+            "local_acc": float(np.nanmean(local)),
+            "neighbor_acc": float(np.nanmean(neighbor)),
+            "local_acc_per_client": local,
+            "neighbor_acc_per_client": neighbor,
+        }
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpointing
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "learner": self.learner.state_dict(),
+            "opt_local": self.opt_local.state_dict(),
+            "opt_global": self.opt_global.state_dict(),
+            "server_buf": self.server_buf.clone(),
+            "rng": self.rng.bit_generator.state,
+            "noise": self.noise.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "steps_taken": self.steps_taken.copy(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.learner.load_state_dict(state["learner"])
+        # The optimisers update the learner's tensors in place: point them at the restored ones.
+        self.opt_local.params = self.learner.local
+        self.opt_local.load_state_dict(state["opt_local"])
+        self.opt_global.params = {"g": self.learner.client_global}
+        self.opt_global.load_state_dict(state["opt_global"])
+        self.server_buf = state["server_buf"].clone()
+        self.rng.bit_generator.state = state["rng"]
+        self.noise.load_state_dict(state["noise"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.steps_taken = np.asarray(state["steps_taken"]).copy()

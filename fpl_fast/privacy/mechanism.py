@@ -1,0 +1,392 @@
+"""The Gaussian mechanisms of DP-FPL: local clipping + noise, server noise, and their accounting.
+
+Glue between the fused op ``ops.dp_lowrank_clip_noise`` (clipping and local noise), a Philox noise
+stream and the accountant. Nothing here knows about CLIP: it gets per-sample context gradients and
+the prompt factors as tensors.
+
+Mechanisms per step (DESIGN.md section 1; unit of privacy: one example of one client, add/remove):
+
+- Local DP: per-sample g_U,i, g_V,i (or fedotp's g_L,i) clipped to C, summed, plus
+  N(0, (sigma_l C)^2), divided by b. The accountant's multiplier is :func:`accountant_noise_multiplier`.
+- Global DP: per-sample g_G,i clipped to C and averaged on the client (the fused op's third output);
+  the server averages the K clients and adds N(0, (sigma_g C / (b K))^2)
+  (:func:`server_aggregate_global`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from fpl_fast import ops, reference
+
+__all__ = [
+    "ClipMode",
+    "NoiseStream",
+    "LocalDP",
+    "LocalDPResult",
+    "privatize_local",
+    "accountant_noise_multiplier",
+    "global_accountant_noise_multiplier",
+    "server_aggregate_global",
+]
+
+ClipMode = Literal["sample", "batch"]
+
+_SEED_BOUND = 2**63 - 1  # the ops take int64 seeds and offsets
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise stream
+# ----------------------------------------------------------------------------------------------
+class NoiseStream:
+    """Hands out non-overlapping (seed, offset) slices of one Philox4x32-10 stream.
+
+    Each Philox counter yields 4 normals, so a draw of ``numel`` normals at (seed, offset) uses
+    counters offset .. offset + ceil(numel / 4) - 1; :meth:`take` returns the current offset and
+    advances it past them, so successive calls never reuse noise, and a run is reproducible from one
+    seed. The state is just (seed, offset), for checkpoints.
+
+    Args:
+        generator: an int seed in [0, 2^63), or a ``torch.Generator`` from which the seed is drawn.
+        offset: the first free counter (0 for a fresh stream).
+    """
+
+    def __init__(self, generator: torch.Generator | int, offset: int = 0) -> None:
+        if isinstance(generator, torch.Generator):
+            seed = int(torch.randint(0, _SEED_BOUND, (1,), generator=generator, device=generator.device).item())
+        elif isinstance(generator, int) and not isinstance(generator, bool):
+            seed = generator
+        else:
+            raise ValueError(f"generator must be a torch.Generator or an int seed, got {type(generator).__name__}")
+        _check(0 <= seed < _SEED_BOUND, f"seed must be in [0, 2^63), got {seed}")
+        _check(isinstance(offset, int) and 0 <= offset < _SEED_BOUND, f"offset must be in [0, 2^63), got {offset}")
+        self._seed = seed
+        self._offset = offset
+
+    @property
+    def seed(self) -> int:
+        """The Philox key."""
+        return self._seed
+
+    @property
+    def offset(self) -> int:
+        """The next free counter."""
+        return self._offset
+
+    @staticmethod
+    def counters(numel: int) -> int:
+        """Philox counters a draw of ``numel`` normals consumes: ceil(numel / 4)."""
+        return (numel + 3) // 4
+
+    def take(self, numel: int) -> tuple[int, int]:
+        """Reserve ``numel`` normals; returns the (seed, offset) to pass to the op.
+
+        Args:
+            numel: normals the next op call draws (``reference.dp_noise_numel`` /
+                ``reference.factorize_noise_numel``; 0 when it draws none).
+        """
+        _check(isinstance(numel, int) and numel >= 0, f"numel must be an integer >= 0, got {numel!r}")
+        out = (self._seed, self._offset)
+        self._offset += self.counters(numel)
+        _check(self._offset < _SEED_BOUND, f"noise stream exhausted at offset {self._offset}")
+        return out
+
+    def normal(self, numel: int, device: torch.device | str = "cpu") -> Tensor:
+        """``numel`` fresh N(0, 1) float32 normals from the stream (``reference.philox_normal``)."""
+        seed, offset = self.take(numel)
+        return reference.philox_normal(seed, offset, numel, device)
+
+    def state(self) -> tuple[int, int]:
+        """(seed, offset): everything needed to resume."""
+        return self._seed, self._offset
+
+    @classmethod
+    def from_state(cls, state: tuple[int, int]) -> NoiseStream:
+        """The stream saved by :meth:`state`."""
+        seed, offset = state
+        return cls(int(seed), offset=int(offset))
+
+    def state_dict(self) -> dict[str, int]:
+        """Checkpointable form of :meth:`state`."""
+        return {"seed": self._seed, "offset": self._offset}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore from :meth:`state_dict`."""
+        restored = NoiseStream(int(state["seed"]), offset=int(state["offset"]))
+        self._seed, self._offset = restored.state()
+
+    def __repr__(self) -> str:
+        return f"NoiseStream(seed={self._seed}, offset={self._offset})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Local DP
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LocalDP:
+    """Local clipping and noise of the prompt factors.
+
+    Attributes:
+        clip_norm: C > 0 (inf disables clipping).
+        noise_multiplier: sigma_l >= 0, the std of the noise on the clipped sum over C.
+        clip_mode: "sample" (per-example clipping, the default and the only per-example guarantee)
+            or "batch" (the DP-FPL authors' clipping of the batch-mean gradient; paper-compatible).
+        joint_uv: clip (g_U,i, g_V,i) jointly to C (True) or each to C as the authors do (False).
+        expected_batch_size: divide by this instead of the realised batch size (Poisson sampling);
+            None divides by the realised b.
+    """
+
+    clip_norm: float
+    noise_multiplier: float
+    clip_mode: ClipMode = "sample"
+    joint_uv: bool = True
+    expected_batch_size: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            not math.isnan(self.clip_norm) and self.clip_norm > 0,
+            f"clip_norm must be > 0 (inf disables clipping), got {self.clip_norm}",
+        )
+        _check(
+            math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0,
+            f"noise_multiplier must be finite and >= 0, got {self.noise_multiplier}",
+        )
+        _check(
+            self.noise_multiplier == 0 or math.isfinite(self.clip_norm),
+            f"clip_norm must be finite when noise_multiplier > 0 (the noise std is sigma C), got {self.clip_norm}",
+        )
+        _check(self.clip_mode in ("sample", "batch"), f"clip_mode must be 'sample' or 'batch', got {self.clip_mode!r}")
+        _check(
+            self.expected_batch_size is None
+            or (math.isfinite(self.expected_batch_size) and self.expected_batch_size > 0),
+            f"expected_batch_size must be None or finite and > 0, got {self.expected_batch_size}",
+        )
+
+
+@dataclass(frozen=True)
+class LocalDPResult:
+    """What :func:`privatize_local` releases and measures.
+
+    Attributes:
+        grad_u: (K, n_ctx, r) noisy local gradient of U, or None without factors.
+        grad_v: (K, r, d) noisy local gradient of V, or None without factors.
+        grad_local: (K, n_ctx, d) noisy gradient of fedotp's full local prompt L, or None.
+        grad_global: (K, n_ctx, d) clipped (not noised) average gradient of G, for the server.
+        norms: (K, b, 3) float32 unclipped per-sample norms of (g_U, g_V, g_G) ((K, 1, 3) of the batch
+            mean in batch mode; g_V's column is 0 and g_U's holds g_L's norm without factors).
+        clip_fraction: (K, 3) fraction of the rows of ``norms`` that were clipped, per column
+            (U and V share the joint norm's decision with ``joint_uv``).
+        noise_std: std of the noise added to each entry of the local gradients (sigma C / b).
+        batch_size: the denominator b used.
+    """
+
+    grad_u: Tensor | None
+    grad_v: Tensor | None
+    grad_local: Tensor | None
+    grad_global: Tensor
+    norms: Tensor
+    clip_fraction: Tensor
+    noise_std: float
+    batch_size: float
+
+
+def privatize_local(
+    grad_ctx: Tensor,
+    u: Tensor | None,
+    v: Tensor | None,
+    cfg: LocalDP,
+    stream: NoiseStream,
+    *,
+    sum_classes: bool = False,
+    batch_size: float | None = None,
+    local: bool = True,
+) -> LocalDPResult:
+    """Clip per-sample gradients, noise the local ones, all clients in one fused op call.
+
+    Calls ``ops.dp_lowrank_clip_noise`` with ``per_sample = (clip_mode == "sample")`` and
+    ``joint_uv``, drawing its noise from ``stream`` (which advances by what the call consumes).
+
+    Args:
+        grad_ctx: (K, b, n_ctx, d) per-sample context gradients (or (K, b, n_cls, n_ctx, d) with
+            ``sum_classes``); K may be omitted. In batch mode a single batch-mean gradient
+            (b = 1) may be passed with ``batch_size`` set to the real b.
+        u: (K, n_ctx, r) or None (fedotp's full local prompt, or no local prompt).
+        v: (K, r, d) or None.
+        cfg: the local-DP configuration.
+        stream: the noise stream.
+        sum_classes: grad_ctx carries a class dimension to sum over.
+        batch_size: the b that divides the noisy sum when ``cfg.expected_batch_size`` is None
+            (default: grad_ctx's b).
+        local: False when there is no local prompt (promptfl): no local noise is drawn and only
+            ``grad_global`` is meaningful.
+
+    Returns:
+        A :class:`LocalDPResult` (without K when grad_ctx has none).
+    """
+    _check((u is None) == (v is None), "u and v must be given together or not at all")
+    plain = 4 if sum_classes else 3
+    _check(
+        grad_ctx.dim() in (plain, plain + 1),
+        f"grad_ctx must be {plain}-D or {plain + 1}-D (K first) with sum_classes={sum_classes}, "
+        f"got shape {tuple(grad_ctx.shape)}",
+    )
+    batched = grad_ctx.dim() == plain + 1
+    K = grad_ctx.shape[0] if batched else 1
+    b_dim = grad_ctx.shape[1] if batched else grad_ctx.shape[0]
+    n_ctx, d = grad_ctx.shape[-2], grad_ctx.shape[-1]
+    if cfg.expected_batch_size is not None:
+        denom = float(cfg.expected_batch_size)
+    elif batch_size is not None:
+        _check(math.isfinite(batch_size) and batch_size > 0, f"batch_size must be finite and > 0, got {batch_size}")
+        denom = float(batch_size)
+    else:
+        denom = float(max(b_dim, 1))
+    sigma = cfg.noise_multiplier if local else 0.0
+    rank = None if u is None else u.shape[-1]
+    numel = reference.dp_noise_numel(K, n_ctx, d, rank) if sigma > 0 else 0
+    seed, offset = stream.take(numel)
+    out_a, out_b, grad_g, norms = ops.dp_lowrank_clip_noise(
+        grad_ctx,
+        u,
+        v,
+        clip_norm=cfg.clip_norm,
+        noise_multiplier=sigma,
+        seed=seed,
+        offset=offset,
+        expected_batch_size=denom,
+        joint_uv=cfg.joint_uv,
+        per_sample=cfg.clip_mode == "sample",
+        sum_classes=sum_classes,
+    )
+    C = cfg.clip_norm
+    if u is not None and cfg.joint_uv:
+        joint = torch.sqrt(norms[..., 0] ** 2 + norms[..., 1] ** 2)
+        clipped = torch.stack([joint, joint, norms[..., 2]], dim=-1) > C
+    else:
+        clipped = norms > C
+    fraction = clipped.float().mean(dim=-2) if norms.shape[-2] > 0 else norms.new_zeros(*norms.shape[:-2], 3)
+    has_factors = u is not None
+    return LocalDPResult(
+        grad_u=out_a if has_factors and local else None,
+        grad_v=out_b if has_factors and local else None,
+        grad_local=out_a if not has_factors and local else None,
+        grad_global=grad_g,
+        norms=norms,
+        clip_fraction=fraction,
+        noise_std=sigma * C / denom if sigma > 0 else 0.0,
+        batch_size=denom,
+    )
+
+
+def _sensitivity_factor(clip_mode: str, batch_size: float | None) -> float:
+    """How many C's one example can move the clipped release, in units of the noise's b."""
+    _check(clip_mode in ("sample", "batch"), f"clip_mode must be 'sample' or 'batch', got {clip_mode!r}")
+    if clip_mode == "sample":
+        return 1.0
+    _check(
+        batch_size is not None and math.isfinite(batch_size) and batch_size > 0,
+        f"batch clip_mode needs the batch size (finite and > 0) to state its guarantee, got {batch_size}",
+    )
+    # clip(mean) has norm <= C, so neighbouring batches differ by up to 2C, while the noise std is
+    # sigma C / b: relative to the per-sample mechanism the sensitivity is 2 b times larger.
+    return 2.0 * float(batch_size)  # type: ignore[arg-type]
+
+
+def accountant_noise_multiplier(cfg: LocalDP, *, lowrank: bool = True, batch_size: float | None = None) -> float:
+    """The noise multiplier the accountant must be told for the local mechanism.
+
+    - joint clipping of (g_U,i, g_V,i) to C: one example moves the pair by <= C: sigma_l;
+    - the authors' separate clipping (``joint_uv=False``): g_U,i and g_V,i are each clipped to C
+      and each noised with sigma_l C, so the pair moves by up to sqrt(2) C: sigma_l / sqrt(2);
+    - fedotp's full local prompt (``lowrank=False``): one clipped gradient: sigma_l.
+
+    In ``clip_mode="batch"`` the batch mean is clipped, so two neighbouring batches can differ by
+    2C in the release while the noise std stays sigma_l C / b: the multiplier is further divided by
+    2 b. That is the honest worst case of the authors' scheme (which is not a per-example guarantee
+    as they state it).
+
+    Args:
+        cfg: the local-DP configuration.
+        lowrank: the local prompt is released as factors U, V (dplora, dpfpl, fedpgp); False for
+            fedotp's full L.
+        batch_size: b for ``clip_mode="batch"`` (default ``cfg.expected_batch_size``).
+    """
+    b = batch_size if batch_size is not None else cfg.expected_batch_size
+    sigma = cfg.noise_multiplier / _sensitivity_factor(cfg.clip_mode, b)
+    if lowrank and not cfg.joint_uv:
+        sigma /= math.sqrt(2.0)
+    return sigma
+
+
+def global_accountant_noise_multiplier(
+    noise_multiplier: float, *, clip_mode: ClipMode = "sample", batch_size: float | None = None
+) -> float:
+    """The noise multiplier the accountant must be told for the global prompt's release.
+
+    Per-sample mode: one example moves the server's mean by <= C / (b K) and the noise std is
+    sigma_g C / (b K): sigma_g. Batch mode: it moves it by <= 2 C / K: sigma_g / (2 b).
+    """
+    _check(
+        math.isfinite(noise_multiplier) and noise_multiplier >= 0,
+        f"noise_multiplier must be finite and >= 0, got {noise_multiplier}",
+    )
+    return noise_multiplier / _sensitivity_factor(clip_mode, batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Global DP (server)
+# ----------------------------------------------------------------------------------------------
+def server_aggregate_global(
+    client_grads: Tensor,
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    batch_size: float,
+    stream: NoiseStream,
+) -> Tensor:
+    """Average the clients' clipped global-prompt gradients and add the server's Gaussian noise.
+
+    out = mean_k client_grads[k] + N(0, (sigma_g C / (b K))^2) per entry, so one example's influence
+    C / (b K) is covered with noise multiplier sigma_g. The noise comes from ``stream``
+    (``reference.philox_normal`` at the stream's next slice), reproducible from the run seed; a
+    server with its own stream (e.g. seeded from the run seed) keeps it apart from the clients'.
+
+    Args:
+        client_grads: (K, n_ctx, d) each client's clipped, batch-averaged gradient of G
+            (``LocalDPResult.grad_global``) for the K participating clients.
+        clip_norm: C used by the clients (finite).
+        noise_multiplier: sigma_g >= 0.
+        batch_size: b, the per-client (expected) batch size the clients divided by.
+        stream: the server's noise stream.
+
+    Returns:
+        (n_ctx, d) noisy average, in client_grads' dtype.
+    """
+    _check(client_grads.dim() == 3, f"client_grads must be 3-D (K, n_ctx, d), got shape {tuple(client_grads.shape)}")
+    _check(client_grads.shape[0] >= 1, "client_grads must hold at least one client, got K=0")
+    _check(
+        math.isfinite(clip_norm) and clip_norm > 0,
+        f"clip_norm must be finite and > 0 for server noise, got {clip_norm}",
+    )
+    _check(
+        math.isfinite(noise_multiplier) and noise_multiplier >= 0,
+        f"noise_multiplier must be finite and >= 0, got {noise_multiplier}",
+    )
+    _check(math.isfinite(batch_size) and batch_size > 0, f"batch_size must be finite and > 0, got {batch_size}")
+    K = client_grads.shape[0]
+    mean = client_grads.mean(dim=0)  # (n_ctx, d)
+    if noise_multiplier == 0:
+        return mean
+    std = noise_multiplier * clip_norm / (batch_size * K)
+    z = stream.normal(mean.numel(), client_grads.device).view_as(mean)
+    return mean + (std * z).to(mean.dtype)

@@ -1,0 +1,194 @@
+"""lowrank_factorize: one randomised power iteration with Gram-Schmidt, L = U V + R."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import (
+    FLOAT_DTYPES,
+    TOL,
+    assert_bf16_close,
+    assert_parity,
+    make,
+    needs_ext,
+    noncontig,
+    to_device,
+    transposed,
+)
+from torch import Tensor
+
+from fpl_fast import ops, reference
+
+N_CTX, D = 6, 11  # odd sizes
+SEED, OFFSET = 7, 3
+
+# K: client dim (None: none); r: rank.
+CASES: dict[str, dict[str, Any]] = {
+    "K3_r2": {"K": 3, "r": 2},
+    "plain_r4": {"K": None, "r": 4},
+    "K1_rank1": {"K": 1, "r": 1},
+    "full_rank": {"K": 2, "r": N_CTX},
+}
+
+
+def make_l(case: str, dtype: torch.dtype = torch.float32) -> Tensor:
+    c = CASES[case]
+    lead = () if c["K"] is None else (c["K"],)
+    return make(*lead, N_CTX, D, dtype=dtype, seed=1)
+
+
+def _orthonormal_checks(u: Tensor, v: Tensor, res: Tensor, lmat: Tensor, tol: dict[str, float]) -> None:
+    r = u.shape[-1]
+    eye = torch.eye(r, dtype=u.dtype).expand(*u.shape[:-2], r, r)
+    torch.testing.assert_close(u.transpose(-1, -2) @ u, eye, **tol, msg=lambda m: f"U^T U != I: {m}")
+    torch.testing.assert_close(v @ v.transpose(-1, -2), eye, **tol, msg=lambda m: f"V V^T != I: {m}")
+    torch.testing.assert_close(u @ v + res, lmat, **tol, msg=lambda m: f"U V + R != L: {m}")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(case: str, dtype: torch.dtype, device: torch.device) -> None:
+    lmat = make_l(case, dtype)
+    # Gram-Schmidt amplifies rounding by the conditioning of L V0: float32 gets a looser tolerance.
+    tol = TOL[dtype] if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
+    (u, v, res), _ = assert_parity(
+        ops.lowrank_factorize, reference.lowrank_factorize, [lmat, CASES[case]["r"], SEED, OFFSET], device=device, tol=tol
+    )
+    c = CASES[case]
+    lead = () if c["K"] is None else (c["K"],)
+    assert u.shape == (*lead, N_CTX, c["r"]) and v.shape == (*lead, c["r"], D) and res.shape == lmat.shape
+    _orthonormal_checks(u, v, res, lmat, tol)
+
+
+@pytest.mark.parametrize("case", ["K3_r2", "plain_r4", "K1_rank1", "full_rank"])
+def test_factor_properties_float64(case: str, device: torch.device) -> None:
+    """U has orthonormal columns, V orthonormal rows, U V + R == L (tight, in float64)."""
+    lmat = make_l(case, torch.float64)
+    u, v, res = (t.cpu() for t in ops.lowrank_factorize(lmat.to(device), CASES[case]["r"], SEED, OFFSET))
+    _orthonormal_checks(u, v, res, lmat, TOL[torch.float64])
+    if CASES[case]["r"] == N_CTX:  # U is square orthogonal: U U^T = I
+        eye = torch.eye(N_CTX, dtype=torch.float64).expand_as(u)
+        torch.testing.assert_close(u @ u.transpose(-1, -2), eye, **TOL[torch.float64])
+
+
+def test_matches_qr_by_hand(device: torch.device) -> None:
+    """Independent of the reference: Gram-Schmidt is QR with a positive diagonal of R; V0 is the stream."""
+    K, r = 2, 3
+    lmat = make(K, N_CTX, D, dtype=torch.float64, seed=2)
+    u, v, _ = (t.cpu() for t in ops.lowrank_factorize(lmat.to(device), r, SEED, OFFSET))
+    v0 = reference.philox_normal(SEED, OFFSET, K * D * r).double().view(K, D, r)
+
+    def orth(m: Tensor) -> Tensor:
+        q, rr = torch.linalg.qr(m)
+        return q * torch.sign(torch.diagonal(rr, dim1=-2, dim2=-1)).unsqueeze(-2)
+
+    u_want = orth(lmat @ v0)
+    v_want = orth(lmat.transpose(-1, -2) @ u_want).transpose(-1, -2)
+    torch.testing.assert_close(u, u_want, **TOL[torch.float64])
+    torch.testing.assert_close(v, v_want, **TOL[torch.float64])
+
+
+def test_rank_r_matrix_subspaces_are_recovered_exactly(device: torch.device) -> None:
+    """For a rank-r L, U spans its column space and V its row space exactly: U U^T L = L = L V^T V.
+
+    Note: R = L - U V itself is NOT ~0 under the contract (DESIGN section 1, reference.py): V = orth(L^T U)^T
+    has orthonormal rows, so U V has all singular values 1 and only equals L when L's are (checked below).
+    """
+    K, r = 3, 2
+    lmat = make(K, N_CTX, r, dtype=torch.float64, seed=3) @ make(K, r, D, dtype=torch.float64, seed=4)
+    u, v, res = (t.cpu() for t in ops.lowrank_factorize(lmat.to(device), r, SEED, OFFSET))
+    ut, vt = u.transpose(-1, -2), v.transpose(-1, -2)
+    torch.testing.assert_close(u @ (ut @ lmat), lmat, **TOL[torch.float64])
+    torch.testing.assert_close((lmat @ vt) @ v, lmat, **TOL[torch.float64])
+    # A rank-r L with unit singular values (a product of orthonormal factors) is reproduced: R ~ 0.
+    q1 = torch.linalg.qr(make(K, N_CTX, r, dtype=torch.float64, seed=5))[0]
+    q2 = torch.linalg.qr(make(K, D, r, dtype=torch.float64, seed=6))[0]
+    unit = q1 @ q2.transpose(-1, -2)
+    _, _, res = (t.cpu() for t in ops.lowrank_factorize(unit.to(device), r, SEED, OFFSET))
+    torch.testing.assert_close(res, torch.zeros_like(res), rtol=0, atol=1e-10)
+
+
+def test_seed_and_offset(device: torch.device) -> None:
+    """Same seed: bitwise equal. Other seed: other factors. Client k uses normals k d r ..: shifting the
+    offset by d r / 4 counters makes client 0 of an unbatched call reproduce client 1 of the batched one."""
+    lmat = make(2, N_CTX, D, seed=5).to(device)
+    r = 4  # d r = 44 normals = 11 counters
+    a = ops.lowrank_factorize(lmat, r, SEED, OFFSET)
+    b = ops.lowrank_factorize(lmat, r, SEED, OFFSET)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+    c = ops.lowrank_factorize(lmat, r, SEED + 1, OFFSET)
+    assert not torch.equal(a[0], c[0])
+    single = ops.lowrank_factorize(lmat[1], r, SEED, OFFSET + D * r // 4)
+    for x, y in zip(single, a, strict=True):
+        torch.testing.assert_close(x, y[1], rtol=0, atol=0)
+
+
+def test_zero_matrix_gives_no_nan(device: torch.device) -> None:
+    """An all-zero L hits the Gram-Schmidt guard: U = V = R = 0, nothing NaN."""
+    u, v, res = (t.cpu() for t in ops.lowrank_factorize(torch.zeros(2, N_CTX, D, device=device), 2, SEED, OFFSET))
+    for t in (u, v, res):
+        assert torch.isfinite(t).all() and torch.count_nonzero(t) == 0
+
+
+def test_noncontiguous(device: torch.device) -> None:
+    lmat = make_l("K3_r2")
+    tol = {"rtol": 1e-4, "atol": 1e-4}
+    for view in (noncontig(lmat), transposed(lmat)):
+        assert_parity(ops.lowrank_factorize, reference.lowrank_factorize, [view, 2, SEED, OFFSET], device=device, tol=tol)
+
+
+@pytest.mark.parametrize("case", ["K3_r2", "K1_rank1"])
+def test_bf16(case: str, device: torch.device) -> None:
+    lmat = make_l(case, torch.bfloat16)
+    assert_bf16_close(
+        ops.lowrank_factorize, reference.lowrank_factorize, [lmat, CASES[case]["r"], SEED, OFFSET], device=device
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# opcheck and torch.compile
+# ----------------------------------------------------------------------------------------------
+@needs_ext
+@pytest.mark.parametrize("case", ["K3_r2", "plain_r4"])
+def test_opcheck(case: str, device: torch.device) -> None:
+    lmat = make_l(case).to(device)
+    torch.library.opcheck(torch.ops.fpl_fast.lowrank_factorize.default, (lmat, CASES[case]["r"], SEED, OFFSET))
+
+
+@needs_ext
+def test_compile_fullgraph(device: torch.device) -> None:
+    lmat = make_l("K3_r2").to(device)
+
+    def step(lmat: Tensor, offset: int) -> Tensor:
+        u, v, res = ops.lowrank_factorize(lmat, 2, SEED, offset)
+        return u @ v + res
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(lmat, OFFSET), step(lmat, OFFSET))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad inputs
+# ----------------------------------------------------------------------------------------------
+def _bad_cases() -> dict[str, tuple[list[Any], str]]:
+    lmat = make_l("K3_r2")
+    return {
+        "l_1d": ([lmat[0, 0], 1, 0, 0], r"\bl\b"),
+        "l_4d": ([lmat.unsqueeze(0), 1, 0, 0], r"\bl\b"),
+        "l_int": ([lmat.long(), 1, 0, 0], r"\bl\b"),
+        "rank_0": ([lmat, 0, 0, 0], "rank"),
+        "rank_negative": ([lmat, -1, 0, 0], "rank"),
+        "rank_too_big": ([lmat, N_CTX + 1, 0, 0], "rank"),
+    }
+
+
+@pytest.mark.parametrize("impl", ["reference", "ops"])
+@pytest.mark.parametrize("bad", list(_bad_cases()))
+def test_bad_inputs_raise_value_error(bad: str, impl: str, device: torch.device) -> None:
+    args, pattern = _bad_cases()[bad]
+    fn = reference.lowrank_factorize if impl == "reference" else ops.lowrank_factorize
+    with pytest.raises(ValueError, match=pattern):
+        fn(*to_device(args, device))
