@@ -119,9 +119,7 @@ class RunConfig:
     @property
     def dp_enabled(self) -> bool:
         """Whether any noise is added (calibrated or given)."""
-        return self.epsilon is not None or any(
-            (x or 0) > 0 for x in (self.noise, self.noise_local, self.noise_global)
-        )
+        return self.epsilon is not None or any((x or 0) > 0 for x in (self.noise, self.noise_local, self.noise_global))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

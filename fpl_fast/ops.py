@@ -31,8 +31,9 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised by the fallback test in a subprocess
     _C = None
     _HAS_C = False
+    _why = "it is not built" if "cannot import name '_C'" in str(exc) else str(exc)
     warnings.warn(
-        f"fpl_fast._C could not be loaded ({exc}); using the plain-PyTorch reference ops. "
+        f"fpl_fast._C could not be loaded ({_why}); using the plain-PyTorch reference ops. "
         "Build the extension with `pip install --no-build-isolation .`.",
         RuntimeWarning,
         stacklevel=2,

@@ -149,7 +149,7 @@ class PromptLearner:
     def prompts(self, prefix: Tensor, suffix: Tensor, clients: Tensor, factors: StepFactors) -> Tensor:
         """Assembled class prompts (K_a, n_cls, 1 + n_ctx + S, d) through the fused op."""
         g = self.client_global[clients].to(prefix.dtype)
-        cast = (lambda t: None if t is None else t.to(prefix.dtype))  # noqa: E731
+        cast = lambda t: None if t is None else t.to(prefix.dtype)  # noqa: E731
         return ops.lowrank_prompt(prefix, suffix, g, cast(factors.u), cast(factors.v), cast(factors.residual))
 
     # ------------------------------------------------------------------------------------------

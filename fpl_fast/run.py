@@ -72,7 +72,11 @@ _FLAGS: list[tuple[str, Any, str]] = [
     ("--lr", _float, "SGD learning rate (default 1.0 for the tiny default; the paper uses 0.001)"),
     ("--momentum", _float, "SGD momentum (default 0.9)"),
     ("--batch-size", int, "local batch size b (default 32)"),
-    ("--dataset", str, "digits (embedded) | caltech101 | oxford_pets | oxford_flowers | food101 | dtd | cifar10 | cifar100"),
+    (
+        "--dataset",
+        str,
+        "digits (embedded) | caltech101 | oxford_pets | oxford_flowers | food101 | dtd | cifar10 | cifar100",
+    ),
     ("--data-root", str, "folder holding the datasets (CoOp layouts; CIFAR as torchvision saves it)"),
     ("--model", str, "open_clip model name (e.g. ViT-B-16) or a config in fpl_fast/configs (tiny-digits-clip)"),
     ("--pretrained", str, "open_clip tag (openai), a local checkpoint file, 'embedded', or 'none' (random init)"),

@@ -74,7 +74,11 @@ def run_ops(args: list[Tensor | None], device: torch.device | str, **kw: Any) ->
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(case: str, dtype: torch.dtype, device: torch.device) -> None:
     out, _ = assert_parity(
-        ops.dp_lowrank_clip_noise, reference.dp_lowrank_clip_noise, make_inputs(case, dtype), kwargs_of(case), device=device
+        ops.dp_lowrank_clip_noise,
+        reference.dp_lowrank_clip_noise,
+        make_inputs(case, dtype),
+        kwargs_of(case),
+        device=device,
     )
     assert out[3].dtype == torch.float32
 
@@ -96,9 +100,7 @@ def test_bf16(case: str, device: torch.device) -> None:
 # ----------------------------------------------------------------------------------------------
 # Clipping semantics, computed by hand (float64, explicit loops)
 # ----------------------------------------------------------------------------------------------
-def clip_by_hand(
-    grad: Tensor, u: Tensor | None, v: Tensor | None, case: str
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def clip_by_hand(grad: Tensor, u: Tensor | None, v: Tensor | None, case: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Noise-free outputs of the op for one case, from the DESIGN formulas, K and sum_classes made explicit."""
     c, kw = CASES[case], kwargs_of(case)
     C, joint, per_sample = kw["clip_norm"], kw.get("joint_uv", True), kw.get("per_sample", True)

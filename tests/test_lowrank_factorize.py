@@ -54,7 +54,11 @@ def test_matches_reference(case: str, dtype: torch.dtype, device: torch.device) 
     # Gram-Schmidt amplifies rounding by the conditioning of L V0: float32 gets a looser tolerance.
     tol = TOL[dtype] if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
     (u, v, res), _ = assert_parity(
-        ops.lowrank_factorize, reference.lowrank_factorize, [lmat, CASES[case]["r"], SEED, OFFSET], device=device, tol=tol
+        ops.lowrank_factorize,
+        reference.lowrank_factorize,
+        [lmat, CASES[case]["r"], SEED, OFFSET],
+        device=device,
+        tol=tol,
     )
     c = CASES[case]
     lead = () if c["K"] is None else (c["K"],)
@@ -137,7 +141,9 @@ def test_noncontiguous(device: torch.device) -> None:
     lmat = make_l("K3_r2")
     tol = {"rtol": 1e-4, "atol": 1e-4}
     for view in (noncontig(lmat), transposed(lmat)):
-        assert_parity(ops.lowrank_factorize, reference.lowrank_factorize, [view, 2, SEED, OFFSET], device=device, tol=tol)
+        assert_parity(
+            ops.lowrank_factorize, reference.lowrank_factorize, [view, 2, SEED, OFFSET], device=device, tol=tol
+        )
 
 
 @pytest.mark.parametrize("case", ["K3_r2", "K1_rank1"])

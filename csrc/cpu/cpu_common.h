@@ -6,6 +6,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
+#include <vector>
 
 #include "../philox.h"
 
@@ -35,18 +37,50 @@ inline void fill_normals(uint64_t seed, uint64_t offset, uint64_t start, int64_t
   for (; j < count; ++j) out[j] = philox_normal(seed, offset, start + j);
 }
 
-// Sum of squares of x[0:len], with W independent lanes so that it vectorises without reassociation flags.
+// 512-bit vectors through the GCC/Clang vector extension: explicit SIMD that each ISA clone lowers to its own
+// registers (one zmm, two ymm or four xmm), with unaligned loads and stores through memcpy.
+template <typename T>
+struct Vec {
+  static constexpr int64_t kLanes = 64 / sizeof(T);
+  typedef T type __attribute__((vector_size(64)));
+};
+template <typename T>
+using vec_t = typename Vec<T>::type;
+
+template <typename T>
+FPL_ALWAYS_INLINE vec_t<T> vload(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+FPL_ALWAYS_INLINE void vstore(T* p, vec_t<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <typename T>
+FPL_ALWAYS_INLINE T hsum(vec_t<T> v) {
+  T s = 0;
+  for (int64_t l = 0; l < Vec<T>::kLanes; ++l) s += v[l];
+  return s;
+}
+
+// Sum of squares of x[0:len].
 template <typename T>
 FPL_ALWAYS_INLINE T sumsq_body(int64_t len, const T* x) {
-  constexpr int64_t W = 64 / sizeof(T);
-  T s[W] = {};
-  const int64_t main = len - len % W;
-  for (int64_t e = 0; e < main; e += W) {
-    for (int64_t l = 0; l < W; ++l) s[l] += x[e + l] * x[e + l];
+  constexpr int64_t W = Vec<T>::kLanes;
+  vec_t<T> s0 = {}, s1 = {};
+  int64_t e = 0;
+  for (; e + 2 * W <= len; e += 2 * W) {
+    const vec_t<T> a = vload(x + e), b = vload(x + e + W);
+    s0 += a * a;
+    s1 += b * b;
   }
-  T total = 0;
-  for (int64_t l = 0; l < W; ++l) total += s[l];
-  for (int64_t e = main; e < len; ++e) total += x[e] * x[e];
+  for (; e + W <= len; e += W) {
+    const vec_t<T> a = vload(x + e);
+    s0 += a * a;
+  }
+  T total = hsum<T>(s0 + s1);
+  for (; e < len; ++e) total += x[e] * x[e];
   return total;
 }
 
@@ -56,7 +90,8 @@ FPL_ALWAYS_INLINE T sumsq_body(int64_t len, const T* x) {
 template <typename T>
 FPL_ALWAYS_INLINE T sample_factors_body(const T* X, const T* U, const T* V, int64_t n, int64_t d, int64_t r, T* A,
                                         T* B) {
-  constexpr int64_t W = 64 / sizeof(T);  // one 512-bit register of lanes
+  using V_t = vec_t<T>;
+  constexpr int64_t W = Vec<T>::kLanes;
   const int64_t d_main = d - d % W;
   std::memset(B, 0, sizeof(T) * r * d);
   const T total_sq = sumsq_body<T>(n * d, X);
@@ -71,25 +106,17 @@ FPL_ALWAYS_INLINE T sample_factors_body(const T* X, const T* U, const T* V, int6
       T* bj = B + j * d;
       const T u0 = U[(i0 + 0) * r + j], u1 = U[(i0 + 1) * r + j];
       const T u2 = U[(i0 + 2) * r + j], u3 = U[(i0 + 3) * r + j];
-      T s0[W] = {}, s1[W] = {}, s2[W] = {}, s3[W] = {};
+      V_t s0 = {}, s1 = {}, s2 = {}, s3 = {};
       for (int64_t t = 0; t < d_main; t += W) {
-        for (int64_t l = 0; l < W; ++l) {
-          const T a0 = x0[t + l], a1 = x1[t + l], a2 = x2[t + l], a3 = x3[t + l];
-          const T vv = vj[t + l];
-          s0[l] += a0 * vv;
-          s1[l] += a1 * vv;
-          s2[l] += a2 * vv;
-          s3[l] += a3 * vv;
-          bj[t + l] += u0 * a0 + u1 * a1 + u2 * a2 + u3 * a3;
-        }
+        const V_t a0 = vload(x0 + t), a1 = vload(x1 + t), a2 = vload(x2 + t), a3 = vload(x3 + t);
+        const V_t vv = vload(vj + t);
+        s0 += a0 * vv;
+        s1 += a1 * vv;
+        s2 += a2 * vv;
+        s3 += a3 * vv;
+        vstore(bj + t, vload(bj + t) + (u0 * a0 + u1 * a1 + u2 * a2 + u3 * a3));
       }
-      T h0 = 0, h1 = 0, h2 = 0, h3 = 0;
-      for (int64_t l = 0; l < W; ++l) {
-        h0 += s0[l];
-        h1 += s1[l];
-        h2 += s2[l];
-        h3 += s3[l];
-      }
+      T h0 = hsum<T>(s0), h1 = hsum<T>(s1), h2 = hsum<T>(s2), h3 = hsum<T>(s3);
       for (int64_t t = d_main; t < d; ++t) {
         h0 += x0[t] * vj[t];
         h1 += x1[t] * vj[t];
@@ -109,15 +136,13 @@ FPL_ALWAYS_INLINE T sample_factors_body(const T* X, const T* U, const T* V, int6
       const T* vj = V + j * d;
       T* bj = B + j * d;
       const T u0 = U[i0 * r + j];
-      T s0[W] = {};
+      V_t s0 = {};
       for (int64_t t = 0; t < d_main; t += W) {
-        for (int64_t l = 0; l < W; ++l) {
-          s0[l] += x0[t + l] * vj[t + l];
-          bj[t + l] += u0 * x0[t + l];
-        }
+        const V_t a0 = vload(x0 + t);
+        s0 += a0 * vload(vj + t);
+        vstore(bj + t, vload(bj + t) + u0 * a0);
       }
-      T h0 = 0;
-      for (int64_t l = 0; l < W; ++l) h0 += s0[l];
+      T h0 = hsum<T>(s0);
       for (int64_t t = d_main; t < d; ++t) {
         h0 += x0[t] * vj[t];
         bj[t] += u0 * x0[t];
@@ -141,7 +166,10 @@ FPL_CPU_CLONES static double sample_factors(const double* X, const double* U, co
 // y[0:len] += alpha * x[0:len].
 template <typename T>
 FPL_ALWAYS_INLINE void axpy_body(int64_t len, T alpha, const T* x, T* y) {
-  for (int64_t e = 0; e < len; ++e) y[e] += alpha * x[e];
+  constexpr int64_t W = Vec<T>::kLanes;
+  int64_t e = 0;
+  for (; e + W <= len; e += W) vstore(y + e, vload(y + e) + alpha * vload(x + e));
+  for (; e < len; ++e) y[e] += alpha * x[e];
 }
 
 FPL_CPU_CLONES static void axpy(int64_t len, float alpha, const float* x, float* y) { axpy_body(len, alpha, x, y); }
@@ -192,6 +220,14 @@ inline void mm_nt(const T* A, const T* B, T* C, int64_t m, int64_t k, int64_t n)
       C[i * n + j] = s;
     }
   }
+}
+
+// Output sizes with the client dimension K in front when batched.
+inline std::vector<int64_t> with_k(bool batched, int64_t K, std::initializer_list<int64_t> rest) {
+  std::vector<int64_t> s;
+  if (batched) s.push_back(K);
+  s.insert(s.end(), rest.begin(), rest.end());
+  return s;
 }
 
 // A contiguous copy of t in its op-math dtype (float for half/bfloat16/float, double for double).

@@ -17,12 +17,12 @@ from tqdm.auto import tqdm
 from fpl_fast import results as io
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.simulation import ClientData, Federation
-from fpl_fast.privacy.accountant import calibrate_noise, epsilon_for, paper_noise_multiplier
+from fpl_fast.privacy.accountant import PrivacyAccountant, calibrate_noise, epsilon_for, paper_noise_multiplier
+from fpl_fast.privacy.mechanism import LocalDP, accountant_noise_multiplier, global_accountant_noise_multiplier
 
 __all__ = ["NoisePlan", "plan_noise", "run_job", "default_out_dir"]
 
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
-ACCOUNTANT_NAMES = {"rdp": "dp_accounting.rdp (RDP)", "pld": "dp_accounting.pld (PLD)"}
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,16 @@ class NoisePlan:
 
 
 def _accountant_multipliers(cfg: RunConfig, sigma_local: float, sigma_global: float, b: float) -> tuple[float, float]:
-    local = sigma_local / math.sqrt(2) if (cfg.clip_uv == "separate" and cfg.factorization in ("fedpgp", "dplora", "dpfpl")) else sigma_local
-    glob = sigma_global
-    if cfg.clip_mode == "batch":
-        local, glob = local / (2 * b), glob / (2 * b)
+    """What the accountant is told for the local and the global release (mechanism.py explains the factors)."""
+    local_cfg = LocalDP(
+        clip_norm=cfg.norm_thresh if math.isfinite(cfg.norm_thresh) else 1.0,
+        noise_multiplier=sigma_local,
+        clip_mode=cfg.clip_mode,
+        joint_uv=cfg.clip_uv == "joint",
+    )
+    lowrank = cfg.factorization in ("fedpgp", "dplora", "dpfpl")
+    local = accountant_noise_multiplier(local_cfg, lowrank=lowrank, batch_size=b)
+    glob = global_accountant_noise_multiplier(sigma_global, clip_mode=cfg.clip_mode, batch_size=b)
     return local, glob
 
 
@@ -64,15 +70,19 @@ def plan_noise(cfg: RunConfig, *, sample_rate: float, steps: int, batch_size: fl
         s_g = cfg.noise_global if cfg.noise_global is not None else base
     elif cfg.calibration == "paper":
         s_l = s_g = paper_noise_multiplier(cfg.epsilon, cfg.delta, cfg.rounds)
-        notes.append(f"sigma from the authors' formula sqrt(rounds log(1/delta)) / epsilon = {s_l:.4g}; "
-                     "the epsilon reported is the accountant's for that sigma")
+        notes.append(
+            f"sigma from the authors' formula sqrt(rounds log(1/delta)) / epsilon = {s_l:.4g}; "
+            "the epsilon reported is the accountant's for that sigma"
+        )
     else:
         need = calibrate_noise(cfg.epsilon, cfg.delta, sample_rate, steps, cfg.accountant, cfg.sampling)
         # Invert the sensitivity mapping: the accountant needs multiplier `need` after it.
         scale_l, scale_g = _accountant_multipliers(cfg, 1.0, 1.0, batch_size)
         s_l, s_g = need / scale_l, need / scale_g
-        notes.append(f"sigma calibrated with {ACCOUNTANT_NAMES[cfg.accountant]} for epsilon={cfg.epsilon}, "
-                     f"delta={cfg.delta}, q={sample_rate:.4g}, steps={steps}")
+        notes.append(
+            f"sigma calibrated with {cfg.accountant.upper()} (dp_accounting) for epsilon={cfg.epsilon}, "
+            f"delta={cfg.delta}, q={sample_rate:.4g}, steps={steps}"
+        )
     acc_l, acc_g = _accountant_multipliers(cfg, s_l, s_g, batch_size)
     return NoisePlan(s_l, s_g, acc_l, acc_g, "; ".join(notes))
 
@@ -195,6 +205,13 @@ def run_job(
     if last_eval is None:  # resumed a finished run: evaluate the final state again
         last_eval = fed.evaluate(eval_seed_base + cfg.rounds - 1)
     eps_l, eps_g = epsilons()
+    accountant = PrivacyAccountant(
+        cfg.accountant,
+        noise_multiplier=max(plan.accountant_global, 1e-9),
+        sample_rate=max(qs),
+        delta=cfg.delta,
+        sampling=cfg.sampling,
+    )  # only for its name and its statement of the sampling approximation
     final = {
         "local_acc": last_eval["local_acc"],
         "neighbor_acc": last_eval["neighbor_acc"],
@@ -202,8 +219,8 @@ def run_job(
         "epsilon_local": max(eps_l) if has_local_mech else None,
         "epsilon_global": max(eps_g),
         "delta": cfg.delta,
-        "accountant": ACCOUNTANT_NAMES[cfg.accountant],
-        "accountant_approximation": _approximation_note(cfg, max(qs)),
+        "accountant": accountant.name,
+        "accountant_approximation": accountant.approximation,
         "unit_of_privacy": "one example of one client (add/remove neighbouring)",
         "per_example_guarantee": cfg.clip_mode == "sample",
         "clip_mode": cfg.clip_mode,
@@ -223,12 +240,3 @@ def run_job(
     result = {"config": cfg.to_dict(), "rounds": rounds, "final": final}
     io.write_outputs(out, result)
     return result
-
-
-def _approximation_note(cfg: RunConfig, q: float) -> str:
-    if q >= 1:
-        return "no subsampling (q = 1): composed Gaussian mechanism"
-    if cfg.sampling == "poisson":
-        return f"Poisson subsampled Gaussian, q = {q:.4g} (exact sampling scheme)"
-    return (f"shuffled fixed-size batches accounted as Poisson sampling with q = b/n = {q:.4g} "
-            "(common practice, not a proven bound for shuffling)")

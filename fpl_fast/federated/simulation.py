@@ -14,6 +14,7 @@ Local prompts never leave their client's rows; only G (or its gradient) is aggre
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +25,7 @@ from torch import Tensor
 from fpl_fast import ops, reference
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.optim import ClientSGD
-from fpl_fast.privacy.mechanism import NoiseStream
+from fpl_fast.privacy.mechanism import LocalDP, NoiseStream, privatize_local, server_aggregate_global
 from fpl_fast.privacy.per_sample import logit_cotangents, per_sample_prompt_grads
 from fpl_fast.prompts import PromptConfig, PromptLearner
 
@@ -45,6 +46,13 @@ class ClientData:
     test_labels: Tensor
     train_idx: list[np.ndarray]
     test_idx: list[np.ndarray]
+    # With --augment: indices -> freshly augmented features (the cached train_feats are then unused).
+    augment_fn: Callable[[np.ndarray], Tensor] | None = None
+
+    def train_features(self, indices: np.ndarray) -> Tensor:
+        if self.augment_fn is not None:
+            return self.augment_fn(indices).float().cpu()
+        return self.train_feats[torch.as_tensor(indices, dtype=torch.long)]
 
 
 @dataclass
@@ -203,7 +211,8 @@ class Federation:
         mask = torch.zeros(len(batches), B)
         for j, ix in enumerate(batches):
             ix_t = torch.as_tensor(ix, dtype=torch.long)
-            feats[j, : len(ix)] = self.data.train_feats[ix_t]
+            if len(ix):
+                feats[j, : len(ix)] = self.data.train_features(ix)
             labels[j, : len(ix)] = self.data.train_labels[ix_t]
             mask[j, : len(ix)] = 1.0
         return feats.to(self.device), labels.to(self.device), mask.to(self.device)
@@ -232,9 +241,12 @@ class Federation:
             L, d = prompts.shape[-2:]
             text = self.backbone.encode_prompts(prompts.reshape(Ka * self.n_cls, L, d), self.eot_index.repeat(Ka))
             text = text.reshape(Ka, self.n_cls, -1).float()
-            losses = F.cross_entropy(
-                self._logits(text, feats).flatten(0, 1), labels.flatten(), reduction="none"
-            ).view_as(mask) * mask
+            losses = (
+                F.cross_entropy(self._logits(text, feats).flatten(0, 1), labels.flatten(), reduction="none").view_as(
+                    mask
+                )
+                * mask
+            )
             per_client_mean = losses.sum(1) / mask.sum(1).clamp(min=1)
             (grad,) = torch.autograd.grad(per_client_mean.sum(), ctx)
         return grad.unsqueeze(1), losses.detach()
@@ -253,48 +265,49 @@ class Federation:
         else:
             grad_ctx, losses = self._batch_mean_grad(ctx, feats, labels, mask)
 
+        b = self.batch_denominator
+        dp_cfg = self.local_dp(per_sample)
         u = factors.u if cfg.factorization in ("fedpgp", "dplora", "dpfpl") else None
-        v = factors.v if u is not None else None
-        numel = reference.dp_noise_numel(Ka, cfg.n_ctx, L.global_ctx.shape[-1], cfg.rank if u is not None else None)
-        seed, off = self.noise.take(numel if self.noise_local > 0 else 0)
-        b = self.sampler.batch_size if cfg.sampling == "shuffle" else self.sampler.expected
-        clip = cfg.norm_thresh if self.dp_active else math.inf
-        g_a, g_b, g_glob, norms = ops.dp_lowrank_clip_noise(
-            grad_ctx.to(torch.float32),
+        res = privatize_local(
+            grad_ctx.float(),
             None if u is None else u.float(),
-            None if v is None else v.float(),
-            clip_norm=clip,
-            noise_multiplier=self.noise_local if cfg.factorization != "promptfl" else 0.0,
-            seed=seed,
-            offset=off,
-            expected_batch_size=float(b) if (per_sample or cfg.clip_mode == "batch") else 0.0,
-            joint_uv=cfg.clip_uv == "joint",
-            per_sample=per_sample,
+            None if u is None else factors.v.float(),
+            dp_cfg,
+            self.noise,
+            batch_size=b,
+            local=cfg.factorization != "promptfl",
         )
-        local_grads = L.local_update_direction(factors, g_a, g_b)
+        local_grads = L.local_update_direction(factors, res.grad_u if u is not None else res.grad_local, res.grad_v)
         if local_grads:
             self.opt_local.step(clients, local_grads)
 
-        # Global prompt: clipped mean gradients of the clients, noised for global DP.
-        C = clip if math.isfinite(clip) else 0.0
+        # Global prompt: the clients' clipped mean gradients, noised for global DP.
+        sigma_g = self.noise_global if self.dp_active else 0.0
         if server_average:
-            std = self.noise_global * C / (b * Ka)
-            seed, off = self.noise.take(g_glob[0].numel() if std > 0 else 0)
-            noise = reference.philox_normal(seed, off, g_glob[0].numel(), self.device).view_as(g_glob[0]) * std
-            g_server = g_glob.mean(0) + noise if std > 0 else g_glob.mean(0)
+            if sigma_g > 0:
+                g_server = server_aggregate_global(
+                    res.grad_global,
+                    clip_norm=cfg.norm_thresh,
+                    noise_multiplier=sigma_g,
+                    batch_size=b,
+                    stream=self.noise,
+                )
+            else:
+                g_server = res.grad_global.mean(0)
             self._server_step(g_server)
         else:
-            std = self.noise_global * C / b  # client-side DP-SGD on its copy of G (no trusted server needed)
-            seed, off = self.noise.take(g_glob.numel() if std > 0 else 0)
-            noise = reference.philox_normal(seed, off, g_glob.numel(), self.device).view_as(g_glob) * std
-            self.opt_global.step(clients, {"g": g_glob + noise if std > 0 else g_glob})
+            # Client-side DP-SGD on its own copy of G (std sigma_g C / b per step): the guarantee needs no
+            # trusted server, and averaging at the round's end is post-processing.
+            g = res.grad_global
+            if sigma_g > 0:
+                g = g + self.noise.normal(g.numel(), g.device).view_as(g) * (sigma_g * cfg.norm_thresh / b)
+            self.opt_global.step(clients, {"g": g})
 
         self.steps_taken[clients.cpu().numpy()] += 1
         n = mask.sum().clamp(min=1)
-        thr = norms[..., 2] > cfg.norm_thresh
         return StepStats(
             loss=float(losses.sum() / n),
-            clipped_fraction=float(thr.float().mean()) if norms.numel() else 0.0,
+            clipped_fraction=float(res.clip_fraction[..., 2].mean()),
             batch_sizes=[int(x) for x in mask.sum(1).tolist()],
         )
 
@@ -305,6 +318,24 @@ class Federation:
         self.server_buf = self.server_buf * cfg.momentum + grad if cfg.momentum else grad
         L.global_ctx = L.global_ctx - cfg.lr * self.server_buf
         L.client_global[:] = L.global_ctx
+
+    @property
+    def batch_denominator(self) -> float:
+        """b that divides the clipped sums: the fixed batch size, or the expected one under Poisson sampling."""
+        return self.sampler.expected if self.cfg.sampling == "poisson" else float(self.sampler.batch_size)
+
+    def local_dp(self, per_sample: bool) -> LocalDP:
+        """The local clipping/noise in force (no clipping and no noise when DP is off)."""
+        cfg = self.cfg
+        if not self.dp_active:
+            return LocalDP(clip_norm=math.inf, noise_multiplier=0.0, clip_mode="batch")
+        return LocalDP(
+            clip_norm=cfg.norm_thresh,
+            noise_multiplier=self.noise_local,
+            clip_mode="sample" if per_sample else "batch",
+            joint_uv=cfg.clip_uv == "joint",
+            expected_batch_size=self.batch_denominator,
+        )
 
     @property
     def dp_active(self) -> bool:
@@ -374,6 +405,7 @@ class Federation:
             "opt_global": self.opt_global.state_dict(),
             "server_buf": self.server_buf.clone(),
             "rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),  # augmentation draws from torch's global generator
             "noise": self.noise.state_dict(),
             "sampler": self.sampler.state_dict(),
             "steps_taken": self.steps_taken.copy(),
@@ -388,6 +420,7 @@ class Federation:
         self.opt_global.load_state_dict(state["opt_global"])
         self.server_buf = state["server_buf"].clone()
         self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
         self.noise.load_state_dict(state["noise"])
         self.sampler.load_state_dict(state["sampler"])
         self.steps_taken = np.asarray(state["steps_taken"]).copy()

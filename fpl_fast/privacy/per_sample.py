@@ -54,6 +54,11 @@ def per_sample_prompt_grads(
     The encoder's own parameters should not require gradients (freeze them); only ``prompts`` is
     differentiated.
 
+    PyTorch's fused attention backward kernels have no vmap batching rule, so vmap runs them one
+    sample at a time (with a UserWarning); calling this under
+    ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`` batches them instead. Which is faster
+    depends on the device and sizes (on two CPU cores the fallback was faster): measure.
+
     Args:
         text_fn: maps prompt embeddings (N, L, d) to text features (N, D), differentiably.
         prompts: (N, L, d) prompt embeddings (all class prompts of all clients).

@@ -1,0 +1,329 @@
+"""Microbenchmarks of the fused fpl_fast ops against the plain-PyTorch reference, eager and compiled.
+
+For every op and case, three implementations are timed with ``torch.utils.benchmark``:
+``fused`` (``fpl_fast.ops``, the compiled C++/CUDA op), ``eager`` (``fpl_fast.reference``) and ``compile``
+(the reference under ``torch.compile``; a compile failure is reported as such, not raised). Cases use the
+DP-FPL paper's shapes (K = 10 clients, b = 32, n_cls = 100, n_ctx = 16, d = 512, r = 8, suffix S = 60) and a
+larger federation (K = 50, b = 64). Timings are printed as a ``Compare`` table and a ratio table
+(eager / fused, compile / fused, and the fused op's GB/s from the bytes it must read and write at least).
+
+Usage, from the repository root::
+
+    python bench/bench_ops.py [--quick] [--device cpu,cuda] [--ops NAME,...] [--cases paper,large] [--json out.json]
+
+``--json`` writes a list of records ``{"op", "case", "device", "impl", "median_us"}`` (``median_us`` is null and
+``error`` says why when an implementation could not run). Benchmarks never assert anything about timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils.benchmark as benchmark
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+with warnings.catch_warnings(record=True) as _import_warnings:
+    warnings.simplefilter("always")
+    from fpl_fast import ops, reference  # noqa: E402
+
+__all__ = ["CASES", "OPS", "Case", "Setup", "main"]
+
+
+@dataclass(frozen=True)
+class Case:
+    """Problem sizes of one benchmark case."""
+
+    name: str
+    K: int
+    b: int
+    n_cls: int = 100
+    n_ctx: int = 16
+    d: int = 512
+    r: int = 8
+    S: int = 60
+
+
+CASES: dict[str, Case] = {"paper": Case("paper", K=10, b=32), "large": Case("large", K=50, b=64)}
+
+
+@dataclass
+class Setup:
+    """What one op needs for one case: a callable per implementation and the minimal bytes moved."""
+
+    fused: Callable[[], Any]
+    eager: Callable[[], Any]
+    compile: Callable[[], Any] | None  # None: torch.compile failed (see compile_error)
+    nbytes: int
+    compile_error: str | None = None
+
+
+def _nbytes(*ts: Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def _randn(*shape: int, device: torch.device, scale: float = 1.0) -> Tensor:
+    return torch.randn(*shape, device=device) * scale
+
+
+def _try_compile(fn: Callable[..., Any], warmup: Callable[[Callable[..., Any]], Any]) -> tuple[Any, str | None]:
+    """torch.compile(fn) and run it once (that is when compilation happens); (None, reason) on failure."""
+    try:
+        compiled = torch.compile(fn, fullgraph=False, dynamic=False)
+        warmup(compiled)
+        return compiled, None
+    except Exception as exc:  # noqa: BLE001 - any compiler failure is reported, not raised
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+
+
+def _prompt_inputs(c: Case, device: torch.device) -> dict[str, Tensor]:
+    # dpfpl: shared G, per-client U, V and residual R.
+    return {
+        "prefix": _randn(c.n_cls, 1, c.d, device=device),
+        "suffix": _randn(c.n_cls, c.S, c.d, device=device),
+        "g": _randn(c.n_ctx, c.d, device=device, scale=0.02),
+        "u": _randn(c.K, c.n_ctx, c.r, device=device),
+        "v": _randn(c.K, c.r, c.d, device=device),
+        "residual": _randn(c.K, c.n_ctx, c.d, device=device),
+    }
+
+
+def setup_lowrank_prompt_fwd(c: Case, device: torch.device) -> Setup:
+    x = _prompt_inputs(c, device)
+    args = (x["prefix"], x["suffix"], x["g"], x["u"], x["v"], x["residual"])
+    out_bytes = c.K * c.n_cls * (1 + c.n_ctx + c.S) * c.d * 4
+    compiled, err = _try_compile(reference.lowrank_prompt, lambda f: f(*args))
+    return Setup(
+        fused=lambda: ops.lowrank_prompt(*args),
+        eager=lambda: reference.lowrank_prompt(*args),
+        compile=None if compiled is None else (lambda: compiled(*args)),
+        nbytes=_nbytes(*args) + out_bytes,
+        compile_error=err,
+    )
+
+
+def setup_lowrank_prompt_fwd_bwd(c: Case, device: torch.device) -> Setup:
+    x = _prompt_inputs(c, device)
+    leaves = {k: t.requires_grad_(k in ("g", "u", "v", "residual")) for k, t in x.items()}
+    args = tuple(leaves[k] for k in ("prefix", "suffix", "g", "u", "v", "residual"))
+    grad_out = _randn(c.K, c.n_cls, 1 + c.n_ctx + c.S, c.d, device=device)
+
+    def run(fn: Callable[..., Tensor]) -> None:
+        for t in args:
+            t.grad = None
+        fn(*args).backward(grad_out)
+
+    out_bytes = grad_out.numel() * 4
+    # Backward reads the context slice of grad_out, u and v, and writes the grads of g, u, v and residual.
+    bwd_bytes = c.K * c.n_cls * c.n_ctx * c.d * 4 + _nbytes(x["u"], x["v"]) * 2 + _nbytes(x["g"], x["residual"])
+    compiled, err = _try_compile(reference.lowrank_prompt, lambda f: run(f))
+    return Setup(
+        fused=lambda: run(ops.lowrank_prompt),
+        eager=lambda: run(reference.lowrank_prompt),
+        compile=None if compiled is None else (lambda: run(compiled)),
+        nbytes=_nbytes(*args) + out_bytes + bwd_bytes,
+        compile_error=err,
+    )
+
+
+def _setup_dp(c: Case, device: torch.device, per_sample: bool) -> Setup:
+    grad = _randn(c.K, c.b, c.n_ctx, c.d, device=device, scale=0.1)
+    u = _randn(c.K, c.n_ctx, c.r, device=device)
+    v = _randn(c.K, c.r, c.d, device=device)
+    kw = {"clip_norm": 10.0, "noise_multiplier": 0.4, "seed": 1, "offset": 0, "per_sample": per_sample}
+    out_bytes = (c.K * (c.n_ctx * c.r + c.r * c.d + c.n_ctx * c.d) + c.K * (c.b if per_sample else 1) * 3) * 4
+    compiled, err = _try_compile(reference.dp_lowrank_clip_noise, lambda f: f(grad, u, v, **kw))
+    return Setup(
+        fused=lambda: ops.dp_lowrank_clip_noise(grad, u, v, **kw),
+        eager=lambda: reference.dp_lowrank_clip_noise(grad, u, v, **kw),
+        compile=None if compiled is None else (lambda: compiled(grad, u, v, **kw)),
+        nbytes=_nbytes(grad, u, v) + out_bytes,
+        compile_error=err,
+    )
+
+
+def setup_dp_per_sample(c: Case, device: torch.device) -> Setup:
+    return _setup_dp(c, device, per_sample=True)
+
+
+def setup_dp_batch(c: Case, device: torch.device) -> Setup:
+    return _setup_dp(c, device, per_sample=False)
+
+
+def setup_lowrank_full_grad(c: Case, device: torch.device) -> Setup:
+    gu, u = _randn(c.K, c.n_ctx, c.r, device=device), _randn(c.K, c.n_ctx, c.r, device=device)
+    gv, v = _randn(c.K, c.r, c.d, device=device), _randn(c.K, c.r, c.d, device=device)
+    compiled, err = _try_compile(reference.lowrank_full_grad, lambda f: f(gu, gv, u, v, 0.1))
+    return Setup(
+        fused=lambda: ops.lowrank_full_grad(gu, gv, u, v, 0.1),
+        eager=lambda: reference.lowrank_full_grad(gu, gv, u, v, 0.1),
+        compile=None if compiled is None else (lambda: compiled(gu, gv, u, v, 0.1)),
+        nbytes=_nbytes(gu, gv, u, v) + c.K * c.n_ctx * c.d * 4,
+        compile_error=err,
+    )
+
+
+def setup_lowrank_factorize(c: Case, device: torch.device) -> Setup:
+    lmat = _randn(c.K, c.n_ctx, c.d, device=device, scale=0.02)
+    compiled, err = _try_compile(reference.lowrank_factorize, lambda f: f(lmat, c.r, 1, 0))
+    out_bytes = c.K * (c.n_ctx * c.r + c.r * c.d + c.n_ctx * c.d) * 4
+    return Setup(
+        fused=lambda: ops.lowrank_factorize(lmat, c.r, 1, 0),
+        eager=lambda: reference.lowrank_factorize(lmat, c.r, 1, 0),
+        compile=None if compiled is None else (lambda: compiled(lmat, c.r, 1, 0)),
+        nbytes=_nbytes(lmat) + out_bytes,
+        compile_error=err,
+    )
+
+
+OPS: dict[str, Callable[[Case, torch.device], Setup]] = {
+    "lowrank_prompt_fwd": setup_lowrank_prompt_fwd,
+    "lowrank_prompt_fwd_bwd": setup_lowrank_prompt_fwd_bwd,
+    "dp_clip_noise_per_sample": setup_dp_per_sample,
+    "dp_clip_noise_batch": setup_dp_batch,
+    "lowrank_full_grad": setup_lowrank_full_grad,
+    "lowrank_factorize": setup_lowrank_factorize,
+}
+
+
+def _parse_list(value: str, allowed: list[str], what: str) -> list[str]:
+    items = [s.strip() for s in value.split(",") if s.strip()]
+    bad = [s for s in items if s not in allowed]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"{what} must be a comma-separated subset of {allowed}, got {value!r}")
+    return items
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None or math.isnan(x) else format(x, spec)
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Time every (op, case, device, impl); print the tables; return the JSON records."""
+    measurements: list[benchmark.Measurement] = []
+    records: list[dict[str, Any]] = []
+    ratios: list[tuple[str, str, str, float | None, float | None, float | None]] = []
+    for dev in args.device:
+        device = torch.device(dev)
+        if dev == "cuda" and not torch.cuda.is_available():
+            print("skipping cuda: torch.cuda.is_available() is False")
+            continue
+        fused_ok = ops.has_cpp_ops() and (dev == "cpu" or ops.has_cuda_kernels())
+        if not ops.has_cpp_ops():
+            print("WARNING: fpl_fast._C is not loaded; 'fused' runs the reference (build the extension first)")
+        elif not fused_ok:
+            print(f"WARNING: fpl_fast._C has no {dev} kernels; 'fused' is skipped on {dev}")
+        for case_name in args.cases:
+            case = CASES[case_name]
+            for op_name in args.ops:
+                t0 = time.perf_counter()
+                torch.manual_seed(0)
+                setup = OPS[op_name](case, device)
+                impls: dict[str, Callable[[], Any] | None] = {
+                    "fused": setup.fused if fused_ok or not ops.has_cpp_ops() else None,
+                    "eager": setup.eager,
+                    "compile": setup.compile,
+                }
+                medians: dict[str, float | None] = {}
+                for impl, fn in impls.items():
+                    rec: dict[str, Any] = {"op": op_name, "case": case_name, "device": dev, "impl": impl}
+                    if fn is None:
+                        rec["median_us"] = None
+                        rec["error"] = setup.compile_error if impl == "compile" else f"no {dev} kernel"
+                        medians[impl] = None
+                        records.append(rec)
+                        continue
+                    fn()  # warm-up (allocator, lazy init)
+                    timer = benchmark.Timer(
+                        stmt="fn()",
+                        globals={"fn": fn},
+                        label=op_name,
+                        sub_label=f"{case_name} K={case.K} b={case.b} ({dev})",
+                        description=impl,
+                        num_threads=torch.get_num_threads(),
+                    )
+                    m = timer.blocked_autorange(min_run_time=args.min_run_time)
+                    measurements.append(m)
+                    medians[impl] = m.median * 1e6
+                    rec["median_us"] = round(m.median * 1e6, 3)
+                    records.append(rec)
+                fused = medians["fused"]
+                ratios.append(
+                    (
+                        op_name,
+                        case_name,
+                        dev,
+                        None if not fused or medians["eager"] is None else medians["eager"] / fused,
+                        None if not fused or medians["compile"] is None else medians["compile"] / fused,
+                        None if not fused else setup.nbytes / (fused * 1e-6) / 1e9,
+                    )
+                )
+                err = f"  [compile failed: {setup.compile_error}]" if setup.compile_error else ""
+                print(
+                    f"done {op_name:26s} {case_name:6s} {dev:4s} in {time.perf_counter() - t0:6.1f} s{err}", flush=True
+                )
+                del setup, impls
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    if measurements:
+        compare = benchmark.Compare(measurements)
+        compare.trim_significant_figures()
+        compare.colorize()
+        compare.print()
+    print(f"{'op':26s} {'case':6s} {'dev':4s} {'eager/fused':>12s} {'compile/fused':>14s} {'fused GB/s':>11s}")
+    for op_name, case_name, dev, r_e, r_c, gbs in ratios:
+        print(f"{op_name:26s} {case_name:6s} {dev:4s} {_fmt(r_e, '12.2f')} {_fmt(r_c, '14.2f')} {_fmt(gbs, '11.2f')}")
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short timing runs (min_run_time 0.05 s)")
+    parser.add_argument("--min-run-time", type=float, default=None, help="seconds per blocked_autorange")
+    parser.add_argument(
+        "--device",
+        type=lambda s: _parse_list(s, ["cpu", "cuda"], "--device"),
+        default=["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"],
+        help="comma-separated: cpu,cuda (default: cpu, plus cuda when available)",
+    )
+    parser.add_argument(
+        "--ops", type=lambda s: _parse_list(s, list(OPS), "--ops"), default=list(OPS), help=", ".join(OPS)
+    )
+    parser.add_argument(
+        "--cases", type=lambda s: _parse_list(s, list(CASES), "--cases"), default=list(CASES), help="paper,large"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the timing records to this JSON file")
+    args = parser.parse_args(argv)
+    if args.min_run_time is None:
+        args.min_run_time = 0.05 if args.quick else 0.3
+    if args.min_run_time <= 0:
+        parser.error(f"--min-run-time must be > 0, got {args.min_run_time}")
+    for w in _import_warnings:
+        print(f"import warning: {w.message}")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, fpl_fast._C loaded: {ops.has_cpp_ops()}, "
+        f"CUDA kernels: {ops.has_cuda_kernels()}"
+    )
+    records = run(args)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(records, indent=1) + "\n")
+        print(f"wrote {len(records)} records to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+// dp_lowrank_clip_noise on the CPU: per-sample clipping of the prompt-factor gradients plus local-DP noise.
+// Semantics: fpl_fast/reference.py. One pass over the per-sample context gradients: for each sample the factor
+// gradients A = X V^T and B = U^T X and the three norms are computed while X is in cache, and the clipped terms
+// go straight into per-work-unit sums, so no per-sample (K, b, r, d) tensor is ever materialised.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "../checks.h"
+#include "cpu_common.h"
+
+namespace fpl_fast {
+namespace {
+
+// Samples per work unit. Fixed (not derived from the thread count) so that the summation order, and with it the
+// result, is the same however many threads run.
+constexpr int64_t kChunk = 8;
+
+template <typename scalar_t>
+void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_acc, const at::Tensor& v_acc,
+                                  const DpClipNoiseDims& dims, double clip_norm, double noise_multiplier,
+                                  uint64_t seed, uint64_t offset, bool joint_uv, bool per_sample, at::Tensor& out_a,
+                                  at::Tensor& out_b, at::Tensor& out_g, at::Tensor& norms) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t K = dims.K, b = dims.b, n_cls = dims.n_cls, n = dims.n_ctx, d = dims.d, r = dims.r;
+  const int64_t nd = n * d, nr = n * r, rd = r * d;
+  const bool uv = dims.has_uv;
+  const int64_t b_out = per_sample ? b : 1;  // rows of norms per client
+  const int64_t unit_len = uv ? nr + rd + nd : nd;
+  const int64_t units_per_client = per_sample ? (b + kChunk - 1) / kChunk : 1;
+  const int64_t sample_stride = n_cls * nd;
+  const int64_t client_stride = b * sample_stride;
+  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  at::Tensor partial = at::empty({K * units_per_client, unit_len}, grad.options().dtype(acc_dtype));
+
+  const scalar_t* gp = grad.data_ptr<scalar_t>();
+  const acc_t* up = uv ? u_acc.data_ptr<acc_t>() : nullptr;
+  const acc_t* vp = uv ? v_acc.data_ptr<acc_t>() : nullptr;
+  acc_t* pp = partial.data_ptr<acc_t>();
+  float* normp = norms.data_ptr<float>();
+  const acc_t C = static_cast<acc_t>(clip_norm);
+  const acc_t eps = static_cast<acc_t>(kClipEps);
+  auto clip = [&](acc_t norm) { return std::min(C / (norm + eps), acc_t(1)); };
+  // A sample needs a copy when it must be converted (half/bfloat16) or summed over classes.
+  const bool direct = std::is_same<scalar_t, acc_t>::value && n_cls == 1;
+
+  at::parallel_for(0, K * units_per_client, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xbuf(direct && per_sample ? 0 : nd), abuf(nr), bbuf(rd);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t k = unit / units_per_client;
+      const int64_t chunk = unit % units_per_client;
+      acc_t* acc_u = pp + unit * unit_len;  // (n, r) when uv
+      acc_t* acc_v = acc_u + nr;            // (r, d) when uv
+      acc_t* acc_g = uv ? acc_v + rd : acc_u;
+      std::fill(acc_u, acc_u + unit_len, acc_t(0));
+      const acc_t* U = uv ? up + k * nr : nullptr;
+      const acc_t* V = uv ? vp + k * rd : nullptr;
+      const scalar_t* client = gp + k * client_stride;
+
+      auto process = [&](const acc_t* X, int64_t row) {
+        float* nrm = normp + (k * b_out + row) * 3;
+        if (uv) {
+          const acc_t norm_g = std::sqrt(cpu::sample_factors(X, U, V, n, d, r, abuf.data(), bbuf.data()));
+          const acc_t norm_u = std::sqrt(cpu::sumsq(nr, abuf.data()));
+          const acc_t norm_v = std::sqrt(cpu::sumsq(rd, bbuf.data()));
+          acc_t cu, cv;
+          if (joint_uv) {
+            cu = cv = clip(std::sqrt(norm_u * norm_u + norm_v * norm_v));
+          } else {
+            cu = clip(norm_u);
+            cv = clip(norm_v);
+          }
+          cpu::axpy(nr, cu, abuf.data(), acc_u);
+          cpu::axpy(rd, cv, bbuf.data(), acc_v);
+          cpu::axpy(nd, clip(norm_g), X, acc_g);
+          nrm[0] = static_cast<float>(norm_u);
+          nrm[1] = static_cast<float>(norm_v);
+          nrm[2] = static_cast<float>(norm_g);
+        } else {
+          const acc_t norm_g = std::sqrt(cpu::sumsq(nd, X));
+          cpu::axpy(nd, clip(norm_g), X, acc_g);
+          nrm[0] = static_cast<float>(norm_g);
+          nrm[1] = 0.f;
+          nrm[2] = static_cast<float>(norm_g);
+        }
+      };
+      // xbuf (+)= sample i summed over classes, in acc_t.
+      auto gather = [&](int64_t i, bool accumulate) {
+        const scalar_t* src = client + i * sample_stride;
+        for (int64_t c = 0; c < n_cls; ++c) cpu::load_acc(nd, src + c * nd, xbuf.data(), accumulate || c > 0);
+      };
+
+      if (per_sample) {
+        const int64_t i_end = std::min(b, (chunk + 1) * kChunk);
+        for (int64_t i = chunk * kChunk; i < i_end; ++i) {
+          if (direct) {
+            process(reinterpret_cast<const acc_t*>(client + i * sample_stride), i);
+          } else {
+            gather(i, false);
+            process(xbuf.data(), i);
+          }
+        }
+      } else {
+        // The batch mean is clipped instead (the authors' batch-level clipping).
+        std::fill(xbuf.begin(), xbuf.end(), acc_t(0));
+        for (int64_t i = 0; i < b; ++i) gather(i, true);
+        if (b > 0) {
+          for (auto& e : xbuf) e /= static_cast<acc_t>(b);
+        }
+        process(xbuf.data(), 0);
+      }
+    }
+  });
+
+  // Per client: reduce the work units in order, scale, add the noise, write the outputs.
+  const double denom = dims.denom;
+  const acc_t scale = static_cast<acc_t>(per_sample ? 1.0 / denom : 1.0);
+  const acc_t noise_scale = static_cast<acc_t>(noise_multiplier * clip_norm / denom);
+  const bool noisy = noise_multiplier > 0;
+  const int64_t numel_a = uv ? nr : nd;
+  const int64_t numel_b = uv ? rd : 0;
+  const int64_t per_client_noise = dims.noise_per_client();
+  scalar_t* oa = out_a.data_ptr<scalar_t>();
+  scalar_t* ob = out_b.data_ptr<scalar_t>();
+  scalar_t* og = out_g.data_ptr<scalar_t>();
+  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(unit_len);
+    std::vector<float> z(noisy ? per_client_noise : 0);
+    for (int64_t k = begin; k < end; ++k) {
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      for (int64_t c = 0; c < units_per_client; ++c) {
+        cpu::axpy(unit_len, acc_t(1), pp + (k * units_per_client + c) * unit_len, sum.data());
+      }
+      if (noisy) cpu::fill_normals(seed, offset, static_cast<uint64_t>(k * per_client_noise), per_client_noise, z.data());
+      const acc_t* sa = sum.data();
+      const acc_t* sb = sa + nr;
+      const acc_t* sg = uv ? sb + rd : sa;
+      for (int64_t e = 0; e < numel_a; ++e) {
+        acc_t val = sa[e] * scale;
+        if (noisy) val += static_cast<acc_t>(z[e]) * noise_scale;
+        oa[k * numel_a + e] = static_cast<scalar_t>(val);
+      }
+      for (int64_t e = 0; e < numel_b; ++e) {
+        acc_t val = sb[e] * scale;
+        if (noisy) val += static_cast<acc_t>(z[numel_a + e]) * noise_scale;
+        ob[k * numel_b + e] = static_cast<scalar_t>(val);
+      }
+      for (int64_t e = 0; e < nd; ++e) og[k * nd + e] = static_cast<scalar_t>(sg[e] * scale);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dp_lowrank_clip_noise_cpu(
+    const at::Tensor& grad, const std::optional<at::Tensor>& u, const std::optional<at::Tensor>& v,
+    double clip_norm, double noise_multiplier, int64_t seed, int64_t offset, double expected_batch_size,
+    bool joint_uv, bool per_sample, bool sum_classes) {
+  const DpClipNoiseDims dims =
+      check_dp_lowrank_clip_noise(grad, u, v, clip_norm, noise_multiplier, expected_batch_size, sum_classes);
+  TORCH_INTERNAL_ASSERT(grad.device().is_cpu());
+  const at::Tensor x = grad.contiguous();
+  const at::Tensor u_acc = dims.has_uv ? cpu::to_acc(*u) : at::Tensor();
+  const at::Tensor v_acc = dims.has_uv ? cpu::to_acc(*v) : at::Tensor();
+  const int64_t K = dims.K, n = dims.n_ctx, d = dims.d, r = dims.r;
+  const auto opts = grad.options();
+  at::Tensor out_a = at::empty(cpu::with_k(dims.batched, K, {n, dims.has_uv ? r : d}), opts);
+  at::Tensor out_b = at::empty(cpu::with_k(dims.batched, K, {dims.has_uv ? r : 0, d}), opts);
+  at::Tensor out_g = at::empty(cpu::with_k(dims.batched, K, {n, d}), opts);
+  at::Tensor norms = at::empty(cpu::with_k(dims.batched, K, {per_sample ? dims.b : 1, 3}), opts.dtype(at::kFloat));
+  if (K == 0) return {out_a, out_b, out_g, norms};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dp_lowrank_clip_noise_cpu", [&] {
+    dp_lowrank_clip_noise_kernel<scalar_t>(x, u_acc, v_acc, dims, clip_norm, noise_multiplier,
+                                           static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), joint_uv,
+                                           per_sample, out_a, out_b, out_g, norms);
+  });
+  return {out_a, out_b, out_g, norms};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fpl_fast, CPU, m) { m.impl("dp_lowrank_clip_noise", &dp_lowrank_clip_noise_cpu); }
+
+}  // namespace fpl_fast

@@ -1,0 +1,69 @@
+"""Build a job from a RunConfig: frozen backbone, dataset, client splits, cached features; then run it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fpl_fast.config import RunConfig
+from fpl_fast.federated.runner import default_out_dir, run_job
+from fpl_fast.federated.simulation import ClientData
+
+__all__ = ["prepare", "prepare_and_run"]
+
+
+def prepare(cfg: RunConfig) -> tuple[Any, list[str], ClientData]:
+    """Backbone, class names and the federation's data (image features encoded once, cached)."""
+    from fpl_fast.backbone import load_backbone
+    from fpl_fast.data import load_dataset, partition
+
+    torch.manual_seed(cfg.seed)
+    backbone = load_backbone(cfg.model, cfg.pretrained, precision=cfg.precision, device=cfg.device)
+    ds = load_dataset(cfg.dataset, cfg.data_root)
+    train_labels = np.asarray(ds.train_labels)
+    test_labels = np.asarray(ds.test_labels)
+    train_idx, test_idx = partition(
+        train_labels,
+        cfg.num_users,
+        cfg.partition,
+        beta=cfg.beta,
+        seed=cfg.seed,
+        num_shots=cfg.num_shots,
+        test_labels=test_labels,
+    )
+    key = f"{cfg.dataset}:{cfg.data_root}"
+    train_feats = backbone.image_features(key, "train", ds.train)
+    test_feats = backbone.image_features(key, "test", ds.test)
+    augment_fn = None
+    if cfg.augment:
+
+        def augment_fn(indices: np.ndarray) -> torch.Tensor:
+            return backbone.image_features(key, "train", ds.train, indices, augment=True)
+
+    data = ClientData(
+        train_feats=train_feats.float().cpu(),
+        train_labels=torch.as_tensor(train_labels, dtype=torch.long),
+        test_feats=test_feats.float().cpu(),
+        test_labels=torch.as_tensor(test_labels, dtype=torch.long),
+        train_idx=[np.asarray(ix) for ix in train_idx],
+        test_idx=[np.asarray(ix) for ix in test_idx],
+        augment_fn=augment_fn,
+    )
+    for k, ix in enumerate(data.train_idx):
+        if len(ix) == 0:
+            raise ValueError(
+                f"client {k} received no training examples with --partition {cfg.partition}"
+                f" (beta={cfg.beta}, {cfg.num_users} clients); use fewer clients or a larger --beta"
+            )
+    return backbone, list(ds.classnames), data
+
+
+def prepare_and_run(cfg: RunConfig, *, progress: bool = True, **kwargs: Any) -> tuple[dict[str, Any], Path]:
+    """prepare() then run_job(); returns the results and the output folder."""
+    out = Path(cfg.out) if cfg.out else default_out_dir()
+    backbone, classnames, data = prepare(cfg)
+    result = run_job(cfg, backbone, classnames, data, out=out, progress=progress, **kwargs)
+    return result, out

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set-up on a fresh machine, idempotent: a virtual environment in .venv with torch 2.14.1 +
+# torchvision 0.29.1 (CUDA 13.0 build, runs on the CPU too), fpl_fast's dependencies, and fpl_fast
+# itself built in place (C++ CPU kernels always; CUDA kernels when torch has CUDA and nvcc is found).
+# The build is skipped when csrc/ and setup.py are unchanged since the last successful one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+"${PIP[@]}" torch==2.14.1 torchvision==0.29.1
+"${PIP[@]}" setuptools wheel ninja open_clip_torch ftfy numpy scikit-learn dp-accounting tqdm matplotlib \
+  pytest ruff clang-format
+
+stamp=.venv/.fpl_fast_build
+want=$( (cat setup.py pyproject.toml; find csrc -type f | sort | xargs cat) | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && ls fpl_fast/_C*.so >/dev/null 2>&1; then
+  echo "fpl_fast: extension up to date (csrc/ unchanged), build skipped"
+else
+  # Without a visible GPU torch would compile for every architecture; Hopper (H100/H200) is the default target.
+  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+    export TORCH_CUDA_ARCH_LIST="9.0"
+  fi
+  export MAX_JOBS=${MAX_JOBS:-2}
+  # Editable install: the compiled fpl_fast/_C*.so lands next to the sources, so tests run from the checkout.
+  .venv/bin/python -m pip install --no-build-isolation --no-deps --disable-pip-version-check -v -e . 2>&1 \
+    | tee .venv/build.log | grep -E "^fpl_fast:|error|Error" || true
+  test "${PIPESTATUS[0]}" -eq 0 || { echo "fpl_fast: build failed, see .venv/build.log" >&2; exit 1; }
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,75 @@
+"""`python -m fpl_fast.run`: bad input exits 2 with one line; a short real run writes its files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fpl_fast.run import build_parser, config_from_args
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "fpl_fast.run", "--quiet", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--rank", "0"], "--rank"),
+        (["--clip-mode", "tokens"], "--clip-mode"),
+        (["--delta", "2"], "--delta"),
+        (["--noise", "-1"], "--noise"),
+        (["--lr", "abc"], "--lr"),
+        (["--rank", "17"], "--rank"),
+        (["--config", "/nonexistent/run.json"], "--config"),
+        (["--model", "NoSuchCLIP-9"], "NoSuchCLIP-9"),
+        (["--dataset", "imagenet"], "imagenet"),
+        (["--dataset", "caltech101", "--data-root", "/nonexistent/data"], "/nonexistent/data"),
+        (["--epsilon", "1e-9", "--rounds", "50"], "epsilon"),
+        (["--resume"], "--out"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args: list[str], needle: str) -> None:
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert needle in lines[0]
+
+
+def test_config_file_then_flags_override(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "run.json"
+    cfg_file.write_text(json.dumps({"rank": 4, "rounds": 7, "factorization": "fedpgp"}))
+    args = build_parser().parse_args(["--config", str(cfg_file), "--rounds", "9"])
+    cfg = config_from_args(args)
+    assert (cfg.rank, cfg.rounds, cfg.factorization) == (4, 9, "fedpgp")
+
+
+def test_epsilon_without_noise_flag_calibrates() -> None:
+    cfg = config_from_args(build_parser().parse_args(["--epsilon", "3"]))
+    assert cfg.noise is None and cfg.epsilon == 3
+
+
+@pytest.mark.slow
+def test_short_run_writes_results_csv_plot_and_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = run_cli("--rounds", "2", "--num-users", "3", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "mean local accuracy" in proc.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert [r["round"] for r in res["rounds"]] == [1, 2]
+    assert set(res["final"]) >= {"local_acc", "neighbor_acc", "zero_shot_acc", "epsilon_local", "epsilon_global"}
+    assert res["final"]["accountant"].startswith("dp_accounting")
+    for name in ("rounds.csv", "accuracy.png", "checkpoint.pt"):
+        assert (out / name).is_file()

@@ -1,0 +1,143 @@
+"""The federated simulation end to end on the embedded tiny CLIP and digits (CPU, seconds per test)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from dp_accounting import dp_event
+from dp_accounting.rdp import RdpAccountant
+
+from fpl_fast.config import RunConfig
+from fpl_fast.federated.job import prepare
+from fpl_fast.federated.runner import run_job
+from fpl_fast.federated.simulation import Federation
+from fpl_fast.prompts import FACTORIZATIONS
+
+BASE = RunConfig(num_users=4, rounds=3, batch_size=16, seed=3, partition="iid")
+
+
+@pytest.fixture(scope="module")
+def job():
+    """Backbone, class names and features of the embedded default, built once for the module."""
+    return prepare(BASE)
+
+
+def _federation(job, cfg: RunConfig, noise: float = 0.0) -> Federation:
+    backbone, classnames, data = job
+    return Federation(cfg, backbone, classnames, data, noise_local=noise, noise_global=noise)
+
+
+def test_synchronised_step_leaves_every_client_with_the_same_global_prompt(job) -> None:
+    fed = _federation(job, BASE.replace(client_fraction=0.5), noise=1.0)
+    before = fed.learner.global_ctx.clone()
+    clients = fed.sample_clients()
+    assert len(clients) == 2
+    fed.train_step(clients, server_average=True)
+    g = fed.learner.client_global
+    assert torch.equal(g, fed.learner.global_ctx.expand_as(g))  # idle clients received it too
+    assert not torch.equal(fed.learner.global_ctx, before)
+
+
+def test_local_prompts_change_only_for_the_clients_that_trained(job) -> None:
+    fed = _federation(job, BASE.replace(client_fraction=0.5), noise=1.0)
+    before = fed.learner.local["l"].clone()
+    clients = fed.sample_clients()
+    fed.train_step(clients, server_average=True)
+    idle = [k for k in range(BASE.num_users) if k not in clients.tolist()]
+    assert torch.equal(fed.learner.local["l"][idle], before[idle])
+    assert not torch.equal(fed.learner.local["l"][clients], before[clients])
+
+
+def test_round_sync_averages_the_global_copies(job) -> None:
+    fed = _federation(job, BASE.replace(sync="round"), noise=0.5)
+    clients = fed.sample_clients()
+    fed.train_round(clients)
+    g = fed.learner.client_global
+    assert torch.allclose(g, fed.learner.global_ctx.expand_as(g))
+
+
+def test_frozen_encoders_get_no_gradients(job) -> None:
+    backbone = job[0]
+    fed = _federation(job, BASE, noise=1.0)
+    fed.train_step(fed.sample_clients(), server_average=True)
+    fed2 = _federation(job, BASE.replace(clip_mode="batch"), noise=1.0)
+    fed2.train_step(fed2.sample_clients(), server_average=True)
+    params = list(backbone.parameters())
+    assert params and all(not p.requires_grad and p.grad is None for p in params)
+
+
+@pytest.mark.parametrize("factorization", FACTORIZATIONS)
+def test_every_factorization_learns_without_dp_and_beats_the_hand_written_prompt(job, factorization, tmp_path):
+    backbone, classnames, data = job
+    cfg = BASE.replace(factorization=factorization, noise=0.0, rounds=6, eval_every=6)
+    res = run_job(cfg, backbone, classnames, data, out=tmp_path, progress=False)
+    final = res["final"]
+    assert final["local_acc"] > final["zero_shot_acc"] + 0.05, final
+
+
+def test_reported_epsilon_equals_dp_accounting_for_the_same_q_sigma_steps(job, tmp_path) -> None:
+    backbone, classnames, data = job
+    cfg = BASE.replace(noise=1.3, clip_uv="separate", rounds=2)
+    final = run_job(cfg, backbone, classnames, data, out=tmp_path, progress=False)["final"]
+    steps = final["steps_per_client"]
+    qs = final["sample_rate_per_client"]
+
+    def rdp_eps(sigma: float, q: float, n: int) -> float:
+        acc = RdpAccountant()
+        acc.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), n)
+        return acc.get_epsilon(cfg.delta)
+
+    # Separate clipping of U and V: the pair moves by sqrt(2) C, so the local release is told sigma / sqrt(2).
+    want_local = max(rdp_eps(1.3 / math.sqrt(2), q, n) for q, n in zip(qs, steps))
+    want_global = max(rdp_eps(1.3, q, n) for q, n in zip(qs, steps))
+    assert final["epsilon_local"] == want_local
+    assert final["epsilon_global"] == want_global
+    assert steps == [2 * Federation(cfg, backbone, classnames, data, noise_local=0, noise_global=0).steps_per_round] * 4
+
+
+def test_sync_step_counts_every_local_step_as_a_noised_step(job, tmp_path) -> None:
+    backbone, classnames, data = job
+    cfg = BASE.replace(noise=1.0, rounds=2, local_epochs=2)
+    final = run_job(cfg, backbone, classnames, data, out=tmp_path, progress=False)["final"]
+    per_round = Federation(cfg, backbone, classnames, data, noise_local=0, noise_global=0).steps_per_round
+    assert per_round > 1
+    assert final["steps_per_client"] == [2 * per_round] * cfg.num_users
+
+
+def test_batch_clip_mode_is_labelled_as_not_per_example(job, tmp_path) -> None:
+    backbone, classnames, data = job
+    final = run_job(BASE.replace(clip_mode="batch", rounds=1), backbone, classnames, data, out=tmp_path, progress=False)[
+        "final"
+    ]
+    assert final["per_example_guarantee"] is False
+    assert "NOT a per-example guarantee" in final["noise_note"]
+
+
+def test_resume_ends_with_exactly_the_results_of_an_uninterrupted_run(job, tmp_path) -> None:
+    backbone, classnames, data = job
+    cfg = BASE.replace(rounds=4, noise=1.0, client_fraction=0.75)
+    full = run_job(cfg, backbone, classnames, data, out=tmp_path / "full", progress=False)
+    part = run_job(cfg, backbone, classnames, data, out=tmp_path / "part", progress=False, stop_after_round=2)
+    assert part["final"] is None and len(part["rounds"]) == 2
+    resumed = run_job(cfg.replace(resume=True), backbone, classnames, data, out=tmp_path / "part", progress=False)
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    assert strip(resumed["rounds"]) == strip(full["rounds"])
+    for key in ("local_acc", "neighbor_acc", "epsilon_local", "epsilon_global", "local_acc_per_client"):
+        assert resumed["final"][key] == full["final"][key], key
+    saved = json.loads((tmp_path / "part" / "results.json").read_text())
+    assert saved["final"]["local_acc"] == full["final"]["local_acc"]
+    for name in ("rounds.csv", "accuracy.png", "checkpoint.pt"):
+        assert (tmp_path / "part" / name).is_file()
+
+
+def test_resume_refuses_a_different_configuration(job, tmp_path) -> None:
+    backbone, classnames, data = job
+    run_job(BASE.replace(rounds=2), backbone, classnames, data, out=tmp_path, progress=False, stop_after_round=1)
+    with pytest.raises(ValueError, match="different configuration"):
+        run_job(BASE.replace(rounds=2, lr=0.5, resume=True), backbone, classnames, data, out=tmp_path, progress=False)
