@@ -113,7 +113,7 @@ def _sources(pattern: str) -> list[str]:
 sources = ["csrc/fpl_fast.cpp", *_sources("csrc/cpu/*.cpp")]
 # The C++ standard is torch's own choice (C++17 or later; C++20 for torch >= 2.10): a second -std would clash.
 # ISO C++ turns off mul-add contraction; allow it so the vector loops use FMA (no reassociation, no fast-math).
-cxx_flags = ["-O3", "-ffp-contract=fast"]
+cxx_flags = ["-O3", "-ffp-contract=fast", "-Wno-psabi"]
 define_macros = []
 if WITH_CUDA:
     sources += _sources("csrc/cuda/*.cu")

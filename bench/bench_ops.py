@@ -77,6 +77,11 @@ def _randn(*shape: int, device: torch.device, scale: float = 1.0) -> Tensor:
     return torch.randn(*shape, device=device) * scale
 
 
+def _short_error(exc: BaseException) -> str:
+    first = str(exc).splitlines()[0][:160] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}"
+
+
 def _try_compile(fn: Callable[..., Any], warmup: Callable[[Callable[..., Any]], Any]) -> tuple[Any, str | None]:
     """torch.compile(fn) and run it once (that is when compilation happens); (None, reason) on failure."""
     try:
@@ -84,7 +89,7 @@ def _try_compile(fn: Callable[..., Any], warmup: Callable[[Callable[..., Any]], 
         warmup(compiled)
         return compiled, None
     except Exception as exc:  # noqa: BLE001 - any compiler failure is reported, not raised
-        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        return None, _short_error(exc)
 
 
 def _prompt_inputs(c: Case, device: torch.device) -> dict[str, Tensor]:
@@ -244,7 +249,15 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         medians[impl] = None
                         records.append(rec)
                         continue
-                    fn()  # warm-up (allocator, lazy init)
+                    try:
+                        fn()  # warm-up (allocator, lazy init); also where a missing kernel shows up
+                    except Exception as exc:  # noqa: BLE001 - report and go on with the other implementations
+                        rec["median_us"] = None
+                        rec["error"] = _short_error(exc)
+                        medians[impl] = None
+                        records.append(rec)
+                        print(f"  {op_name} {case_name} {dev} {impl} failed: {rec['error']}")
+                        continue
                     timer = benchmark.Timer(
                         stmt="fn()",
                         globals={"fn": fn},

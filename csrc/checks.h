@@ -394,4 +394,35 @@ inline FactorizeDims check_lowrank_factorize(const at::Tensor& l, int64_t rank) 
   return dims;
 }
 
+// ------------------------------------------------------------------------------------------------
+// nn_map
+// ------------------------------------------------------------------------------------------------
+struct NnMapDims {
+  int64_t B, V, d;
+  bool has_allowed;
+};
+
+// Shape/dtype/device checks of nn_map (reference.py's nn_map). That at least one id is allowed is
+// data-dependent and checked by the kernels themselves.
+inline NnMapDims check_nn_map(const at::Tensor& y, const at::Tensor& emb,
+                              const std::optional<at::Tensor>& allowed, int64_t chunk) {
+  TORCH_CHECK_VALUE(chunk >= 1, "chunk must be >= 1 (vocabulary rows per block), got ", chunk);
+  detail::check_dim(y, "y", {2}, "2-D (B, d)");
+  detail::check_dim(emb, "emb", {2}, "2-D (V, d)");
+  detail::check_floating(y, "y");
+  detail::check_same(y, emb, "emb");
+  TORCH_CHECK_VALUE(emb.size(1) == y.size(1), "emb must have width ", y.size(1), " to match y, got shape ",
+                    pyfmt::shape(emb.sizes()));
+  NnMapDims dims{y.size(0), emb.size(0), y.size(1), allowed.has_value()};
+  if (allowed.has_value()) {
+    TORCH_CHECK_VALUE(allowed->dim() == 1 && allowed->size(0) == dims.V, "allowed must be 1-D (", dims.V,
+                      ",) like emb's rows, got shape ", pyfmt::shape(allowed->sizes()));
+    TORCH_CHECK_VALUE(allowed->scalar_type() == c10::ScalarType::Bool,
+                      "allowed must have dtype torch.bool, got ", pyfmt::dtype(allowed->scalar_type()));
+    TORCH_CHECK_VALUE(allowed->device() == y.device(), "allowed must be on ", pyfmt::device(y.device()),
+                      ", got ", pyfmt::device(allowed->device()));
+  }
+  return dims;
+}
+
 }  // namespace fpl_fast

@@ -19,6 +19,7 @@ TORCH_LIBRARY(fpl_fast, m) {
       "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("lowrank_full_grad(Tensor grad_u, Tensor grad_v, Tensor u, Tensor v, float scale) -> Tensor");
   m.def("lowrank_factorize(Tensor l, int rank, int seed, int offset) -> (Tensor, Tensor, Tensor)");
+  m.def("nn_map(Tensor y, Tensor emb, Tensor? allowed, int chunk) -> Tensor");
 }
 
 #ifdef TORCH_EXTENSION_NAME

@@ -350,7 +350,8 @@ def load_backbone(
     if not has_schema and model not in open_clip.list_models():
         raise ValueError(
             f"unknown model {model!r}: names come from open_clip.list_models() (open_clip's built-in configs, e.g. "
-            f"'ViT-B-16', 'ViT-B-32', 'RN50') and from the JSON configs in {CONFIG_DIR} ({', '.join(_shipped_configs())})"
+            f"'ViT-B-16', 'ViT-B-32', 'RN50') and from the JSON configs in {CONFIG_DIR} "
+            f"({', '.join(_shipped_configs())})"
         )
     kwargs: dict[str, Any] = {"precision": precision, "device": device}
     compact_path: str | os.PathLike[str] | None = None

@@ -204,3 +204,27 @@ def lowrank_factorize(l: Tensor, rank: int, seed: int, offset: int) -> tuple[Ten
     if _HAS_C:
         return torch.ops.fpl_fast.lowrank_factorize(l, int(rank), int(seed), int(offset))
     return reference.lowrank_factorize(l, int(rank), int(seed), int(offset))
+
+
+# ----------------------------------------------------------------------------------------------
+# nn_map (RAPT's nearest-token search)
+# ----------------------------------------------------------------------------------------------
+__all__ += ["nn_map"]
+
+# A _C built before nn_map was added has no such op: fall back to the reference for it alone.
+_HAS_NN_MAP = _HAS_C and hasattr(torch.ops.fpl_fast, "nn_map")
+
+if _HAS_NN_MAP:
+
+    @torch.library.register_fake("fpl_fast::nn_map")
+    def _nn_map_fake(y, emb, allowed, chunk):
+        reference._check(chunk >= 1, f"chunk must be >= 1 (vocabulary rows per block), got {chunk}")
+        reference._check_dim(y, "y", (2,), "2-D (B, d)")
+        return y.new_empty(y.shape[0], dtype=torch.int64)
+
+
+def nn_map(y: Tensor, emb: Tensor, allowed: Tensor | None = None, *, chunk: int = reference.NN_MAP_CHUNK) -> Tensor:
+    """argmin_w ||emb[w] - y[i]|| over allowed ids, blockwise, ties to the smaller id; see the reference."""
+    if _HAS_NN_MAP:
+        return torch.ops.fpl_fast.nn_map(y, emb, allowed, int(chunk))
+    return reference.nn_map(y, emb, allowed, int(chunk))

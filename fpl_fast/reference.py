@@ -432,3 +432,66 @@ def lowrank_factorize(l: Tensor, rank: int, seed: int, offset: int) -> tuple[Ten
     res = xa - torch.matmul(u, v)
     outs = (u.to(l.dtype), v.contiguous().to(l.dtype), res.to(l.dtype))
     return outs if batched else tuple(t[0] for t in outs)  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------
+# nn_map (RAPT's nearest-token search)
+# ----------------------------------------------------------------------------------------------
+__all__ += ["NN_MAP_CHUNK", "nn_map"]
+
+NN_MAP_CHUNK = 4096
+"""Default number of vocabulary rows per block of ``nn_map``."""
+
+
+def nn_map(y: Tensor, emb: Tensor, allowed: Tensor | None = None, chunk: int = NN_MAP_CHUNK) -> Tensor:
+    """Nearest embedding row of every query: ids[i] = argmin_w ||emb[w] - y[i]||_2 over allowed w.
+
+    Computed as argmin_w (||emb[w]||^2 - 2 emb[w] . y[i]) (the ||y[i]||^2 term does not change the argmin) in
+    blocks of ``chunk`` vocabulary rows with a running minimum, so the (B, V) distance matrix is never built.
+    Ties go to the smaller id. Arithmetic is in float32 (float64 for float64 inputs).
+
+    Args:
+        y: (B, d) queries (noisy embeddings).
+        emb: (V, d) embedding table, same dtype and device as y.
+        allowed: optional (V,) bool mask; ids where it is False are never returned.
+        chunk: vocabulary rows per block, >= 1.
+
+    Returns:
+        (B,) int64 ids.
+
+    Raises:
+        ValueError: bad shapes, dtypes or devices, chunk < 1, or no allowed id.
+    """
+    _check(chunk >= 1, f"chunk must be >= 1 (vocabulary rows per block), got {chunk}")
+    _check_dim(y, "y", (2,), "2-D (B, d)")
+    _check_dim(emb, "emb", (2,), "2-D (V, d)")
+    _check(y.is_floating_point(), f"y must be floating point, got {y.dtype}")
+    _check_same(y, emb, "emb")
+    _check(emb.shape[1] == y.shape[1], f"emb must have width {y.shape[1]} to match y, got shape {tuple(emb.shape)}")
+    V = emb.shape[0]
+    if allowed is not None:
+        _check(
+            allowed.dim() == 1 and allowed.shape[0] == V,
+            f"allowed must be 1-D ({V},) like emb's rows, got shape {tuple(allowed.shape)}",
+        )
+        _check(allowed.dtype == torch.bool, f"allowed must have dtype torch.bool, got {allowed.dtype}")
+        _check(allowed.device == y.device, f"allowed must be on {y.device}, got {allowed.device}")
+    n_allowed = V if allowed is None else int(allowed.sum())
+    _check(n_allowed > 0, f"nn_map needs at least one allowed id, got none of {V}")
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    B = y.shape[0]
+    ya = y.to(acc)
+    best_val = torch.full((B,), math.inf, dtype=acc, device=y.device)
+    best_id = torch.full((B,), -1, dtype=torch.int64, device=y.device)
+    for start in range(0, V, chunk):
+        e = emb[start : start + chunk].to(acc)  # (c, d)
+        sq = (e * e).sum(dim=1)  # (c,)
+        if allowed is not None:
+            sq = sq.masked_fill(~allowed[start : start + chunk], math.inf)
+        score = sq[None, :] - 2.0 * (ya @ e.T)  # (B, c)
+        idx = score.argmin(dim=1)  # first minimum: the smaller id
+        val = score.gather(1, idx[:, None]).squeeze(1)
+        better = val < best_val  # strict: earlier blocks (smaller ids) win ties
+        best_val = torch.where(better, val, best_val)
+        best_id = torch.where(better, idx + start, best_id)
+    return best_id

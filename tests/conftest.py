@@ -155,11 +155,11 @@ def assert_bf16_close(
     ref_kwargs: dict[str, Any] | None = None,
     factor: float = 2.0,
 ) -> None:
-    """Flash-attention style low-precision check.
+    """Flash-attention style low-precision check (bfloat16 or float16 inputs).
 
-    With bfloat16 inputs, the kernel's error against the float64 reference (run on the same, bf16-rounded
-    inputs cast to float64) must be at most ``factor`` times the error of the bfloat16 reference, plus a
-    floor of one bf16 rounding step (2^-8 relative) for outputs the bf16 reference happens to get exact.
+    The kernel's error against the float64 reference (run on the same rounded inputs cast to float64) must be
+    at most ``factor`` times the error of the same-precision reference, plus a floor of one rounding step
+    (2^-8 relative for bf16, 2^-11 for fp16) for outputs the low-precision reference happens to get exact.
     """
     kwargs = kwargs or {}
     rk = kwargs if ref_kwargs is None else ref_kwargs
@@ -171,8 +171,10 @@ def assert_bf16_close(
         assert o.shape == e.shape and o.dtype == r.dtype, f"output {i}: {o.shape}/{o.dtype} vs {e.shape}/{r.dtype}"
         err_kernel = max_abs_err(o, e)
         err_ref = max_abs_err(r, e)
-        floor = 2.0**-8 * (e.abs().max().item() if e.numel() else 0.0)
+        low = next(a.dtype for a in args if isinstance(a, Tensor) and a.is_floating_point())
+        step = 2.0**-11 if low == torch.float16 else 2.0**-8
+        floor = step * (e.abs().max().item() if e.numel() else 0.0)
         assert err_kernel <= factor * err_ref + floor, (
-            f"output {i}: bf16 kernel error {err_kernel:.3e} > {factor} x bf16 reference error {err_ref:.3e}"
+            f"output {i}: {low} kernel error {err_kernel:.3e} > {factor} x reference error {err_ref:.3e}"
             f" + floor {floor:.3e}"
         )

@@ -37,7 +37,17 @@ CASES: dict[str, dict[str, Any]] = {
     "empty_b_batch_mean": {"K": 1, "b": 0, "r": 2, "n_cls": None, "kw": {"per_sample": False}},
     "rank1_expected_batch": {"K": 2, "b": 4, "r": 1, "n_cls": None, "kw": {"expected_batch_size": 7.5}},
     "no_clip_inf": {"K": 1, "b": 3, "r": 2, "n_cls": None, "kw": {"clip_norm": math.inf}},
+    # Wider, and b > 8: the CPU kernel's SIMD main loops, 4-row blocks and several sample chunks per client run.
+    "wide_many_samples": {"K": 2, "b": 11, "r": 5, "n_cls": None, "kw": {}, "n_ctx": 6, "d": 53},
+    "wide_sum_classes_fedotp": {"K": 2, "b": 9, "r": None, "n_cls": 2, "kw": {"sum_classes": True}, "d": 53},
 }
+
+
+def dims(case: str) -> tuple[int, int]:
+    """(n_ctx, d) of a case."""
+    return CASES[case].get("n_ctx", N_CTX), CASES[case].get("d", D)
+
+
 CLIP, SIGMA = 3.0, 0.7
 
 
@@ -46,13 +56,14 @@ def make_inputs(case: str, dtype: torch.dtype = torch.float32, seed: int = 0) ->
     c = CASES[case]
     lead = () if c["K"] is None else (c["K"],)
     mid = () if c["n_cls"] is None else (c["n_cls"],)
-    grad = make(*lead, c["b"], *mid, N_CTX, D, dtype=torch.float64, seed=seed)
+    n_ctx, d = dims(case)
+    grad = make(*lead, c["b"], *mid, n_ctx, d, dtype=torch.float64, seed=seed)
     spread = 0.1 + 0.6 * torch.arange(c["b"], dtype=torch.float64)  # sample i scaled by 0.1 + 0.6 i
     grad = (grad * spread.view(-1, *([1] * (grad.dim() - len(lead) - 1)))).to(dtype)
     if c["r"] is None:
         return [grad, None, None]
-    u = make(*lead, N_CTX, c["r"], dtype=dtype, seed=seed + 1)
-    v = make(*lead, c["r"], D, dtype=dtype, seed=seed + 2, scale=0.5)
+    u = make(*lead, n_ctx, c["r"], dtype=dtype, seed=seed + 1)
+    v = make(*lead, c["r"], d, dtype=dtype, seed=seed + 2, scale=0.5)
     return [grad, u, v]
 
 
@@ -83,16 +94,20 @@ def test_matches_reference(case: str, dtype: torch.dtype, device: torch.device) 
     assert out[3].dtype == torch.float32
 
 
-@pytest.mark.parametrize("case", ["joint_K2", "sum_classes", "full_local_no_uv"])
+@pytest.mark.parametrize("case", ["joint_K2", "sum_classes", "full_local_no_uv", "wide_many_samples"])
 def test_noncontiguous(case: str, device: torch.device) -> None:
     grad, u, v = make_inputs(case)
     nc = [noncontig(grad), None if u is None else transposed(u), None if v is None else transposed(v)]
     assert_parity(ops.dp_lowrank_clip_noise, reference.dp_lowrank_clip_noise, nc, kwargs_of(case), device=device)
 
 
-@pytest.mark.parametrize("case", ["joint_K2", "separate_K2", "batch_mean", "full_local_no_uv"])
-def test_bf16(case: str, device: torch.device) -> None:
-    args = make_inputs(case, torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "case",
+    ["joint_K2", "separate_K2", "batch_mean", "full_local_no_uv", "wide_many_samples", "wide_sum_classes_fedotp"],
+)
+def test_low_precision(case: str, dtype: torch.dtype, device: torch.device) -> None:
+    args = make_inputs(case, dtype)
     kw = kwargs_of(case)
     assert_bf16_close(ops.dp_lowrank_clip_noise, reference.dp_lowrank_clip_noise, args, kw, device=device)
 
@@ -110,6 +125,7 @@ def clip_by_hand(grad: Tensor, u: Tensor | None, v: Tensor | None, case: str) ->
     uu = None if u is None else (u.double() if c["K"] is not None else u.double().unsqueeze(0))
     vv = None if v is None else (v.double() if c["K"] is not None else v.double().unsqueeze(0))
     K, b = x.shape[:2]
+    n_ctx, d = dims(case)
     ebs = kw.get("expected_batch_size", 0.0)
     denom = ebs if ebs > 0 else max(b, 1)
 
@@ -118,10 +134,10 @@ def clip_by_hand(grad: Tensor, u: Tensor | None, v: Tensor | None, case: str) ->
 
     la, lb, gl, norms = [], [], [], []
     for k in range(K):
-        samples = [x[k, i] for i in range(b)] if per_sample else [x[k].mean(0) if b else x.new_zeros(N_CTX, D)]
-        a_sum = x.new_zeros(N_CTX, D if uu is None else uu.shape[-1])
-        b_sum = x.new_zeros(0 if uu is None else uu.shape[-1], D)
-        g_sum = x.new_zeros(N_CTX, D)
+        samples = [x[k, i] for i in range(b)] if per_sample else [x[k].mean(0) if b else x.new_zeros(n_ctx, d)]
+        a_sum = x.new_zeros(n_ctx, d if uu is None else uu.shape[-1])
+        b_sum = x.new_zeros(0 if uu is None else uu.shape[-1], d)
+        g_sum = x.new_zeros(n_ctx, d)
         nk = []
         for s in samples:
             ng = s.norm().item()
@@ -157,7 +173,9 @@ def test_sigma_zero_equals_clip_only_by_hand(case: str, device: torch.device) ->
         torch.testing.assert_close(a, b, **t, msg=lambda m, i=i: f"output {i}: {m}")
 
 
-@pytest.mark.parametrize("case", ["joint_K2", "batch_mean", "full_local_no_uv", "plain_b1", "empty_b"])
+@pytest.mark.parametrize(
+    "case", ["joint_K2", "batch_mean", "full_local_no_uv", "plain_b1", "empty_b", "wide_many_samples"]
+)
 def test_noise_is_the_philox_stream(case: str, device: torch.device) -> None:
     """out(sigma) - out(0) = sigma C / denom * normals of (seed, offset), client k at k P, U then V row-major."""
     args = make_inputs(case, torch.float64)
@@ -165,11 +183,12 @@ def test_noise_is_the_philox_stream(case: str, device: torch.device) -> None:
     clean = run_ops(args, device, **kwargs_of(case, noise_multiplier=0.0))
     c = CASES[case]
     K = c["K"] or 1
-    P = reference.dp_noise_numel(1, N_CTX, D, c["r"])
+    n_ctx, d = dims(case)
+    P = reference.dp_noise_numel(1, n_ctx, d, c["r"])
     ebs = c["kw"].get("expected_batch_size", 0.0)
     denom = ebs if ebs > 0 else max(c["b"], 1)
     z = reference.philox_normal(SEED, OFFSET, K * P).double().view(K, P) * (SIGMA * CLIP / denom)
-    na = N_CTX * (D if c["r"] is None else c["r"])
+    na = n_ctx * (d if c["r"] is None else c["r"])
     for idx, part in ((0, z[:, :na]), (1, z[:, na:])):
         diff = (noisy[idx] - clean[idx]).reshape(K, -1)
         torch.testing.assert_close(diff, part, rtol=1e-9, atol=1e-12)

@@ -109,9 +109,9 @@ def test_sync_step_counts_every_local_step_as_a_noised_step(job, tmp_path) -> No
 
 def test_batch_clip_mode_is_labelled_as_not_per_example(job, tmp_path) -> None:
     backbone, classnames, data = job
-    final = run_job(BASE.replace(clip_mode="batch", rounds=1), backbone, classnames, data, out=tmp_path, progress=False)[
-        "final"
-    ]
+    final = run_job(
+        BASE.replace(clip_mode="batch", rounds=1), backbone, classnames, data, out=tmp_path, progress=False
+    )["final"]
     assert final["per_example_guarantee"] is False
     assert "NOT a per-example guarantee" in final["noise_note"]
 

@@ -30,13 +30,19 @@ CASES: dict[str, dict[str, Any]] = {
     "plain_r4": {"K": None, "r": 4},
     "K1_rank1": {"K": 1, "r": 1},
     "full_rank": {"K": 2, "r": N_CTX},
+    "paper_shape": {"K": 2, "r": 8, "n_ctx": 16, "d": 512},
 }
+
+
+def dims(case: str) -> tuple[int, int]:
+    """(n_ctx, d) of a case."""
+    return CASES[case].get("n_ctx", N_CTX), CASES[case].get("d", D)
 
 
 def make_l(case: str, dtype: torch.dtype = torch.float32) -> Tensor:
     c = CASES[case]
     lead = () if c["K"] is None else (c["K"],)
-    return make(*lead, N_CTX, D, dtype=dtype, seed=1)
+    return make(*lead, *dims(case), dtype=dtype, seed=1)
 
 
 def _orthonormal_checks(u: Tensor, v: Tensor, res: Tensor, lmat: Tensor, tol: dict[str, float]) -> None:
@@ -62,11 +68,12 @@ def test_matches_reference(case: str, dtype: torch.dtype, device: torch.device) 
     )
     c = CASES[case]
     lead = () if c["K"] is None else (c["K"],)
-    assert u.shape == (*lead, N_CTX, c["r"]) and v.shape == (*lead, c["r"], D) and res.shape == lmat.shape
+    n_ctx, d = dims(case)
+    assert u.shape == (*lead, n_ctx, c["r"]) and v.shape == (*lead, c["r"], d) and res.shape == lmat.shape
     _orthonormal_checks(u, v, res, lmat, tol)
 
 
-@pytest.mark.parametrize("case", ["K3_r2", "plain_r4", "K1_rank1", "full_rank"])
+@pytest.mark.parametrize("case", list(CASES))
 def test_factor_properties_float64(case: str, device: torch.device) -> None:
     """U has orthonormal columns, V orthonormal rows, U V + R == L (tight, in float64)."""
     lmat = make_l(case, torch.float64)
@@ -146,9 +153,10 @@ def test_noncontiguous(device: torch.device) -> None:
         )
 
 
-@pytest.mark.parametrize("case", ["K3_r2", "K1_rank1"])
-def test_bf16(case: str, device: torch.device) -> None:
-    lmat = make_l(case, torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", ["K3_r2", "K1_rank1", "paper_shape"])
+def test_low_precision(case: str, dtype: torch.dtype, device: torch.device) -> None:
+    lmat = make_l(case, dtype)
     assert_bf16_close(
         ops.lowrank_factorize, reference.lowrank_factorize, [lmat, CASES[case]["r"], SEED, OFFSET], device=device
     )

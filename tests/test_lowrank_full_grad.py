@@ -30,7 +30,13 @@ CASES: dict[str, dict[str, Any]] = {
     "plain_r3": {"K": None, "r": 3, "scale": -2.5},
     "K1_rank1": {"K": 1, "r": 1, "scale": 0.1},
     "full_rank_scale0": {"K": 2, "r": N_CTX, "scale": 0.0},
+    "paper_shape": {"K": 2, "r": 8, "scale": 0.1, "n_ctx": 16, "d": 512},
 }
+
+
+def dims(case: str) -> tuple[int, int]:
+    """(n_ctx, d) of a case."""
+    return CASES[case].get("n_ctx", N_CTX), CASES[case].get("d", D)
 
 
 def make_inputs(case: str, dtype: torch.dtype = torch.float32) -> list[Tensor]:
@@ -38,11 +44,12 @@ def make_inputs(case: str, dtype: torch.dtype = torch.float32) -> list[Tensor]:
     c = CASES[case]
     lead = () if c["K"] is None else (c["K"],)
     r = c["r"]
+    n_ctx, d = dims(case)
     return [
-        make(*lead, N_CTX, r, dtype=dtype, seed=1),
-        make(*lead, r, D, dtype=dtype, seed=2),
-        make(*lead, N_CTX, r, dtype=dtype, seed=3),
-        make(*lead, r, D, dtype=dtype, seed=4),
+        make(*lead, n_ctx, r, dtype=dtype, seed=1),
+        make(*lead, r, d, dtype=dtype, seed=2),
+        make(*lead, n_ctx, r, dtype=dtype, seed=3),
+        make(*lead, r, d, dtype=dtype, seed=4),
     ]
 
 
@@ -54,7 +61,7 @@ def test_matches_reference(case: str, dtype: torch.dtype, device: torch.device) 
     assert_parity(ops.lowrank_full_grad, reference.lowrank_full_grad, [*args, scale], device=device)
 
 
-@pytest.mark.parametrize("case", ["K3_r2", "plain_r3"])
+@pytest.mark.parametrize("case", ["K3_r2", "plain_r3", "paper_shape"])
 def test_formula_by_hand(case: str, device: torch.device) -> None:
     """Per client, in float64: scale (gU V + U gV + U U^T gU V) with explicit matrix products."""
     gu, gv, u, v = make_inputs(case, torch.float64)
@@ -72,9 +79,10 @@ def test_noncontiguous(device: torch.device) -> None:
     assert_parity(ops.lowrank_full_grad, reference.lowrank_full_grad, [*nc, 0.1], device=device)
 
 
-@pytest.mark.parametrize("case", ["K3_r2", "plain_r3"])
-def test_bf16(case: str, device: torch.device) -> None:
-    args = make_inputs(case, torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", ["K3_r2", "plain_r3", "paper_shape"])
+def test_low_precision(case: str, dtype: torch.dtype, device: torch.device) -> None:
+    args = make_inputs(case, dtype)
     assert_bf16_close(ops.lowrank_full_grad, reference.lowrank_full_grad, [*args, CASES[case]["scale"]], device=device)
 
 
@@ -85,7 +93,7 @@ def test_bf16(case: str, device: torch.device) -> None:
 def test_backward_matches_reference_autograd(case: str, device: torch.device) -> None:
     args = make_inputs(case, torch.float64)
     scale = CASES[case]["scale"]
-    w = make(*args[0].shape[:-2], N_CTX, D, dtype=torch.float64, seed=9)
+    w = make(*args[0].shape[:-2], *dims(case), dtype=torch.float64, seed=9)
 
     def grads(fn: Any, xs: list[Tensor], w: Tensor) -> list[Tensor]:
         leaves = [t.clone().requires_grad_(True) for t in xs]

@@ -32,7 +32,14 @@ CASES: dict[str, dict[str, Any]] = {
     "dpfpl_K1": {"g": 1, "uv": 1, "r": 2, "res": 1},
     "dpfpl_plain_rank1": {"g": None, "uv": None, "r": 1, "res": "plain"},
     "mixed_shared_g_and_uv": {"g": None, "uv": "plain", "r": 2, "res": 4},
+    # Wider: the kernels' SIMD main loops and 4-row blocks run, not only their tails.
+    "wide_per_client": {"g": 3, "uv": 3, "r": 5, "res": 3, "n_ctx": 6, "d": 53},
 }
+
+
+def dims(case: str) -> tuple[int, int]:
+    """(n_ctx, d) of a case."""
+    return CASES[case].get("n_ctx", N_CTX), CASES[case].get("d", D)
 
 
 def _shape(k: Any, *rest: int) -> tuple[int, ...]:
@@ -42,23 +49,25 @@ def _shape(k: Any, *rest: int) -> tuple[int, ...]:
 def make_inputs(case: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> list[Tensor | None]:
     """(prefix, suffix, g, u, v, residual) on the CPU for one CASES entry."""
     c = CASES[case]
-    prefix = make(N_CLS, 1, D, dtype=dtype, seed=seed)
-    suffix = make(N_CLS, S, D, dtype=dtype, seed=seed + 1)
-    g = make(*_shape(c["g"], N_CTX, D), dtype=dtype, seed=seed + 2)
+    n_ctx, d = dims(case)
+    prefix = make(N_CLS, 1, d, dtype=dtype, seed=seed)
+    suffix = make(N_CLS, S, d, dtype=dtype, seed=seed + 1)
+    g = make(*_shape(c["g"], n_ctx, d), dtype=dtype, seed=seed + 2)
     u = v = res = None
     if c["r"] is not None:
-        u = make(*_shape(c["uv"], N_CTX, c["r"]), dtype=dtype, seed=seed + 3)
-        v = make(*_shape(c["uv"], c["r"], D), dtype=dtype, seed=seed + 4)
+        u = make(*_shape(c["uv"], n_ctx, c["r"]), dtype=dtype, seed=seed + 3)
+        v = make(*_shape(c["uv"], c["r"], d), dtype=dtype, seed=seed + 4)
     if c["res"] is not None:
-        res = make(*_shape(c["res"], N_CTX, D), dtype=dtype, seed=seed + 5)
+        res = make(*_shape(c["res"], n_ctx, d), dtype=dtype, seed=seed + 5)
     return [prefix, suffix, g, u, v, res]
 
 
 def _expected_shape(case: str) -> tuple[int, ...]:
     c = CASES[case]
     ks = {k for k in (c["g"], c["uv"] if c["r"] else None, c["res"]) if isinstance(k, int)}
-    L = 1 + N_CTX + S
-    return (ks.pop(), N_CLS, L, D) if ks else (N_CLS, L, D)
+    n_ctx, d = dims(case)
+    L = 1 + n_ctx + S
+    return (ks.pop(), N_CLS, L, d) if ks else (N_CLS, L, d)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -82,7 +91,7 @@ def test_forward_layout_by_hand(device: torch.device) -> None:
             torch.testing.assert_close(out[k, c, 1 + N_CTX :], suffix[c])
 
 
-@pytest.mark.parametrize("case", ["fedpgp_per_client", "mixed_shared_g_and_uv", "dpfpl_plain_rank1"])
+@pytest.mark.parametrize("case", ["fedpgp_per_client", "mixed_shared_g_and_uv", "dpfpl_plain_rank1", "wide_per_client"])
 def test_forward_noncontiguous(case: str, device: torch.device) -> None:
     args = make_inputs(case)
     nc = [None if t is None else (transposed(t) if i in (2, 3, 4) else noncontig(t)) for i, t in enumerate(args)]
@@ -93,9 +102,10 @@ def test_forward_noncontiguous(case: str, device: torch.device) -> None:
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", ["fedpgp_per_client", "dpfpl_plain_rank1", "fedotp_shared_g"])
-def test_forward_bf16(case: str, device: torch.device) -> None:
-    args = make_inputs(case, torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", ["fedpgp_per_client", "dpfpl_plain_rank1", "fedotp_shared_g", "wide_per_client"])
+def test_forward_low_precision(case: str, dtype: torch.dtype, device: torch.device) -> None:
+    args = make_inputs(case, dtype)
     assert_bf16_close(ops.lowrank_prompt, reference.lowrank_prompt, args, device=device)
 
 
@@ -166,14 +176,14 @@ def test_gradcheck(case: str, device: torch.device) -> None:
 # ----------------------------------------------------------------------------------------------
 @needs_ext
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("case", ["fedpgp_per_client", "mixed_shared_g_and_uv", "promptfl_plain"])
+@pytest.mark.parametrize("case", ["fedpgp_per_client", "mixed_shared_g_and_uv", "promptfl_plain", "wide_per_client"])
 def test_backward_op_matches_reference(case: str, dtype: torch.dtype, device: torch.device) -> None:
     _, _, _, u, v, _ = make_inputs(case, dtype)
     grad_out = make(*_expected_shape(case), dtype=dtype, seed=11)
     assert_parity(
         torch.ops.fpl_fast.lowrank_prompt_backward,
         reference.lowrank_prompt_backward,
-        [grad_out, u, v, N_CTX],
+        [grad_out, u, v, dims(case)[0]],
         device=device,
     )
 
@@ -204,7 +214,9 @@ def test_opcheck(case: str, device: torch.device) -> None:
     plain = [None if t is None else t.detach() for t in args]
     torch.library.opcheck(torch.ops.fpl_fast.lowrank_prompt.default, tuple(plain))
     grad_out = to_device(make(*_expected_shape(case), seed=5), device)
-    torch.library.opcheck(torch.ops.fpl_fast.lowrank_prompt_backward.default, (grad_out, args[3], args[4], N_CTX))
+    torch.library.opcheck(
+        torch.ops.fpl_fast.lowrank_prompt_backward.default, (grad_out, args[3], args[4], dims(case)[0])
+    )
 
 
 @needs_ext

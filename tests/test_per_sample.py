@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from open_clip.transformer import TextTransformer
@@ -13,6 +15,9 @@ N_CLS, L, WIDTH, D_OUT, N_CTX = 4, 9, 16, 8, 3
 B = 5
 SCALE = 10.0
 
+# vmap runs PyTorch's fused attention backward per sample (no batching rule yet); per_sample.py documents it.
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+
 
 @pytest.fixture(scope="module")
 def tower() -> TextTransformer:
@@ -22,7 +27,7 @@ def tower() -> TextTransformer:
     return t
 
 
-def make_text_fn(tower: TextTransformer, eot: Tensor):
+def make_text_fn(tower: TextTransformer, eot: Tensor) -> Callable[[Tensor], Tensor]:
     """open_clip's causal text tower on prompt embeddings, pooled at each prompt's EOT position."""
 
     def text_fn(x: Tensor) -> Tensor:  # (N, L, d) -> (N, D)

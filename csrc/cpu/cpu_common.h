@@ -177,6 +177,21 @@ FPL_CPU_CLONES static void axpy(int64_t len, double alpha, const double* x, doub
   axpy_body(len, alpha, x, y);
 }
 
+// Dot product of x[0:len] and y[0:len].
+template <typename T>
+FPL_ALWAYS_INLINE T dot_body(int64_t len, const T* x, const T* y) {
+  constexpr int64_t W = Vec<T>::kLanes;
+  vec_t<T> s0 = {};
+  int64_t e = 0;
+  for (; e + W <= len; e += W) s0 += vload(x + e) * vload(y + e);
+  T total = hsum<T>(s0);
+  for (; e < len; ++e) total += x[e] * y[e];
+  return total;
+}
+
+FPL_CPU_CLONES static float dot(int64_t len, const float* x, const float* y) { return dot_body(len, x, y); }
+FPL_CPU_CLONES static double dot(int64_t len, const double* x, const double* y) { return dot_body(len, x, y); }
+
 FPL_CPU_CLONES static float sumsq(int64_t len, const float* x) { return sumsq_body(len, x); }
 FPL_CPU_CLONES static double sumsq(int64_t len, const double* x) { return sumsq_body(len, x); }
 
@@ -214,11 +229,7 @@ inline void mm_tn(const T* A, const T* B, T* C, int64_t m, int64_t k, int64_t n)
 template <typename T>
 inline void mm_nt(const T* A, const T* B, T* C, int64_t m, int64_t k, int64_t n) {
   for (int64_t i = 0; i < m; ++i) {
-    for (int64_t j = 0; j < n; ++j) {
-      T s = 0;
-      for (int64_t p = 0; p < k; ++p) s += A[i * k + p] * B[j * k + p];
-      C[i * n + j] = s;
-    }
+    for (int64_t j = 0; j < n; ++j) C[i * n + j] = dot(k, A + i * k, B + j * k);
   }
 }
 

@@ -1,27 +1,25 @@
 // dp_lowrank_clip_noise on CUDA: per-sample clipping of the prompt-factor gradients plus local-DP noise.
 // Semantics: fpl_fast/reference.py.
 //
-// Three launches, no per-sample (r, d) tensor ever materialised:
-//  1. norms kernel, one block per sample (k, i): one pass over grad_i computes g_U,i = grad_i V^T (rows: a
-//  warp
-//     per context row, r dot products over d), ||U^T grad_i|| (columns: a thread per column pair, r sums over
-//     n_ctx, grad_i re-read from L1) and ||grad_i||, then the clip factors. It writes the norms, the factors
-//     and g_U,i (n_ctx x r, tiny).
-//  2. sum kernel, one thread per VEC elements of (k, n_ctx, d): loops over the samples of client k
-//  (re-reading
-//     grad from L2) and forms sum_i cG_i grad_i (-> the global-prompt output) and sum_i cV_i grad_i.
-//  3. project kernel, one thread per output of (K, n_ctx r + r d): local U = sum_i cU_i g_U,i,
-//     local V = U^T (sum_i cV_i grad_i) (linear in grad_i), then the scale and the Philox noise (normal
-//     k (n_ctx r + r d) + e for element e of client k, U block first, as the reference).
-// Without u, v the local output is the clipped sum of grad_i itself and kernel 2 writes it with its noise.
+// Three launches; no per-sample (r, d) tensor is ever materialised:
+//  1. norms kernel, one block per sample (k, i), one pass over grad_i: g_U,i = grad_i V^T (a warp per
+//     context row, r dot products over d), ||U^T grad_i|| (a thread per column pair, r sums over n_ctx,
+//     grad_i re-read from L1) and ||grad_i||, then the clip factors. It writes the norms, the factors and
+//     g_U,i (n_ctx x r, tiny).
+//  2. sum kernel, a thread per VEC elements of (k, n_ctx, d): loops over the samples of client k (grad
+//     re-read from L2) and forms sum_i cG_i grad_i (the global-prompt output) and sum_i cV_i grad_i.
+//  3. project kernel, a thread per output of (K, n_ctx r + r d): local U = sum_i cU_i g_U,i and
+//     local V = U^T (sum_i cV_i grad_i) (g_V,i is linear in grad_i), then the scale and the Philox noise
+//     (normal k (n_ctx r + r d) + e for element e of client k, U block first, as the reference).
+// Without u, v the local output is the clipped sum of grad_i itself, written with its noise by kernel 2.
 // Class sums (sum_classes) and the batch mean (per_sample = false) are taken first with at:: reductions in
-// op-math precision; the kernels then see (K, b', n_ctx, d). All sums run in a fixed order: bitwise
-// reproducible.
+// op-math precision; the kernels then see (K, b', n_ctx, d). Every sum runs in a fixed order, so the
+// result is bitwise reproducible.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -39,6 +37,8 @@ using cuda::ceil_div;
 using cuda::kWarpSize;
 
 constexpr int kThreads = 256;
+// The sum kernel uses smaller blocks: a few thousand threads per client, spread over more multiprocessors.
+constexpr int kSumThreads = 128;
 // Rank columns handled per pass (register accumulators); larger ranks take several passes.
 constexpr int kRankChunk = 8;
 
@@ -71,6 +71,8 @@ __global__ void __launch_bounds__(kThreads)
       acc_t dot[kRankChunk];
 #pragma unroll
       for (int jj = 0; jj < kRankChunk; ++jj) dot[jj] = acc_t(0);
+      // Unrolled so that several loads of x (the one HBM stream of this kernel) are in flight per lane.
+#pragma unroll 4
       for (int64_t col = int64_t(lane) * VEC; col < d; col += int64_t(kWarpSize) * VEC) {
         acc_t xv[VEC];
         cuda::load_vec<VEC>(x_row + col, xv);
@@ -167,7 +169,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // Grid: K * blocks_per_client blocks; thread -> elements e0 .. e0 + VEC - 1 of client k's (n_ctx, d) block.
 template <typename in_t, typename out_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kSumThreads)
     dp_lowrank_clip_noise_sum_kernel(const in_t* __restrict__ x,      // (K, bs, n_ctx, d)
                                      const acc_t* __restrict__ coef,  // (K, bs, 3)
                                      out_t* __restrict__ glob,        // (K, n_ctx, d): sum_i cG_i x_i * scale
@@ -212,8 +214,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Grid: K * blocks_per_client blocks; thread -> element e of client k's n_ctx r + r d outputs (U block
-// first).
+// Grid: K * blocks_per_client blocks; thread -> output e of client k's n_ctx r + r d (U block first).
 template <typename out_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     dp_lowrank_clip_noise_project_kernel(const acc_t* __restrict__ coef,    // (K, bs, 3)
@@ -262,7 +263,7 @@ void launch_dp(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v, co
                const DpParams& p, at::Tensor& local_u, at::Tensor& local_v, at::Tensor& glob,
                at::Tensor& norms) {
   using acc_t = at::opmath_type<out_t>;
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const int64_t K = dims.K, n_ctx = dims.n_ctx, d = dims.d, r = dims.r, bs = p.bs;
   const int64_t numel = n_ctx * d;
@@ -285,9 +286,9 @@ void launch_dp(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v, co
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (numel > 0) {
-    const int64_t blocks_per_client = ceil_div(numel / VEC, kThreads);
+    const int64_t blocks_per_client = ceil_div(numel / VEC, kSumThreads);
     dp_lowrank_clip_noise_sum_kernel<in_t, out_t, acc_t, VEC>
-        <<<cuda::grid_1d(K * blocks_per_client), kThreads, 0, stream>>>(
+        <<<cuda::grid_1d(K * blocks_per_client), kSumThreads, 0, stream>>>(
             x.data_ptr<in_t>(), coef.data_ptr<acc_t>(), glob.data_ptr<out_t>(), sum_v_ptr,
             has_uv ? nullptr : local_u.data_ptr<out_t>(), bs, numel, blocks_per_client, scale, p.add_noise,
             noise_std, p.seed, p.offset);

@@ -1,17 +1,16 @@
-// lowrank_factorize on CUDA: one randomised power iteration L ~ U V, R = L - U V. Semantics:
-// fpl_fast/reference.py.
+// lowrank_factorize on CUDA: one randomised power iteration L ~ U V, R = L - U V.
+// Semantics: fpl_fast/reference.py.
 //
-// One block per client, everything in op-math precision, intermediates in a small global scratch (L1/L2
-// resident; visible within the block across __syncthreads):
-//   V0 (d x r) from the Philox stream (normal k d r + row-major index), Y = L V0, U = orth(Y), W = L^T U,
-//   W = orth(W), then U, V = W^T and R = L - U V are written out. orth is the reference's column-wise
-//   modified Gram-Schmidt: normalise column j, remove its component from every later column, in order j = 0
-//   .. r-1.
+// One block per client, in op-math precision, with the intermediates in a small global scratch (L1/L2
+// resident, visible within the block across __syncthreads): V0 (d x r) from the Philox stream (normal
+// k d r + row-major index), Y = L V0, U = orth(Y), W = L^T U, W = orth(W); then U, V = W^T and
+// R = L - U V are written out. orth is the reference's column-wise modified Gram-Schmidt: normalise
+// column j, remove its component from every later column, for j = 0 .. r - 1.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -141,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_factorize_cuda(const at::
     at::Tensor w_scratch = at::empty({K, d, r}, acc_opts);
     at::Tensor y_scratch = at::empty({K, n, r}, acc_opts);
     lowrank_factorize_kernel<scalar_t, acc_t>
-        <<<cuda::grid_1d(K), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        <<<cuda::grid_1d(K), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             l.data_ptr<scalar_t>(), w_scratch.data_ptr<acc_t>(), y_scratch.data_ptr<acc_t>(),
             u.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), res.data_ptr<scalar_t>(), n, d, r,
             static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));

@@ -1,14 +1,13 @@
 // lowrank_full_grad on CUDA: g_L = scale (g_U V + U g_V + U U^T g_U V). Semantics: fpl_fast/reference.py.
 //
-// Rewritten as g_L = scale ((g_U + U (U^T g_U)) V + U g_V), two launches in op-math precision:
-//  1. inner kernel, a thread per (k, t, j): W[t, j] = g_U[t, j] + sum_j' U[t, j'] (U^T g_U)[j', j]  (n_ctx x
-//  r);
-//  2. main kernel, a thread per output (k, t, col): scale * sum_j (W[t, j] V[j, col] + U[t, j] g_V[j, col]).
+// Computed as g_L = scale ((g_U + U (U^T g_U)) V + U g_V), in two launches in op-math precision:
+//  1. inner kernel, a thread per (k, t, j): W[t, j] = g_U[t, j] + sum_j' U[t, j'] (U^T g_U)[j', j];
+//  2. main kernel, a thread per output (k, t, col): scale sum_j (W[t, j] V[j, col] + U[t, j] g_V[j, col]).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -76,8 +75,8 @@ at::Tensor lowrank_full_grad_cuda(const at::Tensor& grad_u_in, const at::Tensor&
                                   const at::Tensor& u_in, const at::Tensor& v_in, double scale) {
   const FullGradDims dims = check_lowrank_full_grad(grad_u_in, grad_v_in, u_in, v_in, scale);
   TORCH_CHECK_VALUE(u_in.is_cuda(), "u must be a CUDA tensor, got device ", u_in.device().str());
-  const c10::cuda::CUDAGuard device_guard(
-      u_in.device());  // grad_u, grad_v, v are checked to be on u's device
+  // grad_u, grad_v and v are checked to be on u's device.
+  const c10::cuda::CUDAGuard device_guard(u_in.device());
   const at::Tensor grad_u = grad_u_in.contiguous();
   const at::Tensor grad_v = grad_v_in.contiguous();
   const at::Tensor u = u_in.contiguous();
@@ -87,7 +86,7 @@ at::Tensor lowrank_full_grad_cuda(const at::Tensor& grad_u_in, const at::Tensor&
   if (dims.batched) sizes.insert(sizes.begin(), K);
   at::Tensor out = at::empty(sizes, u.options());
   if (out.numel() == 0) return out;
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "lowrank_full_grad_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -1,16 +1,16 @@
 // lowrank_prompt and lowrank_prompt_backward on CUDA. Semantics: fpl_fast/reference.py.
 //
-// Forward: one kernel writes [prefix | G + U V (+ R) | suffix] for every client and class. A block owns one
-// (client k, token row l) pair and a chunk of classes; a context row is computed once per thread (in op-math
-// precision) and stored to all the block's classes, prefix/suffix rows are copied. 16-byte vector accesses
-// when d and every pointer allow it. Backward: a kernel sums grad_out over classes at the context rows
-// (op-math precision, fixed order); the factor gradients grad_ctx V^T and U^T grad_ctx are small dense
-// products left to at::matmul.
+// Forward: one kernel writes [prefix | G + U V (+ R) | suffix] for every client and class. A block owns
+// one (client k, token row l) pair and a chunk of classes; a context row is computed once per thread (in
+// op-math precision) and stored to all the block's classes, prefix and suffix rows are copied; 16-byte
+// vector accesses when d and every pointer allow them.
+// Backward: a kernel sums grad_out over the classes at the context rows (op-math precision, fixed order);
+// the factor gradients grad_ctx V^T and U^T grad_ctx are small dense products left to at::matmul.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -121,7 +121,7 @@ void launch_lowrank_prompt(at::Tensor& out, const at::Tensor& prefix, const at::
   const int64_t nd = dims.n_ctx * dims.d;
   auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
   lowrank_prompt_kernel<scalar_t, VEC>
-      <<<cuda::grid_1d(blocks), dim3(tx, ty), 0, at::cuda::getCurrentCUDAStream()>>>(
+      <<<cuda::grid_1d(blocks), dim3(tx, ty), 0, c10::cuda::getCurrentCUDAStream()>>>(
           out.data_ptr<scalar_t>(), prefix.data_ptr<scalar_t>(), suffix.data_ptr<scalar_t>(),
           g.data_ptr<scalar_t>(), ptr(u), ptr(v), ptr(residual), dims.n_cls, dims.n_ctx, dims.S, dims.d,
           dims.r, dims.g_batched ? nd : 0, dims.u_batched ? dims.n_ctx * dims.r : 0,
@@ -154,8 +154,7 @@ at::Tensor lowrank_prompt_cuda(const at::Tensor& prefix_in, const at::Tensor& su
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prefix.scalar_type(), "lowrank_prompt_cuda", [&] {
     constexpr int kVec = 16 / sizeof(scalar_t);
     constexpr int64_t kBytes = 16;
-    // Vector accesses need every row start aligned: d a multiple of kVec and every base pointer 16-byte
-    // aligned.
+    // Vector accesses need aligned row starts: d a multiple of kVec, every base pointer 16-byte aligned.
     const bool vec_ok = dims.d % kVec == 0 && is_aligned(out.data_ptr(), kBytes) &&
                         is_aligned(prefix.data_ptr(), kBytes) && is_aligned(suffix.data_ptr(), kBytes) &&
                         is_aligned(g.data_ptr(), kBytes) &&
@@ -170,13 +169,13 @@ at::Tensor lowrank_prompt_cuda(const at::Tensor& prefix_in, const at::Tensor& su
   return out;
 }
 
-// Grid: K * n_ctx * ceil(d / 32) blocks of (32, kClassSlices). Thread (x, y) sums classes y, y +
-// kClassSlices, ... of column x; the slices are then added in order y = 0, 1, ... by the threads of row y =
-// 0.
+// Grid: K * n_ctx * ceil(d / 32) blocks of (32, kClassSlices). Thread (x, y) sums the classes
+// y, y + kClassSlices, ... of column x; row y = 0 then adds the slices in order y = 0, 1, ...
 constexpr int kClassSlices = 8;
+constexpr int kBackwardThreads = cuda::kWarpSize * kClassSlices;
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(cuda::kWarpSize* kClassSlices)
+__global__ void __launch_bounds__(kBackwardThreads)
     lowrank_prompt_backward_kernel(acc_t* __restrict__ grad_ctx,           // (K, n_ctx, d)
                                    const scalar_t* __restrict__ grad_out,  // (K, n_cls, L, d)
                                    int64_t n_cls, int64_t L, int64_t n_ctx, int64_t d, int64_t col_blocks) {
@@ -219,8 +218,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_prompt_backward_cuda(
       using acc_t = at::opmath_type<scalar_t>;
       lowrank_prompt_backward_kernel<scalar_t, acc_t>
           <<<cuda::grid_1d(blocks), dim3(cuda::kWarpSize, kClassSlices), 0,
-             at::cuda::getCurrentCUDAStream()>>>(grad_ctx.data_ptr<acc_t>(), go.data_ptr<scalar_t>(),
-                                                 dims.n_cls, dims.L, dims.n_ctx, dims.d, col_blocks);
+             c10::cuda::getCurrentCUDAStream()>>>(grad_ctx.data_ptr<acc_t>(), go.data_ptr<scalar_t>(),
+                                                  dims.n_cls, dims.L, dims.n_ctx, dims.d, col_blocks);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -228,8 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_prompt_backward_cuda(
     return {grad_ctx.to(dtype), at::empty({dims.K, 0, 0}, go.options()),
             at::empty({dims.K, 0, 0}, go.options())};
   }
-  // (K, n_ctx, d) x (K or 1, d, r) and (K or 1, r, n_ctx) x (K, n_ctx, d), in op-math precision as the
-  // reference.
+  // (K, n_ctx, d) x (K or 1, d, r) and (K or 1, r, n_ctx) x (K, n_ctx, d), in op-math precision.
   const at::Tensor grad_u = at::matmul(grad_ctx, v_in->to(acc).transpose(-1, -2)).to(dtype).contiguous();
   const at::Tensor grad_v = at::matmul(u_in->to(acc).transpose(-1, -2), grad_ctx).to(dtype).contiguous();
   return {grad_ctx.to(dtype), grad_u, grad_v};

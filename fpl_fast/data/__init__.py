@@ -1,1 +1,87 @@
-"""fpl_fast.data."""
+"""Datasets, client splits and the embedded default data (digits).
+
+``load_dataset(name, data_root)`` returns a :class:`DatasetBundle` (train, test, classnames); every dataset's
+items are ``(image, label)`` with images as PIL images or (3, H, W) float tensors in [0, 1] (not normalised: use
+``FrozenCLIP.train_transform`` / ``eval_transform``), and it has a numpy ``labels`` attribute for
+:func:`partition`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from torch.utils.data import Dataset
+
+from fpl_fast.data.cifar import load_cifar
+from fpl_fast.data.coop import COOP_DATASETS, load_coop
+from fpl_fast.data.digits import DIGIT_CLASSNAMES, DigitsDataset
+from fpl_fast.data.splits import SCHEMES, ClientSplit, partition, sample_shots
+
+__all__ = [
+    "DATASETS",
+    "DIGIT_CLASSNAMES",
+    "SCHEMES",
+    "ClientSplit",
+    "DatasetBundle",
+    "DigitsDataset",
+    "load_dataset",
+    "partition",
+    "sample_shots",
+]
+
+DATASETS = ("digits", *COOP_DATASETS, "cifar10", "cifar100")
+"""Names accepted by :func:`load_dataset` (``"digits"`` ships with the package and is the default)."""
+
+
+@dataclass(frozen=True)
+class DatasetBundle:
+    """A dataset's train and test sets and class names.
+
+    Attributes:
+        name: dataset name.
+        train: training set (items ``(image, label)``, attribute ``labels``).
+        test: test set.
+        classnames: class names indexed by label.
+    """
+
+    name: str
+    train: Dataset
+    test: Dataset
+    classnames: list[str]
+
+
+def load_dataset(
+    name: str = "digits", data_root: str | os.PathLike[str] | None = None, *, image_size: int = 32
+) -> DatasetBundle:
+    """Load a dataset by name.
+
+    Args:
+        name: one of :data:`DATASETS`.
+        data_root: directory holding the dataset folders (not needed for ``"digits"``).
+        image_size: output size of the digits images (ignored for the others, whose transforms resize).
+
+    Returns:
+        The bundle. For ``"digits"``, train/test are the federated parts (the pretraining part of the embedded
+        tiny CLIP is never returned here).
+
+    Raises:
+        ValueError: unknown name, or a missing data_root for a dataset that needs one.
+        FileNotFoundError: dataset files missing under data_root.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; allowed: {list(DATASETS)}")
+    if name == "digits":
+        return DatasetBundle(
+            name,
+            DigitsDataset("train", image_size=image_size),
+            DigitsDataset("test", image_size=image_size),
+            list(DIGIT_CLASSNAMES),
+        )
+    if data_root is None:
+        raise ValueError(f"dataset {name!r} needs data_root (the directory that holds its folder)")
+    if name in COOP_DATASETS:
+        splits = load_coop(name, data_root)
+        return DatasetBundle(name, splits["train"], splits["test"], splits["train"].classnames)
+    train, test, classnames = load_cifar(name, data_root)
+    return DatasetBundle(name, train, test, classnames)

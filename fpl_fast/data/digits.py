@@ -47,9 +47,7 @@ def _split() -> dict[str, np.ndarray]:
     all_idx = np.arange(len(labels))
     fed_size = PART_SIZES["train"] + PART_SIZES["test"]
     pre, fed = train_test_split(all_idx, test_size=fed_size, stratify=labels, random_state=SPLIT_SEED)
-    train, test = train_test_split(
-        fed, test_size=PART_SIZES["test"], stratify=labels[fed], random_state=SPLIT_SEED + 1
-    )
+    train, test = train_test_split(fed, test_size=PART_SIZES["test"], stratify=labels[fed], random_state=SPLIT_SEED + 1)
     return {"pretrain": np.sort(pre), "train": np.sort(train), "test": np.sort(test)}
 
 

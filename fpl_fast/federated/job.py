@@ -18,14 +18,18 @@ __all__ = ["prepare", "prepare_and_run"]
 def prepare(cfg: RunConfig) -> tuple[Any, list[str], ClientData]:
     """Backbone, class names and the federation's data (image features encoded once, cached)."""
     from fpl_fast.backbone import load_backbone
-    from fpl_fast.data import load_dataset, partition
+    from fpl_fast.data import load_dataset
+    from fpl_fast.data.splits import partition
 
     torch.manual_seed(cfg.seed)
-    backbone = load_backbone(cfg.model, cfg.pretrained, precision=cfg.precision, device=cfg.device)
-    ds = load_dataset(cfg.dataset, cfg.data_root)
-    train_labels = np.asarray(ds.train_labels)
-    test_labels = np.asarray(ds.test_labels)
-    train_idx, test_idx = partition(
+    try:
+        backbone = load_backbone(cfg.model, cfg.pretrained, precision=cfg.precision, device=cfg.device)
+    except RuntimeError as exc:  # weights that cannot be had (no network, a broken file): a user problem
+        raise ValueError(f"--pretrained: {exc}") from None
+    ds = load_dataset(cfg.dataset, cfg.data_root, image_size=backbone.image_size[0])
+    train_labels = np.asarray(ds.train.labels)
+    test_labels = np.asarray(ds.test.labels)
+    split = partition(
         train_labels,
         cfg.num_users,
         cfg.partition,
@@ -48,8 +52,8 @@ def prepare(cfg: RunConfig) -> tuple[Any, list[str], ClientData]:
         train_labels=torch.as_tensor(train_labels, dtype=torch.long),
         test_feats=test_feats.float().cpu(),
         test_labels=torch.as_tensor(test_labels, dtype=torch.long),
-        train_idx=[np.asarray(ix) for ix in train_idx],
-        test_idx=[np.asarray(ix) for ix in test_idx],
+        train_idx=[np.asarray(ix) for ix in split.train],
+        test_idx=[np.asarray(ix) for ix in split.test],
         augment_fn=augment_fn,
     )
     for k, ix in enumerate(data.train_idx):

@@ -161,9 +161,11 @@ class Federation:
     # ------------------------------------------------------------------------------------------
     @property
     def steps_per_epoch(self) -> int:
-        """Local steps per epoch: enough for the largest client to see its data once."""
+        """Local steps per epoch: one pass over the data of the average client (all clients step together,
+        so a larger client sees part of its data per epoch and a smaller one cycles; the accountant counts
+        each client's real steps and sampling rate)."""
         b = self.sampler.expected if self.cfg.sampling == "poisson" else self.sampler.batch_size
-        return max(math.ceil(len(ix) / b) for ix in self.data.train_idx)
+        return max(1, math.ceil(float(np.mean([len(ix) for ix in self.data.train_idx])) / b))
 
     @property
     def steps_per_round(self) -> int:

@@ -29,7 +29,9 @@ Sampling:
 
 from __future__ import annotations
 
+import logging
 import math
+from contextlib import contextmanager
 from typing import Literal
 
 import dp_accounting
@@ -134,12 +136,32 @@ def _approximation(sample_rate: float, sampling: Sampling) -> str:
     )
 
 
+class _DropExcludedOrders(logging.Filter):
+    """dp-accounting logs a warning for every RDP order whose series does not converge; it then
+    excludes that order, which only loosens (never breaks) the bound. Those lines drown a progress bar."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Excluding this order" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_orders():
+    log = logging.getLogger("absl")
+    f = _DropExcludedOrders()
+    log.addFilter(f)
+    try:
+        yield
+    finally:
+        log.removeFilter(f)
+
+
 def _epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, kind: str, sampling: str) -> float:
     if steps == 0:
         return 0.0
     accountant = make_dp_accountant(kind)  # type: ignore[arg-type]
     accountant.compose(step_event(noise_multiplier, sample_rate, sampling), steps)  # type: ignore[arg-type]
-    return float(accountant.get_epsilon(delta))
+    with _quiet_orders():
+        return float(accountant.get_epsilon(delta))
 
 
 class PrivacyAccountant:
@@ -321,14 +343,15 @@ def calibrate_noise(
             ok = bad
         bracket = ExplicitBracketInterval(bad, ok)
     try:
-        sigma = dp_accounting.calibrate_dp_mechanism(
-            lambda: make_dp_accountant(kind),
-            event,
-            target_epsilon,
-            delta,
-            bracket_interval=bracket,
-            tol=tol,
-        )
+        with _quiet_orders():
+            sigma = dp_accounting.calibrate_dp_mechanism(
+                lambda: make_dp_accountant(kind),
+                event,
+                target_epsilon,
+                delta,
+                bracket_interval=bracket,
+                tol=tol,
+            )
     except NoBracketIntervalFoundError:
         raise ValueError(impossible) from None
     return float(sigma)

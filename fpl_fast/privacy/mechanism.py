@@ -387,6 +387,6 @@ def server_aggregate_global(
     mean = client_grads.mean(dim=0)  # (n_ctx, d)
     if noise_multiplier == 0:
         return mean
-    std = noise_multiplier * clip_norm / batch_size
+    std = noise_multiplier * clip_norm / (batch_size * K)
     z = stream.normal(mean.numel(), client_grads.device).view_as(mean)
     return mean + (std * z).to(mean.dtype)

@@ -17,6 +17,7 @@ differentiable function of the prompt embeddings that treats each prompt indepen
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +123,9 @@ def _check_head(image_feats: Tensor, text_feats: Tensor, labels: Tensor) -> bool
     return batched
 
 
-def _head(fn: Callable, image_feats: Tensor, text_feats: Tensor, labels: Tensor, logit_scale: float | Tensor):
+def _head(
+    fn: Callable[..., Any], image_feats: Tensor, text_feats: Tensor, labels: Tensor, logit_scale: float | Tensor
+) -> Any:
     """Apply a per-example head function over b (and K for the client-batched form)."""
     batched = _check_head(image_feats, text_feats, labels)
     scale = torch.as_tensor(logit_scale, dtype=text_feats.dtype, device=text_feats.device)

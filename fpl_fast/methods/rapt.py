@@ -1,0 +1,627 @@
+"""RAPT (arXiv 2305.06212) on a CLIP text tower, federated: privatised prompt tuning with plain-token
+reconstruction (spec ``feddtpt-rapt.md`` §2.2-2.3, §3.2 A/B, R1-R11).
+
+Per client, once before training (R10): every training sentence x gets m plain tokens k drawn uniformly from the
+public reconstruction vocabulary T (R5), and [k; x] is privatised token by token with the d_chi mechanism
+(:func:`fpl_fast.privacy.dchi.privatize`, R3) over the backbone's own token-embedding table. Only the privatised ids
+are kept. The frozen CLIP text tower reads ``[SOT] P k' x' [EOT]`` (learned soft prompt P, N vectors; R6) and
+
+* the task head (linear on the projected EOT feature, or cosine against label-text features) gives L_task;
+* the reconstruction head Linear(h -> c) -> Linear(c -> |T|) (no bias, no activation; R7) on the final states
+  (after ``ln_final``) of the m plain-token positions predicts k and gives L_rec, summed over the m positions and
+  averaged over the batch;
+* L = L_task + lambda L_rec, AdamW on P and the heads only (the backbone gets no gradient).
+
+The server averages P and both heads weighted by n_k (FedAvg). Inference privatises the test sentences with the same
+eta and a fresh random k (R9). Privacy: each token's release is eta d_chi-private, i.e. (eta diam(E))-LDP over the
+vocabulary (``epsilon_local``); everything shared afterwards is post-processing, so the same bound holds against the
+server (``epsilon_global``). Re-privatising every epoch composes: it is refused unless ``compose=True``, which
+reports E eta (E = privatisations per sentence). Image variants (R12, not in the paper) and PCT2T (R4) are not
+implemented.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from fpl_fast.backbone import FrozenCLIP, load_backbone, text_tower
+from fpl_fast.data.text import TEXT_SEED, make_text_dataset
+from fpl_fast.privacy import dchi
+from fpl_fast.results import write_outputs
+
+__all__ = [
+    "Config",
+    "RaptModel",
+    "build_sequences",
+    "reconstruction_vocab",
+    "run",
+]
+
+TASK_HEADS = ("linear", "cosine")
+PARTITIONS = ("iid", "dirichlet")
+LABEL_TEMPLATE = "a sentence about {}."
+
+
+@dataclass(frozen=True)
+class Config:
+    """A federated RAPT job. The defaults are the embedded offline run (about 1 minute on 2 CPU cores).
+
+    Attributes:
+        num_users: clients K.
+        rounds: federated rounds R.
+        local_epochs: local epochs per round.
+        partition: ``iid`` or ``dirichlet`` (label skew with concentration ``beta``).
+        beta: Dirichlet concentration.
+        dataset: ``topics``, the generated four-topic set of :mod:`fpl_fast.data.text` (the only one offline).
+        data_root: unused by ``topics`` (kept for the shared CLI).
+        model: open_clip model name; default ``tiny-digits-clip`` (2 layers, width 64, causal, 77 tokens).
+        pretrained: None (seeded random init, the default: the embedded digits weights were trained on digit
+            captions only, so for topic sentences their text tower is no better than a random one, and a random
+            init needs no weights file), ``"embedded"``, an open_clip tag or a checkpoint file.
+        precision: ``fp32`` or ``bf16``.
+        device: ``cpu`` or ``cuda``.
+        seed: seeds everything (init, splits, plain tokens, noise).
+        batch_size: local batch size.
+        lr: AdamW learning rate of P and the heads (spec R8: 1e-3).
+        weight_decay: AdamW weight decay.
+        n_prompt: soft-prompt length N (16).
+        n_plain: plain tokens m (8 for CLIP's 77-token context).
+        rec_dim: hidden size c of the reconstruction head (128).
+        rec_vocab: size of the reconstruction vocabulary T (the first ``rec_vocab`` whole-word alphabetic BPE
+            tokens in id order, i.e. in BPE merge order, a proxy for frequency); 0 means the full vocabulary minus
+            special tokens.
+        rec_weight: lambda; 0 gives plain prompt tuning on privatised text.
+        fixed_plain: one fixed k for every sentence (the literal "arbitrary fixed sequence" reading).
+        task_head: ``linear`` (on the projected EOT feature) or ``cosine`` (against label-text features).
+        eta: d_chi privacy parameter; None calibrates it to ``target_preservation`` (spec R8).
+        target_preservation: token preservation rate to calibrate eta for, in (0, 1).
+        calibration_tokens: tokens sampled from T (public) for the calibration.
+        compose: re-privatise every local epoch (fresh noise and k), reporting the composed E eta.
+        bayes_mc: Monte-Carlo draws per candidate of the Bayes inversion attack (0 skips it).
+    """
+
+    num_users: int = 4
+    rounds: int = 5
+    local_epochs: int = 2
+    partition: str = "iid"
+    beta: float = 0.5
+    dataset: str = "topics"
+    data_root: str = "data"
+    model: str = "tiny-digits-clip"
+    pretrained: str | None = None
+    precision: str = "fp32"
+    device: str = "cpu"
+    seed: int = 1
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    n_prompt: int = 16
+    n_plain: int = 8
+    rec_dim: int = 128
+    rec_vocab: int = 1000
+    rec_weight: float = 1.0
+    fixed_plain: bool = False
+    task_head: str = "linear"
+    eta: float | None = None
+    target_preservation: float = 0.7
+    calibration_tokens: int = 512
+    compose: bool = False
+    bayes_mc: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("num_users", "rounds", "local_epochs", "batch_size", "n_prompt", "rec_dim", "calibration_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{_flag(name)} must be an int >= 1, got {value!r}")
+        for name in ("n_plain", "rec_vocab", "bayes_mc"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"--{_flag(name)} must be an int >= 0, got {value!r}")
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"--partition must be one of {', '.join(PARTITIONS)}, got {self.partition!r}")
+        if self.task_head not in TASK_HEADS:
+            raise ValueError(f"--task-head must be one of {', '.join(TASK_HEADS)}, got {self.task_head!r}")
+        if self.dataset != "topics":
+            raise ValueError(f"--dataset must be topics (the offline text set) for rapt, got {self.dataset!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"--precision must be one of fp32, bf16, got {self.precision!r}")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"--beta must be a finite number > 0, got {self.beta}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.rec_weight) and self.rec_weight >= 0):
+            raise ValueError(f"--rec-weight must be a finite number >= 0, got {self.rec_weight}")
+        if self.eta is not None and not (self.eta > 0):
+            raise ValueError(f"--eta must be a number > 0 (inf: no noise), got {self.eta}")
+        if not 0 < self.target_preservation < 1:
+            raise ValueError(f"--target-preservation must be in (0, 1), got {self.target_preservation}")
+        if self.rec_weight > 0 and self.n_plain == 0:
+            raise ValueError("--n-plain must be >= 1 when --rec-weight > 0 (the reconstruction needs plain tokens)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Vocabulary and sequences
+# --------------------------------------------------------------------------------------------------------------
+
+
+def special_ids(backbone: FrozenCLIP) -> list[int]:
+    """SOT and EOT ids of the backbone's tokenizer (never privatised nor produced)."""
+    tok = backbone.tokenizer
+    return [int(tok.sot_token_id), int(tok.eot_token_id)]
+
+
+def reconstruction_vocab(backbone: FrozenCLIP, size: int) -> Tensor:
+    """The reconstruction vocabulary T (spec R5): sorted int64 ids.
+
+    The first ``size`` ids, in id order, whose BPE string is a whole alphabetic word of at least two letters (CLIP's
+    BPE ids follow merge order, a proxy for frequency). ``size = 0``: every id except the special ones.
+    """
+    V = backbone.model.vocab_size if hasattr(backbone.model, "vocab_size") else None
+    table = text_tower(backbone.model).token_embedding.weight
+    V = int(table.shape[0]) if V is None else int(V)
+    specials = set(special_ids(backbone))
+    if size == 0:
+        return torch.tensor([i for i in range(V) if i not in specials], dtype=torch.long)
+    decoder = getattr(backbone.tokenizer, "decoder", None)
+    if decoder is None:
+        raise ValueError("the tokenizer has no BPE decoder: use --rec-vocab 0 (the full vocabulary)")
+    ids = []
+    for i in range(V):
+        word = decoder.get(i, "")
+        if i not in specials and word.endswith("</w>") and len(word) >= 6 and word[:-4].isalpha() and word.isascii():
+            ids.append(i)
+            if len(ids) == size:
+                break
+    if len(ids) < size:
+        raise ValueError(f"--rec-vocab must be <= {len(ids)} (whole-word alphabetic tokens), got {size}")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def build_sequences(
+    body: list[Tensor], sot: int, eot: int, n_prompt: int
+) -> tuple[Tensor, Tensor]:
+    """Token ids of ``[SOT] <N prompt slots> body [EOT] pad..`` for a batch.
+
+    Args:
+        body: per example the (privatised) ids [k'; x'].
+        sot, eot: special ids.
+        n_prompt: prompt slots N (filled with id 0 here; their embeddings are replaced by P).
+
+    Returns:
+        (tokens (B, 2 + N + max len), eot_index (B,)).
+    """
+    lengths = [int(b.numel()) for b in body]
+    L = 2 + n_prompt + max(lengths, default=0)
+    tokens = torch.zeros(len(body), L, dtype=torch.long)
+    tokens[:, 0] = sot
+    eot_index = torch.tensor([1 + n_prompt + n for n in lengths], dtype=torch.long)
+    for i, b in enumerate(body):
+        tokens[i, 1 + n_prompt : 1 + n_prompt + lengths[i]] = b
+        tokens[i, eot_index[i]] = eot
+    return tokens, eot_index
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------------------
+
+
+class RaptModel(nn.Module):
+    """Soft prompt + reconstruction head + task head around a frozen CLIP text tower (spec R6-R7).
+
+    Args:
+        backbone: frozen CLIP.
+        n_cls: number of classes.
+        n_prompt: N.
+        n_plain: m.
+        rec_vocab_size: |T|.
+        rec_dim: c.
+        task_head: ``linear`` or ``cosine``.
+        label_features: (n_cls, embed_dim) label-text features, needed for ``cosine``.
+        generator: seeds the prompt and head initialisation.
+    """
+
+    def __init__(
+        self,
+        backbone: FrozenCLIP,
+        *,
+        n_cls: int,
+        n_prompt: int,
+        n_plain: int,
+        rec_vocab_size: int,
+        rec_dim: int,
+        task_head: str,
+        label_features: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.n_prompt = n_prompt
+        self.n_plain = n_plain
+        self.task_head = task_head
+        width, embed = backbone.ctx_dim, backbone.embed_dim
+        dev = backbone.device
+        self.prompt = nn.Parameter(torch.randn(n_prompt, width, generator=generator).mul_(0.02).to(dev))
+        self.rec_down = nn.Linear(width, rec_dim, bias=False, device=dev)
+        self.rec_up = nn.Linear(rec_dim, max(rec_vocab_size, 1), bias=False, device=dev)
+        self.head = nn.Linear(embed, n_cls, device=dev) if task_head == "linear" else None
+        if generator is not None:
+            with torch.no_grad():
+                for lin in (self.rec_down, self.rec_up, self.head):
+                    if lin is None:
+                        continue
+                    bound = 1.0 / math.sqrt(lin.in_features)
+                    lin.weight.copy_(torch.empty_like(lin.weight, device="cpu").uniform_(-bound, bound, generator=generator))
+                    if lin.bias is not None:
+                        lin.bias.zero_()
+        if task_head == "cosine":
+            if label_features is None:
+                raise ValueError("task_head='cosine' needs label_features (n_cls, embed_dim)")
+            self.register_buffer("label_features", F.normalize(label_features.float(), dim=-1))
+        self._ln_final = text_tower(backbone.model).ln_final
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """The parameters that are trained and averaged (P and the heads), detached copies."""
+        return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, Tensor]) -> None:
+        """Copy ``state`` (from :meth:`trainable_state`) into the parameters."""
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    def forward(self, tokens: Tensor, eot_index: Tensor) -> tuple[Tensor, Tensor]:
+        """Task logits and reconstruction logits.
+
+        Args:
+            tokens: (B, L) from :func:`build_sequences` (prompt slots at 1..N).
+            eot_index: (B,).
+
+        Returns:
+            (task logits (B, n_cls), reconstruction logits (B, m, |T|)).
+        """
+        bb = self.backbone
+        tokens = tokens.to(bb.device)
+        emb = bb.token_embeddings(tokens)  # (B, L, d), frozen
+        B = emb.shape[0]
+        prompt = self.prompt.to(emb.dtype).unsqueeze(0).expand(B, -1, -1)  # (B, N, d)
+        x = torch.cat([emb[:, :1], prompt, emb[:, 1 + self.n_prompt :]], dim=1)
+        captured: dict[str, Tensor] = {}
+        hook = self._ln_final.register_forward_hook(lambda _m, _i, out: captured.__setitem__("states", out))
+        try:
+            feats = bb.encode_prompts(x, eot_index.to(bb.device))  # (B, embed)
+        finally:
+            hook.remove()
+        states = captured["states"]  # (B, L', d) after ln_final
+        plain = states[:, 1 + self.n_prompt : 1 + self.n_prompt + self.n_plain].float()  # (B, m, d)
+        rec_logits = self.rec_up(self.rec_down(plain))  # (B, m, |T|)
+        feats = feats.float()
+        if self.head is not None:
+            logits = self.head(feats)
+        else:
+            logits = bb.logit_scale * F.normalize(feats, dim=-1) @ self.label_features.T
+        return logits, rec_logits
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Privatised client data
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Privatised:
+    body: list[Tensor]  # per example [k'; x'] ids
+    plain_index: Tensor  # (n, m) indices into T of k (the reconstruction targets)
+    original: list[Tensor]  # per example [k; x] ids (kept for the privacy metrics only, never trained on)
+    rate: float
+
+
+def _privatise_texts(
+    texts: list[Tensor],
+    *,
+    emb: Tensor,
+    eta: float,
+    specials: list[int],
+    rec_ids: Tensor,
+    n_plain: int,
+    fixed_plain: Tensor | None,
+    gen: torch.Generator,
+) -> _Privatised:
+    """Draw k per sentence, privatise [k; x] jointly (one mechanism call) and keep only the released ids."""
+    n = len(texts)
+    if fixed_plain is not None:
+        plain_index = fixed_plain.unsqueeze(0).expand(n, -1).clone()
+    else:
+        plain_index = torch.randint(0, rec_ids.numel(), (n, n_plain), generator=gen)
+    seqs = [torch.cat([rec_ids[plain_index[i]], x]) for i, x in enumerate(texts)]
+    flat = torch.cat(seqs) if seqs else torch.zeros(0, dtype=torch.long)
+    released, _ = dchi.privatize(flat.to(emb.device), emb, eta, specials, None if emb.is_cuda else gen)
+    released = released.cpu()
+    out, start = [], 0
+    for s in seqs:
+        out.append(released[start : start + s.numel()])
+        start += s.numel()
+    rate = dchi.preservation_rate(flat, released, specials)
+    return _Privatised(body=out, plain_index=plain_index, original=seqs, rate=rate)
+
+
+def _split_clients(labels: np.ndarray, test_labels: np.ndarray, cfg: Config) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Client train/test indices: iid, or Dirichlet(beta) label skew with the same class shares for test."""
+    rng = np.random.default_rng([cfg.seed, 7])
+    K = cfg.num_users
+    n_cls = int(max(labels.max(), test_labels.max())) + 1
+    if cfg.partition == "iid":
+        shares = np.full((n_cls, K), 1.0 / K)
+    else:
+        shares = rng.dirichlet(np.full(K, cfg.beta), size=n_cls)  # (n_cls, K)
+    train: list[list[int]] = [[] for _ in range(K)]
+    test: list[list[int]] = [[] for _ in range(K)]
+    for c in range(n_cls):
+        for lab, out in ((labels, train), (test_labels, test)):
+            idx = rng.permutation(np.flatnonzero(lab == c))
+            cuts = (np.cumsum(shares[c])[:-1] * len(idx)).round().astype(int)
+            for k, part in enumerate(np.split(idx, cuts)):
+                out[k].extend(part.tolist())
+    return [np.sort(np.array(t, dtype=np.int64)) for t in train], [np.sort(np.array(t, dtype=np.int64)) for t in test]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training and evaluation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _losses(model: RaptModel, batch_body: list[Tensor], targets: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    bb = model.backbone
+    tok = bb.tokenizer
+    tokens, eot = build_sequences(batch_body, int(tok.sot_token_id), int(tok.eot_token_id), model.n_prompt)
+    logits, rec_logits = model(tokens, eot)
+    dev = logits.device
+    l_task = F.cross_entropy(logits, labels.to(dev))
+    if model.n_plain:
+        l_rec = F.cross_entropy(rec_logits.flatten(0, 1), targets.to(dev).flatten(), reduction="sum") / len(batch_body)
+        rec_acc = (rec_logits.argmax(-1).cpu() == targets).float().mean()
+    else:
+        l_rec = logits.new_zeros(())
+        rec_acc = torch.tensor(float("nan"))
+    return l_task, l_rec, rec_acc
+
+
+@torch.no_grad()
+def _predict(model: RaptModel, body: list[Tensor], batch_size: int = 256) -> Tensor:
+    tok = model.backbone.tokenizer
+    preds = []
+    for s in range(0, len(body), batch_size):
+        tokens, eot = build_sequences(body[s : s + batch_size], int(tok.sot_token_id), int(tok.eot_token_id), model.n_prompt)
+        logits, _ = model(tokens, eot)
+        preds.append(logits.argmax(-1).cpu())
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+
+def _local_neighbor(correct: Tensor, test_idx: list[np.ndarray]) -> tuple[float, float]:
+    """Mean over clients of the accuracy on their own test split and on the union of the others' (as
+    ``fpl_fast.federated.simulation.evaluate``; with FedAvg every client holds the same global model)."""
+    K = len(test_idx)
+    local, neighbor = [], []
+    for k in range(K):
+        own = torch.as_tensor(test_idx[k], dtype=torch.long)
+        others = [torch.as_tensor(test_idx[j], dtype=torch.long) for j in range(K) if j != k]
+        oth = torch.cat(others) if others else own.new_zeros(0)
+        local.append(float(correct[own].float().mean()) if len(own) else float("nan"))
+        neighbor.append(float(correct[oth].float().mean()) if len(oth) else float("nan"))
+    return float(np.nanmean(local)), float(np.nanmean(neighbor))
+
+
+def run(cfg: Config, *, out: Path, progress: bool = True) -> dict[str, Any]:
+    """Train federated RAPT and write results.json, rounds.csv and accuracy.png to ``out``.
+
+    Returns:
+        The results dict (shared shape: ``config``, ``rounds``, ``final``).
+    """
+    t_start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)  # open_clip's random init draws from the global generator
+    backbone = load_backbone(cfg.model, cfg.pretrained, precision=cfg.precision, device=cfg.device)
+    emb = text_tower(backbone.model).token_embedding.weight.detach()
+    specials = special_ids(backbone)
+    tok = backbone.tokenizer
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    # ---- data --------------------------------------------------------------------------------------------
+    train_set = make_text_dataset("train", seed=TEXT_SEED)
+    test_set = make_text_dataset("test", seed=TEXT_SEED)
+    max_x = backbone.context_length - 2 - cfg.n_prompt - cfg.n_plain
+    if max_x < 1:
+        raise ValueError(
+            f"--n-prompt + --n-plain must leave room for text: N + m + 2 < {backbone.context_length}, "
+            f"got N={cfg.n_prompt}, m={cfg.n_plain}"
+        )
+    encode = [torch.tensor(tok.encode(t)[:max_x], dtype=torch.long) for t in train_set.texts]
+    encode_test = [torch.tensor(tok.encode(t)[:max_x], dtype=torch.long) for t in test_set.texts]
+    y_train = torch.as_tensor(train_set.labels)
+    y_test = torch.as_tensor(test_set.labels)
+    train_idx, test_idx = _split_clients(train_set.labels, test_set.labels, cfg)
+    rec_ids = reconstruction_vocab(backbone, cfg.rec_vocab)
+    fixed = torch.randint(0, rec_ids.numel(), (cfg.n_plain,), generator=gen) if cfg.fixed_plain else None
+
+    # ---- privacy parameter -------------------------------------------------------------------------------
+    allowed = torch.ones(emb.shape[0], dtype=torch.bool, device=emb.device)
+    allowed[specials] = False
+    if cfg.eta is None:
+        calib = rec_ids[torch.randint(0, rec_ids.numel(), (cfg.calibration_tokens,), generator=gen)]
+        eta, calib_rate = dchi.calibrate_eta(emb, cfg.target_preservation, calib, special_ids=specials, seed=cfg.seed)
+    else:
+        eta, calib_rate = float(cfg.eta), None
+    diam, diam_exact = dchi.diameter(emb, allowed)
+    eps_tok = eta * diam
+    n_priv = cfg.rounds * cfg.local_epochs if cfg.compose else 1
+    eps_local = eps_tok * n_priv
+
+    def privatise_clients() -> list[_Privatised]:
+        return [
+            _privatise_texts(
+                [encode[i] for i in idx],
+                emb=emb,
+                eta=eta,
+                specials=specials,
+                rec_ids=rec_ids,
+                n_plain=cfg.n_plain,
+                fixed_plain=fixed,
+                gen=gen,
+            )
+            for idx in train_idx
+        ]
+
+    clients = privatise_clients()  # once per client (R10)
+    test_priv = _privatise_texts(
+        encode_test, emb=emb, eta=eta, specials=specials, rec_ids=rec_ids, n_plain=cfg.n_plain, fixed_plain=fixed, gen=gen
+    )  # fresh k (R9)
+    clean_body = [torch.cat([rec_ids[test_priv.plain_index[i]], x]) for i, x in enumerate(encode_test)]
+
+    # ---- model ---------------------------------------------------------------------------------------------
+    label_feats = backbone.encode_text([LABEL_TEMPLATE.format(c) for c in train_set.classnames])
+    model = RaptModel(
+        backbone,
+        n_cls=len(train_set.classnames),
+        n_prompt=cfg.n_prompt,
+        n_plain=cfg.n_plain,
+        rec_vocab_size=rec_ids.numel(),
+        rec_dim=cfg.rec_dim,
+        task_head=cfg.task_head,
+        label_features=label_feats,
+        generator=gen,
+    )
+    global_state = model.trainable_state()
+    n_k = np.array([len(i) for i in train_idx], dtype=np.float64)
+    weights = n_k / n_k.sum()
+
+    # Zero-shot baseline: the hand-written label prompts, cosine against the privatised test sentence alone.
+    with torch.no_grad():
+        zs_tokens, zs_eot = build_sequences(
+            [b[cfg.n_plain :] for b in test_priv.body], int(tok.sot_token_id), int(tok.eot_token_id), 0
+        )
+        zs_feats = backbone.encode_prompts(backbone.token_embeddings(zs_tokens), zs_eot.to(backbone.device))
+        zs_pred = (F.normalize(zs_feats.float(), dim=-1) @ F.normalize(label_feats.float(), dim=-1).T).argmax(-1).cpu()
+        zero_shot_acc = float((zs_pred == y_test).float().mean())
+
+    rounds: list[dict[str, Any]] = []
+    bar = tqdm(total=cfg.rounds * cfg.num_users, desc="rapt", disable=not progress)
+    for rnd in range(1, cfg.rounds + 1):
+        t_round = time.perf_counter()
+        states, stats = [], []
+        for k in range(cfg.num_users):
+            model.load_trainable_state(global_state)
+            opt = torch.optim.AdamW(
+                [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+            )
+            idx = train_idx[k]
+            for epoch in range(cfg.local_epochs):
+                if cfg.compose and (rnd, epoch) != (1, 0):
+                    clients[k] = _privatise_texts(
+                        [encode[i] for i in idx], emb=emb, eta=eta, specials=specials, rec_ids=rec_ids,
+                        n_plain=cfg.n_plain, fixed_plain=fixed, gen=gen,
+                    )  # fmt: skip
+                data = clients[k]
+                order = torch.randperm(len(idx), generator=gen)
+                for s in range(0, len(idx), cfg.batch_size):
+                    sel = order[s : s + cfg.batch_size]
+                    body = [data.body[int(i)] for i in sel]
+                    l_task, l_rec, rec_acc = _losses(model, body, data.plain_index[sel], y_train[idx[sel.numpy()]])
+                    loss = l_task + cfg.rec_weight * l_rec
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    stats.append((l_task.item(), l_rec.item(), rec_acc.item()))
+            states.append(model.trainable_state())
+            bar.update(1)
+        global_state = {n: sum(w * s[n] for w, s in zip(weights, states, strict=True)) for n in global_state}
+        model.load_trainable_state(global_state)
+        correct = _predict(model, test_priv.body) == y_test
+        local_acc, neighbor_acc = _local_neighbor(correct, test_idx)
+        st = np.array(stats)
+        rounds.append(
+            {
+                "round": rnd,
+                "local_acc": local_acc,
+                "neighbor_acc": neighbor_acc,
+                "epsilon_local": eps_local,
+                "epsilon_global": eps_local,
+                "seconds": time.perf_counter() - t_round,
+                "test_acc": float(correct.float().mean()),
+                "loss_task": float(st[:, 0].mean()),
+                "loss_rec": float(st[:, 1].mean()),
+                "rec_acc": float(np.nanmean(st[:, 2])),
+            }
+        )
+        bar.set_postfix(acc=f"{rounds[-1]['test_acc']:.3f}")
+    bar.close()
+
+    # ---- final metrics -----------------------------------------------------------------------------------
+    clean_acc = float((_predict(model, clean_body) == y_test).float().mean())
+    test_orig = torch.cat(test_priv.original)
+    test_rel = torch.cat(test_priv.body)
+    x_mask = torch.cat([torch.arange(b.numel()) >= cfg.n_plain for b in test_priv.body])  # the sentence tokens
+    bayes = float("nan")
+    if cfg.bayes_mc > 0:
+        bayes = dchi.bayes_inversion_accuracy(
+            test_orig[x_mask], test_rel[x_mask], emb, eta, torch.cat(encode),
+            special_ids=specials, n_mc=cfg.bayes_mc, generator=gen if not emb.is_cuda else None,
+        )  # fmt: skip
+    final = {
+        "local_acc": rounds[-1]["local_acc"],
+        "neighbor_acc": rounds[-1]["neighbor_acc"],
+        "zero_shot_acc": zero_shot_acc,
+        "epsilon_local": eps_local,
+        "epsilon_global": eps_local,
+        "delta": 0.0,
+        "accountant": "d_chi (pure eta*d_chi per token; eps = eta*diameter, post-processing for everything shared)",
+        "test_acc": rounds[-1]["test_acc"],
+        "clean_test_acc": clean_acc,
+        "eta": eta,
+        "eps_token": eps_tok,
+        "diameter": diam,
+        "diameter_exact": diam_exact,
+        "privatisations_per_sentence": n_priv,
+        "calibration_rate": calib_rate,
+        "preservation_rate_train": float(np.mean([c.rate for c in clients])),
+        "preservation_rate_test": dchi.preservation_rate(test_orig[x_mask], test_rel[x_mask], specials),
+        "nn_inversion_acc": dchi.nn_inversion_accuracy(test_orig[x_mask], test_rel[x_mask], specials),
+        "bayes_inversion_acc": bayes,
+        "rec_acc": rounds[-1]["rec_acc"],
+        "seconds": time.perf_counter() - t_start,
+        "note": (
+            "RAPT: local d_chi privatisation of the text (once per client"
+            + (", re-privatised every epoch and composed" if cfg.compose else "")
+            + "); epsilon_local = epsilon_global = eta * diameter(token embedding) per token"
+            + (" (upper bound on the diameter)" if not diam_exact else "")
+            + ", pure (delta 0). zero_shot_acc: label-text cosine on the privatised test sentence without a prompt"
+            + (" (random-init backbone: chance level expected)" if cfg.pretrained is None else "")
+            + ". nn_inversion_acc equals the preservation rate by construction; bayes_inversion_acc: the attacker"
+            " knows the training-text vocabulary."
+        ),
+    }
+    results = {"method": "rapt", "config": cfg.to_dict(), "rounds": rounds, "final": final}
+    write_outputs(out, results)
+    return results

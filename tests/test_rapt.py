@@ -1,0 +1,130 @@
+"""RAPT on a CLIP text tower (spec R5-R10, R13): sequences, gradients, config checks, end-to-end run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fpl_fast.backbone import load_backbone
+from fpl_fast.data.text import TEXT_CLASSNAMES, make_text_dataset
+from fpl_fast.methods import rapt
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    return load_backbone("tiny-digits-clip", None)
+
+
+def test_text_dataset_is_deterministic_and_balanced() -> None:
+    a, b = make_text_dataset("train"), make_text_dataset("train")
+    assert a.texts == b.texts and (a.labels == b.labels).all()
+    assert len(a) == 800 and len(make_text_dataset("test")) == 400
+    assert sorted(set(a.labels.tolist())) == list(range(len(TEXT_CLASSNAMES)))
+    assert (torch.bincount(torch.as_tensor(a.labels)) == 200).all()
+    assert make_text_dataset("test").texts != a.texts[:400]
+    with pytest.raises(ValueError, match="split must be one of"):
+        make_text_dataset("val")
+
+
+def test_build_sequences_layout() -> None:
+    body = [torch.tensor([5, 6, 7]), torch.tensor([8])]
+    tokens, eot = rapt.build_sequences(body, 100, 101, n_prompt=2)
+    assert tokens.shape == (2, 2 + 2 + 3)
+    assert tokens[:, 0].tolist() == [100, 100]
+    assert tokens[0].tolist() == [100, 0, 0, 5, 6, 7, 101]
+    assert tokens[1].tolist() == [100, 0, 0, 8, 101, 0, 0]
+    assert eot.tolist() == [6, 4]
+
+
+def test_reconstruction_vocab(backbone) -> None:
+    ids = rapt.reconstruction_vocab(backbone, 50)
+    assert ids.numel() == 50 and bool((ids[1:] > ids[:-1]).all())
+    words = [backbone.tokenizer.decoder[int(i)] for i in ids]
+    assert all(w.endswith("</w>") and w[:-4].isalpha() for w in words)
+    full = rapt.reconstruction_vocab(backbone, 0)
+    assert full.numel() == 49408 - 2 and not torch.isin(full, torch.tensor(rapt.special_ids(backbone))).any()
+
+
+@pytest.mark.parametrize("task_head", ["linear", "cosine"])
+def test_gradients_reach_only_prompt_and_heads(backbone, task_head: str) -> None:
+    rec_ids = rapt.reconstruction_vocab(backbone, 40)
+    model = rapt.RaptModel(
+        backbone,
+        n_cls=4,
+        n_prompt=4,
+        n_plain=3,
+        rec_vocab_size=rec_ids.numel(),
+        rec_dim=16,
+        task_head=task_head,
+        label_features=backbone.encode_text([f"a sentence about {c}." for c in TEXT_CLASSNAMES]),
+        generator=torch.Generator().manual_seed(0),
+    )
+    body = [torch.cat([rec_ids[:3], torch.tensor(backbone.tokenizer.encode(t))]) for t in ["rain today", "a song"]]
+    l_task, l_rec, _ = rapt._losses(model, body, torch.tensor([[0, 1, 2], [3, 4, 5]]), torch.tensor([2, 3]))
+    (l_task + l_rec).backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {"prompt", "rec_down.weight", "rec_up.weight"} | (
+        {"head.weight", "head.bias"} if task_head == "linear" else set()
+    )
+    assert trainable == expected
+    for name, p in model.named_parameters():
+        if name in expected:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, f"frozen backbone parameter {name} got a gradient"
+    assert all(p.grad is None and not p.requires_grad for p in backbone.parameters())
+
+
+def test_reconstruction_loss_reaches_prompt_through_causal_mask(backbone) -> None:
+    """With lambda > 0 and no task loss, P still gets a gradient: plain positions attend to [SOT] P k'."""
+    rec_ids = rapt.reconstruction_vocab(backbone, 10)
+    model = rapt.RaptModel(backbone, n_cls=2, n_prompt=3, n_plain=2, rec_vocab_size=10, rec_dim=8, task_head="linear")
+    _, l_rec, _ = rapt._losses(
+        model, [torch.cat([rec_ids[:2], torch.tensor([320])])], torch.tensor([[0, 1]]), torch.tensor([0])
+    )
+    l_rec.backward()
+    assert model.prompt.grad.abs().sum() > 0
+    assert model.head.weight.grad is None
+
+
+@pytest.mark.parametrize(
+    "change,flag",
+    [
+        ({"num_users": 0}, "--num-users"),
+        ({"partition": "pathological"}, "--partition"),
+        ({"task_head": "lm"}, "--task-head"),
+        ({"eta": -1.0}, "--eta"),
+        ({"target_preservation": 1.0}, "--target-preservation"),
+        ({"dataset": "digits"}, "--dataset"),
+        ({"n_plain": 0}, "--n-plain"),
+        ({"lr": 0.0}, "--lr"),
+    ],
+)
+def test_config_validation(change: dict, flag: str) -> None:
+    with pytest.raises(ValueError, match=flag):
+        rapt.Config(**change)
+
+
+def test_end_to_end(tmp_path: Path) -> None:
+    cfg = rapt.Config(
+        num_users=2, rounds=2, local_epochs=1, calibration_tokens=64, bayes_mc=4, n_prompt=4, rec_vocab=200
+    )
+    res = rapt.run(cfg, out=tmp_path, progress=False)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "rounds.csv").is_file()
+    assert saved["config"]["num_users"] == 2 and len(saved["rounds"]) == 2
+    for row in saved["rounds"]:
+        for key in ("round", "local_acc", "neighbor_acc", "epsilon_local", "epsilon_global", "seconds"):
+            assert key in row
+    final = saved["final"]
+    for key in ("local_acc", "neighbor_acc", "zero_shot_acc", "epsilon_local", "epsilon_global", "delta", "accountant"):
+        assert key in final
+    assert 0 <= final["local_acc"] <= 1 and 0 <= final["neighbor_acc"] <= 1
+    assert final["epsilon_local"] == pytest.approx(final["eta"] * final["diameter"])
+    assert final["nn_inversion_acc"] == final["preservation_rate_test"]
+    assert abs(final["calibration_rate"] - 0.7) < 0.02
+    assert res["final"]["eta"] == final["eta"]
