@@ -154,8 +154,8 @@ inline void check_floating(const at::Tensor& t, const char* name) {
 }
 
 inline void check_hyper(double clip_norm, double noise_multiplier) {
-  TORCH_CHECK_VALUE(!std::isnan(clip_norm) && clip_norm > 0, "clip_norm must be > 0 (inf disables clipping), got ",
-                    pyfmt::py_float(clip_norm));
+  TORCH_CHECK_VALUE(!std::isnan(clip_norm) && clip_norm > 0,
+                    "clip_norm must be > 0 (inf disables clipping), got ", pyfmt::py_float(clip_norm));
   TORCH_CHECK_VALUE(std::isfinite(noise_multiplier) && noise_multiplier >= 0,
                     "noise_multiplier must be finite and >= 0, got ", pyfmt::py_float(noise_multiplier));
 }
@@ -224,8 +224,8 @@ inline LowrankPromptDims check_lowrank_prompt(const at::Tensor& prefix, const at
   if (dims.u_batched) leading.insert(u->size(0));
   if (dims.v_batched) leading.insert(v->size(0));
   if (dims.residual_batched) leading.insert(residual->size(0));
-  TORCH_CHECK_VALUE(leading.size() <= 1, "client dimensions K disagree across g, u, v, residual: ",
-                    pyfmt::int_list(leading));
+  TORCH_CHECK_VALUE(leading.size() <= 1,
+                    "client dimensions K disagree across g, u, v, residual: ", pyfmt::int_list(leading));
   dims.batched = leading.size() == 1;
   dims.K = dims.batched ? *leading.begin() : 1;
   dims.S = suffix.size(1);
@@ -245,7 +245,8 @@ struct LowrankPromptBackwardDims {
 
 inline LowrankPromptBackwardDims check_lowrank_prompt_backward(const at::Tensor& grad_out,
                                                                const std::optional<at::Tensor>& u,
-                                                               const std::optional<at::Tensor>& v, int64_t n_ctx) {
+                                                               const std::optional<at::Tensor>& v,
+                                                               int64_t n_ctx) {
   detail::check_dim(grad_out, "grad_out", {3, 4}, "3-D (n_cls, L, d) or 4-D (K, n_cls, L, d)");
   LowrankPromptBackwardDims dims{};
   const bool batched = grad_out.dim() == 4;
@@ -263,14 +264,16 @@ inline LowrankPromptBackwardDims check_lowrank_prompt_backward(const at::Tensor&
     detail::check_dim(*u, "u", {2, 3}, "2-D (n_ctx, r) or 3-D (K, n_ctx, r)");
     detail::check_dim(*v, "v", {2, 3}, "2-D (r, d) or 3-D (K, r, d)");
     for (const auto& [t, name] : {std::make_pair(&*u, "u"), std::make_pair(&*v, "v")}) {
-      TORCH_CHECK_VALUE(t->device() == grad_out.device(), name, " must be on ", pyfmt::device(grad_out.device()),
-                        ", got ", pyfmt::device(t->device()));
+      TORCH_CHECK_VALUE(t->device() == grad_out.device(), name, " must be on ",
+                        pyfmt::device(grad_out.device()), ", got ", pyfmt::device(t->device()));
       detail::check_floating(*t, name);
-      TORCH_CHECK_VALUE(t->dim() == 2 || t->size(0) == dims.K, name, " must have grad_out's client dimension ",
-                        dims.K, ", got shape ", pyfmt::shape(t->sizes()));
+      TORCH_CHECK_VALUE(t->dim() == 2 || t->size(0) == dims.K, name,
+                        " must have grad_out's client dimension ", dims.K, ", got shape ",
+                        pyfmt::shape(t->sizes()));
     }
     dims.r = u->size(-1);
-    TORCH_CHECK_VALUE(u->size(-2) == n_ctx, "u must have ", n_ctx, " rows (n_ctx), got ", pyfmt::shape(u->sizes()));
+    TORCH_CHECK_VALUE(u->size(-2) == n_ctx, "u must have ", n_ctx, " rows (n_ctx), got ",
+                      pyfmt::shape(u->sizes()));
     TORCH_CHECK_VALUE(v->size(-2) == dims.r && v->size(-1) == dims.d, "v must be (", dims.r, ", ", dims.d,
                       ") per client, got ", pyfmt::shape(v->sizes()));
     dims.u_batched = u->dim() == 3;
@@ -283,7 +286,7 @@ inline LowrankPromptBackwardDims check_lowrank_prompt_backward(const at::Tensor&
 // dp_lowrank_clip_noise
 // ------------------------------------------------------------------------------------------------
 struct DpClipNoiseDims {
-  bool batched;  // grad has the client dimension K
+  bool batched;                      // grad has the client dimension K
   int64_t K, b, n_cls, n_ctx, d, r;  // n_cls = 1 without sum_classes; r = 0 without u, v
   bool has_uv;
   double denom;  // expected_batch_size if > 0 else max(b, 1)
@@ -317,7 +320,8 @@ inline DpClipNoiseDims check_dp_lowrank_clip_noise(const at::Tensor& grad, const
   dims.r = 0;
   if (dims.has_uv) {
     const int64_t kd = dims.batched ? 3 : 2;
-    detail::check_dim(*u, "u", {kd}, dims.batched ? "3-D (K, n_ctx, r) like grad" : "2-D (n_ctx, r) like grad");
+    detail::check_dim(*u, "u", {kd},
+                      dims.batched ? "3-D (K, n_ctx, r) like grad" : "2-D (n_ctx, r) like grad");
     detail::check_dim(*v, "v", {kd}, dims.batched ? "3-D (K, r, d) like grad" : "2-D (r, d) like grad");
     detail::check_same(grad, *u, "u");
     detail::check_same(grad, *v, "v");
@@ -326,10 +330,11 @@ inline DpClipNoiseDims check_dp_lowrank_clip_noise(const at::Tensor& grad, const
     TORCH_CHECK_VALUE(uk == dims.K && u->size(-2) == dims.n_ctx, "u must be (", dims.K, ", ", dims.n_ctx,
                       ", r) to match grad, got ", pyfmt::shape(u->sizes()));
     const int64_t vk = dims.batched ? v->size(0) : 1;
-    TORCH_CHECK_VALUE(vk == dims.K && v->size(-2) == dims.r && v->size(-1) == dims.d, "v must be (", dims.K, ", ",
-                      dims.r, ", ", dims.d, ") to match grad and u, got ", pyfmt::shape(v->sizes()));
+    TORCH_CHECK_VALUE(vk == dims.K && v->size(-2) == dims.r && v->size(-1) == dims.d, "v must be (", dims.K,
+                      ", ", dims.r, ", ", dims.d, ") to match grad and u, got ", pyfmt::shape(v->sizes()));
   }
-  dims.denom = expected_batch_size > 0 ? expected_batch_size : static_cast<double>(std::max<int64_t>(dims.b, 1));
+  dims.denom =
+      expected_batch_size > 0 ? expected_batch_size : static_cast<double>(std::max<int64_t>(dims.b, 1));
   return dims;
 }
 
@@ -341,25 +346,25 @@ struct FullGradDims {
   int64_t K, n_ctx, r, d;
 };
 
-inline FullGradDims check_lowrank_full_grad(const at::Tensor& grad_u, const at::Tensor& grad_v, const at::Tensor& u,
-                                            const at::Tensor& v, double scale) {
+inline FullGradDims check_lowrank_full_grad(const at::Tensor& grad_u, const at::Tensor& grad_v,
+                                            const at::Tensor& u, const at::Tensor& v, double scale) {
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", pyfmt::py_float(scale));
   detail::check_dim(u, "u", {2, 3}, "2-D (n_ctx, r) or 3-D (K, n_ctx, r)");
   const std::string like_u = std::to_string(u.dim()) + "-D like u";
-  for (const auto& [t, name] : {std::make_pair(&grad_u, "grad_u"), std::make_pair(&grad_v, "grad_v"),
-                                std::make_pair(&v, "v")}) {
+  for (const auto& [t, name] :
+       {std::make_pair(&grad_u, "grad_u"), std::make_pair(&grad_v, "grad_v"), std::make_pair(&v, "v")}) {
     detail::check_dim(*t, name, {u.dim()}, like_u);
     detail::check_same(u, *t, name);
   }
-  TORCH_CHECK_VALUE(grad_u.sizes() == u.sizes(), "grad_u must have u's shape ", pyfmt::shape(u.sizes()), ", got ",
-                    pyfmt::shape(grad_u.sizes()));
+  TORCH_CHECK_VALUE(grad_u.sizes() == u.sizes(), "grad_u must have u's shape ", pyfmt::shape(u.sizes()),
+                    ", got ", pyfmt::shape(grad_u.sizes()));
   const int64_t r = u.size(-1);
   TORCH_CHECK_VALUE(v.size(-2) == r, "v must have ", r, " rows (rank of u), got ", pyfmt::shape(v.sizes()));
   TORCH_CHECK_VALUE(v.sizes().slice(0, v.dim() - 2) == u.sizes().slice(0, u.dim() - 2),
-                    "v must have u's client dimension ", pyfmt::shape(u.sizes().slice(0, u.dim() - 2)), ", got ",
-                    pyfmt::shape(v.sizes()));
-  TORCH_CHECK_VALUE(grad_v.sizes() == v.sizes(), "grad_v must have v's shape ", pyfmt::shape(v.sizes()), ", got ",
-                    pyfmt::shape(grad_v.sizes()));
+                    "v must have u's client dimension ", pyfmt::shape(u.sizes().slice(0, u.dim() - 2)),
+                    ", got ", pyfmt::shape(v.sizes()));
+  TORCH_CHECK_VALUE(grad_v.sizes() == v.sizes(), "grad_v must have v's shape ", pyfmt::shape(v.sizes()),
+                    ", got ", pyfmt::shape(grad_v.sizes()));
   // Not in the reference: the kernels are floating point only.
   detail::check_floating(u, "u");
   FullGradDims dims{};
@@ -388,8 +393,8 @@ inline FactorizeDims check_lowrank_factorize(const at::Tensor& l, int64_t rank) 
   dims.n_ctx = l.size(-2);
   dims.d = l.size(-1);
   const int64_t max_rank = std::min(dims.n_ctx, dims.d);
-  TORCH_CHECK_VALUE(1 <= rank && rank <= max_rank, "rank must be in [1, ", max_rank, "] (min(n_ctx, d)), got ",
-                    rank);
+  TORCH_CHECK_VALUE(1 <= rank && rank <= max_rank, "rank must be in [1, ", max_rank,
+                    "] (min(n_ctx, d)), got ", rank);
   dims.r = rank;
   return dims;
 }

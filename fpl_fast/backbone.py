@@ -234,7 +234,7 @@ def save_compact_checkpoint(
     untouched[trained_rows] = False
     if not torch.equal(emb[untouched], init[untouched]):
         raise ValueError("token-embedding rows outside trained_rows changed during training; cannot store compactly")
-    emb_key = next(k for k, v in model.state_dict().items() if v is tower.token_embedding.weight)
+    emb_key = next(k for k, p in model.named_parameters() if p is tower.token_embedding.weight)
     state = {k: v.detach().cpu().half() for k, v in model.state_dict().items() if k != emb_key}
     torch.save(
         {

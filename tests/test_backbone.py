@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -231,3 +233,22 @@ def test_embedded_model_loads_offline_with_headroom() -> None:
     acc = (feats @ weights.T).argmax(-1).eq(torch.from_numpy(data.labels)).float().mean().item()
     assert 0.40 <= acc <= 0.75, acc
     assert bb.EMBEDDED_WEIGHTS.stat().st_size < 8 * 2**20
+
+
+def test_compact_checkpoint_round_trip(tmp_path: Path) -> None:
+    model = load_backbone("tiny-digits-clip").model
+    emb = model.token_embedding.weight
+    with torch.no_grad():
+        emb.copy_(bb.init_token_embedding(*emb.shape, seed=7, std=0.2))
+        emb[[5, 9]] += 1.0  # "trained" rows
+    path = tmp_path / "compact.pt"
+    bb.save_compact_checkpoint(
+        model, path, model_name="tiny-digits-clip", token_seed=7, token_std=0.2, trained_rows=torch.tensor([5, 9])
+    )
+    loaded = load_backbone("tiny-digits-clip", str(path)).model
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3, msg=k)  # fp16 storage
+    with pytest.raises(ValueError, match="trained_rows"):
+        bb.save_compact_checkpoint(
+            model, path, model_name="tiny-digits-clip", token_seed=7, token_std=0.2, trained_rows=torch.tensor([5])
+        )

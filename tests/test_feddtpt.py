@@ -356,8 +356,9 @@ def test_run_end_to_end_writes_results_with_the_shared_shape(tmp_path) -> None:
     first = on_disk["rounds"][0]
     assert first["upload_bits"] == first["download_bits"] == SMALL.num_users * 4 * 16
     assert final["total_bits"] == final["upload_bits"] + final["download_bits"]
-    # the round's clients never end below the seed prompt on their own batches, and the test accuracy is real
     assert final["zero_shot_acc"] == final["seed_prompt_acc"]  # seed preset = the zero-shot text
+    # the search improves on the hand-written prompt (measured: 0.46 -> 0.96 in round 1 with these settings)
+    assert max(row["test_acc"] for row in on_disk["rounds"]) > final["zero_shot_acc"]
     assert final["transfer"]["model"] == "tiny-bidir-clip" and 0.0 <= final["transfer"]["acc"] <= 1.0
     assert res["final"]["prompt"] == final["prompt"]
 

@@ -102,6 +102,7 @@ def test_reconstruction_loss_reaches_prompt_through_causal_mask(backbone) -> Non
         ({"dataset": "digits"}, "--dataset"),
         ({"n_plain": 0}, "--n-plain"),
         ({"lr": 0.0}, "--lr"),
+        ({"train_size": 3}, "--train-size"),
     ],
 )
 def test_config_validation(change: dict, flag: str) -> None:

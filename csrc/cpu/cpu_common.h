@@ -1,4 +1,5 @@
-// Helpers shared by the CPU kernels: ISA clones for the hot loops, the Philox noise fill, small dense products.
+// Helpers shared by the CPU kernels: ISA clones for the hot loops, the Philox noise fill, small dense
+// products.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,8 +12,8 @@
 
 #include "../philox.h"
 
-// The hot loops are compiled for AVX-512 and AVX2 (+FMA) next to the baseline, and the loader picks the best one
-// the CPU has (GNU ifunc), so the wheel stays portable without -march=native.
+// The hot loops are compiled for AVX-512 and AVX2 (+FMA) next to the baseline, and the loader picks the best
+// one the CPU has (GNU ifunc), so the wheel stays portable without -march=native.
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__)) && \
     !defined(FPL_FAST_NO_CLONES)
 #define FPL_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -85,11 +86,11 @@ FPL_ALWAYS_INLINE T sumsq_body(int64_t len, const T* x) {
 }
 
 // Per-sample factor gradients: A (n x r) = X V^T, B (r x d) = U^T X; returns sum(X^2).
-// X (n x d), U (n x r), V (r x d), all row-major. Rows of X are taken four at a time so that each pass over a row
-// of V and of B serves four rows of X.
+// X (n x d), U (n x r), V (r x d), all row-major. Rows of X are taken four at a time so that each pass over a
+// row of V and of B serves four rows of X.
 template <typename T>
-FPL_ALWAYS_INLINE T sample_factors_body(const T* X, const T* U, const T* V, int64_t n, int64_t d, int64_t r, T* A,
-                                        T* B) {
+FPL_ALWAYS_INLINE T sample_factors_body(const T* X, const T* U, const T* V, int64_t n, int64_t d, int64_t r,
+                                        T* A, T* B) {
   using V_t = vec_t<T>;
   constexpr int64_t W = Vec<T>::kLanes;
   const int64_t d_main = d - d % W;
@@ -153,13 +154,15 @@ FPL_ALWAYS_INLINE T sample_factors_body(const T* X, const T* U, const T* V, int6
   return total_sq;
 }
 
-FPL_CPU_CLONES static float sample_factors(const float* X, const float* U, const float* V, int64_t n, int64_t d,
-                                           int64_t r, float* A, float* B) {
+[[maybe_unused]] FPL_CPU_CLONES static float sample_factors(const float* X, const float* U, const float* V,
+                                                            int64_t n, int64_t d, int64_t r, float* A,
+                                                            float* B) {
   return sample_factors_body<float>(X, U, V, n, d, r, A, B);
 }
 
-FPL_CPU_CLONES static double sample_factors(const double* X, const double* U, const double* V, int64_t n, int64_t d,
-                                            int64_t r, double* A, double* B) {
+[[maybe_unused]] FPL_CPU_CLONES static double sample_factors(const double* X, const double* U,
+                                                             const double* V, int64_t n, int64_t d, int64_t r,
+                                                             double* A, double* B) {
   return sample_factors_body<double>(X, U, V, n, d, r, A, B);
 }
 
@@ -172,8 +175,10 @@ FPL_ALWAYS_INLINE void axpy_body(int64_t len, T alpha, const T* x, T* y) {
   for (; e < len; ++e) y[e] += alpha * x[e];
 }
 
-FPL_CPU_CLONES static void axpy(int64_t len, float alpha, const float* x, float* y) { axpy_body(len, alpha, x, y); }
-FPL_CPU_CLONES static void axpy(int64_t len, double alpha, const double* x, double* y) {
+[[maybe_unused]] FPL_CPU_CLONES static void axpy(int64_t len, float alpha, const float* x, float* y) {
+  axpy_body(len, alpha, x, y);
+}
+[[maybe_unused]] FPL_CPU_CLONES static void axpy(int64_t len, double alpha, const double* x, double* y) {
   axpy_body(len, alpha, x, y);
 }
 
@@ -189,11 +194,17 @@ FPL_ALWAYS_INLINE T dot_body(int64_t len, const T* x, const T* y) {
   return total;
 }
 
-FPL_CPU_CLONES static float dot(int64_t len, const float* x, const float* y) { return dot_body(len, x, y); }
-FPL_CPU_CLONES static double dot(int64_t len, const double* x, const double* y) { return dot_body(len, x, y); }
+[[maybe_unused]] FPL_CPU_CLONES static float dot(int64_t len, const float* x, const float* y) {
+  return dot_body(len, x, y);
+}
+[[maybe_unused]] FPL_CPU_CLONES static double dot(int64_t len, const double* x, const double* y) {
+  return dot_body(len, x, y);
+}
 
-FPL_CPU_CLONES static float sumsq(int64_t len, const float* x) { return sumsq_body(len, x); }
-FPL_CPU_CLONES static double sumsq(int64_t len, const double* x) { return sumsq_body(len, x); }
+[[maybe_unused]] FPL_CPU_CLONES static float sumsq(int64_t len, const float* x) { return sumsq_body(len, x); }
+[[maybe_unused]] FPL_CPU_CLONES static double sumsq(int64_t len, const double* x) {
+  return sumsq_body(len, x);
+}
 
 // dst[0:len] = acc_t(src[0:len]) (or += when accumulate).
 template <typename scalar_t, typename acc_t>

@@ -1,7 +1,8 @@
 // dp_lowrank_clip_noise on the CPU: per-sample clipping of the prompt-factor gradients plus local-DP noise.
-// Semantics: fpl_fast/reference.py. One pass over the per-sample context gradients: for each sample the factor
-// gradients A = X V^T and B = U^T X and the three norms are computed while X is in cache, and the clipped terms
-// go straight into per-work-unit sums, so no per-sample (K, b, r, d) tensor is ever materialised.
+// Semantics: fpl_fast/reference.py. One pass over the per-sample context gradients: for each sample the
+// factor gradients A = X V^T and B = U^T X and the three norms are computed while X is in cache, and the
+// clipped terms go straight into per-work-unit sums, so no per-sample (K, b, r, d) tensor is ever
+// materialised.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,15 +19,16 @@
 namespace fpl_fast {
 namespace {
 
-// Samples per work unit. Fixed (not derived from the thread count) so that the summation order, and with it the
-// result, is the same however many threads run.
+// Samples per work unit. Fixed (not derived from the thread count) so that the summation order, and with it
+// the result, is the same however many threads run.
 constexpr int64_t kChunk = 8;
 
 template <typename scalar_t>
 void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_acc, const at::Tensor& v_acc,
                                   const DpClipNoiseDims& dims, double clip_norm, double noise_multiplier,
-                                  uint64_t seed, uint64_t offset, bool joint_uv, bool per_sample, at::Tensor& out_a,
-                                  at::Tensor& out_b, at::Tensor& out_g, at::Tensor& norms) {
+                                  uint64_t seed, uint64_t offset, bool joint_uv, bool per_sample,
+                                  at::Tensor& out_a, at::Tensor& out_b, at::Tensor& out_g,
+                                  at::Tensor& norms) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t K = dims.K, b = dims.b, n_cls = dims.n_cls, n = dims.n_ctx, d = dims.d, r = dims.r;
   const int64_t nd = n * d, nr = n * r, rd = r * d;
@@ -137,7 +139,9 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
       for (int64_t c = 0; c < units_per_client; ++c) {
         cpu::axpy(unit_len, acc_t(1), pp + (k * units_per_client + c) * unit_len, sum.data());
       }
-      if (noisy) cpu::fill_normals(seed, offset, static_cast<uint64_t>(k * per_client_noise), per_client_noise, z.data());
+      if (noisy)
+        cpu::fill_normals(seed, offset, static_cast<uint64_t>(k * per_client_noise), per_client_noise,
+                          z.data());
       const acc_t* sa = sum.data();
       const acc_t* sb = sa + nr;
       const acc_t* sg = uv ? sb + rd : sa;
@@ -171,13 +175,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dp_lowrank_clip_noise
   at::Tensor out_a = at::empty(cpu::with_k(dims.batched, K, {n, dims.has_uv ? r : d}), opts);
   at::Tensor out_b = at::empty(cpu::with_k(dims.batched, K, {dims.has_uv ? r : 0, d}), opts);
   at::Tensor out_g = at::empty(cpu::with_k(dims.batched, K, {n, d}), opts);
-  at::Tensor norms = at::empty(cpu::with_k(dims.batched, K, {per_sample ? dims.b : 1, 3}), opts.dtype(at::kFloat));
+  at::Tensor norms =
+      at::empty(cpu::with_k(dims.batched, K, {per_sample ? dims.b : 1, 3}), opts.dtype(at::kFloat));
   if (K == 0) return {out_a, out_b, out_g, norms};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dp_lowrank_clip_noise_cpu", [&] {
-    dp_lowrank_clip_noise_kernel<scalar_t>(x, u_acc, v_acc, dims, clip_norm, noise_multiplier,
-                                           static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), joint_uv,
-                                           per_sample, out_a, out_b, out_g, norms);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "dp_lowrank_clip_noise_cpu", [&] {
+        dp_lowrank_clip_noise_kernel<scalar_t>(x, u_acc, v_acc, dims, clip_norm, noise_multiplier,
+                                               static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
+                                               joint_uv, per_sample, out_a, out_b, out_g, norms);
+      });
   return {out_a, out_b, out_g, norms};
 }
 

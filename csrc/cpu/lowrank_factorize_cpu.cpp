@@ -1,7 +1,7 @@
 // lowrank_factorize on the CPU: one randomised power iteration per client. Semantics: fpl_fast/reference.py.
-// V0 (d x r) comes from the Philox stream, U = orth(L V0), W = orth(L^T U), V = W^T, R = L - U V, where orth is
-// the reference's column-wise modified Gram-Schmidt (normalise column j, remove it from the later columns). W is
-// kept transposed (r x d) so its columns are contiguous rows and V needs no transpose.
+// V0 (d x r) comes from the Philox stream, U = orth(L V0), W = orth(L^T U), V = W^T, R = L - U V, where orth
+// is the reference's column-wise modified Gram-Schmidt (normalise column j, remove it from the later
+// columns). W is kept transposed (r x d) so its columns are contiguous rows and V needs no transpose.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -54,9 +54,9 @@ void lowrank_factorize_kernel(const at::Tensor& l, const FactorizeDims& dims, ui
         for (int64_t j = 0; j < r; ++j) v0t[j * d + t] = static_cast<acc_t>(z[t * r + j]);
       }
       cpu::mm_nt(x.data(), v0t.data(), u.data(), n, d, r);  // L V0 (n, r)
-      gram_schmidt(u.data(), r, n, 1, r);                     // columns of (n, r)
-      cpu::mm_tn(u.data(), x.data(), wt.data(), r, n, d);     // (L^T U)^T = U^T L (r, d)
-      gram_schmidt(wt.data(), r, d, d, 1);                    // columns of W = rows of W^T
+      gram_schmidt(u.data(), r, n, 1, r);                   // columns of (n, r)
+      cpu::mm_tn(u.data(), x.data(), wt.data(), r, n, d);   // (L^T U)^T = U^T L (r, d)
+      gram_schmidt(wt.data(), r, d, d, 1);                  // columns of W = rows of W^T
       for (int64_t i = 0; i < n; ++i) {
         const acc_t* xi = x.data() + i * d;
         for (int64_t t = 0; t < d; ++t) row[t] = 0;
@@ -70,8 +70,8 @@ void lowrank_factorize_kernel(const at::Tensor& l, const FactorizeDims& dims, ui
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_factorize_cpu(const at::Tensor& l, int64_t rank, int64_t seed,
-                                                                     int64_t offset) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_factorize_cpu(const at::Tensor& l, int64_t rank,
+                                                                     int64_t seed, int64_t offset) {
   const FactorizeDims dims = check_lowrank_factorize(l, rank);
   TORCH_INTERNAL_ASSERT(l.device().is_cpu());
   const auto opts = l.options();
@@ -81,8 +81,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_factorize_cpu(const at::T
   if (dims.K == 0) return {out_u, out_v, out_r};
   const at::Tensor x = l.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lowrank_factorize_cpu", [&] {
-    lowrank_factorize_kernel<scalar_t>(x, dims, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), out_u,
-                                       out_v, out_r);
+    lowrank_factorize_kernel<scalar_t>(x, dims, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
+                                       out_u, out_v, out_r);
   });
   return {out_u, out_v, out_r};
 }

@@ -1,7 +1,8 @@
 // lowrank_prompt and its backward on the CPU. Semantics: fpl_fast/reference.py.
-// Forward: ctx = G + U V (+ R) is formed once per client (accumulated in float, or double for double inputs, and
-// rounded once), then every class row of the output is written as [prefix | ctx | suffix] by plain copies.
-// Backward: the context rows of grad_out are summed over classes, then multiplied by V^T and U^T per client.
+// Forward: ctx = G + U V (+ R) is formed once per client (accumulated in float, or double for double inputs,
+// and rounded once), then every class row of the output is written as [prefix | ctx | suffix] by plain
+// copies. Backward: the context rows of grad_out are summed over classes, then multiplied by V^T and U^T per
+// client.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -67,7 +68,8 @@ at::Tensor lowrank_prompt_cpu(const at::Tensor& prefix, const at::Tensor& suffix
                               const std::optional<at::Tensor>& residual) {
   const LowrankPromptDims dims = check_lowrank_prompt(prefix, suffix, g, u, v, residual);
   TORCH_INTERNAL_ASSERT(prefix.device().is_cpu());
-  at::Tensor out = at::empty(cpu::with_k(dims.batched, dims.K, {dims.n_cls, dims.L(), dims.d}), prefix.options());
+  at::Tensor out =
+      at::empty(cpu::with_k(dims.batched, dims.K, {dims.n_cls, dims.L(), dims.d}), prefix.options());
   if (out.numel() == 0) return out;
   const at::Tensor pre = prefix.contiguous(), suf = suffix.contiguous(), gc = g.contiguous();
   const at::Tensor u_acc = dims.has_uv ? cpu::to_acc(*u) : at::Tensor();
@@ -121,9 +123,9 @@ void lowrank_prompt_backward_kernel(const at::Tensor& go, const at::Tensor& u_ac
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_prompt_backward_cpu(const at::Tensor& grad_out,
-                                                                          const std::optional<at::Tensor>& u,
-                                                                          const std::optional<at::Tensor>& v,
-                                                                          int64_t n_ctx) {
+                                                                           const std::optional<at::Tensor>& u,
+                                                                           const std::optional<at::Tensor>& v,
+                                                                           int64_t n_ctx) {
   const LowrankPromptBackwardDims dims = check_lowrank_prompt_backward(grad_out, u, v, n_ctx);
   TORCH_INTERNAL_ASSERT(grad_out.device().is_cpu());
   const auto opts = grad_out.options();
@@ -135,9 +137,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_prompt_backward_cpu(const
   const at::Tensor go = grad_out.contiguous();
   const at::Tensor u_acc = dims.has_uv ? cpu::to_acc(*u) : at::Tensor();
   const at::Tensor v_acc = dims.has_uv ? cpu::to_acc(*v) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "lowrank_prompt_backward_cpu", [&] {
-    lowrank_prompt_backward_kernel<scalar_t>(go, u_acc, v_acc, dims, grad_ctx, grad_u, grad_v);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, go.scalar_type(), "lowrank_prompt_backward_cpu",
+      [&] { lowrank_prompt_backward_kernel<scalar_t>(go, u_acc, v_acc, dims, grad_ctx, grad_u, grad_v); });
   return {grad_ctx, grad_u, grad_v};
 }
 

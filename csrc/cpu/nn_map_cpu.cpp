@@ -1,9 +1,9 @@
 // nn_map on the CPU: ids[i] = argmin_w ||emb[w] - y[i]||^2 over allowed w, ties to the smaller id.
 // Semantics: fpl_fast/reference.py. Scores are ||emb[w]||^2 - 2 emb[w] . y[i] (precomputed squared norms,
-// +inf for ids that are not allowed). at::parallel_for runs over blocks of query rows; each block walks the
-// vocabulary in blocks of `chunk` rows, computes the (rows x chunk) dot products with one single-threaded
-// GEMM (at::mm_out into a per-block buffer) and keeps a running (value, id) minimum, so the (B, V) score
-// matrix is never materialised.
+// +inf for ids that are not allowed). The queries are taken in blocks of kRows rows and the vocabulary in
+// blocks of `chunk` rows; for each pair of blocks one GEMM (at::mm_out, which uses every thread) gives the
+// (rows x chunk) dot products, then at::parallel_for over the query rows merges them into a running (value,
+// id) minimum. The (B, V) score matrix is never materialised: the buffer holds at most kRows x chunk scores.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,37 +18,35 @@
 namespace fpl_fast {
 namespace {
 
-// Query rows per work unit: large enough for an efficient GEMM, small enough to spread over the threads.
-constexpr int64_t kRows = 64;
+// Query rows per GEMM: large enough for an efficient GEMM, small enough to bound the score buffer.
+constexpr int64_t kRows = 1024;
 
 template <typename acc_t>
 void nn_map_kernel(const at::Tensor& y_acc, const at::Tensor& emb_acc, const at::Tensor& sq, int64_t chunk,
                    at::Tensor& out) {
   const int64_t B = y_acc.size(0), V = emb_acc.size(0);
-  const int64_t n_units = (B + kRows - 1) / kRows;
   const int64_t c_max = std::min(chunk, V);
+  const int64_t r_max = std::min(kRows, B);
   const acc_t* sqp = sq.data_ptr<acc_t>();
   int64_t* outp = out.data_ptr<int64_t>();
-  at::parallel_for(0, n_units, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor dots = at::empty({kRows * c_max}, y_acc.options());
-    std::vector<acc_t> best(kRows);
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t r0 = unit * kRows;
-      const int64_t rows = std::min(kRows, B - r0);
-      const at::Tensor y_blk = y_acc.narrow(0, r0, rows);
-      std::fill(best.begin(), best.begin() + rows, std::numeric_limits<acc_t>::infinity());
-      int64_t* ids = outp + r0;
-      std::fill(ids, ids + rows, int64_t(-1));
-      for (int64_t start = 0; start < V; start += chunk) {
-        const int64_t c = std::min(chunk, V - start);
-        at::Tensor d_blk = dots.narrow(0, 0, rows * c).view({rows, c});
-        at::mm_out(d_blk, y_blk, emb_acc.narrow(0, start, c).t());  // (rows, c), contiguous
-        const acc_t* dp = d_blk.data_ptr<acc_t>();
-        const int64_t ld = c;
-        for (int64_t r = 0; r < rows; ++r) {
+  at::Tensor dots = at::empty({r_max * c_max}, y_acc.options());
+  std::vector<acc_t> best(r_max);
+  for (int64_t r0 = 0; r0 < B; r0 += kRows) {
+    const int64_t rows = std::min(kRows, B - r0);
+    const at::Tensor y_blk = y_acc.narrow(0, r0, rows);
+    std::fill(best.begin(), best.begin() + rows, std::numeric_limits<acc_t>::infinity());
+    int64_t* ids = outp + r0;
+    std::fill(ids, ids + rows, int64_t(-1));
+    for (int64_t start = 0; start < V; start += chunk) {
+      const int64_t c = std::min(chunk, V - start);
+      at::Tensor d_blk = dots.narrow(0, 0, rows * c).view({rows, c});
+      at::mm_out(d_blk, y_blk, emb_acc.narrow(0, start, c).t());  // (rows, c), contiguous
+      const acc_t* dp = d_blk.data_ptr<acc_t>();
+      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
           acc_t bv = best[r];
           int64_t bi = ids[r];
-          const acc_t* drow = dp + r * ld;
+          const acc_t* drow = dp + r * c;
           for (int64_t j = 0; j < c; ++j) {
             const acc_t s = sqp[start + j] - acc_t(2) * drow[j];
             if (s < bv) {  // strict: the first (smallest) id wins ties
@@ -59,9 +57,9 @@ void nn_map_kernel(const at::Tensor& y_acc, const at::Tensor& emb_acc, const at:
           best[r] = bv;
           ids[r] = bi;
         }
-      }
+      });
     }
-  });
+  }
 }
 
 at::Tensor nn_map_cpu(const at::Tensor& y, const at::Tensor& emb, const std::optional<at::Tensor>& allowed,

@@ -77,14 +77,14 @@ class PretrainConfig:
             the class tokens start distinguishable and training leaves its initial plateau sooner).
     """
 
-    steps: int = 400
-    batch_size: int = 128
+    steps: int = 500
+    batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup: int = 40
     max_shift: int = 2
     seed: int = 0
-    token_std: float = 0.02
+    token_std: float = 0.2
 
 
 def _normalise(backbone_or_cfg: dict, images: Tensor) -> Tensor:

@@ -133,7 +133,13 @@ class Federation:
         self.device = torch.device(cfg.device)
         K = cfg.num_users
         parts = backbone.prompt_parts(classnames, cfg.n_ctx)
-        self.prefix, self.suffix = parts.prefix, parts.suffix  # (n_cls, 1, d), (n_cls, S, d)
+        # A causal tower pooling at EOT never looks past the last EOT: drop the padding once, here, so the
+        # prompts are assembled (and differentiated) at the truncated length.
+        self.seq_len = (
+            parts.seq_len if backbone.is_causal else parts.prefix.shape[1] + cfg.n_ctx + parts.suffix.shape[1]
+        )
+        self.prefix = parts.prefix  # (n_cls, 1, d)
+        self.suffix = parts.suffix[:, : self.seq_len - 1 - cfg.n_ctx]  # (n_cls, S', d)
         self.eot_index = parts.eot_index  # (n_cls,)
         self.n_cls = self.prefix.shape[0]
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -189,7 +195,9 @@ class Federation:
         Ka = ctx.shape[0]
         prompts = reference.lowrank_prompt(self.prefix, self.suffix, ctx.to(self.prefix.dtype))
         L, d = prompts.shape[-2:]
-        feats = self.backbone.encode_prompts(prompts.reshape(Ka * self.n_cls, L, d), self.eot_index.repeat(Ka))
+        feats = self.backbone.encode_prompts(
+            prompts.reshape(Ka * self.n_cls, L, d), self.eot_index.repeat(Ka), seq_len=self.seq_len
+        )
         return feats.reshape(Ka, self.n_cls, -1).float()
 
     def _logits(self, text: Tensor, img: Tensor) -> Tensor:
@@ -241,7 +249,9 @@ class Federation:
             Ka = ctx.shape[0]
             prompts = ops.lowrank_prompt(self.prefix, self.suffix, ctx.to(self.prefix.dtype))
             L, d = prompts.shape[-2:]
-            text = self.backbone.encode_prompts(prompts.reshape(Ka * self.n_cls, L, d), self.eot_index.repeat(Ka))
+            text = self.backbone.encode_prompts(
+                prompts.reshape(Ka * self.n_cls, L, d), self.eot_index.repeat(Ka), seq_len=self.seq_len
+            )
             text = text.reshape(Ka, self.n_cls, -1).float()
             losses = (
                 F.cross_entropy(self._logits(text, feats).flatten(0, 1), labels.flatten(), reduction="none").view_as(
@@ -372,7 +382,9 @@ class Federation:
         factors = L.factors(clients, seed=eval_seed, offset=0)
         prompts = L.prompts(self.prefix, self.suffix, clients, factors)
         K, n_cls, Lq, d = prompts.shape
-        feats = self.backbone.encode_prompts(prompts.reshape(K * n_cls, Lq, d), self.eot_index.repeat(K))
+        feats = self.backbone.encode_prompts(
+            prompts.reshape(K * n_cls, Lq, d), self.eot_index.repeat(K), seq_len=self.seq_len
+        )
         return F.normalize(feats.reshape(K, n_cls, -1).float(), dim=-1)
 
     @torch.no_grad()

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fpl_fast.backbone import FrozenCLIP, load_backbone, text_tower
-from fpl_fast.data.text import TEXT_SEED, make_text_dataset
+from fpl_fast.data.text import TEXT_CLASSNAMES, TEXT_SEED, make_text_dataset
 from fpl_fast.privacy import dchi
 from fpl_fast.results import write_outputs
 
@@ -64,6 +64,8 @@ class Config:
         partition: ``iid`` or ``dirichlet`` (label skew with concentration ``beta``).
         beta: Dirichlet concentration.
         dataset: ``topics``, the generated four-topic set of :mod:`fpl_fast.data.text` (the only one offline).
+        train_size: training sentences (split over the clients).
+        test_size: test sentences.
         data_root: unused by ``topics`` (kept for the shared CLI).
         model: open_clip model name; default ``tiny-digits-clip`` (2 layers, width 64, causal, 77 tokens).
         pretrained: None (seeded random init, the default: the embedded digits weights were trained on digit
@@ -97,6 +99,8 @@ class Config:
     partition: str = "iid"
     beta: float = 0.5
     dataset: str = "topics"
+    train_size: int = 800
+    test_size: int = 400
     data_root: str = "data"
     model: str = "tiny-digits-clip"
     pretrained: str | None = None
@@ -124,6 +128,12 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{_flag(name)} must be an int >= 1, got {value!r}")
+        for name in ("train_size", "test_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < len(TEXT_CLASSNAMES):
+                raise ValueError(
+                    f"--{_flag(name)} must be an int >= {len(TEXT_CLASSNAMES)} (the classes), got {value!r}"
+                )
         for name in ("n_plain", "rec_vocab", "bayes_mc"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
@@ -198,9 +208,7 @@ def reconstruction_vocab(backbone: FrozenCLIP, size: int) -> Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def build_sequences(
-    body: list[Tensor], sot: int, eot: int, n_prompt: int
-) -> tuple[Tensor, Tensor]:
+def build_sequences(body: list[Tensor], sot: int, eot: int, n_prompt: int) -> tuple[Tensor, Tensor]:
     """Token ids of ``[SOT] <N prompt slots> body [EOT] pad..`` for a batch.
 
     Args:
@@ -272,7 +280,9 @@ class RaptModel(nn.Module):
                     if lin is None:
                         continue
                     bound = 1.0 / math.sqrt(lin.in_features)
-                    lin.weight.copy_(torch.empty_like(lin.weight, device="cpu").uniform_(-bound, bound, generator=generator))
+                    lin.weight.copy_(
+                        torch.empty_like(lin.weight, device="cpu").uniform_(-bound, bound, generator=generator)
+                    )
                     if lin.bias is not None:
                         lin.bias.zero_()
         if task_head == "cosine":
@@ -367,7 +377,9 @@ def _privatise_texts(
     return _Privatised(body=out, plain_index=plain_index, original=seqs, rate=rate)
 
 
-def _split_clients(labels: np.ndarray, test_labels: np.ndarray, cfg: Config) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _split_clients(
+    labels: np.ndarray, test_labels: np.ndarray, cfg: Config
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Client train/test indices: iid, or Dirichlet(beta) label skew with the same class shares for test."""
     rng = np.random.default_rng([cfg.seed, 7])
     K = cfg.num_users
@@ -392,7 +404,9 @@ def _split_clients(labels: np.ndarray, test_labels: np.ndarray, cfg: Config) -> 
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _losses(model: RaptModel, batch_body: list[Tensor], targets: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _losses(
+    model: RaptModel, batch_body: list[Tensor], targets: Tensor, labels: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     bb = model.backbone
     tok = bb.tokenizer
     tokens, eot = build_sequences(batch_body, int(tok.sot_token_id), int(tok.eot_token_id), model.n_prompt)
@@ -413,7 +427,9 @@ def _predict(model: RaptModel, body: list[Tensor], batch_size: int = 256) -> Ten
     tok = model.backbone.tokenizer
     preds = []
     for s in range(0, len(body), batch_size):
-        tokens, eot = build_sequences(body[s : s + batch_size], int(tok.sot_token_id), int(tok.eot_token_id), model.n_prompt)
+        tokens, eot = build_sequences(
+            body[s : s + batch_size], int(tok.sot_token_id), int(tok.eot_token_id), model.n_prompt
+        )
         logits, _ = model(tokens, eot)
         preds.append(logits.argmax(-1).cpu())
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
@@ -450,8 +466,8 @@ def run(cfg: Config, *, out: Path, progress: bool = True) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(cfg.seed)
 
     # ---- data --------------------------------------------------------------------------------------------
-    train_set = make_text_dataset("train", seed=TEXT_SEED)
-    test_set = make_text_dataset("test", seed=TEXT_SEED)
+    train_set = make_text_dataset("train", n=cfg.train_size, seed=TEXT_SEED)
+    test_set = make_text_dataset("test", n=cfg.test_size, seed=TEXT_SEED)
     max_x = backbone.context_length - 2 - cfg.n_prompt - cfg.n_plain
     if max_x < 1:
         raise ValueError(
@@ -471,7 +487,9 @@ def run(cfg: Config, *, out: Path, progress: bool = True) -> dict[str, Any]:
     allowed[specials] = False
     if cfg.eta is None:
         calib = rec_ids[torch.randint(0, rec_ids.numel(), (cfg.calibration_tokens,), generator=gen)]
-        eta, calib_rate = dchi.calibrate_eta(emb, cfg.target_preservation, calib, special_ids=specials, seed=cfg.seed)
+        eta, calib_rate = dchi.calibrate_eta(
+            emb, cfg.target_preservation, calib, special_ids=specials, seed=cfg.seed, iters=14
+        )
     else:
         eta, calib_rate = float(cfg.eta), None
     diam, diam_exact = dchi.diameter(emb, allowed)
@@ -496,7 +514,14 @@ def run(cfg: Config, *, out: Path, progress: bool = True) -> dict[str, Any]:
 
     clients = privatise_clients()  # once per client (R10)
     test_priv = _privatise_texts(
-        encode_test, emb=emb, eta=eta, specials=specials, rec_ids=rec_ids, n_plain=cfg.n_plain, fixed_plain=fixed, gen=gen
+        encode_test,
+        emb=emb,
+        eta=eta,
+        specials=specials,
+        rec_ids=rec_ids,
+        n_plain=cfg.n_plain,
+        fixed_plain=fixed,
+        gen=gen,
     )  # fresh k (R9)
     clean_body = [torch.cat([rec_ids[test_priv.plain_index[i]], x]) for i, x in enumerate(encode_test)]
 

@@ -81,7 +81,9 @@ def sample_dchi(
 def _allowed_mask(V: int, special_ids: Sequence[int] | Tensor, allowed: Tensor | None, device: torch.device) -> Tensor:
     mask = torch.ones(V, dtype=torch.bool, device=device) if allowed is None else allowed.to(device).clone()
     if mask.shape != (V,) or mask.dtype != torch.bool:
-        raise ValueError(f"allowed must be a ({V},) bool mask over the vocabulary, got {tuple(mask.shape)} {mask.dtype}")
+        raise ValueError(
+            f"allowed must be a ({V},) bool mask over the vocabulary, got {tuple(mask.shape)} {mask.dtype}"
+        )
     special = torch.as_tensor(special_ids, dtype=torch.long, device=device).reshape(-1)
     if special.numel() and (int(special.min()) < 0 or int(special.max()) >= V):
         raise ValueError(f"special_ids must lie in [0, {V}), got {special.tolist()}")
@@ -148,7 +150,9 @@ def privatize(
 def preservation_rate(original: Tensor, privatized: Tensor, special_ids: Sequence[int] | Tensor = ()) -> float:
     """Fraction of non-special tokens with privatized == original (spec R11a); nan if there is none."""
     if original.shape != privatized.shape:
-        raise ValueError(f"privatized must have original's shape {tuple(original.shape)}, got {tuple(privatized.shape)}")
+        raise ValueError(
+            f"privatized must have original's shape {tuple(original.shape)}, got {tuple(privatized.shape)}"
+        )
     special = torch.as_tensor(special_ids, dtype=torch.long, device=original.device).reshape(-1)
     keep = ~torch.isin(original, special)
     if not bool(keep.any()):
