@@ -69,7 +69,7 @@ _FLAGS: list[tuple[str, Any, str]] = [
     ("--local-epochs", int, "local epochs per round (default 1)"),
     ("--sync", str, "step: average the global gradient every local step (authors, default) | round: FedAvg"),
     ("--client-fraction", _float, "fraction of clients sampled per round (default 1)"),
-    ("--lr", _float, "SGD learning rate (default 1.0 for the tiny default; the paper uses 0.001)"),
+    ("--lr", _float, "SGD learning rate (default 0.2 for the tiny default; the paper uses 0.001)"),
     ("--momentum", _float, "SGD momentum (default 0.9)"),
     ("--batch-size", int, "local batch size b (default 32)"),
     (
