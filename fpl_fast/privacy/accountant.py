@@ -159,8 +159,8 @@ def _epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: flo
     if steps == 0:
         return 0.0
     accountant = make_dp_accountant(kind)  # type: ignore[arg-type]
-    accountant.compose(step_event(noise_multiplier, sample_rate, sampling), steps)  # type: ignore[arg-type]
-    with _quiet_orders():
+    with _quiet_orders():  # RDP orders are evaluated in compose(), PLD's loss in get_epsilon()
+        accountant.compose(step_event(noise_multiplier, sample_rate, sampling), steps)  # type: ignore[arg-type]
         return float(accountant.get_epsilon(delta))
 
 
