@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._inductor.config
 import torch.utils.benchmark as benchmark
 from torch import Tensor
 
@@ -82,14 +85,51 @@ def _short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}"
 
 
+class CompileTimeout(Exception):
+    """torch.compile ran past --compile-timeout."""
+
+
+# Compile budget in seconds (set from --compile-timeout) and reference functions whose compile timed out: a
+# function that timed out once is not compiled again for the other cases.
+COMPILE_TIMEOUT_S = 90
+_COMPILE_TIMED_OUT: dict[str, str] = {}
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    raise CompileTimeout(f"torch.compile took longer than {COMPILE_TIMEOUT_S} s")
+
+
 def _try_compile(fn: Callable[..., Any], warmup: Callable[[Callable[..., Any]], Any]) -> tuple[Any, str | None]:
-    """torch.compile(fn) and run it once (that is when compilation happens); (None, reason) on failure."""
+    """torch.compile(fn) and run it once (that is when compilation happens); (None, reason) on failure.
+
+    The compilation gets COMPILE_TIMEOUT_S seconds (SIGALRM, main thread): Inductor can take many minutes on the
+    reference's int64 Philox arithmetic, and that is reported as a compile failure rather than waited for.
+    """
+    name = getattr(fn, "__name__", repr(fn))
+    if name in _COMPILE_TIMED_OUT:
+        return None, f"skipped: {_COMPILE_TIMED_OUT[name]} (an earlier case)"
+    use_alarm = hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGALRM, _on_alarm) if use_alarm else None
+    if use_alarm:
+        # Re-arm every 5 s: an exception raised inside a weakref callback or __del__ is swallowed by Python.
+        signal.setitimer(signal.ITIMER_REAL, COMPILE_TIMEOUT_S, 5.0)
     try:
         compiled = torch.compile(fn, fullgraph=False, dynamic=False)
         warmup(compiled)
         return compiled, None
     except Exception as exc:  # noqa: BLE001 - any compiler failure is reported, not raised
+        torch._dynamo.reset()
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, CompileTimeout):  # Inductor wraps it
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            _COMPILE_TIMED_OUT[name] = str(cause)
+            return None, f"CompileTimeout: {cause}"
         return None, _short_error(exc)
+    finally:
+        if use_alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
 
 
 def _prompt_inputs(c: Case, device: torch.device) -> dict[str, Tensor]:
@@ -211,7 +251,9 @@ def _parse_list(value: str, allowed: list[str], what: str) -> list[str]:
 
 
 def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None or math.isnan(x) else format(x, spec)
+    """Format a ratio; '-' (right-aligned to the same width) when it is missing."""
+    width = int(spec.split(".")[0]) if spec[0].isdigit() else 0
+    return "-".rjust(width) if x is None or math.isnan(x) else format(x, spec)
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -293,7 +335,6 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if measurements:
         compare = benchmark.Compare(measurements)
         compare.trim_significant_figures()
-        compare.colorize()
         compare.print()
     print(f"{'op':26s} {'case':6s} {'dev':4s} {'eager/fused':>12s} {'compile/fused':>14s} {'fused GB/s':>11s}")
     for op_name, case_name, dev, r_e, r_c, gbs in ratios:
@@ -318,12 +359,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cases", type=lambda s: _parse_list(s, list(CASES), "--cases"), default=list(CASES), help="paper,large"
     )
+    parser.add_argument(
+        "--compile-timeout", type=int, default=None, help="seconds allowed per torch.compile (default 90, quick 45)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=None, help="write the timing records to this JSON file")
     args = parser.parse_args(argv)
     if args.min_run_time is None:
         args.min_run_time = 0.05 if args.quick else 0.3
     if args.min_run_time <= 0:
         parser.error(f"--min-run-time must be > 0, got {args.min_run_time}")
+    if args.compile_timeout is None:
+        args.compile_timeout = 45 if args.quick else 90
+    if args.compile_timeout <= 0:
+        parser.error(f"--compile-timeout must be > 0, got {args.compile_timeout}")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    global COMPILE_TIMEOUT_S
+    COMPILE_TIMEOUT_S = args.compile_timeout
+    # Compile in this process so that the timeout also stops the C++ compiler (subprocess.run kills its child).
+    torch._inductor.config.compile_threads = 1
     for w in _import_warnings:
         print(f"import warning: {w.message}")
     print(

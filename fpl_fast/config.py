@@ -160,8 +160,8 @@ PAPER: dict[str, Any] = {
 }
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a JSON config file into a dict of RunConfig fields (unknown keys are an error)."""
+def load_config_file(path: str | Path, allowed: set[str] | None = None) -> dict[str, Any]:
+    """Read a JSON config file into a dict of settings (keys outside ``allowed``, default RunConfig's, are an error)."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"--config file not found: {p}")
@@ -171,7 +171,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"--config {p} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config {p} must hold a JSON object of settings, got {type(data).__name__}")
-    known = {f.name for f in fields(RunConfig)}
+    known = allowed if allowed is not None else {f.name for f in fields(RunConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"--config {p} has unknown settings {unknown}; allowed: {sorted(known)}")

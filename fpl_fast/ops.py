@@ -70,7 +70,8 @@ if _HAS_C:
         return _contiguous(reference.lowrank_prompt_backward(grad_out, u, v, n_ctx))
 
     @torch.library.register_fake("fpl_fast::dp_lowrank_clip_noise")
-    def _dp_fake(grad, u, v, clip_norm, noise_multiplier, seed, offset, expected_batch_size, joint_uv, per_sample, sum_classes):
+    def _dp_fake(grad, u, v, clip_norm, noise_multiplier, seed, offset, expected_batch_size, joint_uv, *flags):
+        per_sample, sum_classes = flags
         # Shapes only: run the reference without noise (the noise never changes shapes).
         return _contiguous(
             reference.dp_lowrank_clip_noise(
@@ -85,7 +86,8 @@ if _HAS_C:
     @torch.library.register_fake("fpl_fast::lowrank_factorize")
     def _factorize_fake(l, rank, seed, offset):  # noqa: E741
         x = l if l.dim() == 3 else l.unsqueeze(0)
-        reference._check(1 <= rank <= min(x.shape[1], x.shape[2]), f"rank must be in [1, {min(x.shape[1], x.shape[2])}], got {rank}")
+        top = min(x.shape[1], x.shape[2])
+        reference._check(1 <= rank <= top, f"rank must be in [1, {top}] (min(n_ctx, d)), got {rank}")
         u = l.new_empty(*l.shape[:-1], rank)
         v = l.new_empty(*l.shape[:-2], rank, l.shape[-1])
         return u, v, torch.empty_like(l, memory_format=torch.contiguous_format)
@@ -147,7 +149,8 @@ if _HAS_C:
             + torch.matmul(g_vt, torch.matmul(gu.transpose(-1, -2), u))
             + torch.matmul(torch.matmul(gu, v), torch.matmul(grad.transpose(-1, -2), u))
         )
-        d_v = s * (torch.matmul(gu.transpose(-1, -2), ut_g) + torch.matmul(torch.matmul(gu.transpose(-1, -2), u), ut_g))
+        gut = gu.transpose(-1, -2)
+        d_v = s * (torch.matmul(gut, grad) + torch.matmul(torch.matmul(gut, u), ut_g))
         return d_gu, d_gv, d_u, d_v, None
 
     torch.library.register_autograd("fpl_fast::lowrank_full_grad", _full_grad_backward, setup_context=_full_grad_setup)

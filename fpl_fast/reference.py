@@ -167,10 +167,11 @@ def lowrank_prompt(
             residual.shape[-2:] == (n_ctx, d),
             f"residual must be ({n_ctx}, {d}) per client, got {tuple(residual.shape)}",
         )
-    leading = {t.shape[0] for t, nd in ((g, 2), (u, 2), (v, 2), (residual, 2)) if _batched(t, nd)}
-    _check(len(leading) <= 1, f"client dimensions K disagree across g, u, v, residual: {sorted(leading)}")
-    batched = len(leading) == 1
-    K = leading.pop() if batched else 1
+    # A list, not a set: under dynamic shapes the sizes are SymInts, which do not hash.
+    leading = [t.shape[0] for t, nd in ((g, 2), (u, 2), (v, 2), (residual, 2)) if _batched(t, nd)]
+    _check(all(k == leading[0] for k in leading), f"client dimensions K disagree across g, u, v, residual: {leading}")
+    batched = len(leading) > 0
+    K = leading[0] if batched else 1
 
     ctx = g if g.dim() == 3 else g.unsqueeze(0)  # (K or 1, n_ctx, d)
     if u is not None and v is not None:
@@ -212,9 +213,8 @@ def lowrank_prompt_backward(
     acc = torch.float64 if go.dtype == torch.float64 else torch.float32
     grad_ctx = go[:, :, 1 : 1 + n_ctx, :].to(acc).sum(dim=1)  # (K, n_ctx, d)
     K = go.shape[0]
-    if u is None or v is None:
-        empty = grad_ctx.new_zeros(K, 0, 0)
-        return grad_ctx.to(go.dtype), empty.to(go.dtype), empty.to(go.dtype)
+    if u is None or v is None:  # two distinct empty tensors: outputs must not alias each other
+        return grad_ctx.to(go.dtype), go.new_zeros(K, 0, 0), go.new_zeros(K, 0, 0)
     grad_u = torch.matmul(grad_ctx, v.to(acc).transpose(-1, -2))  # (K, n_ctx, r)
     grad_v = torch.matmul(u.to(acc).transpose(-1, -2), grad_ctx)  # (K, r, d)
     return grad_ctx.to(go.dtype), grad_u.to(go.dtype), grad_v.to(go.dtype)
@@ -374,7 +374,7 @@ def lowrank_full_grad(grad_u: Tensor, grad_v: Tensor, u: Tensor, v: Tensor, scal
     _check(grad_u.shape == u.shape, f"grad_u must have u's shape {tuple(u.shape)}, got {tuple(grad_u.shape)}")
     r = u.shape[-1]
     _check(v.shape[-2] == r, f"v must have {r} rows (rank of u), got {tuple(v.shape)}")
-    _check(v.shape[:-2] == u.shape[:-2], f"v must have u's client dimension {tuple(u.shape[:-2])}, got {tuple(v.shape)}")
+    _check(v.shape[:-2] == u.shape[:-2], f"v must have u's client dimension {tuple(u.shape[:-2])}, got {v.shape}")
     _check(grad_v.shape == v.shape, f"grad_v must have v's shape {tuple(v.shape)}, got {tuple(grad_v.shape)}")
     ut = u.transpose(-1, -2)
     inner = torch.matmul(ut, grad_u)  # (K, r, r)

@@ -9,6 +9,8 @@ Bad input ends with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import math
 import sys
 from pathlib import Path
@@ -98,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m fpl_fast.run",
         description="Private, personalized federated prompt learning on frozen CLIP (DP-FPL and baselines).",
     )
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="dpfpl",
+        help="dpfpl: DP-FPL and its baselines (pick with --factorization; default) | feddtpt: black-box discrete "
+        "federated prompts | rapt: local-DP text privatisation with token reconstruction. Method-specific "
+        "settings of feddtpt/rapt go in --config FILE (their Config fields)",
+    )
     p.add_argument("--config", help="JSON file of settings (field names as below, with underscores)")
     p.add_argument("--paper", action="store_true", help="start from the DP-FPL authors' settings (ViT-B-16, openai)")
     for flag, typ, text in _FLAGS:
@@ -107,6 +117,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the stopped run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+METHODS = ("dpfpl", "feddtpt", "rapt")
+
+
+def _method_module(method: str):
+    return importlib.import_module(f"fpl_fast.methods.{method}")
+
+
+def method_config_from_args(args: argparse.Namespace):
+    """(module, Config) for --method feddtpt|rapt: shared flags and --config keys that the method knows."""
+    mod = _method_module(args.method)
+    names = {f.name for f in dataclasses.fields(mod.Config)}
+    settings: dict[str, Any] = load_config_file(args.config, allowed=names) if args.config else {}
+    for flag, _, _ in _FLAGS:
+        name = flag[2:].replace("-", "_")
+        value = getattr(args, name)
+        if value is None or name == "out":
+            continue
+        if name not in names:
+            raise ValueError(
+                f"{flag} does not apply to --method {args.method} (its settings: {', '.join(sorted(names))})"
+            )
+        settings[name] = value
+    if args.paper or args.resume:
+        raise ValueError(f"--paper and --resume apply to --method dpfpl only, not {args.method}")
+    if isinstance(settings.get("pretrained"), str) and settings["pretrained"].lower() == "none":
+        settings["pretrained"] = None
+    return mod, mod.Config(**settings)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -125,7 +164,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         settings["resume"] = True
     if isinstance(settings.get("pretrained"), str) and settings["pretrained"].lower() == "none":
         settings["pretrained"] = None
-    if settings.get("epsilon") is not None and "noise" not in settings:
+    if settings.get("epsilon") is not None:
+        given = [f"--{n.replace('_', '-')}" for n in ("noise", "noise_local", "noise_global") if n in settings]
+        if given:
+            raise ValueError(f"--epsilon calibrates the noise: leave out {', '.join(given)} (or drop --epsilon)")
         settings["noise"] = None
     if "norm_thresh" in settings and isinstance(settings["norm_thresh"], str):
         settings["norm_thresh"] = math.inf if settings["norm_thresh"] == "inf" else float(settings["norm_thresh"])
@@ -134,6 +176,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.method != "dpfpl":
+        return _run_method(args)
     try:
         cfg = config_from_args(args)
         if cfg.resume and not cfg.out:
@@ -149,6 +193,23 @@ def main(argv: list[str] | None = None) -> int:
 
     print(summary_table(result["final"]))
     print(f"results written to {Path(out)}/ (results.json, rounds.csv, accuracy.png, checkpoint.pt)")
+    return 0
+
+
+def _run_method(args: argparse.Namespace) -> int:
+    from fpl_fast.federated.runner import default_out_dir
+    from fpl_fast.results import summary_table
+
+    try:
+        mod, cfg = method_config_from_args(args)
+        out = Path(args.out) if args.out else default_out_dir()
+        result = mod.run(cfg, out=out, progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"python -m fpl_fast.run: error: {msg}", file=sys.stderr)
+        return 2
+    print(summary_table(result["final"]))
+    print(f"results written to {out}/ (results.json, rounds.csv, accuracy.png)")
     return 0
 
 

@@ -35,7 +35,8 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
         (["--model", "NoSuchCLIP-9"], "NoSuchCLIP-9"),
         (["--dataset", "imagenet"], "imagenet"),
         (["--dataset", "caltech101", "--data-root", "/nonexistent/data"], "/nonexistent/data"),
-        (["--epsilon", "1e-9", "--rounds", "50"], "epsilon"),
+        (["--epsilon", "0"], "--epsilon"),
+        (["--epsilon", "2", "--noise", "1"], "--noise"),
         (["--resume"], "--out"),
     ],
 )

@@ -91,8 +91,8 @@ def test_reported_epsilon_equals_dp_accounting_for_the_same_q_sigma_steps(job, t
         return acc.get_epsilon(cfg.delta)
 
     # Separate clipping of U and V: the pair moves by sqrt(2) C, so the local release is told sigma / sqrt(2).
-    want_local = max(rdp_eps(1.3 / math.sqrt(2), q, n) for q, n in zip(qs, steps))
-    want_global = max(rdp_eps(1.3, q, n) for q, n in zip(qs, steps))
+    want_local = max(rdp_eps(1.3 / math.sqrt(2), q, n) for q, n in zip(qs, steps, strict=True))
+    want_global = max(rdp_eps(1.3, q, n) for q, n in zip(qs, steps, strict=True))
     assert final["epsilon_local"] == want_local
     assert final["epsilon_global"] == want_global
     assert steps == [2 * Federation(cfg, backbone, classnames, data, noise_local=0, noise_global=0).steps_per_round] * 4

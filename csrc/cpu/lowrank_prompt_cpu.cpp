@@ -8,8 +8,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -91,16 +93,25 @@ void lowrank_prompt_backward_kernel(const at::Tensor& go, const at::Tensor& u_ac
   std::vector<acc_t> sum(K * nd);
   const scalar_t* gp = go.data_ptr<scalar_t>();
   scalar_t* gc = grad_ctx.data_ptr<scalar_t>();
-  // grad_ctx[k, i] = sum over classes of grad_out[k, c, 1 + i]
+  // grad_ctx[k, i] = sum over classes of grad_out[k, c, 1 + i]. A work item is a run of context rows of one
+  // client; classes are the outer loop so that each class contributes one contiguous block.
   at::parallel_for(0, K * n, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t ki = begin; ki < end; ++ki) {
-      const int64_t k = ki / n, i = ki % n;
-      acc_t* row = sum.data() + ki * d;
+    for (int64_t ki = begin; ki < end;) {
+      const int64_t k = ki / n, i0 = ki % n;
+      const int64_t i1 = std::min(n, i0 + (end - ki));
+      acc_t* rows = sum.data() + (k * n + i0) * d;
+      const int64_t len = (i1 - i0) * d;
+      std::fill(rows, rows + len, acc_t(0));
       for (int64_t c = 0; c < n_cls; ++c) {
-        cpu::load_acc(d, gp + ((k * n_cls + c) * L + 1 + i) * d, row, c > 0);
+        const scalar_t* src = gp + ((k * n_cls + c) * L + 1 + i0) * d;
+        if constexpr (std::is_same<scalar_t, acc_t>::value) {
+          cpu::axpy(len, acc_t(1), src, rows);
+        } else {
+          cpu::load_acc(len, src, rows, true);
+        }
       }
-      if (n_cls == 0) std::fill(row, row + d, acc_t(0));
-      for (int64_t t = 0; t < d; ++t) gc[ki * d + t] = static_cast<scalar_t>(row[t]);
+      for (int64_t e = 0; e < len; ++e) gc[(k * n + i0) * d + e] = static_cast<scalar_t>(rows[e]);
+      ki += i1 - i0;
     }
   });
   if (!dims.has_uv) return;

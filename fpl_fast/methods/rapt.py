@@ -55,7 +55,7 @@ LABEL_TEMPLATE = "a sentence about {}."
 
 @dataclass(frozen=True)
 class Config:
-    """A federated RAPT job. The defaults are the embedded offline run (about 1 minute on 2 CPU cores).
+    """A federated RAPT job. The defaults are the embedded offline run (small: 4 clients, 3 rounds, 1 local epoch).
 
     Attributes:
         num_users: clients K.
@@ -94,8 +94,8 @@ class Config:
     """
 
     num_users: int = 4
-    rounds: int = 5
-    local_epochs: int = 2
+    rounds: int = 3
+    local_epochs: int = 1
     partition: str = "iid"
     beta: float = 0.5
     dataset: str = "topics"
@@ -119,9 +119,9 @@ class Config:
     task_head: str = "linear"
     eta: float | None = None
     target_preservation: float = 0.7
-    calibration_tokens: int = 512
+    calibration_tokens: int = 256
     compose: bool = False
-    bayes_mc: int = 32
+    bayes_mc: int = 16
 
     def __post_init__(self) -> None:
         for name in ("num_users", "rounds", "local_epochs", "batch_size", "n_prompt", "rec_dim", "calibration_tokens"):
