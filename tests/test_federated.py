@@ -72,7 +72,8 @@ def test_frozen_encoders_get_no_gradients(job) -> None:
 @pytest.mark.parametrize("factorization", FACTORIZATIONS)
 def test_every_factorization_learns_without_dp_and_beats_the_hand_written_prompt(job, factorization, tmp_path):
     backbone, classnames, data = job
-    cfg = BASE.replace(factorization=factorization, noise=0.0, rounds=6, eval_every=6)
+    # lr 0.1: fedotp steps G and L with the same gradient (an effective step twice the others'), and oscillates at 0.2.
+    cfg = BASE.replace(factorization=factorization, noise=0.0, rounds=8, eval_every=8, lr=0.1)
     res = run_job(cfg, backbone, classnames, data, out=tmp_path, progress=False)
     final = res["final"]
     assert final["local_acc"] > final["zero_shot_acc"] + 0.05, final
