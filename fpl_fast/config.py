@@ -40,7 +40,7 @@ class RunConfig:
     n_ctx: int = 16
     full_grad_scale: float = 0.1
     # privacy
-    noise: float | None = 1.0  # noise multiplier sigma (local and global); None when --epsilon is given
+    noise: float | None = 1.5  # noise multiplier sigma (local and global); None when --epsilon is given
     noise_local: float | None = None  # overrides noise for the local prompt
     noise_global: float | None = None  # overrides noise for the global prompt
     epsilon: float | None = None  # target epsilon: calibrate sigma instead of --noise
@@ -53,13 +53,13 @@ class RunConfig:
     sampling: str = "shuffle"
     # federation
     num_users: int = 10
-    rounds: int = 30
+    rounds: int = 20
     local_epochs: int = 1
     sync: str = "step"
     client_fraction: float = 1.0
     lr: float = 0.2
     momentum: float = 0.9
-    batch_size: int = 32
+    batch_size: int = 8
     # data and model
     dataset: str = "digits"
     data_root: str = "data"

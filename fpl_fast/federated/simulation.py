@@ -69,9 +69,10 @@ class _BatchSampler:
         self.sizes = sizes
         self.poisson = poisson
         self.rng = rng
-        # Fixed-size batches: every client uses the same b (the smallest client caps it) so that
-        # the denominator b of the clipped mean is one number for the whole federation.
-        self.batch_size = min([batch_size, *sizes])
+        # Every client divides its clipped sum by the same b (one denominator for the fused op). A client
+        # with fewer than b examples uses all of them each step: the sensitivity stays C / b, its step is
+        # just shorter, and the accountant sees its sampling rate 1 (no amplification for it).
+        self.batch_size = batch_size
         self.expected = float(batch_size)
         self.orders = [rng.permutation(n) for n in sizes]
         self.pos = [0] * len(sizes)
@@ -85,7 +86,7 @@ class _BatchSampler:
         if self.poisson:
             return np.flatnonzero(self.rng.random(n) < self.sample_rate(k))
         out: list[np.ndarray] = []
-        need = self.batch_size
+        need = min(self.batch_size, n)  # never the same example twice in one batch
         while need > 0:
             if self.pos[k] >= n:
                 self.orders[k] = self.rng.permutation(n)
