@@ -57,7 +57,7 @@ class RunConfig:
     local_epochs: int = 1
     sync: str = "step"
     client_fraction: float = 1.0
-    lr: float = 0.2
+    lr: float = 0.1
     momentum: float = 0.9
     batch_size: int = 8
     # data and model

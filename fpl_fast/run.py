@@ -71,7 +71,7 @@ _FLAGS: list[tuple[str, Any, str]] = [
     ("--local-epochs", int, "local epochs per round (default 1)"),
     ("--sync", str, "step: average the global gradient every local step (authors, default) | round: FedAvg"),
     ("--client-fraction", _float, "fraction of clients sampled per round (default 1)"),
-    ("--lr", _float, "SGD learning rate (default 0.2 for the tiny default; the paper uses 0.001)"),
+    ("--lr", _float, "SGD learning rate (default 0.1 for the tiny default; the paper uses 0.001)"),
     ("--momentum", _float, "SGD momentum (default 0.9)"),
     ("--batch-size", int, "local batch size b (default 8; the paper uses 32)"),
     (
@@ -174,6 +174,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(**settings)
 
 
+def _fail(exc: BaseException) -> int:
+    """A user error: its first line on stderr, exit code 2, no traceback."""
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    print(f"python -m fpl_fast.run: error: {msg}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.method != "dpfpl":
@@ -186,9 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
         result, out = prepare_and_run(cfg, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"python -m fpl_fast.run: error: {msg}", file=sys.stderr)
-        return 2
+        return _fail(exc)
     from fpl_fast.results import summary_table
 
     print(summary_table(result["final"]))
@@ -205,9 +210,7 @@ def _run_method(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else default_out_dir()
         result = mod.run(cfg, out=out, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"python -m fpl_fast.run: error: {msg}", file=sys.stderr)
-        return 2
+        return _fail(exc)
     print(summary_table(result["final"]))
     print(f"results written to {out}/ (results.json, rounds.csv, accuracy.png)")
     return 0
