@@ -356,7 +356,13 @@ def _encode_all(backbone: FrozenCLIP, images: Tensor, batch: int = 256) -> Tenso
 
 
 def _federation(
-    backbone: FrozenCLIP, data: BenchData, s: Setting, device: torch.device, clip_mode: str, feats: tuple[Tensor, Tensor]
+    backbone: FrozenCLIP,
+    data: BenchData,
+    s: Setting,
+    device: torch.device,
+    clip_mode: str,
+    feats: tuple[Tensor, Tensor],
+    chunk_size: int | None = None,
 ) -> Federation:
     cfg = RunConfig(
         factorization="dpfpl",
@@ -374,6 +380,7 @@ def _federation(
         model=s.model,
         pretrained=s.pretrained,
         device=str(device),
+        chunk_size=chunk_size,
     )
     cdata = ClientData(
         train_feats=feats[0],
@@ -467,7 +474,7 @@ def run_worker(impl: str, s: Setting, args: argparse.Namespace) -> dict[str, Any
         _sync(device)
         rec["feature_cache_s"] = time.perf_counter() - t_cache
         mode = "batch" if impl == "fpl_fast_batch" else "sample"
-        fed = _federation(backbone, data, s, device, mode, feats)
+        fed = _federation(backbone, data, s, device, mode, feats, args.chunk_size)
         clients = torch.arange(s.num_users, device=device)
         rec["setup_s"] = time.perf_counter() - t0
         step = lambda: fed.train_step(clients, server_average=True)  # noqa: E731
@@ -516,12 +523,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--eval-reps", type=int, default=1, help="timed evaluations per implementation")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
+    parser.add_argument(
+        "--chunk-size", type=int, default=None, help="fpl_fast per-sample chunk (samples per vmap; default all b)"
+    )
     parser.add_argument("--profile", action="store_true", help="print a cProfile of one fpl_fast per-sample step")
     parser.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
     parser.add_argument("--worker", choices=IMPLS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("steps", "warmup", "eval_reps", "num_users", "batch_size", "n_cls"):
+    for name in ("steps", "warmup", "eval_reps", "num_users", "batch_size", "n_cls", "chunk_size"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
             parser.error(f"--{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}, got {value}")
@@ -573,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         "setting_detail": asdict(s),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "chunk_size": args.chunk_size,
         "cpp_ops": ops.has_cpp_ops(),
         "baseline_s_per_step": base,
         "fpl_fast_batch_s_per_step": fb,
@@ -588,7 +599,10 @@ def main(argv: list[str] | None = None) -> int:
         "records": {k: {kk: vv for kk, vv in r.items() if kk != "profile"} for k, r in recs.items()},
     }
     spr = result["steps_per_round"] or 1
-    print(f"\n{'implementation':22s} {'ms/step':>10s} {'ms/round':>10s} {'eval ms':>10s} {'peak MiB':>9s} {'speed-up':>8s}")
+    print(
+        f"\n{'implementation':22s} {'ms/step':>10s} {'ms/round':>10s} {'eval ms':>10s} {'peak MiB':>9s} "
+        f"{'speed-up':>8s}"
+    )
     for impl in impls:
         r = recs[impl]
         step = r.get("s_per_step")
@@ -601,8 +615,10 @@ def main(argv: list[str] | None = None) -> int:
     if floor is not None:
         one = get("fpl_fast_persample", "floor_one_backward_s")
         print(f"{'persample floor':22s} {_fmt_s(floor):>10s}   (b = {s.batch_size} x {one * 1e3:.2f} ms per backward)")
-    print(f"ms/round = ms/step x {spr} steps per round (one epoch of the average client); peak memory: "
-          f"{result['peak_mem_kind']}")
+    print(
+        f"ms/round = ms/step x {spr} steps per round (one epoch of the average client); peak memory: "
+        f"{result['peak_mem_kind']}"
+    )
     prof = get("fpl_fast_persample", "profile")
     if prof:
         print("\ncProfile of one fpl_fast per-sample step (cumulative):\n" + prof)
