@@ -205,9 +205,12 @@ def _gram_schmidt_cols(m: Tensor) -> Tensor:
     return torch.stack(cols, dim=1)
 
 
-def _power_iteration(l_mat: Tensor, rank: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """One randomised power iteration of one client's L (n_ctx, d): U (n_ctx, r), V (r, d)."""
-    v0 = torch.randn(l_mat.shape[1], rank, generator=gen).to(l_mat.device)
+def _power_iteration(l_mat: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """One randomised power iteration of one client's L (n_ctx, d): U (n_ctx, r), V (r, d).
+
+    V0 comes from torch's global generator on the device, as in the authors' code (seeded by the worker).
+    """
+    v0 = torch.randn(l_mat.shape[1], rank, device=l_mat.device)
     u = _gram_schmidt_cols(l_mat @ v0)
     w = _gram_schmidt_cols(l_mat.T @ u)
     return u, w.T.contiguous()
@@ -236,7 +239,6 @@ class AuthorsBaseline:
         self.eot_index = parts.eot_index
         self.logit_scale = self.model.logit_scale.exp().detach()
         gen = torch.Generator().manual_seed(1)
-        self.gen = torch.Generator().manual_seed(2)  # power-iteration and noise draws
         self.learner = _AuthorsPromptLearner(s.n_ctx, backbone.ctx_dim, gen, device)
         self.optim = torch.optim.SGD([self.learner.local_ctx], lr=LR, momentum=MOMENTUM)
         # Per-client saved state, as the authors keep a state_dict per client and load it before its turn.
@@ -281,7 +283,7 @@ class AuthorsBaseline:
     def _clip_noise(self, g: Tensor, b: int) -> Tensor:
         """Batch-mean clipping to C and N(0, (sigma C)^2) / b noise (the authors' client-side mechanism)."""
         g = g * torch.clamp(CLIP_NORM / (g.norm() + 1e-6), max=1.0)
-        noise = torch.randn(g.shape, generator=self.gen).to(g.device) * (NOISE * CLIP_NORM)
+        noise = torch.randn(g.shape, device=g.device) * (NOISE * CLIP_NORM)
         return g + noise / b
 
     def train_step(self) -> float:
@@ -295,7 +297,7 @@ class AuthorsBaseline:
             labels = self.data.train_labels[idx].to(self.device)
             with torch.no_grad():
                 img = self.model.encode_image(images)  # no cache: the image encoder runs on every batch
-                u, v = _power_iteration(self.learner.local_ctx.detach(), self.s.rank, self.gen)
+                u, v = _power_iteration(self.learner.local_ctx.detach(), self.s.rank)
                 res = self.learner.local_ctx.detach() - u @ v
             u.requires_grad_(True)
             v.requires_grad_(True)
@@ -329,7 +331,7 @@ class AuthorsBaseline:
         K = self.s.num_users
         for k in range(K):
             self._swap_in(k)
-            u, v = _power_iteration(self.learner.local_ctx, self.s.rank, self.gen)
+            u, v = _power_iteration(self.learner.local_ctx, self.s.rank)
             ctx = self.learner.global_ctx + u @ v + (self.learner.local_ctx - u @ v)
             text = F.normalize(self._text_features(ctx), dim=-1)
             accs = []

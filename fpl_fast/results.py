@@ -104,8 +104,8 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
-def summary_table(final: dict[str, Any]) -> str:
-    """The closing table of a run, one metric a line."""
+def summary_table(final: dict[str, Any], *, extra: bool = False) -> str:
+    """The closing table of a run, one metric a line (``extra``: also every other scalar in ``final``)."""
     rows = [
         ("mean local accuracy", final.get("local_acc")),
         ("mean neighbour accuracy", final.get("neighbor_acc")),
@@ -116,6 +116,14 @@ def summary_table(final: dict[str, Any]) -> str:
         ("accountant", final.get("accountant")),
         ("seconds", final.get("seconds")),
     ]
+    if extra:
+        shown = {"local_acc", "neighbor_acc", "zero_shot_acc", "epsilon_local", "epsilon_global", "delta"}
+        shown |= {"accountant", "seconds"}
+        rows += [
+            (k.replace("_", " "), v)
+            for k, v in final.items()
+            if k not in shown and isinstance(v, (int, float, str)) and not isinstance(v, bool) and len(str(v)) < 60
+        ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {_fmt(v)}" for k, v in rows]
     bar = "-" * (width + 14)

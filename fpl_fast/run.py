@@ -211,7 +211,7 @@ def _run_method(args: argparse.Namespace) -> int:
         result = mod.run(cfg, out=out, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as exc:
         return _fail(exc)
-    print(summary_table(result["final"]))
+    print(summary_table(result["final"], extra=True))
     print(f"results written to {out}/ (results.json, rounds.csv, accuracy.png)")
     return 0
 
