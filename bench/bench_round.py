@@ -9,7 +9,7 @@ one is not mixed with another's):
     per step; the image encoder runs on every batch (no feature cache); the text encoder runs on full
     ``context_length`` (77-token) sequences through open_clip's own transformer modules (no truncation); fp32;
     batch-mean clipping (the batch-mean gradients of U, V and G are each clipped to C and get
-    N(0, (sigma C)^2) / b noise, client-side, as in the authors' code); power iteration + Gram-Schmidt and the
+    N(0, (sigma C)^2) / b noise, client-side); power iteration + Gram-Schmidt and the
     g_L rebuild in eager PyTorch on one client at a time; the global gradient averaged over clients every step
     (sync="step"). Evaluation swaps each client's prompt in and re-encodes the test images it is scored on (its own
     split and every neighbour's), as the authors' per-client test loaders do.

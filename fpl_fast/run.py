@@ -90,7 +90,7 @@ _FLAGS: list[tuple[str, Any, str]] = [
     ("--eval-every", int, "evaluate every N rounds (default 1)"),
     ("--seed", int, "seed of every random choice in the run (default 1)"),
     ("--device", str, "cpu | cuda | cuda:N"),
-    ("--chunk-size", int, "per-sample gradients: samples per vmapped backward (bounds memory)"),
+    ("--chunk-size", int, "per-sample gradients: samples per vmapped backward (default 8 on CPU, whole batch on CUDA)"),
     ("--out", str, "output folder (default runs/<timestamp>)"),
 ]
 

@@ -240,7 +240,7 @@ class Federation:
         cot, losses = logit_cotangents(feats, text, labels, self.backbone.logit_scale)  # (B, K_a, n_cls, D)
         cot = cot * mask.transpose(0, 1)[..., None, None]  # padded (Poisson) rows contribute nothing
         flat_text = lambda c: self._text_features(c).reshape(Ka * self.n_cls, -1)  # noqa: E731
-        grads = per_sample_prompt_grads(flat_text, ctx, cot.flatten(1, 2), chunk_size=self.cfg.chunk_size)
+        grads = per_sample_prompt_grads(flat_text, ctx, cot.flatten(1, 2), chunk_size=self.chunk_size)
         return grads.transpose(0, 1), (losses * mask).detach()
 
     def _batch_mean_grad(self, ctx: Tensor, feats: Tensor, labels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -331,6 +331,14 @@ class Federation:
         self.server_buf = self.server_buf * cfg.momentum + grad if cfg.momentum else grad
         L.global_ctx = L.global_ctx - cfg.lr * self.server_buf
         L.client_global[:] = L.global_ctx
+
+    @property
+    def chunk_size(self) -> int | None:
+        """Samples per vmapped backward: --chunk-size, else 8 on the CPU (bench/bench_round.py: 394 -> 217 ms
+        per step at the tiny setting, less memory) and the whole batch on CUDA."""
+        if self.cfg.chunk_size is not None:
+            return self.cfg.chunk_size
+        return 8 if self.device.type == "cpu" else None
 
     @property
     def batch_denominator(self) -> float:
