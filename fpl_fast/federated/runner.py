@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -150,13 +151,26 @@ def run_job(
     eval_seed_base = (cfg.seed + 0x5EED) * 1_000_003
     has_local_mech = cfg.factorization != "promptfl"
 
-    def epsilons() -> tuple[list[float], list[float]]:
+    @functools.cache
+    def eps(multiplier: float, q: float, steps: int) -> float:
+        return _epsilon(multiplier, q, steps, cfg)
+
+    def epsilons(clients: list[int]) -> tuple[list[float], list[float]]:
+        """Local and global epsilon spent by each of ``clients`` so far."""
         loc, glo = [], []
-        for k in range(cfg.num_users):
+        for k in clients:
             steps = int(fed.steps_taken[k])
-            loc.append(_epsilon(plan.accountant_local, qs[k], steps, cfg) if has_local_mech else 0.0)
-            glo.append(_epsilon(plan.accountant_global, qs[k], steps, cfg))
+            loc.append(eps(plan.accountant_local, qs[k], steps) if has_local_mech else 0.0)
+            glo.append(eps(plan.accountant_global, qs[k], steps))
         return loc, glo
+
+    def worst_clients() -> list[int]:
+        """Clients whose (q, steps) no other client beats in both: epsilon grows with each, so the
+        maximum over all clients is reached among these (one client under full participation)."""
+        pts = [(qs[k], int(fed.steps_taken[k])) for k in range(cfg.num_users)]
+        return [
+            k for k, (q, n) in enumerate(pts) if not any((q2 >= q and n2 >= n) and (q2, n2) != (q, n) for q2, n2 in pts)
+        ]
 
     bar = tqdm(
         total=(cfg.rounds - start_round) * fed.steps_per_round,
@@ -173,7 +187,7 @@ def run_job(
         is_last = rnd == cfg.rounds - 1
         if (rnd + 1) % cfg.eval_every == 0 or is_last:
             last_eval = fed.evaluate(eval_seed_base + rnd)
-            eps_l, eps_g = epsilons()
+            eps_l, eps_g = epsilons(worst_clients())
             seconds = elapsed_before + time.perf_counter() - t_round0
             rounds.append(
                 {
@@ -204,7 +218,7 @@ def run_job(
 
     if last_eval is None:  # resumed a finished run: evaluate the final state again
         last_eval = fed.evaluate(eval_seed_base + cfg.rounds - 1)
-    eps_l, eps_g = epsilons()
+    eps_l, eps_g = epsilons(list(range(cfg.num_users)))
     accountant = PrivacyAccountant(
         cfg.accountant,
         noise_multiplier=max(plan.accountant_global, 1e-9),
