@@ -76,6 +76,7 @@ def _plot(path: Path, rows: list[dict[str, Any]], final: dict[str, Any]) -> None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4))
     r = [row["round"] for row in rows]
@@ -84,6 +85,7 @@ def _plot(path: Path, rows: list[dict[str, Any]], final: dict[str, Any]) -> None
     if final.get("zero_shot_acc") is not None:
         ax.axhline(final["zero_shot_acc"], color="grey", ls="--", label="hand-written prompt (zero-shot)")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
