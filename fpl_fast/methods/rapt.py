@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fpl_fast.backbone import FrozenCLIP, load_backbone, text_tower
+from fpl_fast.data.splits import partition
 from fpl_fast.data.text import TEXT_CLASSNAMES, TEXT_SEED, make_text_dataset
 from fpl_fast.privacy import dchi
 from fpl_fast.results import write_outputs
@@ -377,28 +378,6 @@ def _privatise_texts(
     return _Privatised(body=out, plain_index=plain_index, original=seqs, rate=rate)
 
 
-def _split_clients(
-    labels: np.ndarray, test_labels: np.ndarray, cfg: Config
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Client train/test indices: iid, or Dirichlet(beta) label skew with the same class shares for test."""
-    rng = np.random.default_rng([cfg.seed, 7])
-    K = cfg.num_users
-    n_cls = int(max(labels.max(), test_labels.max())) + 1
-    if cfg.partition == "iid":
-        shares = np.full((n_cls, K), 1.0 / K)
-    else:
-        shares = rng.dirichlet(np.full(K, cfg.beta), size=n_cls)  # (n_cls, K)
-    train: list[list[int]] = [[] for _ in range(K)]
-    test: list[list[int]] = [[] for _ in range(K)]
-    for c in range(n_cls):
-        for lab, out in ((labels, train), (test_labels, test)):
-            idx = rng.permutation(np.flatnonzero(lab == c))
-            cuts = (np.cumsum(shares[c])[:-1] * len(idx)).round().astype(int)
-            for k, part in enumerate(np.split(idx, cuts)):
-                out[k].extend(part.tolist())
-    return [np.sort(np.array(t, dtype=np.int64)) for t in train], [np.sort(np.array(t, dtype=np.int64)) for t in test]
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Training and evaluation
 # --------------------------------------------------------------------------------------------------------------
@@ -478,7 +457,15 @@ def run(cfg: Config, *, out: Path, progress: bool = True) -> dict[str, Any]:
     encode_test = [torch.tensor(tok.encode(t)[:max_x], dtype=torch.long) for t in test_set.texts]
     y_train = torch.as_tensor(train_set.labels)
     y_test = torch.as_tensor(test_set.labels)
-    train_idx, test_idx = _split_clients(train_set.labels, test_set.labels, cfg)
+    split = partition(
+        np.asarray(train_set.labels),
+        cfg.num_users,
+        cfg.partition,
+        beta=cfg.beta,
+        seed=cfg.seed,
+        test_labels=np.asarray(test_set.labels),
+    )
+    train_idx, test_idx = split.train, split.test
     rec_ids = reconstruction_vocab(backbone, cfg.rec_vocab)
     fixed = torch.randint(0, rec_ids.numel(), (cfg.n_plain,), generator=gen) if cfg.fixed_plain else None
 
