@@ -26,8 +26,12 @@ else
   fi
   export MAX_JOBS=${MAX_JOBS:-2}
   # Editable install: the compiled fpl_fast/_C*.so lands next to the sources, so tests run from the checkout.
-  .venv/bin/python -m pip install --no-build-isolation --no-deps --disable-pip-version-check -v -e . 2>&1 \
-    | tee .venv/build.log | grep -E "^fpl_fast:|error|Error" || true
-  test "${PIPESTATUS[0]}" -eq 0 || { echo "fpl_fast: build failed, see .venv/build.log" >&2; exit 1; }
+  if ! .venv/bin/python -m pip install --no-build-isolation --no-deps --disable-pip-version-check -v -e . \
+    > .venv/build.log 2>&1; then
+    tail -40 .venv/build.log
+    echo "fpl_fast: build failed, see .venv/build.log" >&2
+    exit 1
+  fi
+  grep -E "^\s*fpl_fast:" .venv/build.log | sed "s/^\s*//" | sort -u || true
   echo "$want" > "$stamp"
 fi
