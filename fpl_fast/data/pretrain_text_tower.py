@@ -20,8 +20,8 @@ sentence-topic alignment offline. Recipe (deterministic: seeded, CPU):
 * loss: cross-entropy of each sentence against the caption features of all 4 topics (the digits recipe of
   :mod:`fpl_fast.data.pretrain_tiny_clip` with sentences in place of images);
 * AdamW, cosine schedule; the token embedding gets no weight decay and only the rows of tokens occurring in the
-  pretraining sentences and captions get gradient, so every other row keeps its seeded initialisation and the
-  shipped file stores only the trained rows (fp16).
+  pretraining sentences and captions get gradient, so every other row keeps its seeded initialisation
+  (seed :data:`TOKEN_SEED_OFFSET` + ``seed``) and the shipped file stores only the trained rows (fp16).
 
 Run ``python -m fpl_fast.data.pretrain_text_tower --out fpl_fast/configs/tiny-topics-text.pt``; it prints the
 accuracy of a linear probe on EOT features of the CLEAN federated test sentences.
@@ -57,6 +57,7 @@ __all__ = [
     "PRETRAIN_SEED",
     "PRETRAIN_SIZE",
     "PRETRAIN_TEMPLATES",
+    "TOKEN_SEED_OFFSET",
     "TEXT_TOWER_WEIGHTS",
     "PretrainConfig",
     "linear_probe_accuracy",
@@ -78,6 +79,13 @@ PRETRAIN_TEMPLATES = ("a sentence about {}.", "{}", "this text is about {}", "a 
 
 PREFIX_P = 0.5
 """Probability that a pretraining sentence is preceded by random plain tokens."""
+
+TOKEN_SEED_OFFSET = 7919
+"""The token embedding is initialised from seed ``TOKEN_SEED_OFFSET + seed``, far from the small seeds of RAPT's
+runs: a table drawn from ``torch.Generator().manual_seed(s)`` with ``randn`` is exactly correlated with d_chi noise
+drawn from a generator with the same seed ``s`` (the noise directions are then the table's own rows), which skews
+the eta calibration (e.g. RAPT's default seed 1 with token seed 1 gave a calibrated rate of 0.70 but ~1.0 under
+fresh noise)."""
 
 assert PRETRAIN_SEED != TEXT_SEED
 
@@ -108,6 +116,11 @@ class PretrainConfig:
     seed: int = 0
     token_std: float = 0.2
 
+    @property
+    def token_seed(self) -> int:
+        """Seed of the token-embedding initialisation, :data:`TOKEN_SEED_OFFSET` + ``seed``."""
+        return TOKEN_SEED_OFFSET + self.seed
+
 
 def _prefix_vocab(tokenizer, size: int = 1000) -> Tensor:
     """The first ``size`` whole-word alphabetic BPE ids (RAPT's default reconstruction vocabulary T)."""
@@ -131,8 +144,8 @@ def pretrain(cfg: PretrainConfig, *, log_every: int = 100) -> tuple[nn.Module, T
 
     Returns:
         The trained open_clip model (fp32, CPU, eval mode) and the (R,) ids of the token-embedding rows that
-        occur in the pretraining sentences and captions (all other rows equal ``init_token_embedding(seed=cfg.seed
-        + 1)``).
+        occur in the pretraining sentences and captions (all other rows equal
+        ``init_token_embedding(seed=cfg.token_seed)``).
     """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
@@ -140,7 +153,7 @@ def pretrain(cfg: PretrainConfig, *, log_every: int = 100) -> tuple[nn.Module, T
     tower = text_tower(model)
     vocab, width = tower.token_embedding.weight.shape
     with torch.no_grad():
-        tower.token_embedding.weight.copy_(init_token_embedding(vocab, width, seed=cfg.seed + 1, std=cfg.token_std))
+        tower.token_embedding.weight.copy_(init_token_embedding(vocab, width, seed=cfg.token_seed, std=cfg.token_std))
     tokenizer = open_clip.get_tokenizer(EMBEDDED_MODEL)
     sot, eot_id = int(tokenizer.sot_token_id), int(tokenizer.eot_token_id)
 
@@ -158,7 +171,7 @@ def pretrain(cfg: PretrainConfig, *, log_every: int = 100) -> tuple[nn.Module, T
     prefix_vocab = _prefix_vocab(tokenizer)
     replace_vocab = torch.tensor([i for i in range(vocab) if i not in (sot, eot_id)], dtype=torch.long)
 
-    params = [p for n, p in model.named_parameters() if not n.startswith("visual.")]
+    params = [p for n, p in model.named_parameters() if not n.startswith("visual.") and p.requires_grad]
     for n, p in model.named_parameters():
         if n.startswith("visual."):
             p.requires_grad_(False)
@@ -276,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model,
             args.out,
             model_name=EMBEDDED_MODEL,
-            token_seed=cfg.seed + 1,
+            token_seed=cfg.token_seed,
             token_std=cfg.token_std,
             trained_rows=rows,
             meta=meta,

@@ -52,11 +52,15 @@ __all__ = [
 TASK_HEADS = ("linear", "cosine")
 PARTITIONS = ("iid", "dirichlet")
 LABEL_TEMPLATE = "a sentence about {}."
+TEXT_TOWER_WEIGHTS = str(Path(__file__).resolve().parent.parent / "configs" / "tiny-topics-text.pt")
+"""Default backbone weights: ``tiny-digits-clip`` with its text tower pretrained offline on topic sentences of a
+separate seed (``python -m fpl_fast.data.pretrain_text_tower``)."""
 
 
 @dataclass(frozen=True)
 class Config:
-    """A federated RAPT job. The defaults are the embedded offline run (small: 4 clients, 3 rounds, 1 local epoch).
+    """A federated RAPT job. The defaults are the embedded offline run (small: 4 clients, 10 rounds, 2 local epochs,
+    on the shipped pretrained tiny text tower).
 
     Attributes:
         num_users: clients K.
@@ -69,9 +73,10 @@ class Config:
         test_size: test sentences.
         data_root: unused by ``topics`` (kept for the shared CLI).
         model: open_clip model name; default ``tiny-digits-clip`` (2 layers, width 64, causal, 77 tokens).
-        pretrained: None (seeded random init, the default: the embedded digits weights were trained on digit
-            captions only, so for topic sentences their text tower is no better than a random one, and a random
-            init needs no weights file), ``"embedded"``, an open_clip tag or a checkpoint file.
+        pretrained: a checkpoint file (default :data:`TEXT_TOWER_WEIGHTS`, the shipped tiny text tower pretrained
+            on topic sentences generated with a seed other than the federated data's; a frozen random tower
+            carries no topic information and RAPT stays at chance on it), None (seeded random init),
+            ``"embedded"`` (the digits weights: their text tower saw digit captions only) or an open_clip tag.
         precision: ``fp32`` or ``bf16``.
         device: ``cpu`` or ``cuda``.
         seed: seeds everything (init, splits, plain tokens, noise).
@@ -95,8 +100,8 @@ class Config:
     """
 
     num_users: int = 4
-    rounds: int = 3
-    local_epochs: int = 1
+    rounds: int = 10
+    local_epochs: int = 2
     partition: str = "iid"
     beta: float = 0.5
     dataset: str = "topics"
@@ -104,7 +109,7 @@ class Config:
     test_size: int = 400
     data_root: str = "data"
     model: str = "tiny-digits-clip"
-    pretrained: str | None = None
+    pretrained: str | None = TEXT_TOWER_WEIGHTS
     precision: str = "fp32"
     device: str = "cpu"
     seed: int = 1
