@@ -29,10 +29,8 @@ accuracy of a linear probe on EOT features of the CLEAN federated test sentences
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,10 +44,10 @@ from fpl_fast.backbone import (
     EMBEDDED_MODEL,
     FrozenCLIP,
     init_token_embedding,
-    save_compact_checkpoint,
     text_encoder_forward,
     text_tower,
 )
+from fpl_fast.data.recipe import recipe_main
 from fpl_fast.data.text import TEXT_CLASSNAMES, TEXT_SEED, make_text_dataset
 
 __all__ = [
@@ -260,51 +258,22 @@ def linear_probe_accuracy(backbone: FrozenCLIP, *, n_train: int = 800, n_test: i
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: pretrain, save the compact weights, report the linear-probe accuracy."""
-    parser = argparse.ArgumentParser(
-        prog="python -m fpl_fast.data.pretrain_text_tower", description=__doc__.split("\n")[0]
+    return recipe_main(
+        argv,
+        recipe="fpl_fast.data.pretrain_text_tower",
+        description=__doc__.split("\n")[0],
+        default_out=TEXT_TOWER_WEIGHTS,
+        config_cls=PretrainConfig,
+        pretrain=pretrain,
+        token_seed=lambda cfg: cfg.token_seed,
+        evaluate=lambda backbone: {"linear_probe_test_accuracy": linear_probe_accuracy(backbone)},
+        eval_help="linear-probe measurement",
+        extra_meta={
+            "templates": list(PRETRAIN_TEMPLATES),
+            "pretrain_seed": PRETRAIN_SEED,
+            "pretrain_size": PRETRAIN_SIZE,
+        },
     )
-    parser.add_argument("--out", default=str(TEXT_TOWER_WEIGHTS), help="output weights file (default: the shipped one)")
-    parser.add_argument("--steps", type=int, default=PretrainConfig.steps)
-    parser.add_argument("--seed", type=int, default=PretrainConfig.seed)
-    parser.add_argument("--no-eval", action="store_true", help="skip the linear-probe measurement")
-    args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
-    cfg = PretrainConfig(steps=args.steps, seed=args.seed)
-    start = time.perf_counter()
-    model, rows = pretrain(cfg)
-    seconds = time.perf_counter() - start
-    print(f"pretraining: {cfg.steps} steps in {seconds:.1f} s ({torch.get_num_threads()} threads)")
-    meta: dict = {
-        "recipe": "fpl_fast.data.pretrain_text_tower",
-        "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
-        "templates": list(PRETRAIN_TEMPLATES),
-        "pretrain_seed": PRETRAIN_SEED,
-        "pretrain_size": PRETRAIN_SIZE,
-        "pretrain_seconds": round(seconds, 1),
-    }
-
-    def save() -> None:
-        save_compact_checkpoint(
-            model,
-            args.out,
-            model_name=EMBEDDED_MODEL,
-            token_seed=cfg.token_seed,
-            token_std=cfg.token_std,
-            trained_rows=rows,
-            meta=meta,
-        )
-
-    save()
-    if not args.no_eval:
-        from fpl_fast.backbone import load_backbone
-
-        probe = linear_probe_accuracy(load_backbone(EMBEDDED_MODEL, args.out))
-        print(f"linear probe on clean federated test text: {probe:.3f}")
-        meta["linear_probe_test_accuracy"] = round(probe, 4)
-        save()
-    print(f"wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

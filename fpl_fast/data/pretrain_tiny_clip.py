@@ -21,10 +21,8 @@ zero-shot accuracy and the accuracy of a small CoOp run (16 learned context vect
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,11 +36,11 @@ from fpl_fast.backbone import (
     EMBEDDED_WEIGHTS,
     FrozenCLIP,
     init_token_embedding,
-    save_compact_checkpoint,
     text_encoder_forward,
     text_tower,
 )
 from fpl_fast.data.digits import DIGIT_CLASSNAMES, DigitsDataset
+from fpl_fast.data.recipe import recipe_main
 
 __all__ = [
     "PRETRAIN_TEMPLATES",
@@ -228,56 +226,25 @@ def coop_accuracy(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: pretrain, save the compact weights, report zero-shot and CoOp accuracy."""
-    parser = argparse.ArgumentParser(
-        prog="python -m fpl_fast.data.pretrain_tiny_clip", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--out", default=str(EMBEDDED_WEIGHTS), help="output weights file (default: the shipped one)")
-    parser.add_argument("--steps", type=int, default=PretrainConfig.steps)
-    parser.add_argument("--seed", type=int, default=PretrainConfig.seed)
-    parser.add_argument("--no-eval", action="store_true", help="skip the zero-shot / CoOp measurement")
-    args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
-    cfg = PretrainConfig(steps=args.steps, seed=args.seed)
-    start = time.perf_counter()
-    model, rows = pretrain(cfg)
-    seconds = time.perf_counter() - start
-    print(f"pretraining: {cfg.steps} steps in {seconds:.1f} s ({torch.get_num_threads()} threads)")
-    meta: dict = {
-        "recipe": "fpl_fast.data.pretrain_tiny_clip",
-        "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
-        "templates": list(PRETRAIN_TEMPLATES),
-        "pretrain_seconds": round(seconds, 1),
-    }
-    save_compact_checkpoint(
-        model,
-        args.out,
-        model_name=EMBEDDED_MODEL,
-        token_seed=cfg.seed + 1,
-        token_std=cfg.token_std,
-        trained_rows=rows,
-        meta=meta,
-    )
-    if not args.no_eval:
-        from fpl_fast.backbone import load_backbone
 
-        backbone = load_backbone(EMBEDDED_MODEL, args.out)
-        zs = zero_shot_accuracy(backbone)
-        coop = coop_accuracy(backbone)
-        print(f"zero-shot ({ZERO_SHOT_TEMPLATE!r}) test accuracy: {zs:.3f}")
-        print(f"CoOp (16 ctx, 300 Adam steps, central) test accuracy: {coop:.3f}")
-        meta.update(zero_shot_test_accuracy=round(zs, 4), coop_test_accuracy=round(coop, 4))
-        save_compact_checkpoint(
-            model,
-            args.out,
-            model_name=EMBEDDED_MODEL,
-            token_seed=cfg.seed + 1,
-            token_std=cfg.token_std,
-            trained_rows=rows,
-            meta=meta,
-        )
-    print(f"wrote {args.out}")
-    return 0
+    def evaluate(backbone: FrozenCLIP) -> dict[str, float]:
+        return {
+            "zero_shot_test_accuracy": zero_shot_accuracy(backbone),
+            "coop_test_accuracy": coop_accuracy(backbone),  # 16 ctx, 300 Adam steps, central
+        }
+
+    return recipe_main(
+        argv,
+        recipe="fpl_fast.data.pretrain_tiny_clip",
+        description=__doc__.split("\n")[0],
+        default_out=EMBEDDED_WEIGHTS,
+        config_cls=PretrainConfig,
+        pretrain=pretrain,
+        token_seed=lambda cfg: cfg.seed + 1,
+        evaluate=evaluate,
+        eval_help="zero-shot / CoOp measurement",
+        extra_meta={"templates": list(PRETRAIN_TEMPLATES)},
+    )
 
 
 if __name__ == "__main__":
