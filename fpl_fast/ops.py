@@ -9,7 +9,9 @@ Semantics, shapes and the noise stream of every op are documented in :mod:`fpl_f
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -200,15 +202,17 @@ def dp_lowrank_clip_noise(
     *,
     clip_norm: float,
     noise_multiplier: float,
-    seed: int,
-    offset: int,
+    seed: Sequence[int],
+    offset: Sequence[int],
     expected_batch_size: float = 0.0,
     joint_uv: bool = True,
     per_sample: bool = True,
     sum_classes: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Fused per-sample clipping + local-DP noise of the prompt factors; see the reference."""
-    args = (grad, u, v, float(clip_norm), float(noise_multiplier), int(seed), int(offset))
+    """Fused per-sample clipping + local-DP noise of the prompt factors; see the reference.
+
+    ``seed`` and ``offset`` hold one Philox stream per client (K integers each; 1 without K)."""
+    args = (grad, u, v, float(clip_norm), float(noise_multiplier), _ints(seed), _ints(offset))
     kw = (float(expected_batch_size), bool(joint_uv), bool(per_sample), bool(sum_classes))
     if _HAS_C:
         return torch.ops.fpl_fast.dp_lowrank_clip_noise(*args, *kw)
@@ -222,11 +226,24 @@ def lowrank_full_grad(grad_u: Tensor, grad_v: Tensor, u: Tensor, v: Tensor, scal
     return reference.lowrank_full_grad(grad_u, grad_v, u, v, float(scale))
 
 
-def lowrank_factorize(l: Tensor, rank: int, seed: int, offset: int) -> tuple[Tensor, Tensor, Tensor]:  # noqa: E741
-    """One randomised power iteration L -> (U, V, R = L - U V); see the reference."""
+def lowrank_factorize(
+    l: Tensor,  # noqa: E741
+    rank: int,
+    seed: Sequence[int],
+    offset: Sequence[int],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One randomised power iteration L -> (U, V, R = L - U V), one stream per client; see the reference."""
     if _HAS_C:
-        return torch.ops.fpl_fast.lowrank_factorize(l, int(rank), int(seed), int(offset))
-    return reference.lowrank_factorize(l, int(rank), int(seed), int(offset))
+        return torch.ops.fpl_fast.lowrank_factorize(l, int(rank), _ints(seed), _ints(offset))
+    return reference.lowrank_factorize(l, int(rank), _ints(seed), _ints(offset))
+
+
+def _ints(xs: Sequence[int]) -> list[int]:
+    """A per-client stream list as plain ints (numpy integers and tuples too); anything else is left for the
+    op's own check to name."""
+    if isinstance(xs, (list, tuple)):
+        return [int(x) if isinstance(x, (int, np.integer)) and not isinstance(x, bool) else x for x in xs]
+    return xs
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ kernels draw the same numbers (``csrc/philox.h`` documents the stream layout).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -81,6 +82,27 @@ def philox_normal(seed: int, offset: int, numel: int, device: torch.device | str
 # ----------------------------------------------------------------------------------------------
 # Input checks (the C++ kernels raise the same messages)
 # ----------------------------------------------------------------------------------------------
+def _check_streams(seed: Sequence[int], offset: Sequence[int], K: int) -> None:
+    """One (seed, offset) per client, each in [0, 2^63)."""
+    for name, xs in (("seed", seed), ("offset", offset)):
+        _check(
+            isinstance(xs, (list, tuple)) and len(xs) == K,
+            f"{name} must be a list of {K} integers (one stream per client), got {xs!r}",
+        )
+        for x in xs:
+            _check(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63,
+                f"{name} entries must be integers in [0, 2^63), got {x!r}",
+            )
+
+
+def _client_normals(seed: Sequence[int], offset: Sequence[int], per_client: int, device) -> Tensor:
+    """(K, per_client) float32: row k holds normals 0 .. per_client - 1 of stream (seed[k], offset[k])."""
+    if not seed:
+        return torch.zeros(0, per_client, device=device)
+    return torch.stack([philox_normal(s, o, per_client, device) for s, o in zip(seed, offset)])
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -224,7 +246,7 @@ def lowrank_prompt_backward(
 # dp_lowrank_clip_noise
 # ----------------------------------------------------------------------------------------------
 def dp_noise_numel(K: int, n_ctx: int, d: int, rank: int | None) -> int:
-    """Normals one ``dp_lowrank_clip_noise`` call draws (rank None: full local prompt)."""
+    """Normals one ``dp_lowrank_clip_noise`` call draws for K clients (rank None: full local prompt)."""
     per_client = n_ctx * d if rank is None else n_ctx * rank + rank * d
     return K * per_client
 
@@ -235,8 +257,8 @@ def dp_lowrank_clip_noise(
     v: Tensor | None,
     clip_norm: float,
     noise_multiplier: float,
-    seed: int,
-    offset: int,
+    seed: Sequence[int],
+    offset: Sequence[int],
     expected_batch_size: float = 0.0,
     joint_uv: bool = True,
     per_sample: bool = True,
@@ -257,8 +279,9 @@ def dp_lowrank_clip_noise(
     Without u and v (fedotp's full local prompt L) the per-sample context gradient itself is clipped
     and noised: the first output is the noisy L gradient (K, n_ctx, d) and the second is empty.
 
-    Noise stream: client k draws normals k * P .. (k + 1) * P - 1 of (seed, offset), with
-    P = n_ctx r + r d (U row-major, then V row-major) or n_ctx d without u, v. No draws when sigma = 0.
+    Noise streams: client k draws normals 0 .. P - 1 of its own stream (seed[k], offset[k]), with
+    P = n_ctx r + r d (U row-major, then V row-major) or n_ctx d without u, v, so a client's noise
+    never depends on which other clients share the call. No draws when sigma = 0.
 
     Args:
         grad: (K, b, n_ctx, d) or (b, n_ctx, d); with ``sum_classes`` (K, b, n_cls, n_ctx, d) or
@@ -267,7 +290,7 @@ def dp_lowrank_clip_noise(
         v: (K, r, d) or (r, d); or None.
         clip_norm: C > 0 (inf disables clipping).
         noise_multiplier: sigma >= 0.
-        seed, offset: the Philox stream.
+        seed, offset: the Philox stream of each client, K integers each (1 when grad has no K).
 
     Returns:
         grad_u (K, n_ctx, r), grad_v (K, r, d), grad_g (K, n_ctx, d) in grad's dtype, and
@@ -287,6 +310,7 @@ def dp_lowrank_clip_noise(
     x = grad if batched else grad.unsqueeze(0)
     K, b = x.shape[0], x.shape[1]
     n_ctx, d = x.shape[-2], x.shape[-1]
+    _check_streams(seed, offset, K)
     _check((u is None) == (v is None), "u and v must be given together or not at all")
     if u is not None and v is not None:
         kd = 3 if batched else 2
@@ -338,8 +362,8 @@ def dp_lowrank_clip_noise(
 
     if noise_multiplier > 0:
         numel_a, numel_b = local_a[0].numel(), local_b[0].numel()
-        z = philox_normal(seed, offset, K * (numel_a + numel_b), grad.device).to(acc)
-        z = z.view(K, numel_a + numel_b) * (noise_multiplier * C / denom)
+        z = _client_normals(seed, offset, numel_a + numel_b, grad.device).to(acc)  # (K, P)
+        z = z * (noise_multiplier * C / denom)
         local_a = local_a * scale + z[:, :numel_a].view_as(local_a)
         local_b = local_b * scale + z[:, numel_a:].view_as(local_b)
     else:
@@ -386,7 +410,7 @@ def lowrank_full_grad(grad_u: Tensor, grad_v: Tensor, u: Tensor, v: Tensor, scal
 # lowrank_factorize
 # ----------------------------------------------------------------------------------------------
 def factorize_noise_numel(K: int, d: int, rank: int) -> int:
-    """Normals one ``lowrank_factorize`` call draws."""
+    """Normals one ``lowrank_factorize`` call draws for K clients."""
     return K * d * rank
 
 
@@ -404,15 +428,21 @@ def _gram_schmidt(m: Tensor) -> Tensor:
     return m
 
 
-def lowrank_factorize(l: Tensor, rank: int, seed: int, offset: int) -> tuple[Tensor, Tensor, Tensor]:  # noqa: E741
+def lowrank_factorize(
+    l: Tensor,  # noqa: E741
+    rank: int,
+    seed: Sequence[int],
+    offset: Sequence[int],
+) -> tuple[Tensor, Tensor, Tensor]:
     """One randomised power iteration: L ~ U V with residual R = L - U V.
 
-    V0 ~ N(0, 1) of shape (d, r) from the Philox stream (client k: normals k d r .. (k + 1) d r - 1,
-    row-major); U = orth(L V0); W = orth(L^T U); V = W^T; orth is column-wise Gram-Schmidt.
+    V0 ~ N(0, 1) of shape (d, r) from client k's Philox stream (seed[k], offset[k]) (normals
+    0 .. d r - 1, row-major); U = orth(L V0); W = orth(L^T U); V = W^T; orth is column-wise Gram-Schmidt.
 
     Args:
         l: (K, n_ctx, d) or (n_ctx, d).
         rank: 1 <= r <= min(n_ctx, d).
+        seed, offset: the Philox stream of each client, K integers each (1 when l has no K).
 
     Returns:
         u (K, n_ctx, r), v (K, r, d), residual (K, n_ctx, d), or without K like l.
@@ -423,9 +453,10 @@ def lowrank_factorize(l: Tensor, rank: int, seed: int, offset: int) -> tuple[Ten
     x = l if batched else l.unsqueeze(0)
     K, n_ctx, d = x.shape
     _check(1 <= rank <= min(n_ctx, d), f"rank must be in [1, {min(n_ctx, d)}] (min(n_ctx, d)), got {rank}")
+    _check_streams(seed, offset, K)
     acc = torch.float64 if l.dtype == torch.float64 else torch.float32
     xa = x.to(acc)
-    v0 = philox_normal(seed, offset, K * d * rank, l.device).to(acc).view(K, d, rank)
+    v0 = _client_normals(seed, offset, d * rank, l.device).to(acc).view(K, d, rank)
     u = _gram_schmidt(torch.matmul(xa, v0))  # (K, n_ctx, r)
     w = _gram_schmidt(torch.matmul(xa.transpose(-1, -2), u))  # (K, d, r)
     v = w.transpose(-1, -2)  # (K, r, d)
