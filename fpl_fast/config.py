@@ -23,7 +23,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "clip_uv": ("joint", "separate"),
     "calibration": ("accountant", "paper"),
     "accountant": ("rdp", "pld"),
-    "sampling": ("shuffle", "poisson"),
+    "sampling": ("poisson", "shuffle"),
+    "calibrate_for": ("total", "each"),
     "sync": ("step", "round"),
     "partition": ("iid", "pathological", "dirichlet"),
     "precision": ("fp32", "bf16"),
@@ -49,8 +50,9 @@ class RunConfig:
     clip_mode: str = "sample"
     clip_uv: str = "joint"
     calibration: str = "accountant"
+    calibrate_for: str = "total"  # --epsilon bounds epsilon_total (both releases) or each release on its own
     accountant: str = "rdp"
-    sampling: str = "shuffle"
+    sampling: str | None = None  # None: poisson, or shuffle with --clip-mode batch (no Poisson account there)
     # federation
     num_users: int = 10
     rounds: int = 20
@@ -73,6 +75,7 @@ class RunConfig:
     # run
     eval_every: int = 1
     seed: int = 1
+    noise_seed: int | None = None  # None: secret noise and sampling (OS CSPRNG keys); N: reproducible, not private
     device: str = "cpu"
     chunk_size: int | None = None  # per-sample gradient chunk (samples per vmap call); None = from activation size
     out: str | None = None
@@ -81,6 +84,8 @@ class RunConfig:
     mia: int = 0  # shadow models of the membership-inference attack run after training; 0 = no attack
 
     def __post_init__(self) -> None:
+        if self.sampling is None:
+            object.__setattr__(self, "sampling", "shuffle" if self.clip_mode == "batch" else "poisson")
         for name, allowed in CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:
@@ -90,6 +95,12 @@ class RunConfig:
             raise ValueError(f"--num-shots must be >= 1, got {self.num_shots}")
         if not isinstance(self.mia, int) or isinstance(self.mia, bool) or self.mia < 0:
             raise ValueError(f"--mia must be an integer >= 0 (shadow models; 0: no attack), got {self.mia!r}")
+        if self.noise_seed is not None and (
+            not isinstance(self.noise_seed, int) or isinstance(self.noise_seed, bool) or self.noise_seed < 0
+        ):
+            raise ValueError(
+                f"--noise-seed must be an integer >= 0 (leave it out for secret noise), got {self.noise_seed!r}"
+            )
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"--chunk-size must be >= 1, got {self.chunk_size}")
         for name in ("noise", "noise_local", "noise_global"):

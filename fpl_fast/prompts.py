@@ -119,8 +119,9 @@ class PromptLearner:
             self.local["v"] = normal(num_clients, r, d)
 
     # ------------------------------------------------------------------------------------------
-    def factors(self, clients: Tensor, *, seed: int, offset: int) -> StepFactors:
-        """This step's (U, V, R) for the given client indices; lowrank() draws fresh V0 from (seed, offset)."""
+    def factors(self, clients: Tensor, *, seed: list[int], offset: list[int]) -> StepFactors:
+        """This step's (U, V, R) for the given client indices; lowrank() draws fresh V0 for client
+        ``clients[j]`` from its own stream (seed[j], offset[j])."""
         f = self.cfg.factorization
         if f == "promptfl":
             return StepFactors(None, None, None)
@@ -131,10 +132,10 @@ class PromptLearner:
         u, v, res = ops.lowrank_factorize(self.local["l"][clients], self.cfg.rank, seed, offset)
         return StepFactors(u, v, res if f == "dpfpl" else None)
 
-    def factorize_draws(self, num_clients: int) -> int:
-        """Normals one ``factors`` call consumes (for advancing the noise stream)."""
+    def factorize_draws(self) -> int:
+        """Normals one ``factors`` call consumes per client (for advancing its noise stream)."""
         if self.cfg.factorization in ("dplora", "dpfpl"):
-            return reference.factorize_noise_numel(num_clients, self.global_ctx.shape[-1], self.cfg.rank)
+            return reference.factorize_noise_numel(1, self.global_ctx.shape[-1], self.cfg.rank)
         return 0
 
     def context(self, clients: Tensor, factors: StepFactors) -> Tensor:

@@ -22,7 +22,7 @@ __all__ = [
     "summary_table",
 ]
 
-ROUND_FIELDS = ("round", "local_acc", "neighbor_acc", "epsilon_local", "epsilon_global", "seconds")
+ROUND_FIELDS = ("round", "local_acc", "neighbor_acc", "epsilon_local", "epsilon_global", "epsilon_total", "seconds")
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -127,13 +127,15 @@ def summary_table(final: dict[str, Any], *, extra: bool = False) -> str:
         ("zero-shot accuracy (hand-written prompt)", final.get("zero_shot_acc")),
         ("epsilon local (max over clients)", final.get("epsilon_local")),
         ("epsilon global (max over clients)", final.get("epsilon_global")),
+        ("epsilon total, both prompts (max)", final.get("epsilon_total")),
         ("delta", final.get("delta")),
         ("accountant", final.get("accountant")),
+        ("noise and sampling", (final.get("randomness") or {}).get("noise_and_sampling")),
         ("seconds", final.get("seconds")),
     ]
     if extra:
-        shown = {"local_acc", "neighbor_acc", "zero_shot_acc", "epsilon_local", "epsilon_global", "delta"}
-        shown |= {"accountant", "seconds"}
+        shown = {"local_acc", "neighbor_acc", "zero_shot_acc", "epsilon_local", "epsilon_global", "epsilon_total"}
+        shown |= {"delta", "accountant", "seconds"}
         rows += [
             (k.replace("_", " "), v)
             for k, v in final.items()

@@ -58,14 +58,29 @@ _FLAGS: list[tuple[str, Any, str]] = [
     ),
     ("--noise-local", _float, "noise multiplier of the local prompt's DP (overrides --noise)"),
     ("--noise-global", _float, "noise multiplier of the global prompt's DP (overrides --noise)"),
-    ("--epsilon", _float, "target epsilon: calibrate sigma for it instead of --noise"),
+    (
+        "--epsilon",
+        _float,
+        "target epsilon: calibrate sigma for it instead of --noise (by default for epsilon_total, what an observer "
+        "of both the local and the global prompt learns; see --calibrate-for)",
+    ),
+    (
+        "--calibrate-for",
+        str,
+        "with --epsilon: total (default: epsilon_total of both releases <= E) | each (each release alone <= E)",
+    ),
     ("--delta", _float, "delta of the (epsilon, delta) guarantee (default 1e-5)"),
     ("--norm-thresh", _float, "clip norm C (default 10, the authors' value; inf: no clipping)"),
     ("--clip-mode", str, "sample: clip each example (per-example DP, default) | batch: the authors' batch-mean clip"),
     ("--clip-uv", str, "joint: one norm over (g_U, g_V) (default) | separate: the authors' per-factor clip"),
     ("--calibration", str, "with --epsilon: accountant (default) | paper (sqrt(rounds log(1/delta)) / epsilon)"),
     ("--accountant", str, "rdp (default) | pld"),
-    ("--sampling", str, "shuffle: fixed-size shuffled batches (default) | poisson: Poisson sampling"),
+    (
+        "--sampling",
+        str,
+        "poisson: Poisson sampling (default; the accountant's bound is then proven) | shuffle: fixed-size shuffled "
+        "batches (accounted as Poisson, an approximation; the default with --clip-mode batch)",
+    ),
     ("--num-users", int, "number of clients K (default 10)"),
     ("--rounds", int, "communication rounds (default 20)"),
     ("--local-epochs", int, "local epochs per round (default 1)"),
@@ -88,7 +103,13 @@ _FLAGS: list[tuple[str, Any, str]] = [
     ("--num-shots", int, "few-shot: examples per class per client"),
     ("--augment", _bool, "random resized crop + flip in training (recomputes image features); true/false"),
     ("--eval-every", int, "evaluate every N rounds (default 1)"),
-    ("--seed", int, "seed of every random choice in the run (default 1)"),
+    ("--seed", int, "seed of the public random choices: initialisation, data splits (default 1)"),
+    (
+        "--noise-seed",
+        int,
+        "make the DP noise and the batch sampling reproducible from N (research only: the guarantee does not hold "
+        "against anyone who knows N); default: secret keys from the OS, per client and server",
+    ),
     ("--device", str, "cpu | cuda | cuda:N"),
     (
         "--chunk-size",

@@ -284,7 +284,9 @@ def shadow_records(
 ) -> Records:
     """Train shadow model j with the target's configuration (its own seed) on the pool; its records."""
     seed = shadow_seed(cfg, j)
-    shadow_cfg = cfg.replace(seed=seed, out=None, resume=False, mia=0)
+    # The attacker's own shadows: reproducible only when the target's noise is (--noise-seed), with other keys.
+    noise_seed = None if cfg.noise_seed is None else cfg.noise_seed + 1000 * (j + 1)
+    shadow_cfg = cfg.replace(seed=seed, noise_seed=noise_seed, out=None, resume=False, mia=0)
     data = shadow_data(shadow_cfg, pool, seed)
     fed = train_federation(shadow_cfg, backbone, classnames, data, progress=progress, desc=f"mia shadow {j + 1}")
     return federation_records(fed, data, eval_seed=eval_seed(shadow_cfg, cfg.rounds - 1), seed=seed)

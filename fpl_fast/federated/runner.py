@@ -20,7 +20,13 @@ from fpl_fast import results as io
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.simulation import ClientData, Federation, StepStats
 from fpl_fast.privacy.accountant import PrivacyAccountant, calibrate_noise, epsilon_for, paper_noise_multiplier
-from fpl_fast.privacy.mechanism import LocalDP, accountant_noise_multiplier, global_accountant_noise_multiplier
+from fpl_fast.privacy.mechanism import (
+    LocalDP,
+    accountant_noise_multiplier,
+    combined_noise_multiplier,
+    global_accountant_noise_multiplier,
+)
+from fpl_fast.privacy.randomness import randomness_statement
 
 __all__ = [
     "NoisePlan",
@@ -46,12 +52,15 @@ class NoisePlan:
     accountant_local / accountant_global: the multipliers the accountant composes (the sensitivity
     of what is clipped decides it: separate clipping of U and V moves the pair by sqrt(2) C; batch-mean
     clipping lets one example move the clipped mean by 2 C against noise sigma C / b).
+    accountant_total: the multiplier of both releases seen together (one Gaussian on the same batch per step,
+    ``combined_noise_multiplier``); the global one alone when there is no local prompt (promptfl).
     """
 
     sigma_local: float
     sigma_global: float
     accountant_local: float
     accountant_global: float
+    accountant_total: float
     note: str
 
 
@@ -67,6 +76,11 @@ def _accountant_multipliers(cfg: RunConfig, sigma_local: float, sigma_global: fl
     local = accountant_noise_multiplier(local_cfg, lowrank=lowrank, batch_size=b)
     glob = global_accountant_noise_multiplier(sigma_global, clip_mode=cfg.clip_mode, batch_size=b)
     return local, glob
+
+
+def _total_multiplier(cfg: RunConfig, local: float, glob: float) -> float:
+    """The multiplier of everything a client releases per step (the global prompt alone for promptfl)."""
+    return glob if cfg.factorization == "promptfl" else combined_noise_multiplier(local, glob)
 
 
 def plan_noise(cfg: RunConfig, *, sample_rate: float, steps: int, batch_size: float) -> NoisePlan:
@@ -89,15 +103,20 @@ def plan_noise(cfg: RunConfig, *, sample_rate: float, steps: int, batch_size: fl
         )
     else:
         need = calibrate_noise(cfg.epsilon, cfg.delta, sample_rate, steps, cfg.accountant, cfg.sampling)
-        # Invert the sensitivity mapping: the accountant needs multiplier `need` after it.
+        # Invert the sensitivity mapping: the accountant needs multiplier `need` after it. All multipliers
+        # scale linearly with sigma, so for the total one sigma = need / (the total at sigma 1).
         scale_l, scale_g = _accountant_multipliers(cfg, 1.0, 1.0, batch_size)
-        s_l, s_g = need / scale_l, need / scale_g
+        if cfg.calibrate_for == "total":
+            s_l = s_g = need / _total_multiplier(cfg, scale_l, scale_g)
+        else:
+            s_l, s_g = need / scale_l, need / scale_g
+        what = "epsilon_total (both prompts)" if cfg.calibrate_for == "total" else "each release"
         notes.append(
-            f"sigma calibrated with {cfg.accountant.upper()} (dp_accounting) for epsilon={cfg.epsilon}, "
+            f"sigma calibrated with {cfg.accountant.upper()} (dp_accounting) for {what} epsilon={cfg.epsilon}, "
             f"delta={cfg.delta}, q={sample_rate:.4g}, steps={steps}"
         )
     acc_l, acc_g = _accountant_multipliers(cfg, s_l, s_g, batch_size)
-    return NoisePlan(s_l, s_g, acc_l, acc_g, "; ".join(notes))
+    return NoisePlan(s_l, s_g, acc_l, acc_g, _total_multiplier(cfg, acc_l, acc_g), "; ".join(notes))
 
 
 def _epsilon(multiplier: float, q: float, steps: int, cfg: RunConfig) -> float:
@@ -226,14 +245,15 @@ def run_job(
     def eps(multiplier: float, q: float, steps: int) -> float:
         return _epsilon(multiplier, q, steps, cfg)
 
-    def epsilons(clients: list[int]) -> tuple[list[float], list[float]]:
-        """Local and global epsilon spent by each of ``clients`` so far."""
-        loc, glo = [], []
+    def epsilons(clients: list[int]) -> tuple[list[float], list[float], list[float]]:
+        """Local, global and total (both releases together) epsilon spent by each of ``clients`` so far."""
+        loc, glo, tot = [], [], []
         for k in clients:
             steps = int(fed.steps_taken[k])
             loc.append(eps(plan.accountant_local, qs[k], steps) if has_local_mech else 0.0)
             glo.append(eps(plan.accountant_global, qs[k], steps))
-        return loc, glo
+            tot.append(eps(plan.accountant_total, qs[k], steps))
+        return loc, glo, tot
 
     def worst_clients() -> list[int]:
         """Clients whose (q, steps) no other client beats in both: epsilon grows with each, so the
@@ -250,7 +270,7 @@ def run_job(
         is_last = rnd == cfg.rounds - 1
         if (rnd + 1) % cfg.eval_every == 0 or is_last:
             last_eval = fed.evaluate(eval_seed(cfg, rnd))
-            eps_l, eps_g = epsilons(worst_clients())
+            eps_l, eps_g, eps_t = epsilons(worst_clients())
             seconds = elapsed_before + time.perf_counter() - t_round0
             rounds.append(
                 {
@@ -259,12 +279,13 @@ def run_job(
                     "neighbor_acc": last_eval["neighbor_acc"],
                     "epsilon_local": max(eps_l),
                     "epsilon_global": max(eps_g),
+                    "epsilon_total": max(eps_t),
                     "seconds": round(seconds, 3),
                     "loss": float(np.mean([s.loss for s in stats])),
                 }
             )
             bar.set_postfix(
-                acc=f"{last_eval['local_acc']:.3f}", nb=f"{last_eval['neighbor_acc']:.3f}", eps_l=f"{max(eps_l):.3g}"
+                acc=f"{last_eval['local_acc']:.3f}", nb=f"{last_eval['neighbor_acc']:.3f}", eps=f"{max(eps_t):.3g}"
             )
         state = {
             "config": _training_config(cfg),
@@ -281,7 +302,7 @@ def run_job(
 
     if last_eval is None:  # resumed a finished run: evaluate the final state again
         last_eval = fed.evaluate(eval_seed(cfg, cfg.rounds - 1))
-    eps_l, eps_g = epsilons(list(range(cfg.num_users)))
+    eps_l, eps_g, eps_t = epsilons(list(range(cfg.num_users)))
     accountant = PrivacyAccountant(
         cfg.accountant,
         noise_multiplier=max(plan.accountant_global, 1e-9),
@@ -295,6 +316,7 @@ def run_job(
         "zero_shot_acc": zero_shot,
         "epsilon_local": max(eps_l) if has_local_mech else None,
         "epsilon_global": max(eps_g),
+        "epsilon_total": max(eps_t),
         "delta": cfg.delta,
         "accountant": accountant.name,
         "accountant_approximation": accountant.approximation,
@@ -305,11 +327,15 @@ def run_job(
         "noise_multiplier_global": plan.sigma_global,
         "accountant_multiplier_local": plan.accountant_local,
         "accountant_multiplier_global": plan.accountant_global,
+        "accountant_multiplier_total": plan.accountant_total,
+        "sampling": cfg.sampling,
+        "randomness": randomness_statement(cfg.noise_seed),
         "noise_note": plan.note,
         "steps_per_client": [int(s) for s in fed.steps_taken],
         "sample_rate_per_client": qs,
         "epsilon_local_per_client": eps_l if has_local_mech else None,
         "epsilon_global_per_client": eps_g,
+        "epsilon_total_per_client": eps_t,
         "local_acc_per_client": last_eval["local_acc_per_client"],
         "neighbor_acc_per_client": last_eval["neighbor_acc_per_client"],
         "seconds": round(elapsed_before + time.perf_counter() - t_round0 + (t_round0 - t_start), 3),

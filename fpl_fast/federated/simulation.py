@@ -8,7 +8,9 @@ One training step of the active clients A (|A| = K_a):
     -> fused clip + local noise (ops.dp_lowrank_clip_noise) -> local update (g_L rebuilt from g_U, g_V)
     -> global prompt: server mean over clients + N(0, (sigma_g C / (b K_a))^2) (sync="step"), or
        client-side DP-SGD on its copy of G and averaging at the round's end (sync="round").
-Local prompts never leave their client's rows; only G (or its gradient) is aggregated.
+Local prompts never leave their client's rows; only G (or its gradient) is aggregated. Each client's noise,
+factorisation draws and batches come from its own keys (privacy.randomness), the server's noise and client
+sampling from the server's: a client's randomness depends only on its key and how far it has stepped.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from torch import Tensor
 from fpl_fast import ops, reference
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.optim import ClientSGD
-from fpl_fast.privacy.mechanism import LocalDP, NoiseStream, privatize_local, server_aggregate_global
+from fpl_fast.privacy.mechanism import LocalDP, privatize_local, server_aggregate_global, take_each
 from fpl_fast.privacy.per_sample import logit_cotangents, per_sample_prompt_grads_from
+from fpl_fast.privacy.randomness import PartyRandomness, derive_key
 from fpl_fast.prompts import PromptConfig, PromptLearner
 
 __all__ = ["ClientData", "Federation", "StepStats"]
@@ -70,18 +73,19 @@ _CHUNK_FLOATS = {"cpu": 2**20, "cuda": 2**27}
 
 
 class _BatchSampler:
-    """Per-client batches: shuffled fixed-size batches (reshuffled each pass) or Poisson sampling."""
+    """Per-client batches: shuffled fixed-size batches (reshuffled each pass) or Poisson sampling, client k
+    drawing from its own generator ``rngs[k]``."""
 
-    def __init__(self, sizes: list[int], batch_size: int, *, poisson: bool, rng: np.random.Generator) -> None:
+    def __init__(self, sizes: list[int], batch_size: int, *, poisson: bool, rngs: list[np.random.Generator]) -> None:
         self.sizes = sizes
         self.poisson = poisson
-        self.rng = rng
+        self.rngs = rngs
         # Every client divides its clipped sum by the same b (one denominator for the fused op). A client
         # with fewer than b examples uses all of them each step: the sensitivity stays C / b, its step is
         # just shorter, and the accountant sees its sampling rate 1 (no amplification for it).
         self.batch_size = batch_size
         self.expected = float(batch_size)
-        self.orders = [rng.permutation(n) for n in sizes]
+        self.orders = [rng.permutation(n) for rng, n in zip(rngs, sizes, strict=True)]
         self.pos = [0] * len(sizes)
 
     def sample_rate(self, k: int) -> float:
@@ -91,12 +95,12 @@ class _BatchSampler:
     def next(self, k: int) -> np.ndarray:
         n = self.sizes[k]
         if self.poisson:
-            return np.flatnonzero(self.rng.random(n) < self.sample_rate(k))
+            return np.flatnonzero(self.rngs[k].random(n) < self.sample_rate(k))
         out: list[np.ndarray] = []
         need = min(self.batch_size, n)  # never the same example twice in one batch
         while need > 0:
             if self.pos[k] >= n:
-                self.orders[k] = self.rng.permutation(n)
+                self.orders[k] = self.rngs[k].permutation(n)
                 self.pos[k] = 0
             take = self.orders[k][self.pos[k] : self.pos[k] + need]
             self.pos[k] += len(take)
@@ -104,12 +108,13 @@ class _BatchSampler:
             out.append(take)
         return np.concatenate(out)
 
-    def state_dict(self) -> dict:
-        return {"orders": [o.copy() for o in self.orders], "pos": list(self.pos)}
+    def client_state(self, k: int) -> dict:
+        """Client k's place in its shuffled order (secret: which examples its batches hold)."""
+        return {"order": self.orders[k].copy(), "pos": self.pos[k]}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.orders = [np.asarray(o) for o in state["orders"]]
-        self.pos = list(state["pos"])
+    def load_client_state(self, k: int, state: dict) -> None:
+        self.orders[k] = np.asarray(state["order"])
+        self.pos[k] = int(state["pos"])
 
 
 class Federation:
@@ -158,10 +163,14 @@ class Federation:
             generator=gen,
             device=self.device,
         )
-        self.rng = np.random.default_rng(cfg.seed)
-        self.noise = NoiseStream(cfg.seed)
+        # Secret by default (OS CSPRNG keys); reproducible only with --noise-seed.
+        self.client_rand = [PartyRandomness.create(f"client-{k}", cfg.noise_seed) for k in range(K)]
+        self.server_rand = PartyRandomness.create("server", cfg.noise_seed)
         self.sampler = _BatchSampler(
-            [len(ix) for ix in data.train_idx], cfg.batch_size, poisson=cfg.sampling == "poisson", rng=self.rng
+            [len(ix) for ix in data.train_idx],
+            cfg.batch_size,
+            poisson=cfg.sampling == "poisson",
+            rngs=[c.sampling for c in self.client_rand],
         )
         self.opt_local = ClientSGD(self.learner.local, lr=cfg.lr, momentum=cfg.momentum)
         # sync="round": each client runs SGD on its own copy of G; sync="step": the server owns G and
@@ -189,7 +198,7 @@ class Federation:
         """Clients taking part in this round (client fraction, at least one)."""
         K = self.cfg.num_users
         m = max(1, round(self.cfg.client_fraction * K))
-        chosen = np.sort(self.rng.choice(K, size=m, replace=False)) if m < K else np.arange(K)
+        chosen = np.sort(self.server_rand.sampling.choice(K, size=m, replace=False)) if m < K else np.arange(K)
         return torch.as_tensor(chosen, dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------------------------------------
@@ -277,8 +286,8 @@ class Federation:
     def train_step(self, clients: Tensor, *, server_average: bool) -> StepStats:
         """One local step of every client in ``clients`` (sync="step": with server averaging of G)."""
         cfg, L = self.cfg, self.learner
-        Ka = len(clients)
-        seed, off = self.noise.take(L.factorize_draws(Ka))
+        streams = [self.client_rand[k].noise for k in clients.tolist()]
+        seed, off = take_each(streams, L.factorize_draws())
         factors = L.factors(clients, seed=seed, offset=off)
         ctx = L.context(clients, factors).detach()
         feats, labels, mask = self._batch(clients)
@@ -296,7 +305,7 @@ class Federation:
             None if u is None else u.float(),
             None if u is None else factors.v.float(),
             dp_cfg,
-            self.noise,
+            streams,
             batch_size=b,
             local=cfg.factorization != "promptfl",
         )
@@ -313,7 +322,7 @@ class Federation:
                     clip_norm=cfg.norm_thresh,
                     noise_multiplier=sigma_g,
                     batch_size=b,
-                    stream=self.noise,
+                    stream=self.server_rand.noise,
                 )
             else:
                 g_server = res.grad_global.mean(0)
@@ -323,7 +332,8 @@ class Federation:
             # trusted server, and averaging at the round's end is post-processing.
             g = res.grad_global
             if sigma_g > 0:
-                g = g + self.noise.normal(g.numel(), g.device).view_as(g) * (sigma_g * cfg.norm_thresh / b)
+                z = torch.stack([s.normal(g[0].numel(), g.device) for s in streams]).view_as(g)
+                g = g + z * (sigma_g * cfg.norm_thresh / b)
             self.opt_global.step(clients, {"g": g})
 
         self.steps_taken[clients.cpu().numpy()] += 1
@@ -396,9 +406,10 @@ class Federation:
     def client_text_features(self, eval_seed: int) -> Tensor:
         """(K, n_cls, D) normalised text features of every client's current prompt."""
         L = self.learner
-        clients = torch.arange(self.cfg.num_users, device=self.device)
-        # lowrank() at evaluation draws from a stream of its own, so evaluating never shifts training noise.
-        factors = L.factors(clients, seed=eval_seed, offset=0)
+        K = self.cfg.num_users
+        clients = torch.arange(K, device=self.device)
+        # lowrank() at evaluation draws from public streams of its own, so evaluating never shifts training noise.
+        factors = L.factors(clients, seed=[derive_key("eval", eval_seed, k) for k in range(K)], offset=[0] * K)
         prompts = L.prompts(self.prefix, self.suffix, clients, factors)
         K, n_cls, Lq, d = prompts.shape
         feats = self.backbone.encode_prompts(
@@ -437,11 +448,14 @@ class Federation:
             "opt_local": self.opt_local.state_dict(),
             "opt_global": self.opt_global.state_dict(),
             "server_buf": self.server_buf.clone(),
-            "rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),  # augmentation draws from torch's global generator
-            "noise": self.noise.state_dict(),
-            "sampler": self.sampler.state_dict(),
             "steps_taken": self.steps_taken.copy(),
+            # Each party's secret part: its keys, stream positions and place in its batch order.
+            "clients": [
+                {"randomness": c.state_dict(), "sampler": self.sampler.client_state(k)}
+                for k, c in enumerate(self.client_rand)
+            ],
+            "server": {"randomness": self.server_rand.state_dict()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -452,8 +466,9 @@ class Federation:
         self.opt_global.params = {"g": self.learner.client_global}
         self.opt_global.load_state_dict(state["opt_global"])
         self.server_buf = state["server_buf"].clone()
-        self.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
-        self.noise.load_state_dict(state["noise"])
-        self.sampler.load_state_dict(state["sampler"])
+        for k, (c, part) in enumerate(zip(self.client_rand, state["clients"], strict=True)):
+            c.load_state_dict(part["randomness"])
+            self.sampler.load_client_state(k, part["sampler"])
+        self.server_rand.load_state_dict(state["server"]["randomness"])
         self.steps_taken = np.asarray(state["steps_taken"]).copy()

@@ -39,6 +39,7 @@ from fpl_fast.backbone import FrozenCLIP, load_backbone, text_tower
 from fpl_fast.data.splits import partition
 from fpl_fast.data.text import TEXT_CLASSNAMES, TEXT_SEED, make_text_dataset
 from fpl_fast.privacy import dchi
+from fpl_fast.privacy.randomness import party_key, randomness_statement
 from fpl_fast.results import write_outputs
 
 __all__ = [
@@ -79,7 +80,9 @@ class Config:
             ``"embedded"`` (the digits weights: their text tower saw digit captions only) or an open_clip tag.
         precision: ``fp32`` or ``bf16``.
         device: ``cpu`` or ``cuda``.
-        seed: seeds everything (init, splits, plain tokens, noise).
+        seed: seeds the public choices (init, splits, calibration sample, batch order).
+        noise_seed: None (default): each party's plain tokens k and d_chi noise come from secret keys (OS
+            CSPRNG); N: reproducible from N, and the guarantee does not hold against anyone who knows N.
         batch_size: local batch size.
         lr: AdamW learning rate of P and the heads (spec R8: 1e-3).
         weight_decay: AdamW weight decay.
@@ -113,6 +116,7 @@ class Config:
     precision: str = "fp32"
     device: str = "cpu"
     seed: int = 1
+    noise_seed: int | None = None
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -363,9 +367,12 @@ def _privatise_texts(
     rec_ids: Tensor,
     n_plain: int,
     fixed_plain: Tensor | None,
-    gen: torch.Generator,
+    gens: tuple[torch.Generator, torch.Generator],
 ) -> _Privatised:
-    """Draw k per sentence, privatise [k; x] jointly (one mechanism call) and keep only the released ids."""
+    """Draw k per sentence, privatise [k; x] jointly (one mechanism call) and keep only the released ids.
+
+    ``gens``: the owning party's secret generators (CPU for k, emb's device for the d_chi noise)."""
+    gen, noise_gen = gens
     n = len(texts)
     if fixed_plain is not None:
         plain_index = fixed_plain.unsqueeze(0).expand(n, -1).clone()
@@ -373,7 +380,7 @@ def _privatise_texts(
         plain_index = torch.randint(0, rec_ids.numel(), (n, n_plain), generator=gen)
     seqs = [torch.cat([rec_ids[plain_index[i]], x]) for i, x in enumerate(texts)]
     flat = torch.cat(seqs) if seqs else torch.zeros(0, dtype=torch.long)
-    released, _ = dchi.privatize(flat.to(emb.device), emb, eta, specials, None if emb.is_cuda else gen)
+    released, _ = dchi.privatize(flat.to(emb.device), emb, eta, specials, noise_gen)
     released = released.cpu()
     out, start = [], 0
     for s in seqs:
@@ -489,13 +496,29 @@ def run(cfg: Config, *, out: Path, progress: bool = True) -> dict[str, Any]:
     n_priv = cfg.rounds * cfg.local_epochs if cfg.compose else 1
     eps_local = eps_tok * n_priv
 
-    def privatise(texts: list[Tensor]) -> _Privatised:
+    # Each party privatises its own text with its own secret generators (keys from the OS unless --noise-seed).
+    party_gens = {
+        party: (
+            torch.Generator().manual_seed(party_key(cfg.noise_seed, party, "plain")),
+            torch.Generator(device=emb.device).manual_seed(party_key(cfg.noise_seed, party, "dchi")),
+        )
+        for party in [f"client-{k}" for k in range(cfg.num_users)] + ["evaluator"]
+    }
+
+    def privatise(texts: list[Tensor], party: str) -> _Privatised:
         return _privatise_texts(
-            texts, emb=emb, eta=eta, specials=specials, rec_ids=rec_ids, n_plain=cfg.n_plain, fixed_plain=fixed, gen=gen
+            texts,
+            emb=emb,
+            eta=eta,
+            specials=specials,
+            rec_ids=rec_ids,
+            n_plain=cfg.n_plain,
+            fixed_plain=fixed,
+            gens=party_gens[party],
         )
 
-    clients = [privatise([encode[i] for i in idx]) for idx in train_idx]  # once per client (R10)
-    test_priv = privatise(encode_test)  # fresh k (R9)
+    clients = [privatise([encode[i] for i in idx], f"client-{k}") for k, idx in enumerate(train_idx)]  # once (R10)
+    test_priv = privatise(encode_test, "evaluator")  # fresh k (R9)
     clean_body = [torch.cat([rec_ids[test_priv.plain_index[i]], x]) for i, x in enumerate(encode_test)]
 
     # ---- model ---------------------------------------------------------------------------------------------
@@ -537,10 +560,7 @@ def run(cfg: Config, *, out: Path, progress: bool = True) -> dict[str, Any]:
             idx = train_idx[k]
             for epoch in range(cfg.local_epochs):
                 if cfg.compose and (rnd, epoch) != (1, 0):
-                    clients[k] = _privatise_texts(
-                        [encode[i] for i in idx], emb=emb, eta=eta, specials=specials, rec_ids=rec_ids,
-                        n_plain=cfg.n_plain, fixed_plain=fixed, gen=gen,
-                    )  # fmt: skip
+                    clients[k] = privatise([encode[i] for i in idx], f"client-{k}")
                 data = clients[k]
                 order = torch.randperm(len(idx), generator=gen)
                 for s in range(0, len(idx), cfg.batch_size):
@@ -608,6 +628,9 @@ def run(cfg: Config, *, out: Path, progress: bool = True) -> dict[str, Any]:
         "nn_inversion_acc": dchi.nn_inversion_accuracy(test_orig[x_mask], test_rel[x_mask], specials),
         "bayes_inversion_acc": bayes,
         "rec_acc": rounds[-1]["rec_acc"],
+        "randomness": randomness_statement(
+            cfg.noise_seed, "torch.Generator (mt19937 on CPU, Philox on CUDA), 63-bit keys (not proven cryptographic)"
+        ),
         "seconds": time.perf_counter() - t_start,
         "note": (
             "RAPT: local d_chi privatisation of the text (once per client"

@@ -16,6 +16,7 @@ Mechanisms per step (DESIGN.md section 1; unit of privacy: one example of one cl
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,11 +28,13 @@ from fpl_fast import ops, reference
 __all__ = [
     "ClipMode",
     "NoiseStream",
+    "take_each",
     "LocalDP",
     "LocalDPResult",
     "privatize_local",
     "accountant_noise_multiplier",
     "global_accountant_noise_multiplier",
+    "combined_noise_multiplier",
     "server_aggregate_global",
 ]
 
@@ -126,7 +129,13 @@ class NoiseStream:
         self._seed, self._offset = restored.state()
 
     def __repr__(self) -> str:
-        return f"NoiseStream(seed={self._seed}, offset={self._offset})"
+        return f"NoiseStream(offset={self._offset})"  # never the key: reprs end up in logs
+
+
+def take_each(streams: Sequence[NoiseStream], numel: int) -> tuple[list[int], list[int]]:
+    """Reserve ``numel`` normals from each client's stream: the (seed, offset) lists the noise ops take."""
+    taken = [s.take(numel) for s in streams]
+    return [t[0] for t in taken], [t[1] for t in taken]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,7 +214,7 @@ def privatize_local(
     u: Tensor | None,
     v: Tensor | None,
     cfg: LocalDP,
-    stream: NoiseStream,
+    streams: NoiseStream | Sequence[NoiseStream],
     *,
     sum_classes: bool = False,
     batch_size: float | None = None,
@@ -214,7 +223,8 @@ def privatize_local(
     """Clip per-sample gradients, noise the local ones, all clients in one fused op call.
 
     Calls ``ops.dp_lowrank_clip_noise`` with ``per_sample = (clip_mode == "sample")`` and
-    ``joint_uv``, drawing its noise from ``stream`` (which advances by what the call consumes).
+    ``joint_uv``; client k draws its noise from its own stream ``streams[k]`` (which advances by what the
+    call consumes), so its noise never depends on which other clients take part.
 
     Args:
         grad_ctx: (K, b, n_ctx, d) per-sample context gradients (or (K, b, n_cls, n_ctx, d) with
@@ -223,7 +233,7 @@ def privatize_local(
         u: (K, n_ctx, r) or None (fedotp's full local prompt, or no local prompt).
         v: (K, r, d) or None.
         cfg: the local-DP configuration.
-        stream: the noise stream.
+        streams: one noise stream per client (K of them; a single stream when grad_ctx has no K).
         sum_classes: grad_ctx carries a class dimension to sum over.
         batch_size: the b that divides the noisy sum when ``cfg.expected_batch_size`` is None
             (default: grad_ctx's b).
@@ -251,10 +261,16 @@ def privatize_local(
         denom = float(batch_size)
     else:
         denom = float(max(b_dim, 1))
+    if isinstance(streams, NoiseStream):
+        streams = [streams]
+    _check(
+        len(streams) == K,
+        f"streams must hold one noise stream per client ({K}), got {len(streams)}",
+    )
     sigma = cfg.noise_multiplier if local else 0.0
     rank = None if u is None else u.shape[-1]
-    numel = reference.dp_noise_numel(K, n_ctx, d, rank) if sigma > 0 else 0
-    seed, offset = stream.take(numel)
+    numel = reference.dp_noise_numel(1, n_ctx, d, rank) if sigma > 0 else 0
+    seed, offset = take_each(streams, numel)
     out_a, out_b, grad_g, norms = ops.dp_lowrank_clip_noise(
         grad_ctx,
         u,
@@ -343,6 +359,23 @@ def global_accountant_noise_multiplier(
     return noise_multiplier / _sensitivity_factor(clip_mode, batch_size)
 
 
+def combined_noise_multiplier(*multipliers: float) -> float:
+    """One Gaussian mechanism equivalent to several released on the same sampled batch each step.
+
+    Releases with multipliers sigma_1, sigma_2, ... of the same batch form one Gaussian mechanism of multiplier
+    sigma_eff = (sum_j sigma_j^-2)^(-1/2) (the privacy loss of a Gaussian is ||sensitivity / std||^2 / 2, and the
+    normalised sensitivities add in squares); 0 (no privacy) when any release is noiseless. This is what an
+    observer of both the local and the global prompt learns: composing them as two independently sampled event
+    sequences would understate epsilon.
+    """
+    _check(len(multipliers) >= 1, "combined_noise_multiplier needs at least one multiplier")
+    for m in multipliers:
+        _check(math.isfinite(m) and m >= 0, f"noise multipliers must be finite and >= 0, got {m}")
+    if any(m == 0 for m in multipliers):
+        return 0.0
+    return sum(m**-2 for m in multipliers) ** -0.5
+
+
 # ----------------------------------------------------------------------------------------------
 # Global DP (server)
 # ----------------------------------------------------------------------------------------------
@@ -357,9 +390,8 @@ def server_aggregate_global(
     """Average the clients' clipped global-prompt gradients and add the server's Gaussian noise.
 
     out = mean_k client_grads[k] + N(0, (sigma_g C / (b K))^2) per entry, so one example's influence
-    C / (b K) is covered with noise multiplier sigma_g. The noise comes from ``stream``
-    (``reference.philox_normal`` at the stream's next slice), reproducible from the run seed; a
-    server with its own stream (e.g. seeded from the run seed) keeps it apart from the clients'.
+    C / (b K) is covered with noise multiplier sigma_g. The noise comes from the server's own ``stream``
+    (``reference.philox_normal`` at the stream's next slice), apart from every client's.
 
     Args:
         client_grads: (K, n_ctx, d) each client's clipped, batch-averaged gradient of G
