@@ -399,7 +399,7 @@ def _floor_backward_s(fed: Federation, device: torch.device, reps: int) -> float
     """Median seconds of one text-encoder vjp through the K * n_cls class prompts at the truncated length."""
     K = fed.cfg.num_users
     clients = torch.arange(K, device=device)
-    factors = fed.learner.factors(clients, seed=123, offset=0)
+    factors = fed.learner.factors(clients, seed=[123 + k for k in range(K)], offset=[0] * K)
     ctx = fed.learner.context(clients, factors).detach()
 
     def text(c: Tensor) -> Tensor:

@@ -28,6 +28,11 @@ def factors(k: int = K, dtype: torch.dtype = torch.float64) -> tuple[torch.Tenso
     return u, v
 
 
+def streams(seed: int, k: int = K) -> list[NoiseStream]:
+    """One noise stream per client, as every client holds its own."""
+    return [NoiseStream(seed * 1000 + j) for j in range(k)]
+
+
 def assert_std(x: torch.Tensor, std: float) -> None:
     """Empirical std of n i.i.d. N(0, std^2) draws: var/std^2 has sd sqrt(2/n); allow 6 of them
     (and |mean| < 6 std/sqrt(n)); a seeded run is deterministic, the bound says why it is not luck."""
@@ -42,7 +47,7 @@ def one_example_shift(cfg: LocalDP, lowrank: bool = True) -> float:
     huge = torch.full((1, 1, N_CTX, D), 1e6, dtype=torch.float64)
     u, v = factors(1)
     quiet = LocalDP(clip_norm=cfg.clip_norm, noise_multiplier=0.0, joint_uv=cfg.joint_uv)
-    res = privatize_local(huge, u if lowrank else None, v if lowrank else None, quiet, NoiseStream(0), batch_size=B)
+    res = privatize_local(huge, u if lowrank else None, v if lowrank else None, quiet, streams(0, 1), batch_size=B)
     parts = [res.grad_u, res.grad_v] if lowrank else [res.grad_local]
     return math.sqrt(sum(p.pow(2).sum().item() for p in parts))
 
@@ -52,7 +57,7 @@ def test_local_noise_std_is_what_the_accountant_is_told(joint_uv):
     cfg = LocalDP(clip_norm=2.5, noise_multiplier=1.3, joint_uv=joint_uv)
     u, v = factors()
     zeros = torch.zeros(K, B, N_CTX, D, dtype=torch.float64)
-    res = privatize_local(zeros, u, v, cfg, NoiseStream(123))
+    res = privatize_local(zeros, u, v, cfg, streams(123))
     noise = torch.cat([res.grad_u.flatten(), res.grad_v.flatten()])
     assert noise.numel() == reference.dp_noise_numel(K, N_CTX, D, R)  # 12 * 640 = 7680 draws
     assert_std(noise, cfg.noise_multiplier * cfg.clip_norm / B)
@@ -66,7 +71,7 @@ def test_local_noise_std_is_what_the_accountant_is_told(joint_uv):
 def test_fedotp_full_local_prompt_noise():
     cfg = LocalDP(clip_norm=1.0, noise_multiplier=0.7, joint_uv=False)
     zeros = torch.zeros(K, B, N_CTX, D, dtype=torch.float64)
-    res = privatize_local(zeros, None, None, cfg, NoiseStream(5))
+    res = privatize_local(zeros, None, None, cfg, streams(5))
     assert res.grad_u is None and res.grad_v is None and res.grad_local.shape == (K, N_CTX, D)
     assert_std(res.grad_local, 0.7 / B)
     # joint_uv does not matter without factors: the multiplier is sigma_l
@@ -77,7 +82,7 @@ def test_fedotp_full_local_prompt_noise():
 def test_expected_batch_size_divides_noise():
     cfg = LocalDP(clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=20.0)
     u, v = factors()
-    res = privatize_local(torch.zeros(K, B, N_CTX, D, dtype=torch.float64), u, v, cfg, NoiseStream(9))
+    res = privatize_local(torch.zeros(K, B, N_CTX, D, dtype=torch.float64), u, v, cfg, streams(9))
     assert res.batch_size == 20.0
     assert_std(torch.cat([res.grad_u.flatten(), res.grad_v.flatten()]), 1.0 / 20)
 
@@ -149,20 +154,34 @@ def test_privatize_local_uses_and_advances_the_stream():
     cfg = LocalDP(clip_norm=1.0, noise_multiplier=0.5)
     u, v = factors()
     grad = torch.randn(K, B, N_CTX, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    stream = NoiseStream(99)
-    r1 = privatize_local(grad, u, v, cfg, stream)
-    numel = reference.dp_noise_numel(K, N_CTX, D, R)
-    assert stream.offset == NoiseStream.counters(numel)
-    want = reference.dp_lowrank_clip_noise(grad, u, v, 1.0, 0.5, 99, 0)
+    own = streams(99)
+    r1 = privatize_local(grad, u, v, cfg, own)
+    numel = reference.dp_noise_numel(1, N_CTX, D, R)  # per client, from its own stream
+    assert all(s.offset == NoiseStream.counters(numel) for s in own)
+    want = reference.dp_lowrank_clip_noise(grad, u, v, 1.0, 0.5, [s.seed for s in own], [0] * K)
     for got, ref in zip((r1.grad_u, r1.grad_v, r1.grad_global, r1.norms), want, strict=True):
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-6)
-    r2 = privatize_local(grad, u, v, cfg, stream)
+    r2 = privatize_local(grad, u, v, cfg, own)
     assert not torch.allclose(r1.grad_u, r2.grad_u)  # fresh noise on the next call
     torch.testing.assert_close(r1.grad_global, r2.grad_global)  # the global part carries no noise
     # no noise drawn: the stream does not move
-    privatize_local(grad, u, v, LocalDP(clip_norm=1.0, noise_multiplier=0.0), stream)
-    privatize_local(grad, None, None, cfg, stream, local=False)
-    assert stream.offset == 2 * NoiseStream.counters(numel)
+    privatize_local(grad, u, v, LocalDP(clip_norm=1.0, noise_multiplier=0.0), own)
+    privatize_local(grad, None, None, cfg, own, local=False)
+    assert all(s.offset == 2 * NoiseStream.counters(numel) for s in own)
+
+
+def test_a_clients_noise_does_not_depend_on_who_else_takes_part():
+    cfg = LocalDP(clip_norm=1.0, noise_multiplier=0.5)
+    u, v = factors()
+    grad = torch.randn(K, B, N_CTX, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    everyone = privatize_local(grad, u, v, cfg, streams(7))
+    some = [0, 5, 11]
+    own = streams(7)
+    part = privatize_local(grad[some], u[some], v[some], cfg, [own[k] for k in some])
+    torch.testing.assert_close(part.grad_u, everyone.grad_u[some], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(part.grad_v, everyone.grad_v[some], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"streams must hold one noise stream per client \(3\), got 12"):
+        privatize_local(grad[some], u[some], v[some], cfg, streams(7))
 
 
 def test_clip_mode_batch_passes_per_sample_false(monkeypatch):
@@ -176,12 +195,12 @@ def test_clip_mode_batch_passes_per_sample_false(monkeypatch):
     monkeypatch.setattr(mech.ops, "dp_lowrank_clip_noise", spy)
     u, v = factors()
     grad = torch.randn(K, B, N_CTX, D, dtype=torch.float64)
-    res = privatize_local(grad, u, v, LocalDP(clip_norm=0.1, noise_multiplier=0.0, clip_mode="batch"), NoiseStream(0))
+    res = privatize_local(grad, u, v, LocalDP(clip_norm=0.1, noise_multiplier=0.0, clip_mode="batch"), streams(0))
     assert seen["per_sample"] is False and seen["joint_uv"] is True
     assert res.norms.shape == (K, 1, 3)
-    want = reference.dp_lowrank_clip_noise(grad, u, v, 0.1, 0.0, 0, 0, 0.0, True, False)
+    want = reference.dp_lowrank_clip_noise(grad, u, v, 0.1, 0.0, [0] * K, [0] * K, 0.0, True, False)
     torch.testing.assert_close(res.grad_global, want[2])
-    privatize_local(grad, u, v, LocalDP(clip_norm=0.1, noise_multiplier=0.0, joint_uv=False), NoiseStream(0))
+    privatize_local(grad, u, v, LocalDP(clip_norm=0.1, noise_multiplier=0.0, joint_uv=False), streams(0))
     assert seen["per_sample"] is True and seen["joint_uv"] is False
 
 
@@ -189,7 +208,7 @@ def test_clip_fraction_statistics():
     u, v = factors(1)
     grad = torch.zeros(1, 4, N_CTX, D, dtype=torch.float64)
     grad[0, 0] = 1e3  # only sample 0 exceeds C
-    res = privatize_local(grad, u, v, LocalDP(clip_norm=1.0, noise_multiplier=0.0), NoiseStream(0))
+    res = privatize_local(grad, u, v, LocalDP(clip_norm=1.0, noise_multiplier=0.0), streams(0, 1))
     torch.testing.assert_close(res.clip_fraction, torch.full((1, 3), 0.25))
 
 

@@ -22,7 +22,7 @@ ALL = torch.arange(K)
 @pytest.mark.parametrize("factorization", FACTORIZATIONS)
 def test_context_follows_the_table(factorization: str) -> None:
     pl = make(factorization)
-    f = pl.factors(ALL, seed=5, offset=0)
+    f = pl.factors(ALL, seed=[5] * K, offset=[0] * K)
     ctx = pl.context(ALL, f)
     g = pl.client_global
     if factorization == "promptfl":
@@ -32,7 +32,7 @@ def test_context_follows_the_table(factorization: str) -> None:
     elif factorization == "fedpgp":
         expected = g + pl.local["u"] @ pl.local["v"]
     elif factorization == "dplora":
-        u, v, _ = ops.lowrank_factorize(pl.local["l"], R, 5, 0)
+        u, v, _ = ops.lowrank_factorize(pl.local["l"], R, [5] * K, [0] * K)
         expected = g + u @ v
     else:  # dpfpl: U V + R reconstructs L exactly, whatever the randomness
         expected = g + pl.local["l"]
@@ -41,7 +41,7 @@ def test_context_follows_the_table(factorization: str) -> None:
 
 def test_dplora_differs_from_dpfpl_by_the_residual() -> None:
     lora, fpl = make("dplora"), make("dpfpl")
-    f_lora, f_fpl = lora.factors(ALL, seed=1, offset=0), fpl.factors(ALL, seed=1, offset=0)
+    f_lora, f_fpl = lora.factors(ALL, seed=[1] * K, offset=[0] * K), fpl.factors(ALL, seed=[1] * K, offset=[0] * K)
     diff = fpl.context(ALL, f_fpl) - lora.context(ALL, f_lora)
     torch.testing.assert_close(diff, f_fpl.residual)
     assert diff.abs().max() > 0  # rank 2 < n_ctx: the residual is not zero
@@ -52,7 +52,7 @@ def test_prompts_assemble_prefix_context_suffix(factorization: str) -> None:
     pl = make(factorization)
     prefix = torch.randn(4, 1, D, dtype=torch.float64)
     suffix = torch.randn(4, 5, D, dtype=torch.float64)
-    f = pl.factors(ALL, seed=2, offset=0)
+    f = pl.factors(ALL, seed=[2] * K, offset=[0] * K)
     p = pl.prompts(prefix, suffix, ALL, f)
     assert p.shape == (K, 4, 1 + N_CTX + 5, D)
     torch.testing.assert_close(p[:, :, 1 : 1 + N_CTX], pl.context(ALL, f)[:, None].expand(K, 4, N_CTX, D))
@@ -62,7 +62,7 @@ def test_prompts_assemble_prefix_context_suffix(factorization: str) -> None:
 
 def test_full_grad_update_follows_the_formula() -> None:
     pl = make("dpfpl")
-    f = pl.factors(ALL, seed=3, offset=0)
+    f = pl.factors(ALL, seed=[3] * K, offset=[0] * K)
     g_u = torch.randn(K, N_CTX, R, dtype=torch.float64)
     g_v = torch.randn(K, R, D, dtype=torch.float64)
     out = pl.local_update_direction(f, g_u, g_v)
@@ -74,10 +74,10 @@ def test_full_grad_update_follows_the_formula() -> None:
 def test_fedpgp_and_fedotp_update_their_own_parameters() -> None:
     pgp = make("fedpgp")
     g_u, g_v = torch.randn(K, N_CTX, R, dtype=torch.float64), torch.randn(K, R, D, dtype=torch.float64)
-    assert set(pgp.local_update_direction(pgp.factors(ALL, seed=0, offset=0), g_u, g_v)) == {"u", "v"}
+    assert set(pgp.local_update_direction(pgp.factors(ALL, seed=[0] * K, offset=[0] * K), g_u, g_v)) == {"u", "v"}
     otp = make("fedotp")
     g_l = torch.randn(K, N_CTX, D, dtype=torch.float64)
-    out = otp.local_update_direction(otp.factors(ALL, seed=0, offset=0), g_l, torch.empty(K, 0, D))
+    out = otp.local_update_direction(otp.factors(ALL, seed=[0] * K, offset=[0] * K), g_l, torch.empty(K, 0, D))
     assert out["l"] is g_l
     assert make("promptfl").local_update_direction(None, g_l, g_l) == {}
 
