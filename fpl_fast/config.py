@@ -85,7 +85,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.sampling is None:
-            object.__setattr__(self, "sampling", "shuffle" if self.clip_mode == "batch" else "poisson")
+            object.__setattr__(self, "sampling", _default_sampling(self.clip_mode))
         for name, allowed in CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:
@@ -140,7 +140,15 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def replace(self, **changes: Any) -> RunConfig:
+        # A sampling that is the clip mode's default follows a change of clip mode (poisson <-> shuffle).
+        if "clip_mode" in changes and "sampling" not in changes and self.sampling == _default_sampling(self.clip_mode):
+            changes["sampling"] = None
         return dataclasses.replace(self, **changes)
+
+
+def _default_sampling(clip_mode: str) -> str:
+    """Poisson sampling (what the accountant assumes), except for batch-mean clipping, which has no Poisson account."""
+    return "shuffle" if clip_mode == "batch" else "poisson"
 
 
 def _flag(name: str) -> str:

@@ -16,7 +16,7 @@ from fpl_fast.federated.runner import run_job
 from fpl_fast.federated.simulation import Federation
 from fpl_fast.prompts import FACTORIZATIONS
 
-BASE = RunConfig(num_users=4, rounds=3, batch_size=16, seed=3, partition="iid")
+BASE = RunConfig(num_users=4, rounds=3, batch_size=16, seed=3, partition="iid", noise_seed=3)  # reproducible noise
 
 
 @pytest.fixture(scope="module")
