@@ -4,6 +4,8 @@
 
 #ifdef TORCH_EXTENSION_NAME
 #include <torch/extension.h>
+
+#include "cpu/cpu_isa.h"
 #endif
 
 TORCH_LIBRARY(fpl_fast, m) {
@@ -32,5 +34,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     return false;
 #endif
   });
+  module.def("cpu_isa", []() { return std::string(fpl_fast::cpu::cpu_isa_name(fpl_fast::cpu::cpu_isa())); });
 }
 #endif

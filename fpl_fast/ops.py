@@ -20,6 +20,7 @@ from fpl_fast import reference
 __all__ = [
     "has_cpp_ops",
     "has_cuda_kernels",
+    "cpu_isa",
     "lowrank_prompt",
     "dp_lowrank_clip_noise",
     "lowrank_full_grad",
@@ -50,6 +51,13 @@ def has_cpp_ops() -> bool:
 def has_cuda_kernels() -> bool:
     """True when the extension was compiled with its CUDA kernels."""
     return _HAS_C and bool(_C.cuda_built())
+
+
+def cpu_isa() -> str:
+    """The instruction-set level the CPU kernels run: ``"avx512"``, ``"avx2"`` or ``"default"``, chosen when
+    ``_C`` loads from ``FPL_FAST_CPU_ISA``, else ``ATEN_CPU_CAPABILITY`` (the same names), else the best the CPU
+    supports (a request above it is clamped down); ``"reference"`` when ``_C`` is missing."""
+    return str(_C.cpu_isa()) if _HAS_C else "reference"
 
 
 # ----------------------------------------------------------------------------------------------
