@@ -186,7 +186,8 @@ def _setup_dp(c: Case, device: torch.device, per_sample: bool) -> Setup:
     grad = _randn(c.K, c.b, c.n_ctx, c.d, device=device, scale=0.1)
     u = _randn(c.K, c.n_ctx, c.r, device=device)
     v = _randn(c.K, c.r, c.d, device=device)
-    kw = {"clip_norm": 10.0, "noise_multiplier": 0.4, "seed": 1, "offset": 0, "per_sample": per_sample}
+    seeds, offsets = list(range(1, c.K + 1)), [0] * c.K  # one stream per client
+    kw = {"clip_norm": 10.0, "noise_multiplier": 0.4, "seed": seeds, "offset": offsets, "per_sample": per_sample}
     out_bytes = (c.K * (c.n_ctx * c.r + c.r * c.d + c.n_ctx * c.d) + c.K * (c.b if per_sample else 1) * 3) * 4
     compiled, err = _try_compile(reference.dp_lowrank_clip_noise, lambda f: f(grad, u, v, **kw))
     return Setup(
@@ -221,12 +222,13 @@ def setup_lowrank_full_grad(c: Case, device: torch.device) -> Setup:
 
 def setup_lowrank_factorize(c: Case, device: torch.device) -> Setup:
     lmat = _randn(c.K, c.n_ctx, c.d, device=device, scale=0.02)
-    compiled, err = _try_compile(reference.lowrank_factorize, lambda f: f(lmat, c.r, 1, 0))
+    seeds, offsets = list(range(1, c.K + 1)), [0] * c.K  # one stream per client
+    compiled, err = _try_compile(reference.lowrank_factorize, lambda f: f(lmat, c.r, seeds, offsets))
     out_bytes = c.K * (c.n_ctx * c.r + c.r * c.d + c.n_ctx * c.d) * 4
     return Setup(
-        fused=lambda: ops.lowrank_factorize(lmat, c.r, 1, 0),
-        eager=lambda: reference.lowrank_factorize(lmat, c.r, 1, 0),
-        compile=None if compiled is None else (lambda: compiled(lmat, c.r, 1, 0)),
+        fused=lambda: ops.lowrank_factorize(lmat, c.r, seeds, offsets),
+        eager=lambda: reference.lowrank_factorize(lmat, c.r, seeds, offsets),
+        compile=None if compiled is None else (lambda: compiled(lmat, c.r, seeds, offsets)),
         nbytes=_nbytes(lmat) + out_bytes,
         compile_error=err,
     )

@@ -51,6 +51,16 @@ inline std::string int_list(const std::set<int64_t>& values) {
   return s + "]";
 }
 
+// Python's repr(list_of_ints), in the given order: "[]", "[3]", "[1, 2]".
+inline std::string int_seq(c10::IntArrayRef values) {
+  std::string s = "[";
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (i > 0) s += ", ";
+    s += std::to_string(values[i]);
+  }
+  return s + "]";
+}
+
 // Python's str(torch.dtype): "torch.float32".
 inline std::string dtype(c10::ScalarType t) {
   switch (t) {
@@ -158,6 +168,18 @@ inline void check_hyper(double clip_norm, double noise_multiplier) {
                     "clip_norm must be > 0 (inf disables clipping), got ", pyfmt::py_float(clip_norm));
   TORCH_CHECK_VALUE(std::isfinite(noise_multiplier) && noise_multiplier >= 0,
                     "noise_multiplier must be finite and >= 0, got ", pyfmt::py_float(noise_multiplier));
+}
+
+// One Philox stream (seed, offset) per client, each entry in [0, 2^63) (reference.py's _check_streams). The
+// upper bound holds by type: an int[] argument is int64.
+inline void check_streams(c10::IntArrayRef seed, c10::IntArrayRef offset, int64_t K) {
+  for (const auto& [xs, name] : {std::make_pair(seed, "seed"), std::make_pair(offset, "offset")}) {
+    TORCH_CHECK_VALUE(static_cast<int64_t>(xs.size()) == K, name, " must be a list of ", K,
+                      " integers (one stream per client), got ", pyfmt::int_seq(xs));
+    for (const int64_t x : xs) {
+      TORCH_CHECK_VALUE(x >= 0, name, " entries must be integers in [0, 2^63), got ", x);
+    }
+  }
 }
 
 }  // namespace detail
@@ -296,7 +318,8 @@ struct DpClipNoiseDims {
 
 inline DpClipNoiseDims check_dp_lowrank_clip_noise(const at::Tensor& grad, const std::optional<at::Tensor>& u,
                                                    const std::optional<at::Tensor>& v, double clip_norm,
-                                                   double noise_multiplier, double expected_batch_size,
+                                                   double noise_multiplier, c10::IntArrayRef seed,
+                                                   c10::IntArrayRef offset, double expected_batch_size,
                                                    bool sum_classes) {
   detail::check_hyper(clip_norm, noise_multiplier);
   TORCH_CHECK_VALUE(std::isfinite(expected_batch_size) && expected_batch_size >= 0,
@@ -315,6 +338,7 @@ inline DpClipNoiseDims check_dp_lowrank_clip_noise(const at::Tensor& grad, const
   dims.n_cls = sum_classes ? grad.size(-3) : 1;
   dims.n_ctx = grad.size(-2);
   dims.d = grad.size(-1);
+  detail::check_streams(seed, offset, dims.K);
   TORCH_CHECK_VALUE(u.has_value() == v.has_value(), "u and v must be given together or not at all");
   dims.has_uv = u.has_value();
   dims.r = 0;
@@ -384,7 +408,8 @@ struct FactorizeDims {
   int64_t K, n_ctx, d, r;
 };
 
-inline FactorizeDims check_lowrank_factorize(const at::Tensor& l, int64_t rank) {
+inline FactorizeDims check_lowrank_factorize(const at::Tensor& l, int64_t rank, c10::IntArrayRef seed,
+                                             c10::IntArrayRef offset) {
   detail::check_dim(l, "l", {2, 3}, "2-D (n_ctx, d) or 3-D (K, n_ctx, d)");
   detail::check_floating(l, "l");
   FactorizeDims dims{};
@@ -395,6 +420,7 @@ inline FactorizeDims check_lowrank_factorize(const at::Tensor& l, int64_t rank) 
   const int64_t max_rank = std::min(dims.n_ctx, dims.d);
   TORCH_CHECK_VALUE(1 <= rank && rank <= max_rank, "rank must be in [1, ", max_rank,
                     "] (min(n_ctx, d)), got ", rank);
+  detail::check_streams(seed, offset, dims.K);
   dims.r = rank;
   return dims;
 }

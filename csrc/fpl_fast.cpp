@@ -4,6 +4,8 @@
 
 #ifdef TORCH_EXTENSION_NAME
 #include <torch/extension.h>
+
+#include "cpu/cpu_isa.h"
 #endif
 
 TORCH_LIBRARY(fpl_fast, m) {
@@ -15,10 +17,10 @@ TORCH_LIBRARY(fpl_fast, m) {
       "-> (Tensor, Tensor, Tensor)");
   m.def(
       "dp_lowrank_clip_noise(Tensor grad, Tensor? u, Tensor? v, float clip_norm, float noise_multiplier, "
-      "int seed, int offset, float expected_batch_size, bool joint_uv, bool per_sample, bool sum_classes) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "int[] seed, int[] offset, float expected_batch_size, bool joint_uv, bool per_sample, "
+      "bool sum_classes) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("lowrank_full_grad(Tensor grad_u, Tensor grad_v, Tensor u, Tensor v, float scale) -> Tensor");
-  m.def("lowrank_factorize(Tensor l, int rank, int seed, int offset) -> (Tensor, Tensor, Tensor)");
+  m.def("lowrank_factorize(Tensor l, int rank, int[] seed, int[] offset) -> (Tensor, Tensor, Tensor)");
   m.def("nn_map(Tensor y, Tensor emb, Tensor? allowed, int chunk) -> Tensor");
 }
 
@@ -32,5 +34,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     return false;
 #endif
   });
+  module.def("cpu_isa", []() { return std::string(fpl_fast::cpu::cpu_isa_name(fpl_fast::cpu::cpu_isa())); });
 }
 #endif

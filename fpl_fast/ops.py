@@ -20,6 +20,7 @@ from fpl_fast import reference
 __all__ = [
     "has_cpp_ops",
     "has_cuda_kernels",
+    "cpu_isa",
     "lowrank_prompt",
     "dp_lowrank_clip_noise",
     "lowrank_full_grad",
@@ -50,6 +51,13 @@ def has_cpp_ops() -> bool:
 def has_cuda_kernels() -> bool:
     """True when the extension was compiled with its CUDA kernels."""
     return _HAS_C and bool(_C.cuda_built())
+
+
+def cpu_isa() -> str:
+    """The instruction-set level the CPU kernels run: ``"avx512"``, ``"avx2"`` or ``"default"``, chosen when
+    ``_C`` loads from ``FPL_FAST_CPU_ISA``, else ``ATEN_CPU_CAPABILITY`` (the same names), else the best the CPU
+    supports (a request above it is clamped down); ``"reference"`` when ``_C`` is missing."""
+    return str(_C.cpu_isa()) if _HAS_C else "reference"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,9 +220,10 @@ def dp_lowrank_clip_noise(
     """Fused per-sample clipping + local-DP noise of the prompt factors; see the reference.
 
     ``seed`` and ``offset`` hold one Philox stream per client (K integers each; 1 without K)."""
-    args = (grad, u, v, float(clip_norm), float(noise_multiplier), _ints(seed), _ints(offset))
+    seed, offset = _ints(seed), _ints(offset)
+    args = (grad, u, v, float(clip_norm), float(noise_multiplier), seed, offset)
     kw = (float(expected_batch_size), bool(joint_uv), bool(per_sample), bool(sum_classes))
-    if _HAS_C:
+    if _HAS_C and _schema_streams(seed, offset):
         return torch.ops.fpl_fast.dp_lowrank_clip_noise(*args, *kw)
     return reference.dp_lowrank_clip_noise(*args, *kw)
 
@@ -233,9 +242,10 @@ def lowrank_factorize(
     offset: Sequence[int],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One randomised power iteration L -> (U, V, R = L - U V), one stream per client; see the reference."""
-    if _HAS_C:
-        return torch.ops.fpl_fast.lowrank_factorize(l, int(rank), _ints(seed), _ints(offset))
-    return reference.lowrank_factorize(l, int(rank), _ints(seed), _ints(offset))
+    seed, offset = _ints(seed), _ints(offset)
+    if _HAS_C and _schema_streams(seed, offset):
+        return torch.ops.fpl_fast.lowrank_factorize(l, int(rank), seed, offset)
+    return reference.lowrank_factorize(l, int(rank), seed, offset)
 
 
 def _ints(xs: Sequence[int]) -> list[int]:
@@ -244,6 +254,13 @@ def _ints(xs: Sequence[int]) -> list[int]:
     if isinstance(xs, (list, tuple)):
         return [int(x) if isinstance(x, (int, np.integer)) and not isinstance(x, bool) else x for x in xs]
     return xs
+
+
+def _schema_streams(*lists: object) -> bool:
+    """Whether every stream list is what the ops' ``int[]`` schema can carry (a list of int64 values). The others
+    (an int, floats, bools, values of 2^63 and more) go to the reference, which names them in its ValueError
+    instead of the dispatcher's type error; wrong lengths and negative entries the C++ checks name themselves."""
+    return all(isinstance(xs, list) and all(type(x) is int and -(2**63) <= x < 2**63 for x in xs) for xs in lists)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ __all__ = [
     "assert_parity",
     "assert_bf16_close",
     "max_abs_err",
+    "client_streams",
 ]
 
 
@@ -76,6 +77,13 @@ def make(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0, scale: 
     """Deterministic N(0, scale^2) CPU tensor (generated in float64, then cast)."""
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+def client_streams(K: int | None, seed: int, offset: int) -> tuple[list[int], list[int]]:
+    """Distinct Philox streams for K clients (one when K is None): client k gets seed + k (2^40 + 1) and
+    offset + 5 k, so seeds differ in both 32-bit halves and offsets differ too."""
+    n = 1 if K is None else K
+    return [seed + k * ((1 << 40) + 1) for k in range(n)], [offset + 5 * k for k in range(n)]
 
 
 def noncontig(t: Tensor) -> Tensor:

@@ -100,15 +100,15 @@ _FALLBACK_SCRIPT = textwrap.dedent(
     same["lowrank_prompt"] = torch.equal(
         ops.lowrank_prompt(prefix, suffix, gg, u, v), reference.lowrank_prompt(prefix, suffix, gg, u, v)
     )
-    kw = dict(clip_norm=1.0, noise_multiplier=0.5, seed=3, offset=4)
+    kw = dict(clip_norm=1.0, noise_multiplier=0.5, seed=[3, 5], offset=[4, 6])
     a = ops.dp_lowrank_clip_noise(grad, u, v, **kw)
     b = reference.dp_lowrank_clip_noise(grad, u, v, **kw)
     same["dp_lowrank_clip_noise"] = all(torch.equal(x, y) for x, y in zip(a, b))
     same["lowrank_full_grad"] = torch.equal(
         ops.lowrank_full_grad(u, v, u, v, 0.1), reference.lowrank_full_grad(u, v, u, v, 0.1)
     )
-    a = ops.lowrank_factorize(lmat, 2, 1, 2)
-    b = reference.lowrank_factorize(lmat, 2, 1, 2)
+    a = ops.lowrank_factorize(lmat, 2, [1, 7], [2, 0])
+    b = reference.lowrank_factorize(lmat, 2, [1, 7], [2, 0])
     same["lowrank_factorize"] = all(torch.equal(x, y) for x, y in zip(a, b))
     leaf = gg.clone().requires_grad_(True)
     ops.lowrank_prompt(prefix, suffix, leaf, u, v).sum().backward()

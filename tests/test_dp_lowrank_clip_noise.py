@@ -12,6 +12,7 @@ from conftest import (
     TOL,
     assert_bf16_close,
     assert_parity,
+    client_streams,
     make,
     misaligned,
     needs_ext,
@@ -24,7 +25,7 @@ from torch import Tensor
 from fpl_fast import ops, reference
 
 N_CTX, D = 3, 7  # odd sizes
-SEED, OFFSET = 1234, 17
+SEED, OFFSET = 1234, 17  # client k's stream: client_streams(K, SEED, OFFSET)[.][k]
 
 # K: client dim (None: none); b: batch; r: rank (None: fedotp, no u/v); n_cls: sum_classes input; kw: op options.
 CASES: dict[str, dict[str, Any]] = {
@@ -56,9 +57,12 @@ def dims(case: str) -> tuple[int, int]:
 CLIP, SIGMA = 3.0, 0.7
 
 
-def make_inputs(case: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> list[Tensor | None]:
-    """(grad, u, v) on the CPU; per-sample gradient scales are spread so that some samples get clipped."""
-    c = CASES[case]
+def make_inputs(
+    case: str, dtype: torch.dtype = torch.float32, seed: int = 0, *, K: int | None = None
+) -> list[Tensor | None]:
+    """(grad, u, v) on the CPU; per-sample gradient scales are spread so that some samples get clipped.
+    ``K`` overrides the case's client count."""
+    c = CASES[case] if K is None else {**CASES[case], "K": K}
     lead = () if c["K"] is None else (c["K"],)
     mid = () if c["n_cls"] is None else (c["n_cls"],)
     n_ctx, d = dims(case)
@@ -73,7 +77,9 @@ def make_inputs(case: str, dtype: torch.dtype = torch.float32, seed: int = 0) ->
 
 
 def kwargs_of(case: str, **over: Any) -> dict[str, Any]:
-    kw: dict[str, Any] = {"clip_norm": CLIP, "noise_multiplier": SIGMA, "seed": SEED, "offset": OFFSET}
+    """The op's keyword arguments: the case's options, distinct per-client streams, then ``over``."""
+    seeds, offsets = client_streams(CASES[case]["K"], SEED, OFFSET)
+    kw: dict[str, Any] = {"clip_norm": CLIP, "noise_multiplier": SIGMA, "seed": seeds, "offset": offsets}
     kw.update(CASES[case]["kw"])
     kw.update(over)
     return kw
@@ -206,7 +212,8 @@ def test_sigma_zero_equals_clip_only_by_hand(case: str, device: torch.device) ->
     "case", ["joint_K2", "batch_mean", "full_local_no_uv", "plain_b1", "empty_b", "wide_many_samples"]
 )
 def test_noise_is_the_philox_stream(case: str, device: torch.device) -> None:
-    """out(sigma) - out(0) = sigma C / denom * normals of (seed, offset), client k at k P, U then V row-major."""
+    """out(sigma) - out(0) = sigma C / denom * normals 0 .. P - 1 of client k's own stream (seed[k], offset[k]),
+    U then V row-major."""
     args = make_inputs(case, torch.float64)
     noisy = run_ops(args, device, **kwargs_of(case))
     clean = run_ops(args, device, **kwargs_of(case, noise_multiplier=0.0))
@@ -216,7 +223,9 @@ def test_noise_is_the_philox_stream(case: str, device: torch.device) -> None:
     P = reference.dp_noise_numel(1, n_ctx, d, c["r"])
     ebs = c["kw"].get("expected_batch_size", 0.0)
     denom = ebs if ebs > 0 else max(c["b"], 1)
-    z = reference.philox_normal(SEED, OFFSET, K * P).double().view(K, P) * (SIGMA * CLIP / denom)
+    seeds, offsets = client_streams(c["K"], SEED, OFFSET)
+    z = torch.stack([reference.philox_normal(s, o, P) for s, o in zip(seeds, offsets, strict=True)]).double()
+    z = z * (SIGMA * CLIP / denom)
     na = n_ctx * (d if c["r"] is None else c["r"])
     for idx, part in ((0, z[:, :na]), (1, z[:, na:])):
         diff = (noisy[idx] - clean[idx]).reshape(K, -1)
@@ -233,7 +242,7 @@ def test_joint_vs_separate_clipping_factors(device: torch.device) -> None:
     gu, gv = grad[0, 0] @ v[0].T, u[0].T @ grad[0, 0]
     C = 0.5 * gu.norm().item()
     assert gv.norm().item() < C
-    kw = {"clip_norm": C, "noise_multiplier": 0.0, "seed": 0, "offset": 0}
+    kw = {"clip_norm": C, "noise_multiplier": 0.0, "seed": [0], "offset": [0]}
     sep = run_ops([grad, u, v], device, joint_uv=False, **kw)
     joint = run_ops([grad, u, v], device, joint_uv=True, **kw)
     torch.testing.assert_close(sep[0][0], gu * C / (gu.norm() + 1e-6))
@@ -251,7 +260,7 @@ def test_huge_gradient_is_clipped_to_exactly_c(mode: str, device: torch.device) 
     u = None if mode == "full_local" else make(2, N_CTX, 3, seed=7)
     v = None if mode == "full_local" else make(2, 3, D, seed=8)
     gu, gv, gg, norms = run_ops(
-        [grad, u, v], device, clip_norm=C, noise_multiplier=0.0, seed=0, offset=0, joint_uv=mode == "joint"
+        [grad, u, v], device, clip_norm=C, noise_multiplier=0.0, seed=[0, 0], offset=[0, 0], joint_uv=mode == "joint"
     )
     per_client = lambda t: t.double().flatten(1).norm(dim=1)  # noqa: E731
     expect = torch.full((2,), C, dtype=torch.float64)
@@ -283,8 +292,9 @@ def test_batch_mean_semantics(device: torch.device) -> None:
     mu = mean @ v.transpose(-1, -2)
     mv = u.transpose(-1, -2) @ mean
     f = torch.clamp(CLIP / (torch.sqrt(mu.flatten(1).norm(dim=1) ** 2 + mv.flatten(1).norm(dim=1) ** 2) + 1e-6), max=1)
-    z = reference.philox_normal(SEED, OFFSET, reference.dp_noise_numel(2, N_CTX, D, 2)).double().view(2, -1)
-    z = z * SIGMA * CLIP / b
+    P = reference.dp_noise_numel(1, N_CTX, D, 2)
+    z = torch.stack([reference.philox_normal(s, o, P) for s, o in zip(kw["seed"], kw["offset"], strict=True)])
+    z = z.double() * SIGMA * CLIP / b
     na = N_CTX * 2
     torch.testing.assert_close(gu, f[:, None, None] * mu + z[:, :na].view_as(mu), **TOL[torch.float64])
     torch.testing.assert_close(gv, f[:, None, None] * mv + z[:, na:].view_as(mv), **TOL[torch.float64])
@@ -321,10 +331,33 @@ def test_same_seed_bitwise_equal_other_seed_differs(device: torch.device) -> Non
     b = run_ops(args, device, **kwargs_of("joint_K2"))
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
-    for other in ({"seed": SEED + 1}, {"offset": OFFSET + 1}):
+    seeds, offsets = client_streams(2, SEED, OFFSET)
+    for other in ({"seed": [s + 1 for s in seeds]}, {"offset": [o + 1 for o in offsets]}):
         c = run_ops(args, device, **kwargs_of("joint_K2", **other))
         assert not torch.equal(a[0], c[0]) and not torch.equal(a[1], c[1]), other
         assert torch.equal(a[2], c[2])
+
+
+@pytest.mark.parametrize("impl", ["ops", "reference"])
+@pytest.mark.parametrize(
+    "case", ["joint_K2", "separate_K2", "batch_mean", "sum_classes", "full_local_no_uv", "vector_rank10"]
+)
+def test_client_alone_equals_client_in_a_launch(case: str, impl: str, device: torch.device) -> None:
+    """A client's outputs (noise included) are bitwise the same whether it runs alone (K = 1, and without K)
+    with its own (seed, offset) or as one of K = 3 clients with distinct streams."""
+    fn = ops.dp_lowrank_clip_noise if impl == "ops" else reference.dp_lowrank_clip_noise
+    grad, u, v = to_device(make_inputs(case, K=3), device)
+    seeds, offsets = client_streams(3, SEED, OFFSET)
+    opts = {**kwargs_of(case), "seed": seeds, "offset": offsets}
+    together = fn(grad, u, v, **opts)
+    uv = u is not None
+    for k in range(3):
+        one = {**opts, "seed": [seeds[k]], "offset": [offsets[k]]}
+        alone = fn(grad[k : k + 1], u[k : k + 1] if uv else None, v[k : k + 1] if uv else None, **one)
+        plain = fn(grad[k], u[k] if uv else None, v[k] if uv else None, **one)
+        for i, (t, a, p) in enumerate(zip(together, alone, plain, strict=True)):
+            assert torch.equal(a[0], t[k]), f"output {i} of client {k}: K = 1 launch differs from K = 3"
+            assert torch.equal(p, t[k]), f"output {i} of client {k}: launch without K differs from K = 3"
 
 
 @pytest.mark.parametrize("mode", ["per_sample", "batch_mean", "full_local"])
@@ -341,7 +374,13 @@ def test_zero_gradient_noise_std(mode: str, device: torch.device) -> None:
     u = None if mode == "full_local" else make(K, n_ctx, r, seed=1)
     v = None if mode == "full_local" else make(K, r, d, seed=2)
     gu, gv, gg, _ = run_ops(
-        [grad, u, v], device, clip_norm=C, noise_multiplier=sigma, seed=99, offset=0, per_sample=mode != "batch_mean"
+        [grad, u, v],
+        device,
+        clip_norm=C,
+        noise_multiplier=sigma,
+        seed=list(range(99, 99 + K)),
+        offset=[0] * K,
+        per_sample=mode != "batch_mean",
     )
     noise = torch.cat([gu.flatten(), gv.flatten()]).double()
     n = noise.numel()
@@ -378,7 +417,9 @@ def test_compile_fullgraph(device: torch.device) -> None:
     grad, u, v = to_device(make_inputs("joint_K2"), device)
 
     def step(grad: Tensor, u: Tensor, v: Tensor, seed: int) -> tuple[Tensor, ...]:
-        return ops.dp_lowrank_clip_noise(grad, u, v, clip_norm=CLIP, noise_multiplier=SIGMA, seed=seed, offset=3)
+        return ops.dp_lowrank_clip_noise(
+            grad, u, v, clip_norm=CLIP, noise_multiplier=SIGMA, seed=[seed, seed + 1], offset=[3, 0]
+        )
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     for a, b in zip(compiled(grad, u, v, 5), step(grad, u, v, 5), strict=True):
@@ -388,6 +429,19 @@ def test_compile_fullgraph(device: torch.device) -> None:
 # ----------------------------------------------------------------------------------------------
 # Bad inputs
 # ----------------------------------------------------------------------------------------------
+# Bad per-client stream lists for K = 2 clients: (value, message pattern after "seed " / "offset ").
+_BAD_STREAMS: dict[str, tuple[Any, str]] = {
+    "too_short": ([1], r"must be a list of 2 integers \(one stream per client\), got \[1\]"),
+    "too_long": ([1, 2, 3], r"must be a list of 2 integers \(one stream per client\), got \[1, 2, 3\]"),
+    "empty": ([], r"must be a list of 2 integers \(one stream per client\), got \[\]"),
+    "an_int": (5, r"must be a list of 2 integers \(one stream per client\), got 5"),
+    "negative": ([1, -3], r"entries must be integers in \[0, 2\^63\), got -3"),
+    "too_big": ([1, 2**63], r"entries must be integers in \[0, 2\^63\), got 9223372036854775808"),
+    "float": ([1, 2.0], r"entries must be integers in \[0, 2\^63\), got 2.0"),
+    "bool": ([True, 1], r"entries must be integers in \[0, 2\^63\), got True"),
+}
+
+
 def _bad_cases() -> dict[str, tuple[list[Any], dict[str, Any], str]]:
     grad, u, v = make_inputs("joint_K2")
     ok = kwargs_of("joint_K2")
@@ -412,6 +466,11 @@ def _bad_cases() -> dict[str, tuple[list[Any], dict[str, Any], str]]:
         "v_wrong_rank": ([grad, u, v[:, :1]], ok, r"\bv\b"),
         "u_dtype_mismatch": ([grad, u.double(), v], ok, r"\bu\b"),
         "v_dtype_mismatch": ([grad, u, v.double()], ok, r"\bv\b"),
+        **{
+            f"{key}_{name}": ([grad, u, v], {**ok, key: value}, f"^{key} {pattern}")
+            for key in ("seed", "offset")
+            for name, (value, pattern) in _BAD_STREAMS.items()
+        },
     }
 
 
@@ -424,6 +483,22 @@ def test_bad_inputs_raise_value_error(bad: str, impl: str, device: torch.device)
             reference.dp_lowrank_clip_noise(*to_device(args, device), **kw)
         else:
             ops.dp_lowrank_clip_noise(*to_device(args, device), **kw)
+
+
+@needs_ext
+@pytest.mark.parametrize("key", ["seed", "offset"])
+@pytest.mark.parametrize("bad", ["too_short", "too_long", "empty", "negative"])
+def test_bad_streams_on_the_cpp_op_match_the_reference(bad: str, key: str, device: torch.device) -> None:
+    """The C++ checks themselves (torch.ops, no Python wrapper) raise the reference's ValueError, word for word."""
+    grad, u, v = to_device(make_inputs("joint_K2"), device)
+    kw = {**kwargs_of("joint_K2"), key: _BAD_STREAMS[bad][0]}
+    with pytest.raises(ValueError) as want:
+        reference.dp_lowrank_clip_noise(grad, u, v, **kw)
+    args = (CLIP, SIGMA, kw["seed"], kw["offset"], 0.0, True, True, False)
+    with pytest.raises(ValueError) as got:
+        torch.ops.fpl_fast.dp_lowrank_clip_noise(grad, u, v, *args)
+    assert str(want.value).startswith(f"{key} ")
+    assert str(got.value).splitlines()[0] == str(want.value)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to put inputs on two devices")

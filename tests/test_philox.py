@@ -111,11 +111,16 @@ def test_reference_stream_is_device_independent(device: torch.device) -> None:
 
 @pytest.mark.parametrize("seed,offset", [(0, 0), ((7 << 40) + 3, (5 << 34) + 9)])
 def test_kernel_draws_the_reference_stream(seed: int, offset: int, device: torch.device) -> None:
-    """dp_lowrank_clip_noise on zero gradients with sigma = C = b = 1 returns the raw normals (64-bit seed/offset)."""
+    """dp_lowrank_clip_noise on zero gradients with sigma = C = b = 1 returns the raw normals: client k's are
+    normals 0 .. n_ctx d - 1 of its own stream (64-bit seeds and offsets, distinct per client)."""
     K, n_ctx, d = 3, 2, 5
     grad = torch.zeros(K, 1, n_ctx, d)
+    seeds = [seed + k * ((1 << 40) + 1) for k in range(K)]
+    offsets = [offset + 3 * k for k in range(K)]
     gl, _, _, _ = ops.dp_lowrank_clip_noise(
-        *to_device([grad, None, None], device), clip_norm=1.0, noise_multiplier=1.0, seed=seed, offset=offset
+        *to_device([grad, None, None], device), clip_norm=1.0, noise_multiplier=1.0, seed=seeds, offset=offsets
     )
-    want = reference.philox_normal(seed, offset, K * n_ctx * d).view(K, n_ctx, d)
+    want = torch.stack(
+        [reference.philox_normal(s, o, n_ctx * d).view(n_ctx, d) for s, o in zip(seeds, offsets, strict=True)]
+    )
     torch.testing.assert_close(gl.cpu(), want, rtol=0, atol=2e-6)

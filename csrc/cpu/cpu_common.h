@@ -1,4 +1,4 @@
-// Helpers shared by the CPU kernels: ISA clones for the hot loops, the Philox noise fill, small dense
+// Helpers shared by the CPU kernels: per-ISA variants of the hot loops, the Philox noise fill, small dense
 // products.
 #pragma once
 
@@ -11,14 +11,31 @@
 #include <vector>
 
 #include "../philox.h"
+#include "cpu_isa.h"
 
-// The hot loops are compiled for AVX-512 and AVX2 (+FMA) next to the baseline, and the loader picks the best
-// one the CPU has (GNU ifunc), so the wheel stays portable without -march=native.
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__)) && \
-    !defined(FPL_FAST_NO_CLONES)
-#define FPL_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+// The hot loops are compiled for AVX-512 and AVX2 (+FMA) next to the baseline, and each call runs the variant
+// of the level chosen at load (cpu_isa.h: FPL_FAST_CPU_ISA / ATEN_CPU_CAPABILITY, else the best the CPU has),
+// so the wheel stays portable without -march=native and every variant can be tested on one machine.
+// FPL_CPU_VARIANTS(ret, name, (params), (args)) defines name##_avx512, name##_avx2, name##_default around the
+// always-inline name##_body and the dispatching name; without FPL_CPU_MULTI_ISA only the plain name.
+#if FPL_CPU_MULTI_ISA
+#define FPL_CPU_VARIANTS(ret, name, params, args)                                                        \
+  __attribute__((target("arch=x86-64-v4"))) static ret name##_avx512 params { return name##_body args; } \
+  __attribute__((target("arch=x86-64-v3"))) static ret name##_avx2 params { return name##_body args; }   \
+  static ret name##_default params { return name##_body args; }                                          \
+  [[maybe_unused]] static ret name params {                                                              \
+    switch (::fpl_fast::cpu::cpu_isa()) {                                                                \
+      case ::fpl_fast::cpu::CpuIsa::kAvx512:                                                             \
+        return name##_avx512 args;                                                                       \
+      case ::fpl_fast::cpu::CpuIsa::kAvx2:                                                               \
+        return name##_avx2 args;                                                                         \
+      default:                                                                                           \
+        return name##_default args;                                                                      \
+    }                                                                                                    \
+  }
 #else
-#define FPL_CPU_CLONES
+#define FPL_CPU_VARIANTS(ret, name, params, args) \
+  [[maybe_unused]] static ret name params { return name##_body args; }
 #endif
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -38,8 +55,8 @@ inline void fill_normals(uint64_t seed, uint64_t offset, uint64_t start, int64_t
   for (; j < count; ++j) out[j] = philox_normal(seed, offset, start + j);
 }
 
-// 512-bit vectors through the GCC/Clang vector extension: explicit SIMD that each ISA clone lowers to its own
-// registers (one zmm, two ymm or four xmm), with unaligned loads and stores through memcpy.
+// 512-bit vectors through the GCC/Clang vector extension: explicit SIMD that each ISA variant lowers to its
+// own registers (one zmm, two ymm or four xmm), with unaligned loads and stores through memcpy.
 template <typename T>
 struct Vec {
   static constexpr int64_t kLanes = 64 / sizeof(T);
@@ -154,17 +171,14 @@ FPL_ALWAYS_INLINE T sample_factors_body(const T* X, const T* U, const T* V, int6
   return total_sq;
 }
 
-[[maybe_unused]] FPL_CPU_CLONES static float sample_factors(const float* X, const float* U, const float* V,
-                                                            int64_t n, int64_t d, int64_t r, float* A,
-                                                            float* B) {
-  return sample_factors_body<float>(X, U, V, n, d, r, A, B);
-}
-
-[[maybe_unused]] FPL_CPU_CLONES static double sample_factors(const double* X, const double* U,
-                                                             const double* V, int64_t n, int64_t d, int64_t r,
-                                                             double* A, double* B) {
-  return sample_factors_body<double>(X, U, V, n, d, r, A, B);
-}
+FPL_CPU_VARIANTS(float, sample_factors,
+                 (const float* X, const float* U, const float* V, int64_t n, int64_t d, int64_t r, float* A,
+                  float* B),
+                 (X, U, V, n, d, r, A, B))
+FPL_CPU_VARIANTS(double, sample_factors,
+                 (const double* X, const double* U, const double* V, int64_t n, int64_t d, int64_t r,
+                  double* A, double* B),
+                 (X, U, V, n, d, r, A, B))
 
 // y[0:len] += alpha * x[0:len].
 template <typename T>
@@ -175,12 +189,8 @@ FPL_ALWAYS_INLINE void axpy_body(int64_t len, T alpha, const T* x, T* y) {
   for (; e < len; ++e) y[e] += alpha * x[e];
 }
 
-[[maybe_unused]] FPL_CPU_CLONES static void axpy(int64_t len, float alpha, const float* x, float* y) {
-  axpy_body(len, alpha, x, y);
-}
-[[maybe_unused]] FPL_CPU_CLONES static void axpy(int64_t len, double alpha, const double* x, double* y) {
-  axpy_body(len, alpha, x, y);
-}
+FPL_CPU_VARIANTS(void, axpy, (int64_t len, float alpha, const float* x, float* y), (len, alpha, x, y))
+FPL_CPU_VARIANTS(void, axpy, (int64_t len, double alpha, const double* x, double* y), (len, alpha, x, y))
 
 // Dot product of x[0:len] and y[0:len].
 template <typename T>
@@ -194,17 +204,11 @@ FPL_ALWAYS_INLINE T dot_body(int64_t len, const T* x, const T* y) {
   return total;
 }
 
-[[maybe_unused]] FPL_CPU_CLONES static float dot(int64_t len, const float* x, const float* y) {
-  return dot_body(len, x, y);
-}
-[[maybe_unused]] FPL_CPU_CLONES static double dot(int64_t len, const double* x, const double* y) {
-  return dot_body(len, x, y);
-}
+FPL_CPU_VARIANTS(float, dot, (int64_t len, const float* x, const float* y), (len, x, y))
+FPL_CPU_VARIANTS(double, dot, (int64_t len, const double* x, const double* y), (len, x, y))
 
-[[maybe_unused]] FPL_CPU_CLONES static float sumsq(int64_t len, const float* x) { return sumsq_body(len, x); }
-[[maybe_unused]] FPL_CPU_CLONES static double sumsq(int64_t len, const double* x) {
-  return sumsq_body(len, x);
-}
+FPL_CPU_VARIANTS(float, sumsq, (int64_t len, const float* x), (len, x))
+FPL_CPU_VARIANTS(double, sumsq, (int64_t len, const double* x), (len, x))
 
 // dst[0:len] = acc_t(src[0:len]) (or += when accumulate).
 template <typename scalar_t, typename acc_t>

@@ -26,8 +26,8 @@ constexpr int64_t kChunk = 8;
 template <typename scalar_t>
 void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_acc, const at::Tensor& v_acc,
                                   const DpClipNoiseDims& dims, double clip_norm, double noise_multiplier,
-                                  uint64_t seed, uint64_t offset, bool joint_uv, bool per_sample,
-                                  at::Tensor& out_a, at::Tensor& out_b, at::Tensor& out_g,
+                                  c10::IntArrayRef seed, c10::IntArrayRef offset, bool joint_uv,
+                                  bool per_sample, at::Tensor& out_a, at::Tensor& out_b, at::Tensor& out_g,
                                   at::Tensor& norms) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t K = dims.K, b = dims.b, n_cls = dims.n_cls, n = dims.n_ctx, d = dims.d, r = dims.r;
@@ -139,9 +139,10 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
       for (int64_t c = 0; c < units_per_client; ++c) {
         cpu::axpy(unit_len, acc_t(1), pp + (k * units_per_client + c) * unit_len, sum.data());
       }
+      // Client k: normals 0 .. P - 1 of its own stream (seed[k], offset[k]).
       if (noisy)
-        cpu::fill_normals(seed, offset, static_cast<uint64_t>(k * per_client_noise), per_client_noise,
-                          z.data());
+        cpu::fill_normals(static_cast<uint64_t>(seed[k]), static_cast<uint64_t>(offset[k]), 0,
+                          per_client_noise, z.data());
       const acc_t* sa = sum.data();
       const acc_t* sb = sa + nr;
       const acc_t* sg = uv ? sb + rd : sa;
@@ -162,10 +163,10 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dp_lowrank_clip_noise_cpu(
     const at::Tensor& grad, const std::optional<at::Tensor>& u, const std::optional<at::Tensor>& v,
-    double clip_norm, double noise_multiplier, int64_t seed, int64_t offset, double expected_batch_size,
-    bool joint_uv, bool per_sample, bool sum_classes) {
-  const DpClipNoiseDims dims =
-      check_dp_lowrank_clip_noise(grad, u, v, clip_norm, noise_multiplier, expected_batch_size, sum_classes);
+    double clip_norm, double noise_multiplier, c10::IntArrayRef seed, c10::IntArrayRef offset,
+    double expected_batch_size, bool joint_uv, bool per_sample, bool sum_classes) {
+  const DpClipNoiseDims dims = check_dp_lowrank_clip_noise(grad, u, v, clip_norm, noise_multiplier, seed,
+                                                           offset, expected_batch_size, sum_classes);
   TORCH_INTERNAL_ASSERT(grad.device().is_cpu());
   const at::Tensor x = grad.contiguous();
   const at::Tensor u_acc = dims.has_uv ? cpu::to_acc(*u) : at::Tensor();
@@ -180,9 +181,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dp_lowrank_clip_noise
   if (K == 0) return {out_a, out_b, out_g, norms};
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "dp_lowrank_clip_noise_cpu", [&] {
-        dp_lowrank_clip_noise_kernel<scalar_t>(x, u_acc, v_acc, dims, clip_norm, noise_multiplier,
-                                               static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
-                                               joint_uv, per_sample, out_a, out_b, out_g, norms);
+        dp_lowrank_clip_noise_kernel<scalar_t>(x, u_acc, v_acc, dims, clip_norm, noise_multiplier, seed,
+                                               offset, joint_uv, per_sample, out_a, out_b, out_g, norms);
       });
   return {out_a, out_b, out_g, norms};
 }

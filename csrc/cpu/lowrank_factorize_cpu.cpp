@@ -1,7 +1,7 @@
 // lowrank_factorize on the CPU: one randomised power iteration per client. Semantics: fpl_fast/reference.py.
-// V0 (d x r) comes from the Philox stream, U = orth(L V0), W = orth(L^T U), V = W^T, R = L - U V, where orth
-// is the reference's column-wise modified Gram-Schmidt (normalise column j, remove it from the later
-// columns). W is kept transposed (r x d) so its columns are contiguous rows and V needs no transpose.
+// V0 (d x r) comes from the client's own Philox stream, U = orth(L V0), W = orth(L^T U), V = W^T, R = L - U
+// V, where orth is the reference's column-wise modified Gram-Schmidt (normalise column j, remove it from the
+// later columns). W is kept transposed (r x d) so its columns are contiguous rows and V needs no transpose.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -35,8 +35,9 @@ void gram_schmidt(T* m, int64_t r, int64_t len, int64_t stride_vec, int64_t stri
 }
 
 template <typename scalar_t>
-void lowrank_factorize_kernel(const at::Tensor& l, const FactorizeDims& dims, uint64_t seed, uint64_t offset,
-                              at::Tensor& out_u, at::Tensor& out_v, at::Tensor& out_r) {
+void lowrank_factorize_kernel(const at::Tensor& l, const FactorizeDims& dims, c10::IntArrayRef seed,
+                              c10::IntArrayRef offset, at::Tensor& out_u, at::Tensor& out_v,
+                              at::Tensor& out_r) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t K = dims.K, n = dims.n_ctx, d = dims.d, r = dims.r;
   const scalar_t* lp = l.data_ptr<scalar_t>();
@@ -48,8 +49,9 @@ void lowrank_factorize_kernel(const at::Tensor& l, const FactorizeDims& dims, ui
     std::vector<float> z(d * r);
     for (int64_t k = begin; k < end; ++k) {
       cpu::load_acc(n * d, lp + k * n * d, x.data(), false);
-      // V0 (d, r) row-major in the stream; stored transposed.
-      cpu::fill_normals(seed, offset, static_cast<uint64_t>(k * d * r), d * r, z.data());
+      // V0 (d, r) row-major: normals 0 .. d r - 1 of client k's stream (seed[k], offset[k]); stored
+      // transposed.
+      cpu::fill_normals(static_cast<uint64_t>(seed[k]), static_cast<uint64_t>(offset[k]), 0, d * r, z.data());
       for (int64_t t = 0; t < d; ++t) {
         for (int64_t j = 0; j < r; ++j) v0t[j * d + t] = static_cast<acc_t>(z[t * r + j]);
       }
@@ -71,8 +73,9 @@ void lowrank_factorize_kernel(const at::Tensor& l, const FactorizeDims& dims, ui
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_factorize_cpu(const at::Tensor& l, int64_t rank,
-                                                                     int64_t seed, int64_t offset) {
-  const FactorizeDims dims = check_lowrank_factorize(l, rank);
+                                                                     c10::IntArrayRef seed,
+                                                                     c10::IntArrayRef offset) {
+  const FactorizeDims dims = check_lowrank_factorize(l, rank, seed, offset);
   TORCH_INTERNAL_ASSERT(l.device().is_cpu());
   const auto opts = l.options();
   at::Tensor out_u = at::empty(cpu::with_k(dims.batched, dims.K, {dims.n_ctx, dims.r}), opts);
@@ -81,8 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_factorize_cpu(const at::T
   if (dims.K == 0) return {out_u, out_v, out_r};
   const at::Tensor x = l.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lowrank_factorize_cpu", [&] {
-    lowrank_factorize_kernel<scalar_t>(x, dims, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
-                                       out_u, out_v, out_r);
+    lowrank_factorize_kernel<scalar_t>(x, dims, seed, offset, out_u, out_v, out_r);
   });
   return {out_u, out_v, out_r};
 }

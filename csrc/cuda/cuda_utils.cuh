@@ -5,6 +5,7 @@
 #include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 
@@ -32,6 +33,31 @@ inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at
 
 // A contiguous copy (or the tensor itself) of t in its op-math dtype.
 inline at::Tensor to_acc(const at::Tensor& t) { return t.to(acc_dtype(t.scalar_type())).contiguous(); }
+
+// Host: the per-client Philox streams on `device`, as one (2, K) int64 tensor: row 0 the seeds, row 1 the
+// offsets (entries already checked to be in [0, 2^63), so reading them as uint64 keeps their value). Staged
+// in pinned memory and copied on the current stream without blocking the host; the caching host allocator
+// keeps the staging buffer alive until the copy has run.
+inline at::Tensor streams_on_device(c10::IntArrayRef seed, c10::IntArrayRef offset,
+                                    const at::Device& device) {
+  TORCH_INTERNAL_ASSERT(seed.size() == offset.size());
+  const int64_t K = static_cast<int64_t>(seed.size());
+  at::Tensor host = at::empty({2, K}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* p = host.data_ptr<int64_t>();
+  std::copy(seed.begin(), seed.end(), p);
+  std::copy(offset.begin(), offset.end(), p + K);
+  return host.to(at::TensorOptions().dtype(at::kLong).device(device), /*non_blocking=*/true);
+}
+
+// Device pointers to the seeds and offsets of streams_on_device's tensor.
+struct StreamPtrs {
+  const uint64_t* seed;
+  const uint64_t* offset;
+};
+inline StreamPtrs stream_ptrs(const at::Tensor& streams) {
+  const auto* p = reinterpret_cast<const uint64_t*>(streams.data_ptr<int64_t>());
+  return {p, p + streams.size(1)};
+}
 
 // N elements of T moved as one aligned access (N * sizeof(T) = 16 bytes for the widest use).
 template <typename T, int N>

@@ -10,7 +10,8 @@
 //     re-read from L2) and forms sum_i cG_i grad_i (the global-prompt output) and sum_i cV_i grad_i.
 //  3. project kernel, a thread per output of (K, n_ctx r + r d): local U = sum_i cU_i g_U,i and
 //     local V = U^T (sum_i cV_i grad_i) (g_V,i is linear in grad_i), then the scale and the Philox noise
-//     (normal k (n_ctx r + r d) + e for element e of client k, U block first, as the reference).
+//     (normal e of client k's own stream (seed[k], offset[k]) for its element e, U block first, as the
+//     reference).
 // Without u, v the local output is the clipped sum of grad_i itself, written with its noise by kernel 2.
 // Class sums (sum_classes) and the batch mean (per_sample = false) are taken first with at:: reductions in
 // op-math precision; the kernels then see (K, b', n_ctx, d). Every sum runs in a fixed order, so the
@@ -176,7 +177,7 @@ __global__ void __launch_bounds__(kSumThreads)
                                      acc_t* __restrict__ sum_v,  // (K, n_ctx, d): sum_i cV_i x_i, or null
                                      out_t* __restrict__ local_full,  // (K, n_ctx, d) without u, v; else null
                                      int64_t bs, int64_t numel, int64_t blocks_per_client, acc_t scale,
-                                     bool add_noise, acc_t noise_std, uint64_t seed, uint64_t offset) {
+                                     bool add_noise, acc_t noise_std, cuda::StreamPtrs streams) {
   const int64_t k = blockIdx.x / blocks_per_client;
   const int64_t e0 = ((blockIdx.x % blocks_per_client) * int64_t(blockDim.x) + threadIdx.x) * VEC;
   if (e0 >= numel) return;
@@ -203,10 +204,11 @@ __global__ void __launch_bounds__(kSumThreads)
   cuda::store_vec<VEC>(glob + k * numel + e0, out);
   if (sum_v != nullptr) cuda::store_vec<VEC>(sum_v + k * numel + e0, sv);
   if (local_full != nullptr) {
-    if (add_noise) {
+    if (add_noise) {  // client k: normal e of its own stream
+      const uint64_t seed = streams.seed[k], offset = streams.offset[k];
 #pragma unroll
       for (int q = 0; q < VEC; ++q) {
-        const uint64_t j = static_cast<uint64_t>(k * numel + e0 + q);
+        const uint64_t j = static_cast<uint64_t>(e0 + q);
         out[q] += static_cast<acc_t>(philox_normal(seed, offset, j)) * noise_std;
       }
     }
@@ -225,7 +227,7 @@ __global__ void __launch_bounds__(kThreads)
                                          out_t* __restrict__ local_v,       // (K, r, d)
                                          int64_t bs, int64_t n_ctx, int64_t d, int64_t r,
                                          int64_t blocks_per_client, acc_t scale, bool add_noise,
-                                         acc_t noise_std, uint64_t seed, uint64_t offset) {
+                                         acc_t noise_std, cuda::StreamPtrs streams) {
   const int64_t k = blockIdx.x / blocks_per_client;
   const int64_t e = (blockIdx.x % blocks_per_client) * int64_t(blockDim.x) + threadIdx.x;
   const int64_t n_u = n_ctx * r;
@@ -245,7 +247,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   val *= scale;
   if (add_noise) {
-    val += static_cast<acc_t>(philox_normal(seed, offset, static_cast<uint64_t>(k * per_client + e))) *
+    val += static_cast<acc_t>(philox_normal(streams.seed[k], streams.offset[k], static_cast<uint64_t>(e))) *
            noise_std;
   }
   *dst = static_cast<out_t>(val);
@@ -255,7 +257,7 @@ struct DpParams {
   int64_t bs;  // samples per client seen by the kernels (b, or 1 for the batch mean)
   double clip_norm, scale, noise_std;
   bool add_noise, joint_uv;
-  uint64_t seed, offset;
+  cuda::StreamPtrs streams;  // device pointers: client k's seed and offset
 };
 
 template <typename in_t, typename out_t, int VEC>
@@ -291,7 +293,7 @@ void launch_dp(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v, co
         <<<cuda::grid_1d(K * blocks_per_client), kSumThreads, 0, stream>>>(
             x.data_ptr<in_t>(), coef.data_ptr<acc_t>(), glob.data_ptr<out_t>(), sum_v_ptr,
             has_uv ? nullptr : local_u.data_ptr<out_t>(), bs, numel, blocks_per_client, scale, p.add_noise,
-            noise_std, p.seed, p.offset);
+            noise_std, p.streams);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const int64_t per_client = n_ctx * r + r * d;
@@ -301,7 +303,7 @@ void launch_dp(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v, co
         <<<cuda::grid_1d(K * blocks_per_client), kThreads, 0, stream>>>(
             coef.data_ptr<acc_t>(), proj_ptr, u_ptr, sum_v_ptr, local_u.data_ptr<out_t>(),
             local_v.data_ptr<out_t>(), bs, n_ctx, d, r, blocks_per_client, scale, p.add_noise, noise_std,
-            p.seed, p.offset);
+            p.streams);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -334,10 +336,10 @@ std::vector<int64_t> with_k(bool batched, int64_t K, std::initializer_list<int64
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dp_lowrank_clip_noise_cuda(
     const at::Tensor& grad, const std::optional<at::Tensor>& u_in, const std::optional<at::Tensor>& v_in,
-    double clip_norm, double noise_multiplier, int64_t seed, int64_t offset, double expected_batch_size,
-    bool joint_uv, bool per_sample, bool sum_classes) {
+    double clip_norm, double noise_multiplier, c10::IntArrayRef seed, c10::IntArrayRef offset,
+    double expected_batch_size, bool joint_uv, bool per_sample, bool sum_classes) {
   const DpClipNoiseDims dims = check_dp_lowrank_clip_noise(grad, u_in, v_in, clip_norm, noise_multiplier,
-                                                           expected_batch_size, sum_classes);
+                                                           seed, offset, expected_batch_size, sum_classes);
   TORCH_CHECK_VALUE(grad.is_cuda(), "grad must be a CUDA tensor, got device ", grad.device().str());
   const c10::cuda::CUDAGuard device_guard(grad.device());
   const int64_t K = dims.K, b = dims.b, n_ctx = dims.n_ctx, d = dims.d, r = dims.r;
@@ -374,8 +376,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dp_lowrank_clip_noise
   p.noise_std = noise_multiplier * clip_norm / dims.denom;
   p.add_noise = noise_multiplier > 0;
   p.joint_uv = joint_uv;
-  p.seed = static_cast<uint64_t>(seed);
-  p.offset = static_cast<uint64_t>(offset);
+  // Copied only when noise is drawn; without it the kernels never read the streams.
+  const at::Tensor streams =
+      p.add_noise ? cuda::streams_on_device(seed, offset, grad.device()) : at::Tensor();
+  p.streams = p.add_noise ? cuda::stream_ptrs(streams) : cuda::StreamPtrs{nullptr, nullptr};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dp_lowrank_clip_noise_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -2,9 +2,9 @@
 // Semantics: fpl_fast/reference.py.
 //
 // One block per client, in op-math precision, with the intermediates in a small global scratch (L1/L2
-// resident, visible within the block across __syncthreads): V0 (d x r) from the Philox stream (normal
-// k d r + row-major index), Y = L V0, U = orth(Y), W = L^T U, W = orth(W); then U, V = W^T and
-// R = L - U V are written out. orth is the reference's column-wise modified Gram-Schmidt: normalise
+// resident, visible within the block across __syncthreads): V0 (d x r) from client k's own Philox stream
+// (seed[k], offset[k]) (normal = row-major index), Y = L V0, U = orth(Y), W = L^T U, W = orth(W); then U, V =
+// W^T and R = L - U V are written out. orth is the reference's column-wise modified Gram-Schmidt: normalise
 // column j, remove its component from every later column, for j = 0 .. r - 1.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kThreads)
                              scalar_t* __restrict__ u_out,    // (K, n, r)
                              scalar_t* __restrict__ v_out,    // (K, r, d)
                              scalar_t* __restrict__ res_out,  // (K, n, d)
-                             int64_t n, int64_t d, int64_t r, uint64_t seed, uint64_t offset) {
+                             int64_t n, int64_t d, int64_t r, cuda::StreamPtrs streams) {
   __shared__ acc_t red[kWarpSize];
   const int64_t k = blockIdx.x;
   const int lane = threadIdx.x % kWarpSize;
@@ -69,9 +69,10 @@ __global__ void __launch_bounds__(kThreads)
   acc_t* w = w_scratch + k * d * r;
   acc_t* y = y_scratch + k * n * r;
 
-  // V0 (d, r): element e = row * r + col is normal k d r + e of the stream.
+  // V0 (d, r): element e = row * r + col is normal e of client k's stream.
+  const uint64_t seed = streams.seed[k], offset = streams.offset[k];
   for (int64_t e = threadIdx.x; e < d * r; e += blockDim.x) {
-    w[e] = static_cast<acc_t>(philox_normal(seed, offset, static_cast<uint64_t>(k * d * r + e)));
+    w[e] = static_cast<acc_t>(philox_normal(seed, offset, static_cast<uint64_t>(e)));
   }
   __syncthreads();
 
@@ -119,8 +120,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_factorize_cuda(const at::Tensor& l_in, int64_t rank,
-                                                                      int64_t seed, int64_t offset) {
-  const FactorizeDims dims = check_lowrank_factorize(l_in, rank);
+                                                                      c10::IntArrayRef seed,
+                                                                      c10::IntArrayRef offset) {
+  const FactorizeDims dims = check_lowrank_factorize(l_in, rank, seed, offset);
   TORCH_CHECK_VALUE(l_in.is_cuda(), "l must be a CUDA tensor, got device ", l_in.device().str());
   const c10::cuda::CUDAGuard device_guard(l_in.device());
   const at::Tensor l = l_in.contiguous();
@@ -133,6 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_factorize_cuda(const at::
   at::Tensor v = at::empty(with_k({r, d}), l.options());
   at::Tensor res = at::empty(with_k({n, d}), l.options());
   if (K == 0) return {u, v, res};  // rank >= 1 implies n, d >= 1
+  const at::Tensor streams = cuda::streams_on_device(seed, offset, l.device());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, l.scalar_type(), "lowrank_factorize_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -143,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_factorize_cuda(const at::
         <<<cuda::grid_1d(K), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             l.data_ptr<scalar_t>(), w_scratch.data_ptr<acc_t>(), y_scratch.data_ptr<acc_t>(),
             u.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), res.data_ptr<scalar_t>(), n, d, r,
-            static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
+            cuda::stream_ptrs(streams));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {u, v, res};
