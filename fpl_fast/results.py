@@ -105,6 +105,8 @@ def save_checkpoint(out: Path, state: dict[str, Any]) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(out)
+    for stale in out.glob(f".{CHECKPOINT}.*"):  # temporary files of writes that a crash cut short
+        stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(out: Path) -> dict[str, Any] | None:

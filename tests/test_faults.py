@@ -212,6 +212,7 @@ def test_runs_killed_anywhere_resume_to_exactly_the_uninterrupted_results(tmp_pa
     # 3. Resumed again, it runs to the end.
     rc, err = _finish(_start(part, "--resume"))
     assert rc == 0, err
+    assert not any(p.name.startswith(f".{io.CHECKPOINT}.") for p in part.iterdir())  # cleaned up
     rc, err = _finish(full)
     assert rc == 0, err
 
