@@ -1,11 +1,15 @@
-"""Run outputs: results.json, rounds.csv, accuracy.png, atomic checkpoints, and the summary table."""
+"""Run outputs: results.json, rounds.csv, accuracy.png, atomic checkpoints (and the one before), the summary
+table, and the checks that keep a previous run's files from being overwritten."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
+import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,7 @@ import torch
 __all__ = [
     "ROUND_FIELDS",
     "atomic_write_bytes",
+    "check_out_dir",
     "save_checkpoint",
     "load_checkpoint",
     "write_json",
@@ -24,10 +29,11 @@ __all__ = [
 
 ROUND_FIELDS = ("round", "local_acc", "neighbor_acc", "epsilon_local", "epsilon_global", "epsilon_total", "seconds")
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"  # the checkpoint before the last, kept by save_checkpoint
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+def _write_synced_temp(path: Path, data: bytes) -> str:
+    """``data`` in a new temporary file next to ``path``, flushed to the disk; returns its name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -35,25 +41,123 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (where the platform lets a folder be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."""
+    tmp = _write_synced_temp(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+# Test hook: with FPL_FAST_CRASH_IN_CHECKPOINT=N the process SIGKILLs itself inside the N-th checkpoint
+# write of this process, after the new file is written and the previous one kept, before the rename.
+_CRASH_ENV = "FPL_FAST_CRASH_IN_CHECKPOINT"
+_writes = 0
 
 
 def save_checkpoint(out: Path, state: dict[str, Any]) -> None:
-    import io
+    """``state`` to ``out/checkpoint.pt`` atomically; the checkpoint it replaces stays as checkpoint.prev.pt.
 
+    checkpoint.pt exists and is complete at every instant once it has been written once: the old file is
+    hard-linked (copied where links are not allowed) to checkpoint.prev.pt before the new one is renamed over it.
+    """
+    global _writes
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write_bytes(out / CHECKPOINT, buf.getvalue())
+    path = out / CHECKPOINT
+    tmp = _write_synced_temp(path, buf.getvalue())
+    try:
+        if path.is_file():
+            keep = Path(f"{tmp}.prev")
+            try:
+                os.link(path, keep)
+            except OSError:
+                shutil.copy2(path, keep)
+            os.replace(keep, out / PREVIOUS)
+        _writes += 1
+        if os.environ.get(_CRASH_ENV) == str(_writes):
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(out)
+    for stale in out.glob(f".{CHECKPOINT}.*"):  # temporary files of writes that a crash cut short
+        stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(out: Path) -> dict[str, Any] | None:
+    """The state in ``out/checkpoint.pt``; None when there is none.
+
+    Raises:
+        ValueError: the file cannot be read back (truncated or corrupt); nothing is changed on disk.
+    """
     path = out / CHECKPOINT
     if not path.is_file():
+        if (out / PREVIOUS).is_file():
+            raise ValueError(
+                f"{path} is missing but {out / PREVIOUS} exists: copy it to {path} to resume from the round before"
+            )
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or not {"config", "federation", "rounds", "next_round"} <= state.keys():
+            raise ValueError("not a fpl_fast checkpoint")
+    except Exception as exc:  # torch.load fails with many types (zip, pickle, EOF, runtime) on a damaged file
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = (
+            f"{out / PREVIOUS} holds the checkpoint before it: copy it over {path} to resume from there"
+            if (out / PREVIOUS).is_file()
+            else "no earlier checkpoint is kept: start a new run in another --out folder"
+        )
+        raise ValueError(f"cannot read {path} (truncated or corrupt: {why}); it was left as it is; {hint}") from None
+    return state
+
+
+def check_out_dir(out: Path, *, resume: bool) -> None:
+    """Refuse to start a new run over a previous run's files, and to --resume where there is nothing to resume.
+
+    Raises:
+        ValueError: ``out`` holds results.json or a checkpoint and ``resume`` is off; or ``resume`` is on and
+            ``out`` holds no checkpoint.
+    """
+    if resume:
+        if not (out / CHECKPOINT).is_file() and not (out / PREVIOUS).is_file():
+            raise ValueError(
+                f"--resume: no {CHECKPOINT} in {out}: nothing to resume (leave out --resume to start a new run)"
+            )
+        return
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    found = [name for name in ("results.json", CHECKPOINT, PREVIOUS) if (out / name).is_file()]
+    if found:
+        raise ValueError(
+            f"--out {out} holds a previous run ({', '.join(found)}): pass --resume to continue it, "
+            "or choose another folder (nothing was overwritten)"
+        )
 
 
 def _json_safe(x: Any) -> Any:

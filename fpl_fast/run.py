@@ -245,11 +245,12 @@ def _fmt3(x: float | None) -> str:
 
 def _run_method(args: argparse.Namespace) -> int:
     from fpl_fast.federated.runner import default_out_dir
-    from fpl_fast.results import summary_table
+    from fpl_fast.results import check_out_dir, summary_table
 
     try:
         mod, cfg = method_config_from_args(args)
         out = Path(args.out) if args.out else default_out_dir()
+        check_out_dir(out, resume=False)
         result = mod.run(cfg, out=out, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as exc:
         return _fail(exc)

@@ -38,6 +38,7 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
         (["--epsilon", "0"], "--epsilon"),
         (["--epsilon", "2", "--noise", "1"], "--noise"),
         (["--resume"], "--out"),
+        (["--resume", "--out", "/nonexistent/run"], "nothing to resume"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args: list[str], needle: str) -> None:
@@ -74,3 +75,6 @@ def test_short_run_writes_results_csv_plot_and_checkpoint(tmp_path: Path) -> Non
     assert res["final"]["accountant"].startswith("dp_accounting")
     for name in ("rounds.csv", "accuracy.png", "checkpoint.pt"):
         assert (out / name).is_file()
+    again = run_cli("--rounds", "2", "--num-users", "3", "--out", str(out))  # the same folder without --resume
+    assert again.returncode == 2 and "holds a previous run" in again.stderr, again.stderr
+    assert json.loads((out / "results.json").read_text()) == res

@@ -11,6 +11,7 @@ import torch
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.runner import default_out_dir, load_federation, run_job
 from fpl_fast.federated.simulation import ClientData
+from fpl_fast.results import check_out_dir, load_checkpoint
 
 __all__ = ["prepare", "prepare_and_run"]
 
@@ -69,6 +70,10 @@ def prepare_and_run(cfg: RunConfig, *, progress: bool = True, **kwargs: Any) -> 
     """prepare() then run_job(), then with --mia N the membership-inference attack (mia.json, and its summary
     under "mia" in results.json); returns the results and the output folder."""
     out = Path(cfg.out) if cfg.out else default_out_dir()
+    # Before the backbone loads (run_job checks again): a previous run's files, no or a damaged checkpoint.
+    check_out_dir(out, resume=cfg.resume)
+    if cfg.resume:
+        load_checkpoint(out)
     if cfg.mia:
         from fpl_fast.attacks.membership import check_pool
 

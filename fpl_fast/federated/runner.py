@@ -39,6 +39,8 @@ __all__ = [
     "progress_bar",
     "run_job",
     "default_out_dir",
+    "TrainingDiverged",
+    "divergence_guard",
 ]
 
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
@@ -128,7 +130,13 @@ def _epsilon(multiplier: float, q: float, steps: int, cfg: RunConfig) -> float:
 
 
 def default_out_dir() -> Path:
-    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    """runs/<timestamp>, with a -2, -3, ... suffix when a run started in the same second already took it."""
+    base = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
 
 
 def build_federation(
@@ -206,6 +214,45 @@ def _zero_shot(backbone, classnames: list[str], data: ClientData) -> float:
     return float((pred == data.test_labels.cpu()).float().mean())
 
 
+class TrainingDiverged(ValueError):
+    """The prompts stopped being finite: the run stops (its last good checkpoint stays) and says where."""
+
+
+def divergence_guard(fed: Federation, start_round: int, out: Path, *, bar: tqdm | None = None) -> Callable[[], None]:
+    """An ``on_step`` callback for :func:`train_rounds` from ``start_round`` on that, after every local step,
+    checks what the step made public (the global prompt, each client's copy of it, the local prompts; each is
+    a function of the noised, released gradients) and raises :class:`TrainingDiverged` at the first
+    non-finite value, naming the round and the step (both 1-based). It never reads the private loss.
+    ``bar``: ticked after each good step, closed before raising."""
+    steps = 0
+    per_round = fed.steps_per_round
+
+    def check() -> None:
+        nonlocal steps
+        steps += 1
+        L = fed.learner
+        named = {"global prompt": L.global_ctx, "clients' global prompts": L.client_global}
+        named.update({f"local prompt {k}": t for k, t in L.local.items()})
+        bad = [name for name, t in named.items() if not bool(torch.isfinite(t).all())]
+        if bad:
+            rnd, step = start_round + (steps - 1) // per_round + 1, (steps - 1) % per_round + 1
+            kept = (
+                f"the checkpoint of round {rnd - 1} in {out} is kept"
+                if rnd > 1
+                else "no checkpoint was written (it diverged in the first round)"
+            )
+            if bar is not None:
+                bar.close()
+            raise TrainingDiverged(
+                f"training diverged in round {rnd}, step {step} of {per_round}: the {' and the '.join(bad)} "
+                f"became non-finite (inf/nan); {kept}; lower --lr and start again in another --out folder"
+            )
+        if bar is not None:
+            bar.update()
+
+    return check
+
+
 def run_job(
     cfg: RunConfig,
     backbone,
@@ -222,6 +269,7 @@ def run_job(
         stop_after_round: end early after this round (as if interrupted; used to test --resume).
     """
     t_start = time.perf_counter()
+    io.check_out_dir(out, resume=cfg.resume)  # never over a previous run's files; --resume needs a checkpoint
     out.mkdir(parents=True, exist_ok=True)
     ckpt = io.load_checkpoint(out) if cfg.resume else None
     if ckpt is not None and ckpt["config"] != _training_config(cfg):
@@ -266,7 +314,8 @@ def run_job(
     bar = progress_bar((cfg.rounds - start_round) * fed.steps_per_round, desc="fpl_fast", enabled=progress)
     t_round0 = time.perf_counter()
     last_eval: dict[str, Any] | None = None
-    for rnd, stats in train_rounds(fed, start_round, cfg.rounds, on_step=bar.update):
+    guard = divergence_guard(fed, start_round, out, bar=bar)
+    for rnd, stats in train_rounds(fed, start_round, cfg.rounds, on_step=guard):
         is_last = rnd == cfg.rounds - 1
         if (rnd + 1) % cfg.eval_every == 0 or is_last:
             last_eval = fed.evaluate(eval_seed(cfg, rnd))
