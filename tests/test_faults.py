@@ -38,6 +38,7 @@ FLAGS = {
     "clip_mode": "batch",
     "noise": 1.0,
     "seed": 5,
+    "noise_seed": 5,  # the resumed run is compared with an uninterrupted one: reproducible noise and batches
 }
 BASE = RunConfig(**FLAGS)
 ARGS = [a for k, v in FLAGS.items() for a in (f"--{k.replace('_', '-')}", str(v))]
