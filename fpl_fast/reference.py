@@ -100,7 +100,7 @@ def _client_normals(seed: Sequence[int], offset: Sequence[int], per_client: int,
     """(K, per_client) float32: row k holds normals 0 .. per_client - 1 of stream (seed[k], offset[k])."""
     if not seed:
         return torch.zeros(0, per_client, device=device)
-    return torch.stack([philox_normal(s, o, per_client, device) for s, o in zip(seed, offset)])
+    return torch.stack([philox_normal(s, o, per_client, device) for s, o in zip(seed, offset, strict=True)])
 
 
 def _check(cond: bool, msg: str) -> None:
