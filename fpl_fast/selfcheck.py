@@ -16,8 +16,10 @@ for the next eager call.
 runs every check explicitly and prints the results.
 
 The fixed inputs are float32 and the reference runs on float64 copies of them, so the comparison does not
-depend on TF32 or autocast settings; each tolerance is about a hundred times the float32 rounding error
-measured for that op.
+depend on TF32 or autocast settings. Errors are relative to the output's scale, max |kernel - reference| /
+max(1, max |reference|); a float32 implementation of the spec (the reference at float32, and the CPU kernels)
+stays near 1e-7, and the tolerances are 1e-5 to 1e-3, loosest for the ops with iterations or transcendental
+functions (factorisation, noise), whose GPU versions may round differently.
 """
 
 from __future__ import annotations
@@ -61,8 +63,8 @@ Case = tuple[Callable[..., Any], Callable[..., Any], Sequence[Any]]
 
 @dataclass(frozen=True)
 class Check:
-    """The self-check of one op: its cases on a device and the tolerance on max |kernel - reference|
-    (for integer outputs: the number of differing entries)."""
+    """The self-check of one op: its cases on a device and the tolerance on the error of each output,
+    max |kernel - reference| / max(1, max |reference|) (for integer outputs: the number of differing entries)."""
 
     cases: Callable[[torch.device], list[Case]]
     tol: float
@@ -198,8 +200,8 @@ def _case_error(case: Case) -> float:
         if o.numel() == 0:
             continue
         if e.is_floating_point():
-            diff = (o.double() - e).abs()
-            err = max(err, math.inf if diff.isnan().any() else diff.max().item())
+            diff = (o.double() - e).abs().max() / e.abs().max().clamp(min=1.0)
+            err = max(err, math.inf if diff.isnan() else diff.item())
         else:
             err = max(err, float((o != e).sum().item()))
     return err

