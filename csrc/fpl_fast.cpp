@@ -35,5 +35,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
 #endif
   });
   module.def("cpu_isa", []() { return std::string(fpl_fast::cpu::cpu_isa_name(fpl_fast::cpu::cpu_isa())); });
+  // The torch version this extension was built against (setup.py passes torch.__version__ as bare tokens);
+  // fpl_fast.ops refuses to use the kernels under another torch.
+#define FPL_FAST_STR_(x) #x
+#define FPL_FAST_STR(x) FPL_FAST_STR_(x)
+#ifdef FPL_FAST_TORCH_VERSION
+  module.def("torch_version", []() { return std::string(FPL_FAST_STR(FPL_FAST_TORCH_VERSION)); });
+#else
+  module.def("torch_version", []() { return std::string(TORCH_VERSION); });
+#endif
 }
 #endif

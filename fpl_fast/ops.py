@@ -2,7 +2,9 @@
 
 Loads the compiled extension ``fpl_fast._C`` (which registers ``torch.ops.fpl_fast.*`` for CPU and,
 when built, CUDA), adds fake (meta) kernels and autograd formulas, and falls back to the
-plain-PyTorch twins in :mod:`fpl_fast.reference` with one warning when ``_C`` is missing.
+plain-PyTorch twins in :mod:`fpl_fast.reference` with one warning when ``_C`` is missing or was built against
+another torch. Each op's kernel checks itself against the reference the first time it runs eagerly on a device
+type and is replaced by the reference there if it disagrees (:mod:`fpl_fast.selfcheck`).
 Semantics, shapes and the noise stream of every op are documented in :mod:`fpl_fast.reference`.
 """
 
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fpl_fast import reference
+from fpl_fast import reference, selfcheck
 
 __all__ = [
     "has_cpp_ops",
@@ -27,17 +29,51 @@ __all__ = [
     "lowrank_factorize",
 ]
 
+_REBUILD = "Build the extension against the installed torch with `pip install --no-build-isolation .`."
+
+
+def _built_torch_mismatch(ext) -> str | None:
+    """Why ``ext`` (the loaded ``_C``) must not be used with the running torch, or None if it may.
+
+    pip's default (isolated) build compiles against whatever torch it puts in its build environment, which need
+    not be the torch that runs. ``_C.torch_version()`` is that build's ``torch.__version__`` (only the release
+    number when built without setup.py); an older ``_C`` without it is trusted.
+    """
+    built = getattr(ext, "torch_version", lambda: None)()
+    if not built:
+        return None
+    running = torch.__version__ if "+" in built else torch.__version__.split("+")[0]
+    if built == running:
+        return None
+    return f"it was built against torch {built} but torch {torch.__version__} is running"
+
+
 try:
     from fpl_fast import _C  # noqa: F401  (loading it registers torch.ops.fpl_fast)
 
     _HAS_C = True
+    _mismatch = _built_torch_mismatch(_C)
 except ImportError as exc:  # pragma: no cover - exercised by the fallback test in a subprocess
     _C = None
     _HAS_C = False
-    _why = "it is not built" if "cannot import name '_C'" in str(exc) else str(exc)
+    _mismatch = None
+    if "cannot import name '_C'" in str(exc):
+        _why = "it is not built"
+    elif "undefined symbol" in str(exc):
+        _why = f"{exc}: it was probably built against another torch"
+    else:
+        _why = str(exc)
     warnings.warn(
-        f"fpl_fast._C could not be loaded ({_why}); using the plain-PyTorch reference ops. "
-        "Build the extension with `pip install --no-build-isolation .`.",
+        f"fpl_fast._C could not be loaded ({_why}); using the plain-PyTorch reference ops. {_REBUILD}",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+if _mismatch is not None:
+    # The library is loaded (its ops stay registered with the dispatcher) but none of it is used.
+    _C = None
+    _HAS_C = False
+    warnings.warn(
+        f"fpl_fast._C is not used ({_mismatch}); using the plain-PyTorch reference ops. {_REBUILD}",
         RuntimeWarning,
         stacklevel=2,
     )
@@ -198,7 +234,7 @@ def lowrank_prompt(
     residual: Tensor | None = None,
 ) -> Tensor:
     """[prefix | G + U V (+ R) | suffix] for every class (and client); see the reference."""
-    if _HAS_C:
+    if _HAS_C and selfcheck.use_kernel("lowrank_prompt", g, prefix, suffix, u, v, residual):
         return torch.ops.fpl_fast.lowrank_prompt(prefix, suffix, g, u, v, residual)
     return reference.lowrank_prompt(prefix, suffix, g, u, v, residual)
 
@@ -223,14 +259,14 @@ def dp_lowrank_clip_noise(
     seed, offset = _ints(seed), _ints(offset)
     args = (grad, u, v, float(clip_norm), float(noise_multiplier), seed, offset)
     kw = (float(expected_batch_size), bool(joint_uv), bool(per_sample), bool(sum_classes))
-    if _HAS_C and _schema_streams(seed, offset):
+    if _HAS_C and _schema_streams(seed, offset) and selfcheck.use_kernel("dp_lowrank_clip_noise", grad, u, v):
         return torch.ops.fpl_fast.dp_lowrank_clip_noise(*args, *kw)
     return reference.dp_lowrank_clip_noise(*args, *kw)
 
 
 def lowrank_full_grad(grad_u: Tensor, grad_v: Tensor, u: Tensor, v: Tensor, scale: float = 0.1) -> Tensor:
     """g_L = scale (g_U V + U g_V + U U^T g_U V); see the reference."""
-    if _HAS_C:
+    if _HAS_C and selfcheck.use_kernel("lowrank_full_grad", grad_u, grad_v, u, v):
         return torch.ops.fpl_fast.lowrank_full_grad(grad_u, grad_v, u, v, float(scale))
     return reference.lowrank_full_grad(grad_u, grad_v, u, v, float(scale))
 
@@ -243,7 +279,7 @@ def lowrank_factorize(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One randomised power iteration L -> (U, V, R = L - U V), one stream per client; see the reference."""
     seed, offset = _ints(seed), _ints(offset)
-    if _HAS_C and _schema_streams(seed, offset):
+    if _HAS_C and _schema_streams(seed, offset) and selfcheck.use_kernel("lowrank_factorize", l):
         return torch.ops.fpl_fast.lowrank_factorize(l, int(rank), seed, offset)
     return reference.lowrank_factorize(l, int(rank), seed, offset)
 
@@ -282,6 +318,6 @@ if _HAS_NN_MAP:
 
 def nn_map(y: Tensor, emb: Tensor, allowed: Tensor | None = None, *, chunk: int = reference.NN_MAP_CHUNK) -> Tensor:
     """argmin_w ||emb[w] - y[i]|| over allowed ids, blockwise, ties to the smaller id; see the reference."""
-    if _HAS_NN_MAP:
+    if _HAS_NN_MAP and selfcheck.use_kernel("nn_map", y, emb, allowed):
         return torch.ops.fpl_fast.nn_map(y, emb, allowed, int(chunk))
     return reference.nn_map(y, emb, allowed, int(chunk))

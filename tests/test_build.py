@@ -137,3 +137,70 @@ def test_fallback_when_extension_is_unimportable() -> None:
     assert res["has_cpp_ops"] is False and res["has_cuda_kernels"] is False
     assert res["registered"] is False, "torch.ops.fpl_fast must not be registered when _C is blocked"
     assert all(res["same"].values()), res["same"]
+
+
+_MISMATCH_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, json, sys, types, warnings
+    import torch
+
+    mode = sys.argv[1]
+    if mode == "fake":  # a stand-in _C recording another torch (no compiled extension needed)
+        fake = types.ModuleType("fpl_fast._C")
+        fake.torch_version = lambda: "2.99.0+cu999"
+        fake.cuda_built = lambda: False
+        sys.modules["fpl_fast._C"] = fake
+    elif mode == "real":  # the real _C, with the running torch claiming another version
+        torch.__version__ = "2.99.0+cu999"
+    else:  # a _C whose loading fails as one built against another torch does
+
+        class UndefinedSymbol(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "fpl_fast._C":
+                    raise ImportError("fpl_fast/_C.so: undefined symbol: _ZN3c1017RegisterOperatorsD1Ev")
+                return None
+
+        sys.meta_path.insert(0, UndefinedSymbol())
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        import fpl_fast
+        from fpl_fast import ops, reference
+    g = torch.Generator().manual_seed(0)
+    gu, u = torch.randn(2, 4, 2, generator=g), torch.randn(2, 4, 2, generator=g)
+    gv, v = torch.randn(2, 2, 5, generator=g), torch.randn(2, 2, 5, generator=g)
+    same = torch.equal(ops.lowrank_full_grad(gu, gv, u, v, 0.1), reference.lowrank_full_grad(gu, gv, u, v, 0.1))
+    print(json.dumps({
+        "runtime_warnings": [str(w.message) for w in rec if issubclass(w.category, RuntimeWarning)],
+        "has_cpp_ops": fpl_fast.has_cpp_ops(),
+        "has_cuda_kernels": fpl_fast.has_cuda_kernels(),
+        "same": same,
+    }))
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["fake", "real", "undefined_symbol"])
+def test_extension_built_against_another_torch_is_refused(mode: str) -> None:
+    """A _C recording another torch version (pip's isolated build), or one that does not load because of it,
+    warns once, naming the versions and the --no-build-isolation install, and the reference ops run."""
+    if mode == "real":
+        if not _extension_file_present():
+            pytest.skip("fpl_fast._C is not built")
+        from fpl_fast import _C
+
+        assert _C.torch_version() == torch.__version__, "the build must record the torch it was built against"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-c", _MISMATCH_SCRIPT, mode], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    (msg,) = res["runtime_warnings"]
+    assert "pip install --no-build-isolation ." in msg and "reference" in msg, msg
+    if mode == "undefined_symbol":
+        assert "undefined symbol" in msg and "another torch" in msg, msg
+    else:
+        built, running = ("2.99.0+cu999", torch.__version__) if mode == "fake" else (torch.__version__, "2.99.0+cu999")
+        assert f"built against torch {built} but torch {running} is running" in msg, msg
+    assert res["has_cpp_ops"] is False and res["has_cuda_kernels"] is False
+    assert res["same"] is True
