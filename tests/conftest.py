@@ -202,3 +202,12 @@ def assert_bf16_close(
             f"output {i}: {low} kernel error {err_kernel:.3e} > {factor} x reference error {err_ref:.3e}"
             f" + floor {floor:.3e}"
         )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """The CPU path the run took: statistical and training tests are judged against it (ATEN_CPU_CAPABILITY and
+    OMP_NUM_THREADS are honoured by torch itself; a test that sets neither inherits them)."""
+    return (
+        f"torch {torch.__version__}: CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"{torch.get_num_threads()} threads; fpl_fast._C {'built' if ops.has_cpp_ops() else 'not built'}"
+    )

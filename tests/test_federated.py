@@ -94,6 +94,8 @@ def test_every_factorization_learns_without_dp_and_beats_the_hand_written_prompt
     cfg = BASE.replace(factorization=factorization, noise=0.0, rounds=8, eval_every=8, lr=0.1)
     res = run_job(cfg, backbone, classnames, data, out=tmp_path, progress=False)
     final = res["final"]
+    # Measured (AVX-512, 2 threads): zero-shot 0.46; local 0.67 (fedotp) to 0.96 (dpfpl), i.e. 0.16 to 0.45 above the
+    # bound: 64+ of the 400 test images, far beyond what another CPU's rounding moves an 8-round trajectory.
     assert final["local_acc"] > final["zero_shot_acc"] + 0.05, final
 
 

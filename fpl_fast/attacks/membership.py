@@ -56,6 +56,7 @@ __all__ = [
     "fit_attack_models",
     "membership_scores",
     "attack_metrics",
+    "auc_standard_error",
     "prediction_gap",
     "membership_inference",
     "mia_summary",
@@ -327,6 +328,17 @@ def membership_scores(models: AttackModels, records: Records) -> np.ndarray:
         proba = model.predict_proba(records.probs[sel])
         scores[sel] = proba[:, list(model.classes_).index(True)]
     return scores
+
+
+def auc_standard_error(auc: float, n_pos: int, n_neg: int) -> float:
+    """Standard error of an AUC (Mann-Whitney statistic) measured on ``n_pos`` positives and ``n_neg`` negatives
+    (Hanley & McNeil 1982). At auc = 0.5 it is close to the exact null sd sqrt((n_pos + n_neg + 1) / (12 n_pos
+    n_neg)): ~0.04 for 100 + 100 records, so an attack AUC of 0.55 there is no evidence of a leak."""
+    if n_pos < 1 or n_neg < 1:
+        raise ValueError(f"an AUC needs positives and negatives, got {n_pos} and {n_neg}")
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc**2) + (n_neg - 1) * (q2 - auc**2)) / (n_pos * n_neg)
+    return float(np.sqrt(max(var, 0.0)))
 
 
 def _binary_metrics(member: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
