@@ -99,7 +99,7 @@ def test_attack_refuses_shadow_records_of_one_kind() -> None:
 # ----------------------------------------------------------------------------------------------
 # DP on (noise 1.5) with batch-mean clipping and batch 32: one backward per step keeps each training run (target
 # and shadows) to seconds on two cores; per-sample clipping changes nothing the attack sees.
-SMALL = RunConfig(num_users=3, rounds=2, batch_size=32, clip_mode="batch", seed=5, mia=2)
+SMALL = RunConfig(num_users=3, rounds=2, batch_size=32, clip_mode="batch", seed=5, noise_seed=5, mia=2)
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +228,7 @@ def test_cli_rejects_a_negative_number_of_shadow_models_in_one_line() -> None:
 # their source, a label mix-up) or that inverted the scores of a leaking target would land far outside. The attack's
 # power on a real leak is the synthetic test above (peaked members: AUC 0.999 against the bound 0.95).
 LEAKY = RunConfig(
-    num_users=10, num_shots=1, rounds=100, lr=0.1, factorization="fedotp", noise=0.0, partition="iid", mia=2, seed=2
+    num_users=10, num_shots=1, rounds=100, lr=0.1, factorization="fedotp", noise=0.0, partition="iid", mia=2, seed=2, noise_seed=2
 )
 
 
