@@ -228,7 +228,16 @@ def test_cli_rejects_a_negative_number_of_shadow_models_in_one_line() -> None:
 # their source, a label mix-up) or that inverted the scores of a leaking target would land far outside. The attack's
 # power on a real leak is the synthetic test above (peaked members: AUC 0.999 against the bound 0.95).
 LEAKY = RunConfig(
-    num_users=10, num_shots=1, rounds=100, lr=0.1, factorization="fedotp", noise=0.0, partition="iid", mia=2, seed=2, noise_seed=2
+    num_users=10,
+    num_shots=1,
+    rounds=100,
+    lr=0.1,
+    factorization="fedotp",
+    noise=0.0,
+    partition="iid",
+    mia=2,
+    seed=2,
+    noise_seed=2,
 )
 
 
