@@ -27,6 +27,7 @@ __all__ = [
     "dp_lowrank_clip_noise",
     "lowrank_full_grad",
     "lowrank_factorize",
+    "dp_output_clip_noise",
 ]
 
 _REBUILD = "Build the extension against the installed torch with `pip install --no-build-isolation .`."
@@ -297,6 +298,50 @@ def _schema_streams(*lists: object) -> bool:
     (an int, floats, bools, values of 2^63 and more) go to the reference, which names them in its ValueError
     instead of the dispatcher's type error; wrong lengths and negative entries the C++ checks name themselves."""
     return all(isinstance(xs, list) and all(type(x) is int and -(2**63) <= x < 2**63 for x in xs) for xs in lists)
+
+
+# ----------------------------------------------------------------------------------------------
+# dp_output_clip_noise (output-space per-example DP)
+# ----------------------------------------------------------------------------------------------
+# A _C built before this op was added has no such op: fall back to the reference for it alone.
+_HAS_OUTPUT_DP = _HAS_C and hasattr(torch.ops.fpl_fast, "dp_output_clip_noise")
+
+
+def dp_output_clip_noise(
+    image_feats: Tensor,
+    text_feats: Tensor,
+    labels: Tensor,
+    mask: Tensor | None = None,
+    *,
+    logit_scale: float,
+    clip_norm: Tensor,
+    noise_multiplier: float,
+    seed: Sequence[int],
+    offset: Sequence[int],
+    denominator: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-example clipping of the logit head's cotangents in closed form, their sum and one Gaussian draw per
+    client, divided by the denominator; see the reference. Returns (release, norms, losses)."""
+    seed, offset = _ints(seed), _ints(offset)
+    args = (
+        image_feats,
+        text_feats,
+        labels,
+        mask,
+        float(logit_scale),
+        clip_norm,
+        float(noise_multiplier),
+        seed,
+        offset,
+        float(denominator),
+    )
+    if (
+        _HAS_OUTPUT_DP
+        and _schema_streams(seed, offset)
+        and selfcheck.use_kernel("dp_output_clip_noise", image_feats, text_feats, labels, mask, clip_norm)
+    ):
+        return torch.ops.fpl_fast.dp_output_clip_noise(*args)
+    return reference.dp_output_clip_noise(*args)
 
 
 # ----------------------------------------------------------------------------------------------

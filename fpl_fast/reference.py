@@ -19,6 +19,8 @@ __all__ = [
     "CLIP_EPS",
     "philox_normal",
     "dp_noise_numel",
+    "output_noise_numel",
+    "dp_output_clip_noise",
     "factorize_noise_numel",
     "lowrank_prompt",
     "lowrank_prompt_backward",
@@ -372,6 +374,132 @@ def dp_lowrank_clip_noise(
 
     outs = (local_a.to(grad.dtype), local_b.to(grad.dtype), glob.to(grad.dtype), norms.float())
     return outs if batched else tuple(t[0] for t in outs)  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------
+# dp_output_clip_noise (output-space per-example DP)
+# ----------------------------------------------------------------------------------------------
+# Guard of the feature normalisations (as F.normalize).
+NORM_EPS = 1e-12
+
+
+def output_noise_numel(K: int, n_cls: int, D: int) -> int:
+    """Normals one ``dp_output_clip_noise`` call draws for K clients (one (n_cls, D) draw each)."""
+    return K * n_cls * D
+
+
+def dp_output_clip_noise(
+    image_feats: Tensor,
+    text_feats: Tensor,
+    labels: Tensor,
+    mask: Tensor | None,
+    logit_scale: float,
+    clip_norm: Tensor,
+    noise_multiplier: float,
+    seed: Sequence[int],
+    offset: Sequence[int],
+    denominator: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Output-space per-example clipping and Gaussian noise of the logit head's cotangents, all clients at once.
+
+    Per example i of client k, with x^_i = x_i / ||x_i|| and T^_c = T_c / ||T_c||, the loss
+    l_i = CE(s cos(x_i, T_c) over classes c, y_i) has the cotangent (gradient w.r.t. the unnormalised text
+    features T, (n_cls, D))
+
+        c_i[c] = s w_ic (x^_i - cos_ic T^_c) / ||T_c||,   w_ic = p_ic - [c == y_i],
+
+    whose norm is closed form: ||c_i||^2 = s^2 sum_c w_ic^2 (||x^_i||^2 - cos_ic^2) / ||T_c||^2. Each c_i is clipped
+    with factor f_i = min(1, C_k / (||c_i|| + 1e-6)); the clipped sum is formed per class through its rank-one
+    structure, S[c] = s / ||T_c|| (A_c - (T^_c . A_c) T^_c) with A_c = sum_i f_i w_ic x^_i, so the (b, n_cls, D)
+    cotangents are never formed; the release is Z = (S + sigma C_k N) / denominator.
+
+    Noise streams: client k draws normals 0 .. n_cls D - 1 of its own stream (seed[k], offset[k]), row-major
+    (n_cls, D); no draws when sigma = 0. Rows with mask 0 (padding of Poisson batches) count for nothing (norm 0,
+    loss 0).
+
+    Args:
+        image_feats: (K, b, D) image features (normalised here).
+        text_feats: (K, n_cls, D) unnormalised class text features, same dtype and device.
+        labels: (K, b) int64 class labels in [0, n_cls).
+        mask: (K, b) 1 for real examples, 0 for padding; None: all real.
+        logit_scale: s > 0, the exponentiated logit scale.
+        clip_norm: (K,) clip norm C_k > 0 per client (inf: no clipping; only without noise).
+        noise_multiplier: sigma >= 0.
+        seed, offset: the Philox stream of each client, K integers each.
+        denominator: b (or the expected batch size under Poisson sampling), finite and > 0.
+
+    Returns:
+        release Z (K, n_cls, D) in text_feats' dtype, the unclipped per-example norms ||c_i|| (K, b) float32 and
+        the per-example losses l_i (K, b) float32.
+    """
+    _check(
+        math.isfinite(noise_multiplier) and noise_multiplier >= 0,
+        f"noise_multiplier must be finite and >= 0, got {noise_multiplier}",
+    )
+    _check(math.isfinite(logit_scale) and logit_scale > 0, f"logit_scale must be finite and > 0, got {logit_scale}")
+    _check(math.isfinite(denominator) and denominator > 0, f"denominator must be finite and > 0, got {denominator}")
+    _check_dim(image_feats, "image_feats", (3,), "3-D (K, b, D)")
+    _check_dim(text_feats, "text_feats", (3,), "3-D (K, n_cls, D)")
+    _check(text_feats.is_floating_point(), f"text_feats must be floating point, got {text_feats.dtype}")
+    _check_same(text_feats, image_feats, "image_feats")
+    K, b, D = image_feats.shape
+    n_cls = text_feats.shape[1]
+    _check(
+        text_feats.shape[0] == K and text_feats.shape[2] == D,
+        f"text_feats must be ({K}, n_cls, {D}) to match image_feats, got {tuple(text_feats.shape)}",
+    )
+    _check(n_cls >= 1, "text_feats must hold at least one class, got n_cls=0")
+    _check(labels.dtype == torch.int64, f"labels must have dtype torch.int64, got {labels.dtype}")
+    _check(labels.device == text_feats.device, f"labels must be on {text_feats.device}, got {labels.device}")
+    _check(labels.shape == (K, b), f"labels must have shape ({K}, {b}) to match image_feats, got {tuple(labels.shape)}")
+    if mask is not None:
+        _check_same(text_feats, mask, "mask")
+        _check(mask.shape == (K, b), f"mask must have shape ({K}, {b}) to match image_feats, got {tuple(mask.shape)}")
+    _check(clip_norm.dtype == torch.float32, f"clip_norm must have dtype torch.float32, got {clip_norm.dtype}")
+    _check(clip_norm.device == text_feats.device, f"clip_norm must be on {text_feats.device}, got {clip_norm.device}")
+    _check(clip_norm.shape == (K,), f"clip_norm must have shape ({K},) (one per client), got {tuple(clip_norm.shape)}")
+    _check_streams(seed, offset, K)
+    if K and b:
+        _check(
+            bool(((labels >= 0) & (labels < n_cls)).all()),
+            f"labels must lie in [0, {n_cls}) (the classes of text_feats)",
+        )
+    if K:
+        _check(
+            bool((~torch.isnan(clip_norm) & (clip_norm > 0)).all()),
+            f"clip_norm entries must be > 0 (inf disables clipping), got {clip_norm.tolist()}",
+        )
+        _check(
+            noise_multiplier == 0 or bool(torch.isfinite(clip_norm).all()),
+            f"clip_norm entries must be finite when noise_multiplier > 0 (the noise std is sigma C), "
+            f"got {clip_norm.tolist()}",
+        )
+
+    acc = torch.float64 if text_feats.dtype == torch.float64 else torch.float32
+    x, t = image_feats.to(acc), text_feats.to(acc)
+    x_hat = x / x.norm(dim=-1, keepdim=True).clamp(min=NORM_EPS)
+    t_norm = t.norm(dim=-1).clamp(min=NORM_EPS)  # (K, n_cls)
+    t_hat = t / t_norm[..., None]
+    cos = x_hat @ t_hat.transpose(1, 2)  # (K, b, n_cls)
+    logits = logit_scale * cos
+    logp = torch.log_softmax(logits, dim=-1)
+    w = logp.exp()
+    w.scatter_add_(-1, labels[..., None], -torch.ones_like(w[..., :1]))  # p - onehot(y)
+    losses = -logp.gather(-1, labels[..., None])[..., 0]
+    x_sq = (x_hat * x_hat).sum(-1, keepdim=True)  # 1, or 0 for a zero feature
+    sq = (w * w * (x_sq - cos * cos).clamp(min=0) / (t_norm * t_norm)[:, None, :]).sum(-1)
+    norms = logit_scale * sq.sqrt()  # (K, b)
+    m = torch.ones_like(norms) if mask is None else mask.to(acc)
+    norms, losses = norms * m, losses * m
+    f = torch.clamp(clip_norm.to(acc)[:, None] / (norms + CLIP_EPS), max=1.0) * m  # (K, b)
+    a = (f[..., None] * w).transpose(1, 2) @ x_hat  # (K, n_cls, D)
+    proj = (a * t_hat).sum(-1, keepdim=True)
+    s_sum = (logit_scale / t_norm)[..., None] * (a - proj * t_hat)
+    if noise_multiplier > 0:
+        z = _client_normals(seed, offset, n_cls * D, text_feats.device).to(acc).view(K, n_cls, D)
+        s_sum = s_sum + z * (noise_multiplier * clip_norm.to(acc))[:, None, None]
+    release = s_sum / denominator
+    return release.to(text_feats.dtype), norms.float(), losses.float()
 
 
 # ----------------------------------------------------------------------------------------------
