@@ -19,7 +19,7 @@ __all__ = ["RunConfig", "PAPER", "CHOICES", "load_config_file"]
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "factorization": FACTORIZATIONS,
-    "clip_mode": ("sample", "batch"),
+    "clip_mode": ("sample", "batch", "output"),
     "clip_uv": ("joint", "separate"),
     "calibration": ("accountant", "paper"),
     "accountant": ("rdp", "pld"),
@@ -48,6 +48,7 @@ class RunConfig:
     delta: float = 1e-5
     norm_thresh: float = 10.0  # clip norm C (authors: 10)
     clip_mode: str = "sample"
+    output_clip: float | str = 1.0  # --clip-mode output: C_o on each example's cotangent dl/dT, or "auto" (the bound)
     clip_uv: str = "joint"
     calibration: str = "accountant"
     calibrate_for: str = "total"  # --epsilon bounds epsilon_total (both releases) or each release on its own
@@ -127,6 +128,7 @@ class RunConfig:
             raise ValueError("--calibration paper needs --epsilon (the authors' formula maps epsilon to sigma)")
         if self.factorization in ("fedpgp", "dplora", "dpfpl") and self.rank > self.n_ctx:
             raise ValueError(f"--rank must be <= --n-ctx ({self.n_ctx}) for {self.factorization}, got {self.rank}")
+        _check_output_clip(self)
         if self.sampling == "poisson" and self.clip_mode == "batch":
             raise ValueError("--sampling poisson needs --clip-mode sample (batch-mean clipping has no Poisson account)")
 
@@ -149,6 +151,28 @@ class RunConfig:
 def _default_sampling(clip_mode: str) -> str:
     """Poisson sampling (what the accountant assumes), except for batch-mean clipping, which has no Poisson account."""
     return "shuffle" if clip_mode == "batch" else "poisson"
+
+
+def _check_output_clip(cfg: RunConfig) -> None:
+    """--output-clip is a number > 0 or auto; --clip-mode output has one release per step (one noise, no U/V split)."""
+    value = cfg.output_clip
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"--output-clip must be a number > 0 or auto, got {value!r}")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"--output-clip must be a finite number > 0 or auto, got {value!r}")
+    if cfg.clip_mode != "output":
+        return
+    for name in ("noise_local", "noise_global"):
+        if getattr(cfg, name) is not None:
+            raise ValueError(
+                f"--{_flag(name)} does not apply to --clip-mode output (one release per step protects both prompts); "
+                "use --noise"
+            )
+    if cfg.clip_uv != "joint":
+        raise ValueError(
+            "--clip-uv applies to the parameter clip modes; --clip-mode output clips the head's cotangents"
+        )
 
 
 def _flag(name: str) -> str:

@@ -35,6 +35,15 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
+def _clip_or_auto(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
 def _bool(text: str) -> bool:
     low = text.lower()
     if low in ("1", "true", "yes", "on"):
@@ -71,7 +80,19 @@ _FLAGS: list[tuple[str, Any, str]] = [
     ),
     ("--delta", _float, "delta of the (epsilon, delta) guarantee (default 1e-5)"),
     ("--norm-thresh", _float, "clip norm C (default 10, the authors' value; inf: no clipping)"),
-    ("--clip-mode", str, "sample: clip each example (per-example DP, default) | batch: the authors' batch-mean clip"),
+    (
+        "--clip-mode",
+        str,
+        "sample: clip each example's prompt gradient (per-example DP, default) | output: clip each example's "
+        "gradient w.r.t. the class text features, noise once on the client, one backward (per-example DP) | "
+        "batch: the authors' batch-mean clip (not per-example)",
+    ),
+    (
+        "--output-clip",
+        _clip_or_auto,
+        "with --clip-mode output: clip norm C_o of each example's cotangent (default 1), or auto: the bound "
+        "sqrt(2) s / min_c ||T_c|| of the cosine head (never clips)",
+    ),
     ("--clip-uv", str, "joint: one norm over (g_U, g_V) (default) | separate: the authors' per-factor clip"),
     ("--calibration", str, "with --epsilon: accountant (default) | paper (sqrt(rounds log(1/delta)) / epsilon)"),
     ("--accountant", str, "rdp (default) | pld"),

@@ -68,6 +68,8 @@ class NoisePlan:
 
 def _accountant_multipliers(cfg: RunConfig, sigma_local: float, sigma_global: float, b: float) -> tuple[float, float]:
     """What the accountant is told for the local and the global release (mechanism.py explains the factors)."""
+    if cfg.clip_mode == "output":  # one release Z per step, sensitivity C_o, noise sigma C_o: multiplier sigma
+        return sigma_local, sigma_local
     local_cfg = LocalDP(
         clip_norm=cfg.norm_thresh if math.isfinite(cfg.norm_thresh) else 1.0,
         noise_multiplier=sigma_local,
@@ -81,8 +83,11 @@ def _accountant_multipliers(cfg: RunConfig, sigma_local: float, sigma_global: fl
 
 
 def _total_multiplier(cfg: RunConfig, local: float, glob: float) -> float:
-    """The multiplier of everything a client releases per step (the global prompt alone for promptfl)."""
-    return glob if cfg.factorization == "promptfl" else combined_noise_multiplier(local, glob)
+    """The multiplier of everything a client releases per step (the global prompt alone for promptfl; output mode:
+    both prompts are functions of the one release, so its multiplier is the total)."""
+    if cfg.factorization == "promptfl" or cfg.clip_mode == "output":
+        return glob
+    return combined_noise_multiplier(local, glob)
 
 
 def plan_noise(cfg: RunConfig, *, sample_rate: float, steps: int, batch_size: float) -> NoisePlan:
@@ -92,6 +97,13 @@ def plan_noise(cfg: RunConfig, *, sample_rate: float, steps: int, batch_size: fl
         notes.append(
             "clip-mode batch (the authors' batch-mean clipping) is NOT a per-example guarantee: one example can "
             "move the clipped mean by 2C, so the accountant is told sigma / (2b)"
+        )
+    if cfg.clip_mode == "output":
+        clip = "auto (sqrt(2) s / min_c ||T_c|| per client and step)" if cfg.output_clip == "auto" else cfg.output_clip
+        notes.append(
+            f"clip-mode output: each example's cotangent dl/dT clipped to C_o = {clip}, one Gaussian "
+            "N(0, (sigma C_o)^2) per client and step added on the client;"
+            " both prompts are post-processing of it (no server noise)"
         )
     if cfg.epsilon is None:
         base = cfg.noise or 0.0
@@ -108,7 +120,9 @@ def plan_noise(cfg: RunConfig, *, sample_rate: float, steps: int, batch_size: fl
         # Invert the sensitivity mapping: the accountant needs multiplier `need` after it. All multipliers
         # scale linearly with sigma, so for the total one sigma = need / (the total at sigma 1).
         scale_l, scale_g = _accountant_multipliers(cfg, 1.0, 1.0, batch_size)
-        if cfg.calibrate_for == "total":
+        if cfg.clip_mode == "output":
+            s_l = s_g = need / scale_l
+        elif cfg.calibrate_for == "total":
             s_l = s_g = need / _total_multiplier(cfg, scale_l, scale_g)
         else:
             s_l, s_g = need / scale_l, need / scale_g
@@ -119,6 +133,13 @@ def plan_noise(cfg: RunConfig, *, sample_rate: float, steps: int, batch_size: fl
         )
     acc_l, acc_g = _accountant_multipliers(cfg, s_l, s_g, batch_size)
     return NoisePlan(s_l, s_g, acc_l, acc_g, _total_multiplier(cfg, acc_l, acc_g), "; ".join(notes))
+
+
+def _trust_model(cfg: RunConfig) -> str:
+    """Who must be trusted for epsilon_global to hold."""
+    if cfg.clip_mode == "output" or cfg.sync == "round":
+        return "no trusted server: every client adds its own noise before anything leaves it"
+    return "trusted server: the global prompt's noise is added by the server to the clients' clipped gradients"
 
 
 def _epsilon(multiplier: float, q: float, steps: int, cfg: RunConfig) -> float:
@@ -370,8 +391,10 @@ def run_job(
         "accountant": accountant.name,
         "accountant_approximation": accountant.approximation,
         "unit_of_privacy": "one example of one client (add/remove neighbouring)",
-        "per_example_guarantee": cfg.clip_mode == "sample",
+        "per_example_guarantee": cfg.clip_mode in ("sample", "output"),
         "clip_mode": cfg.clip_mode,
+        "output_clip": cfg.output_clip if cfg.clip_mode == "output" else None,
+        "trust_model": _trust_model(cfg),
         "noise_multiplier_local": plan.sigma_local,
         "noise_multiplier_global": plan.sigma_global,
         "accountant_multiplier_local": plan.accountant_local,

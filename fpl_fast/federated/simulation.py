@@ -8,6 +8,9 @@ One training step of the active clients A (|A| = K_a):
     -> fused clip + local noise (ops.dp_lowrank_clip_noise) -> local update (g_L rebuilt from g_U, g_V)
     -> global prompt: server mean over clients + N(0, (sigma_g C / (b K_a))^2) (sync="step"), or
        client-side DP-SGD on its copy of G and averaging at the round's end (sync="round").
+With --clip-mode output the step is instead: T -> per-example cotangents dl_i/dT clipped to C_o in closed form,
+summed, noised once per client (ops.dp_output_clip_noise) -> one backward of T with that release as its cotangent
+-> g_G, g_U, g_V (or g_L) without further clipping or noise; the server adds nothing.
 Local prompts never leave their client's rows; only G (or its gradient) is aggregated. Each client's noise,
 factorisation draws and batches come from its own keys (privacy.randomness), the server's noise and client
 sampling from the server's: a client's randomness depends only on its key and how far it has stepped.
@@ -27,7 +30,14 @@ from torch import Tensor
 from fpl_fast import ops, reference
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.optim import ClientSGD
-from fpl_fast.privacy.mechanism import LocalDP, privatize_local, server_aggregate_global, take_each
+from fpl_fast.privacy.mechanism import (
+    LocalDP,
+    OutputDP,
+    privatize_local,
+    privatize_output,
+    server_aggregate_global,
+    take_each,
+)
 from fpl_fast.privacy.per_sample import logit_cotangents, per_sample_prompt_grads_from
 from fpl_fast.privacy.randomness import PartyRandomness, derive_key
 from fpl_fast.prompts import PromptConfig, PromptLearner
@@ -70,6 +80,10 @@ class StepStats:
 # (the paper setting gets ~10 samples per chunk, a few GiB of backward temporaries); sweep it on a GPU
 # with bench_round.py --chunk-size.
 _CHUNK_FLOATS = {"cpu": 2**20, "cuda": 2**27}
+
+
+# The factor products of an already private gradient (output mode): no clipping, no noise.
+_NO_CLIP = LocalDP(clip_norm=math.inf, noise_multiplier=0.0, clip_mode="batch")
 
 
 class _BatchSampler:
@@ -262,17 +276,21 @@ class Federation:
         grads, losses = per_sample_prompt_grads_from(flat_text, ctx, head, chunk_size=self.chunk_size(Ka))
         return grads.transpose(0, 1), (losses * mask).detach()
 
+    def _text_features_fused(self, ctx: Tensor) -> Tensor:
+        """(K_a, n_ctx, d) context (requiring grad) -> (K_a, n_cls, D) text features through the fused prompt op."""
+        Ka = ctx.shape[0]
+        prompts = ops.lowrank_prompt(self.prefix, self.suffix, ctx.to(self.prefix.dtype))
+        L, d = prompts.shape[-2:]
+        text = self.backbone.encode_prompts(
+            prompts.reshape(Ka * self.n_cls, L, d), self.eot_index.repeat(Ka), seq_len=self.seq_len
+        )
+        return text.reshape(Ka, self.n_cls, -1).float()
+
     def _batch_mean_grad(self, ctx: Tensor, feats: Tensor, labels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Batch-mean context gradient (K_a, 1, n_ctx, d) (one backward) and per-sample losses."""
         ctx = ctx.detach().requires_grad_(True)
         with torch.enable_grad():
-            Ka = ctx.shape[0]
-            prompts = ops.lowrank_prompt(self.prefix, self.suffix, ctx.to(self.prefix.dtype))
-            L, d = prompts.shape[-2:]
-            text = self.backbone.encode_prompts(
-                prompts.reshape(Ka * self.n_cls, L, d), self.eot_index.repeat(Ka), seq_len=self.seq_len
-            )
-            text = text.reshape(Ka, self.n_cls, -1).float()
+            text = self._text_features_fused(ctx)
             losses = (
                 F.cross_entropy(self._logits(text, feats).flatten(0, 1), labels.flatten(), reduction="none").view_as(
                     mask
@@ -283,6 +301,20 @@ class Federation:
             (grad,) = torch.autograd.grad(per_client_mean.sum(), ctx)
         return grad.unsqueeze(1), losses.detach()
 
+    def _output_release_grad(self, ctx: Tensor, feats: Tensor, labels: Tensor, mask: Tensor, streams):
+        """--clip-mode output: the private release Z (K_a, n_cls, D) of the head's clipped, noised cotangents and the
+        context gradient J^T Z (K_a, 1, n_ctx, d) by one backward of the text features. J depends on theta only, so
+        the gradient is post-processing of Z."""
+        ctx = ctx.detach().requires_grad_(True)
+        with torch.enable_grad():
+            text = self._text_features_fused(ctx)
+        out_cfg = OutputDP(
+            clip_norm=self.cfg.output_clip, noise_multiplier=self.noise_local, denominator=self.batch_denominator
+        )
+        res = privatize_output(feats, text.detach(), labels, mask, self.backbone.logit_scale, out_cfg, streams)
+        (grad,) = torch.autograd.grad(text, ctx, grad_outputs=res.release)
+        return grad.unsqueeze(1), res
+
     def train_step(self, clients: Tensor, *, server_average: bool) -> StepStats:
         """One local step of every client in ``clients`` (sync="step": with server averaging of G)."""
         cfg, L = self.cfg, self.learner
@@ -291,14 +323,20 @@ class Federation:
         factors = L.factors(clients, seed=seed, offset=off)
         ctx = L.context(clients, factors).detach()
         feats, labels, mask = self._batch(clients)
+        output_mode = cfg.clip_mode == "output" and self.dp_active
         per_sample = cfg.clip_mode == "sample" and self.dp_active
-        if per_sample:
+        out_res = None
+        if output_mode:
+            grad_ctx, out_res = self._output_release_grad(ctx, feats, labels, mask, streams)
+            losses = out_res.losses
+        elif per_sample:
             grad_ctx, losses = self._per_sample_grads(ctx, feats, labels, mask)
         else:
             grad_ctx, losses = self._batch_mean_grad(ctx, feats, labels, mask)
 
         b = self.batch_denominator
-        dp_cfg = self.local_dp(per_sample)
+        # Output mode: grad_ctx is already the private (divided) release's vjp: no clipping, no noise, b = 1.
+        dp_cfg = _NO_CLIP if output_mode else self.local_dp(per_sample)
         u = factors.u if cfg.factorization in ("fedpgp", "dplora", "dpfpl") else None
         res = privatize_local(
             grad_ctx.float(),
@@ -306,15 +344,15 @@ class Federation:
             None if u is None else factors.v.float(),
             dp_cfg,
             streams,
-            batch_size=b,
+            batch_size=1.0 if output_mode else b,
             local=cfg.factorization != "promptfl",
         )
         local_grads = L.local_update_direction(factors, res.grad_u if u is not None else res.grad_local, res.grad_v)
         if local_grads:
             self.opt_local.step(clients, local_grads)
 
-        # Global prompt: the clients' clipped mean gradients, noised for global DP.
-        sigma_g = self.noise_global if self.dp_active else 0.0
+        # Global prompt: the clients' clipped mean gradients, noised for global DP (output mode: already private).
+        sigma_g = self.noise_global if self.dp_active and not output_mode else 0.0
         if server_average:
             if sigma_g > 0:
                 g_server = server_aggregate_global(
@@ -338,9 +376,10 @@ class Federation:
 
         self.steps_taken[clients.cpu().numpy()] += 1
         n = mask.sum().clamp(min=1)
+        clipped = out_res.clip_fraction if out_res is not None else res.clip_fraction[..., 2]
         return StepStats(
             loss=float(losses.sum() / n),
-            clipped_fraction=float(res.clip_fraction[..., 2].mean()),
+            clipped_fraction=float(clipped.mean()),
             batch_sizes=[int(x) for x in mask.sum(1).tolist()],
         )
 
@@ -369,7 +408,7 @@ class Federation:
         """The local clipping/noise in force (no clipping and no noise when DP is off)."""
         cfg = self.cfg
         if not self.dp_active:
-            return LocalDP(clip_norm=math.inf, noise_multiplier=0.0, clip_mode="batch")
+            return _NO_CLIP
         return LocalDP(
             clip_norm=cfg.norm_thresh,
             noise_multiplier=self.noise_local,
