@@ -30,7 +30,7 @@ __all__ = [
     "sample_shots",
 ]
 
-DATASETS = ("digits", *COOP_DATASETS, "cifar10", "cifar100")
+DATASETS = ("digits", "digits-tune", *COOP_DATASETS, "cifar10", "cifar100")
 """Names accepted by :func:`load_dataset` (``"digits"`` ships with the package and is the default)."""
 
 
@@ -71,11 +71,12 @@ def load_dataset(
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; allowed: {list(DATASETS)}")
-    if name == "digits":
+    if name in ("digits", "digits-tune"):  # digits-tune: the public pretrain part, for tuning (no client data)
+        train, test = ("train", "test") if name == "digits" else ("tune_train", "tune_test")
         return DatasetBundle(
             name,
-            DigitsDataset("train", image_size=image_size),
-            DigitsDataset("test", image_size=image_size),
+            DigitsDataset(train, image_size=image_size),
+            DigitsDataset(test, image_size=image_size),
             list(DIGIT_CLASSNAMES),
         )
     if data_root is None:

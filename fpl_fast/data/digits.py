@@ -11,6 +11,9 @@ part           images  use
 ``test``         400   federated test data
 =============  ======  =====================================================================
 
+The ``pretrain`` part is public (no client's data): ``tune_train`` (400) and ``tune_test`` (397) split it again, for
+hyper-parameter tuning without spending any client's privacy (the dataset ``digits-tune``).
+
 Images are scaled to [0, 1], upsampled (bilinear) to ``image_size`` and repeated to 3 channels; they are returned
 as float (3, H, W) tensors, not yet normalised (the backbone's transforms normalise them).
 """
@@ -27,12 +30,13 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["DIGIT_CLASSNAMES", "DigitsDataset", "PART_SIZES", "SPLIT_SEED", "digits_indices"]
+__all__ = ["DIGIT_CLASSNAMES", "DigitsDataset", "PART_SIZES", "SPLIT_SEED", "TUNE_SIZES", "digits_indices"]
 
 DIGIT_CLASSNAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SPLIT_SEED = 2501
 PART_SIZES = {"pretrain": 797, "train": 600, "test": 400}
-_PARTS = tuple(PART_SIZES)
+TUNE_SIZES = {"tune_train": 400, "tune_test": 397}  # a split of the public pretrain part
+_PARTS = (*PART_SIZES, *TUNE_SIZES)
 
 
 @lru_cache(maxsize=1)
@@ -48,11 +52,21 @@ def _split() -> dict[str, np.ndarray]:
     fed_size = PART_SIZES["train"] + PART_SIZES["test"]
     pre, fed = train_test_split(all_idx, test_size=fed_size, stratify=labels, random_state=SPLIT_SEED)
     train, test = train_test_split(fed, test_size=PART_SIZES["test"], stratify=labels[fed], random_state=SPLIT_SEED + 1)
-    return {"pretrain": np.sort(pre), "train": np.sort(train), "test": np.sort(test)}
+    tune_train, tune_test = train_test_split(
+        pre, test_size=TUNE_SIZES["tune_test"], stratify=labels[pre], random_state=SPLIT_SEED + 2
+    )
+    return {
+        "pretrain": np.sort(pre),
+        "train": np.sort(train),
+        "test": np.sort(test),
+        "tune_train": np.sort(tune_train),
+        "tune_test": np.sort(tune_test),
+    }
 
 
 def digits_indices(part: str) -> np.ndarray:
-    """Indices into ``sklearn.datasets.load_digits()`` of one part (``"pretrain"``, ``"train"``, ``"test"``)."""
+    """Indices into ``sklearn.datasets.load_digits()`` of one part (``"pretrain"``, ``"train"``, ``"test"``,
+    ``"tune_train"``, ``"tune_test"``)."""
     if part not in _PARTS:
         raise ValueError(f"digits part must be one of {_PARTS}, got {part!r}")
     return _split()[part].copy()
