@@ -113,7 +113,8 @@ _FLAGS: list[tuple[str, Any, str]] = [
     (
         "--dataset",
         str,
-        "digits (embedded) | digits-tune (its public pretraining part, for tuning) | caltech101 | oxford_pets | oxford_flowers | food101 | dtd | cifar10 | cifar100",
+        "digits (embedded) | digits-tune (its public pretraining part, for tuning) | caltech101 | oxford_pets | "
+        "oxford_flowers | food101 | dtd | cifar10 | cifar100",
     ),
     ("--data-root", str, "folder holding the datasets (CoOp layouts; CIFAR as torchvision saves it)"),
     ("--model", str, "open_clip model name (e.g. ViT-B-16) or a config in fpl_fast/configs (tiny-digits-clip)"),
