@@ -19,6 +19,10 @@ one is not mixed with another's):
     as the baseline) and ``clip_mode="sample"`` (per-sample clipping, the default). The per-sample worker also
     times the b-backward floor: one vector-Jacobian product of the text encoder through the K * n_cls class
     prompts at the truncated length, times b; and ``Federation.evaluate`` (cached test features).
+``fpl_fast_output``
+    The same with ``clip_mode="output"``: each example's cotangent w.r.t. the class text features is clipped in
+    closed form, noised once per client (``ops.dp_output_clip_noise``), and one backward gives every prompt
+    gradient: exact per-example DP at the cost of one backward, like batch mode.
 
 Settings (``--setting``):
 
@@ -36,6 +40,7 @@ Usage, from the repository root::
 
     python bench/bench_round.py --setting tiny --device cpu --json runs/bench_round_tiny.json
     python bench/bench_round.py --setting paper --device cuda --json bench_round_paper.json
+    python bench/bench_round.py --setting paper --device cpu --steps 1 --warmup 0 --skip-eval --skip-floor
 
 Benchmarks never assert anything about timings.
 """
@@ -86,7 +91,8 @@ __all__ = [
     "main",
 ]
 
-IMPLS = ("baseline", "fpl_fast_batch", "fpl_fast_persample")
+IMPLS = ("baseline", "fpl_fast_batch", "fpl_fast_persample", "fpl_fast_output")
+CLIP_MODES = {"fpl_fast_batch": "batch", "fpl_fast_persample": "sample", "fpl_fast_output": "output"}
 
 _ADJECTIVES = ("red", "small", "striped", "wild", "golden", "spotted", "northern", "tiny", "giant", "silver")
 _NOUNS = ("fox", "kettle", "tulip", "lighthouse", "beetle", "violin", "canoe", "owl", "cactus", "bridge")
@@ -374,6 +380,7 @@ def _federation(
         noise=NOISE,
         norm_thresh=CLIP_NORM,
         clip_mode=clip_mode,
+        output_clip=CLIP_NORM / 10,  # timing does not depend on C_o
         num_users=s.num_users,
         batch_size=s.batch_size,
         lr=LR,
@@ -470,14 +477,15 @@ def run_worker(impl: str, s: Setting, args: argparse.Namespace) -> dict[str, Any
         base = AuthorsBaseline(backbone, data, s, device)
         rec["setup_s"] = time.perf_counter() - t0
         rec["s_per_step"] = _median_time(base.train_step, device, warmup=args.warmup, reps=args.steps)
-        rec["eval_s"] = _median_time(base.evaluate, device, warmup=0, reps=args.eval_reps)
+        if not args.skip_eval:
+            rec["eval_s"] = _median_time(base.evaluate, device, warmup=0, reps=args.eval_reps)
         rec["steps_per_round"] = max(1, math.ceil(float(np.mean([len(ix) for ix in data.train_idx])) / s.batch_size))
     else:
         t_cache = time.perf_counter()
         feats = (_encode_all(backbone, data.train_images), _encode_all(backbone, data.test_images))
         _sync(device)
         rec["feature_cache_s"] = time.perf_counter() - t_cache
-        mode = "batch" if impl == "fpl_fast_batch" else "sample"
+        mode = CLIP_MODES[impl]
         fed = _federation(backbone, data, s, device, mode, feats, args.chunk_size)
         clients = torch.arange(s.num_users, device=device)
         rec["setup_s"] = time.perf_counter() - t0
@@ -485,9 +493,10 @@ def run_worker(impl: str, s: Setting, args: argparse.Namespace) -> dict[str, Any
         rec["s_per_step"] = _median_time(step, device, warmup=args.warmup, reps=args.steps)
         rec["steps_per_round"] = fed.steps_per_round
         rec["seq_len"] = fed.seq_len
-        if mode == "sample":
+        if mode == "sample" and not args.skip_floor:
             rec["floor_one_backward_s"] = _floor_backward_s(fed, device, reps=max(3, args.steps))
             rec["floor_s_per_step"] = rec["floor_one_backward_s"] * s.batch_size
+        if mode == "sample" and not args.skip_eval:
             rec["eval_s"] = _median_time(lambda: fed.evaluate(7), device, warmup=1, reps=max(3, args.eval_reps))
             if args.profile:
                 rec["profile"] = _profile_text(step)
@@ -550,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="fpl_fast's frozen-encoder precision (auto: bf16 on CUDA, fp32 on the CPU; the baseline is always fp32)",
     )
+    parser.add_argument("--skip-eval", action="store_true", help="do not time the evaluations (paper setting on a CPU)")
+    parser.add_argument("--skip-floor", action="store_true", help="do not time the per-sample b-backward floor")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of one fpl_fast per-sample step")
     parser.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
     parser.add_argument("--worker", choices=IMPLS, default=None, help=argparse.SUPPRESS)
@@ -602,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base = get("baseline", "s_per_step")
     fb, fs = get("fpl_fast_batch", "s_per_step"), get("fpl_fast_persample", "s_per_step")
+    fo = get("fpl_fast_output", "s_per_step")
     result = {
         "device": args.device,
         "setting": s.name,
@@ -616,7 +628,11 @@ def main(argv: list[str] | None = None) -> int:
         "fpl_fast_persample_s_per_step": fs,
         "fpl_fast_persample_floor_s_per_step": get("fpl_fast_persample", "floor_s_per_step"),
         "speedup_batch": base / fb if base and fb else None,
+        "fpl_fast_output_s_per_step": fo,
         "speedup_persample": base / fs if base and fs else None,
+        "speedup_output": base / fo if base and fo else None,
+        "output_vs_batch": fo / fb if fo and fb else None,
+        "persample_vs_output": fs / fo if fs and fo else None,
         "eval_baseline_s": get("baseline", "eval_s"),
         "eval_fpl_fast_s": get("fpl_fast_persample", "eval_s"),
         "steps_per_round": get("fpl_fast_persample", "steps_per_round") or get("baseline", "steps_per_round"),
@@ -641,6 +657,9 @@ def main(argv: list[str] | None = None) -> int:
     if floor is not None:
         one = get("fpl_fast_persample", "floor_one_backward_s")
         print(f"{'persample floor':22s} {_fmt_s(floor):>10s}   (b = {s.batch_size} x {one * 1e3:.2f} ms per backward)")
+    if fo and (fb or fs):
+        ratios = [f"output/batch {fo / fb:.2f}x" if fb else "", f"per-sample/output {fs / fo:.2f}x" if fs else ""]
+        print("step time ratios: " + ", ".join(r for r in ratios if r))
     print(
         f"ms/round = ms/step x {spr} steps per round (one epoch of the average client); peak memory: "
         f"{result['peak_mem_kind']}"
