@@ -13,7 +13,7 @@ from PIL import Image
 from fpl_fast.data import DATASETS, load_dataset, partition, sample_shots
 from fpl_fast.data.cifar import load_cifar
 from fpl_fast.data.coop import load_coop
-from fpl_fast.data.digits import PART_SIZES, DigitsDataset, digits_indices
+from fpl_fast.data.digits import PART_SIZES, TUNE_SIZES, DigitsDataset, digits_indices
 
 LABELS = np.repeat(np.arange(10), 30)  # 300 samples, 10 classes
 TEST_LABELS = np.repeat(np.arange(10), 7)
@@ -31,6 +31,16 @@ def test_digits_parts_are_disjoint_and_cover_the_data() -> None:
     assert isinstance(label, int) and set(np.unique(data.labels)) == set(range(10))
     with pytest.raises(ValueError, match="'val'"):
         digits_indices("val")
+
+
+def test_digits_tune_splits_the_public_pretrain_part_only() -> None:
+    tune = {p: set(digits_indices(p).tolist()) for p in TUNE_SIZES}
+    assert {p: len(v) for p, v in tune.items()} == TUNE_SIZES
+    assert tune["tune_train"] | tune["tune_test"] == set(digits_indices("pretrain").tolist())
+    assert not tune["tune_train"] & tune["tune_test"]
+    bundle = load_dataset("digits-tune")
+    assert set(bundle.train.indices.tolist()) == tune["tune_train"] and len(bundle.test) == TUNE_SIZES["tune_test"]
+    assert set(np.unique(bundle.train.labels)) == set(range(10))
 
 
 def test_load_dataset_digits_is_federated_part() -> None:
