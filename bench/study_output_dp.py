@@ -9,7 +9,8 @@ Three phases, each resumable (a cell whose results.json exists is skipped; a kil
 Every cell is an ordinary ``python -m fpl_fast.run`` folder under ``--root`` (default runs/study). Tuning spends no
 client's privacy: it runs the default federation's geometry on ``digits-tune`` (the public pretraining part of
 digits, which no client holds) at epsilon_total 3, one seed, and picks by local accuracy there; every mode gets the
-same number of tuning runs (a 3 x 3 grid of clip norm x lr, or 9 learning rates for ``auto``, which has no clip norm).
+same number of tuning runs: a 3 x 3 grid of clip norm x lr (9 learning rates for ``auto``, which has no clip norm),
+then 9 more around the best of those (a best on the grid's edge is searched beyond it).
 The study runs the chosen values on the clients' data: settings x epsilon_total {1, 3, 8} x seeds x modes.
 """
 
@@ -92,28 +93,45 @@ def _run_all(cells: list[tuple[Path, dict[str, Any]]], workers: int, desc: str) 
     return results
 
 
-def _tune_cells(root: Path) -> dict[str, list[tuple[Path, dict[str, Any]]]]:
-    cells = {}
-    for mode, grid in GRIDS.items():
-        cells[mode] = []
-        for params in grid:
-            name = "-".join(f"{k}{v}" for k, v in params.items())
-            settings = {"dataset": "digits-tune", "epsilon": TUNE_EPSILON, "seed": 1, "noise_seed": 1}
-            cells[mode].append((root / "tune" / mode / name, {**settings, **MODES[mode], **params}))
-    return cells
+def _refined(best: dict[str, Any]) -> list[dict[str, Any]]:
+    """Stage 2: 9 points around stage 1's best (x sqrt(3) steps on a 3 x 3 grid; x 3^(1/4) steps for lr alone),
+    so that a best on the edge of the first grid is searched beyond it."""
+    if len(best) == 1:
+        return [{"lr": float(f"{best['lr'] * 3 ** (j / 4):.4g}")} for j in range(-4, 5)]
+    (k1, v1), (k2, v2) = best.items()
+    steps = (3**-0.5, 1.0, 3**0.5)
+    return [{k1: float(f"{v1 * a:.4g}"), k2: float(f"{v2 * c:.4g}")} for a in steps for c in steps]
+
+
+def _tune_cell(root: Path, mode: str, params: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    name = "-".join(f"{k}{v}" for k, v in params.items())
+    settings = {"dataset": "digits-tune", "epsilon": TUNE_EPSILON, "seed": 1, "noise_seed": 1}
+    return root / "tune" / mode / name, {**settings, **MODES[mode], **params}
+
+
+def _scored(root: Path, mode: str, grid: list[dict[str, Any]], results: dict[str, Any]) -> list[tuple[float, dict]]:
+    out = []
+    for params in grid:
+        final = results[str(_tune_cell(root, mode, params)[0])]
+        out.append((final["local_acc"] if final else -1.0, params))  # a diverged run loses
+    return out
 
 
 def tune(root: Path, workers: int) -> dict[str, dict[str, Any]]:
-    cells = _tune_cells(root)
-    flat = [c for mode in GRIDS for c in cells[mode]]
-    results = dict(zip([str(p) for p, _ in flat], _run_all(flat, workers, "tune"), strict=True))
+    """Two stages of 9 runs per mode (18 each): the fixed grid, then a 3 x 3 refinement around its best."""
+    results: dict[str, Any] = {}
+    grids = {mode: list(grid) for mode, grid in GRIDS.items()}
+    for stage in (1, 2):
+        if stage == 2:
+            for mode, grid in GRIDS.items():
+                best = max(_scored(root, mode, grid, results), key=lambda t: t[0])[1]
+                grids[mode] += [p for p in _refined(best) if p not in grids[mode]][: len(grid)]
+        flat = [_tune_cell(root, mode, p) for mode, grid in grids.items() for p in grid]
+        todo = [c for c in flat if str(c[0]) not in results]
+        results.update(zip([str(p) for p, _ in todo], _run_all(todo, workers, f"tune stage {stage}"), strict=True))
     chosen: dict[str, dict[str, Any]] = {}
-    for mode, grid in GRIDS.items():
-        scored = []
-        for (path, _), params in zip(cells[mode], grid, strict=True):
-            final = results[str(path)]
-            acc = final["local_acc"] if final else -1.0  # a diverged run loses
-            scored.append((acc, params))
+    for mode, grid in grids.items():
+        scored = _scored(root, mode, grid, results)
         best_acc, best = max(scored, key=lambda t: t[0])
         chosen[mode] = {"params": best, "tune_local_acc": best_acc, "grid": [[a, p] for a, p in scored]}
     (root / "tuned.json").write_text(json.dumps(chosen, indent=2))
