@@ -15,7 +15,7 @@ from typing import Any
 
 from fpl_fast.prompts import FACTORIZATIONS
 
-__all__ = ["RunConfig", "PAPER", "CHOICES", "load_config_file"]
+__all__ = ["RunConfig", "PAPER", "CHOICES", "DEFAULT_LR", "load_config_file"]
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "factorization": FACTORIZATIONS,
@@ -46,9 +46,9 @@ class RunConfig:
     noise_global: float | None = None  # overrides noise for the global prompt
     epsilon: float | None = None  # target epsilon: calibrate sigma instead of --noise
     delta: float = 1e-5
-    norm_thresh: float = 10.0  # clip norm C (authors: 10)
+    norm_thresh: float = 0.3  # clip norm C (tuned for the embedded model, bench/study_output_dp.py; authors: 10)
     clip_mode: str = "sample"
-    output_clip: float | str = 1.0  # --clip-mode output: C_o on each example's cotangent dl/dT, or "auto" (the bound)
+    output_clip: float | str = 0.1  # --clip-mode output: C_o on each example's cotangent dl/dT (tuned), or "auto"
     clip_uv: str = "joint"
     calibration: str = "accountant"
     calibrate_for: str = "total"  # --epsilon bounds epsilon_total (both releases) or each release on its own
@@ -60,7 +60,7 @@ class RunConfig:
     local_epochs: int = 1
     sync: str = "step"
     client_fraction: float = 1.0
-    lr: float = 0.1
+    lr: float | None = None  # None: the clip mode's default (DEFAULT_LR, tuned for the embedded model)
     momentum: float = 0.9
     batch_size: int = 8
     # data and model
@@ -87,6 +87,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.sampling is None:
             object.__setattr__(self, "sampling", _default_sampling(self.clip_mode))
+        if self.lr is None and self.clip_mode in DEFAULT_LR:
+            object.__setattr__(self, "lr", DEFAULT_LR[self.clip_mode])
         for name, allowed in CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:
@@ -116,7 +118,7 @@ class RunConfig:
             raise ValueError(f"--norm-thresh must be > 0 (inf: no clipping), got {self.norm_thresh}")
         if not 0 < self.client_fraction <= 1:
             raise ValueError(f"--client-fraction must be in (0, 1], got {self.client_fraction}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}")
@@ -145,7 +147,14 @@ class RunConfig:
         # A sampling that is the clip mode's default follows a change of clip mode (poisson <-> shuffle).
         if "clip_mode" in changes and "sampling" not in changes and self.sampling == _default_sampling(self.clip_mode):
             changes["sampling"] = None
+        if "clip_mode" in changes and "lr" not in changes and self.lr == DEFAULT_LR.get(self.clip_mode):
+            changes["lr"] = None  # and so does the clip mode's default learning rate
         return dataclasses.replace(self, **changes)
+
+
+# Learning rates by clip mode for the embedded model, tuned on the public digits-tune split at epsilon_total 3
+# (bench/study_output_dp.py; README "Output-space DP: the utility study"). Batch mode keeps its earlier 0.1.
+DEFAULT_LR = {"sample": 0.03, "output": 3.0, "batch": 0.1}
 
 
 def _default_sampling(clip_mode: str) -> str:

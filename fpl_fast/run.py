@@ -79,7 +79,12 @@ _FLAGS: list[tuple[str, Any, str]] = [
         "with --epsilon: total (default: epsilon_total of both releases <= E) | each (each release alone <= E)",
     ),
     ("--delta", _float, "delta of the (epsilon, delta) guarantee (default 1e-5)"),
-    ("--norm-thresh", _float, "clip norm C (default 10, the authors' value; inf: no clipping)"),
+    (
+        "--norm-thresh",
+        _float,
+        "clip norm C of the parameter clip modes (default 0.3, tuned for the embedded model; the authors use 10; "
+        "inf: no clipping)",
+    ),
     (
         "--clip-mode",
         str,
@@ -90,7 +95,7 @@ _FLAGS: list[tuple[str, Any, str]] = [
     (
         "--output-clip",
         _clip_or_auto,
-        "with --clip-mode output: clip norm C_o of each example's cotangent (default 1), or auto: the bound "
+        "with --clip-mode output: clip norm C_o of each example's cotangent (default 0.1, tuned), or auto: the bound "
         "sqrt(2) s / min_c ||T_c|| of the cosine head (never clips)",
     ),
     ("--clip-uv", str, "joint: one norm over (g_U, g_V) (default) | separate: the authors' per-factor clip"),
@@ -107,7 +112,12 @@ _FLAGS: list[tuple[str, Any, str]] = [
     ("--local-epochs", int, "local epochs per round (default 1)"),
     ("--sync", str, "step: average the global gradient every local step (authors, default) | round: FedAvg"),
     ("--client-fraction", _float, "fraction of clients sampled per round (default 1)"),
-    ("--lr", _float, "SGD learning rate (default 0.1 for the tiny default; the paper uses 0.001)"),
+    (
+        "--lr",
+        _float,
+        "SGD learning rate (default by clip mode, tuned for the embedded model: sample 0.03, output 3, batch 0.1; "
+        "the paper uses 0.001)",
+    ),
     ("--momentum", _float, "SGD momentum (default 0.9)"),
     ("--batch-size", int, "local batch size b (default 8; the paper uses 32)"),
     (
