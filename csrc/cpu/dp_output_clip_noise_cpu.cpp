@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -37,62 +38,117 @@ constexpr int64_t kClassBlock = 8;
 // F.normalize's guard, as reference.NORM_EPS.
 constexpr double kNormEps = 1e-12;
 
+// Native vector widths per ISA (GCC lowers wider generic vectors poorly under AVX2: scalar broadcasts via the
+// stack), with the register blocking of the products sized for 32 (AVX-512) or 16 vector registers.
+struct BlocksAvx512 {
+  static constexpr int kVB = 64;                      // vector bytes
+  static constexpr int kDotRows = 4, kDotCols = 4;    // dots: rows of X x rows of T per block
+  static constexpr int kCombRows = 4, kCombVecs = 4;  // combine: classes x vectors of D per block
+};
+struct BlocksAvx2 {
+  static constexpr int kVB = 32;
+  static constexpr int kDotRows = 2, kDotCols = 4;
+  static constexpr int kCombRows = 2, kCombVecs = 4;
+};
+struct BlocksDefault {
+  static constexpr int kVB = 16;
+  static constexpr int kDotRows = 2, kDotCols = 4;
+  static constexpr int kCombRows = 2, kCombVecs = 4;
+};
+
+template <typename T, int VB>
+struct NVec {
+  static constexpr int64_t kLanes = VB / sizeof(T);
+  typedef T type __attribute__((vector_size(VB)));
+};
+
+template <typename V, typename T>
+FPL_ALWAYS_INLINE V nload(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename V, typename T>
+FPL_ALWAYS_INLINE void nstore(T* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
 // ------------------------------------------------------------------------------------------------
-// Normals: Philox4x32-10 + Box-Muller (csrc/philox.h) for 8 counters at once, in double.
+// Normals: Philox4x32-10 + Box-Muller (csrc/philox.h) for one vector of counters at once, in double.
 // log, sin and cos are fdlibm's algorithms (Sun's e_log.c, k_sin.c, k_cos.c; < 1 ulp), vectorised: the
 // float32 normals agree with the scalar path and the reference except where an ulp-level difference of
 // the double result crosses a float rounding boundary (about 2^-29 of them).
 // ------------------------------------------------------------------------------------------------
-typedef double d8 __attribute__((vector_size(64)));
-typedef uint64_t u8 __attribute__((vector_size(64)));
-typedef int64_t i8 __attribute__((vector_size(64)));
-typedef float f8 __attribute__((vector_size(32)));
-
 constexpr double kMagic52 = 4503599627370496.0;  // 2^52
 constexpr uint64_t kMagic52Bits = 0x4330000000000000ull;
 constexpr double kMagic52h = 6755399441055744.0;  // 1.5 * 2^52
 constexpr uint64_t kMagic52hBits = 0x4338000000000000ull;
 
-// Exact for 0 <= n < 2^52 (no u64 -> double conversion instruction before AVX-512DQ).
-FPL_ALWAYS_INLINE d8 u64_to_f64(u8 n) { return (d8)(n | kMagic52Bits) - kMagic52; }
-// Exact for |k| < 2^51.
-FPL_ALWAYS_INLINE d8 i64_to_f64(i8 k) { return (d8)((u8)k + kMagic52hBits) - kMagic52h; }
+template <int VB>
+struct Lanes {
+  typedef typename NVec<double, VB>::type d;
+  typedef typename NVec<uint64_t, VB>::type u;
+  typedef typename NVec<int64_t, VB>::type i;
+  typedef typename NVec<float, VB / 2>::type f;
+  static constexpr int kN = VB / 8;
+};
 
-FPL_ALWAYS_INLINE d8 vsqrt(d8 v) {
-  d8 r;
-  for (int l = 0; l < 8; ++l) r[l] = __builtin_sqrt(v[l]);  // one vsqrtpd (-fno-math-errno)
+// Exact for 0 <= n < 2^52 (no u64 -> double conversion instruction before AVX-512DQ).
+template <typename D, typename U>
+FPL_ALWAYS_INLINE D u64_to_f64(U n) {
+  return (D)(n | kMagic52Bits) - kMagic52;
+}
+// Exact for |k| < 2^51.
+template <typename D, typename U, typename I>
+FPL_ALWAYS_INLINE D i64_to_f64(I k) {
+  return (D)((U)k + kMagic52hBits) - kMagic52h;
+}
+
+template <int VB>
+FPL_ALWAYS_INLINE typename Lanes<VB>::d vsqrt(typename Lanes<VB>::d v) {
+  typename Lanes<VB>::d r;
+  for (int l = 0; l < Lanes<VB>::kN; ++l) r[l] = __builtin_sqrt(v[l]);  // one vsqrtpd (-fno-math-errno)
   return r;
 }
 
 // log(x) for finite normal x > 0 (e_log.c without its special cases).
-FPL_ALWAYS_INLINE d8 vlog(d8 x) {
+template <int VB>
+FPL_ALWAYS_INLINE typename Lanes<VB>::d vlog(typename Lanes<VB>::d x) {
+  using D = typename Lanes<VB>::d;
+  using U = typename Lanes<VB>::u;
+  using I = typename Lanes<VB>::i;
   constexpr double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
   constexpr double Lg1 = 6.666666666666735130e-01, Lg2 = 3.999999999940941908e-01;
   constexpr double Lg3 = 2.857142874366239149e-01, Lg4 = 2.222219843214978396e-01;
   constexpr double Lg5 = 1.818357216161805012e-01, Lg6 = 1.531383769920937332e-01;
   constexpr double Lg7 = 1.479819860511658591e-01;
-  const u8 bits = (u8)x;
-  u8 hx = bits >> 32;
-  i8 k = (i8)(hx >> 20) - 1023;
+  const U bits = (U)x;
+  U hx = bits >> 32;
+  I k = (I)(hx >> 20) - 1023;
   hx &= 0x000fffffull;
-  const u8 i = (hx + 0x95f64ull) & 0x100000ull;  // normalise x or x/2 into [sqrt(2)/2, sqrt(2))
-  const d8 m = (d8)(((hx | (i ^ 0x3ff00000ull)) << 32) | (bits & 0xffffffffull));
-  k += (i8)(i >> 20);
-  const d8 f = m - 1.0;
-  const d8 hfsq = 0.5 * f * f;
-  const d8 s = f / (2.0 + f);
-  const d8 dk = i64_to_f64(k);
-  const d8 z = s * s;
-  const d8 w = z * z;
-  const d8 t1 = w * (Lg2 + w * (Lg4 + w * Lg6));
-  const d8 t2 = z * (Lg1 + w * (Lg3 + w * (Lg5 + w * Lg7)));
-  const d8 R = t2 + t1;
+  const U i = (hx + 0x95f64ull) & 0x100000ull;  // normalise x or x/2 into [sqrt(2)/2, sqrt(2))
+  const D m = (D)(((hx | (i ^ 0x3ff00000ull)) << 32) | (bits & 0xffffffffull));
+  k += (I)(i >> 20);
+  const D f = m - 1.0;
+  const D hfsq = 0.5 * f * f;
+  const D s = f / (2.0 + f);
+  const D dk = i64_to_f64<D, U, I>(k);
+  const D z = s * s;
+  const D w = z * z;
+  const D t1 = w * (Lg2 + w * (Lg4 + w * Lg6));
+  const D t2 = z * (Lg1 + w * (Lg3 + w * (Lg5 + w * Lg7)));
+  const D R = t2 + t1;
   return dk * ln2_hi - ((hfsq - (s * (hfsq + R) + dk * ln2_lo)) - f);
 }
 
 // sin(x) and cos(x) for 0 <= x < 2 pi: x = q pi/2 + r (Cody-Waite, q <= 4 makes q * pio2_1 exact), then
 // the |r| <= pi/4 kernels of k_sin.c and k_cos.c.
-FPL_ALWAYS_INLINE void vsincos(d8 x, d8* sin_out, d8* cos_out) {
+template <int VB>
+FPL_ALWAYS_INLINE void vsincos(typename Lanes<VB>::d x, typename Lanes<VB>::d* sin_out,
+                               typename Lanes<VB>::d* cos_out) {
+  using D = typename Lanes<VB>::d;
+  using U = typename Lanes<VB>::u;
+  using I = typename Lanes<VB>::i;
   constexpr double two_over_pi = 6.36619772367581382433e-01;
   constexpr double pio2_1 = 1.57079632673412561417e+00, pio2_1t = 6.07710050650619224932e-11;
   constexpr double S1 = -1.66666666666666324348e-01, S2 = 8.33333333332248946124e-03;
@@ -101,112 +157,119 @@ FPL_ALWAYS_INLINE void vsincos(d8 x, d8* sin_out, d8* cos_out) {
   constexpr double C1 = 4.16666666666666019037e-02, C2 = -1.38888888888741095749e-03;
   constexpr double C3 = 2.48015872894767294178e-05, C4 = -2.75573143513906633035e-07;
   constexpr double C5 = 2.08757232129817482790e-09, C6 = -1.13596475577881948265e-11;
-  const d8 t = x * two_over_pi + kMagic52h;  // round to nearest: q in the low bits
-  const u8 q = (u8)t;
-  const d8 qd = t - kMagic52h;
-  const d8 r = (x - qd * pio2_1) - qd * pio2_1t;
-  const d8 z = r * r;
-  const d8 sr = r + (z * r) * (S1 + z * (S2 + z * (S3 + z * (S4 + z * (S5 + z * S6)))));
-  const d8 cpoly = z * (C1 + z * (C2 + z * (C3 + z * (C4 + z * (C5 + z * C6)))));
-  const d8 hz = 0.5 * z;
-  const d8 w = 1.0 - hz;
-  const d8 cr = w + (((1.0 - w) - hz) + z * cpoly);
-  const i8 odd = (i8)((q & 1ull) != 0ull);
-  const u8 sin_sign = (q & 2ull) << 62;
-  const u8 cos_sign = ((q + 1ull) & 2ull) << 62;
-  *sin_out = (d8)((u8)(odd ? cr : sr) ^ sin_sign);
-  *cos_out = (d8)((u8)(odd ? sr : cr) ^ cos_sign);
+  const D t = x * two_over_pi + kMagic52h;  // round to nearest: q in the low bits
+  const U q = (U)t;
+  const D qd = t - kMagic52h;
+  const D r = (x - qd * pio2_1) - qd * pio2_1t;
+  const D z = r * r;
+  const D sr = r + (z * r) * (S1 + z * (S2 + z * (S3 + z * (S4 + z * (S5 + z * S6)))));
+  const D cpoly = z * (C1 + z * (C2 + z * (C3 + z * (C4 + z * (C5 + z * C6)))));
+  const D hz = 0.5 * z;
+  const D w = 1.0 - hz;
+  const D cr = w + (((1.0 - w) - hz) + z * cpoly);
+  const I odd = (I)((q & 1ull) != 0ull);
+  const U sin_sign = (q & 2ull) << 62;
+  const U cos_sign = ((q + 1ull) & 2ull) << 62;
+  *sin_out = (D)((U)(odd ? cr : sr) ^ sin_sign);
+  *cos_out = (D)((U)(odd ? sr : cr) ^ cos_sign);
 }
 
-// Normals 4 q0 .. 4 q0 + 31 of the (seed, offset) stream (counters offset + q0 .. + 7), in stream order.
-FPL_ALWAYS_INLINE void normals32_body(uint64_t seed, uint64_t offset, uint64_t q0, float* out) {
+// Normals 4 q0 .. 4 (q0 + G N) - 1 of the (seed, offset) stream (G vectors of N = Lanes<VB>::kN counters), in
+// stream order. G independent Philox chains hide the latency of the 64-bit multiplies.
+template <int VB, int G>
+FPL_ALWAYS_INLINE void normals_chunk(uint64_t seed, uint64_t offset, uint64_t q0, float* out) {
+  using D = typename Lanes<VB>::d;
+  using U = typename Lanes<VB>::u;
+  using F = typename Lanes<VB>::f;
+  constexpr int N = Lanes<VB>::kN;
   constexpr uint64_t kM0 = 0xD2511F53ull, kM1 = 0xCD9E8D57ull;
   constexpr uint64_t kW0 = 0x9E3779B9ull, kW1 = 0xBB67AE85ull;
   constexpr uint64_t kLo = 0xffffffffull;
-  const u8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
-  const u8 ctr = lane + (offset + q0);  // wraps mod 2^64 like the scalar counter
-  u8 c0 = ctr & kLo, c1 = ctr >> 32, c2 = {}, c3 = {};
+  U c0[G], c1[G], c2[G], c3[G];
+  for (int g = 0; g < G; ++g) {
+    U ctr;
+    for (int l = 0; l < N; ++l)
+      ctr[l] = offset + q0 + static_cast<uint64_t>(g * N + l);  // wraps like the scalar
+    c0[g] = ctr & kLo;
+    c1[g] = ctr >> 32;
+    c2[g] = U{};
+    c3[g] = U{};
+  }
   uint64_t k0 = seed & kLo, k1 = seed >> 32;
   for (int round = 0; round < 10; ++round) {
     if (round > 0) {
       k0 = (k0 + kW0) & kLo;
       k1 = (k1 + kW1) & kLo;
     }
-    const u8 p0 = c0 * kM0;  // exact: both factors < 2^32
-    const u8 p1 = c2 * kM1;
-    const u8 n0 = (p1 >> 32) ^ c1 ^ k0;
-    const u8 n2 = (p0 >> 32) ^ c3 ^ k1;
-    c1 = p1 & kLo;
-    c3 = p0 & kLo;
-    c0 = n0;
-    c2 = n2;
+    for (int g = 0; g < G; ++g) {
+      const U p0 = c0[g] * kM0;  // exact: both factors < 2^32
+      const U p1 = c2[g] * kM1;
+      const U n0 = (p1 >> 32) ^ c1[g] ^ k0;
+      const U n2 = (p0 >> 32) ^ c3[g] ^ k1;
+      c1[g] = p1 & kLo;
+      c3[g] = p0 & kLo;
+      c0[g] = n0;
+      c2[g] = n2;
+    }
   }
   constexpr double kTwoPow32Inv = 2.3283064365386963e-10;
   constexpr double kTwoPi = 6.283185307179586;
-  f8 z[4];
-  const u8 words[4] = {c0, c1, c2, c3};
-  for (int pair = 0; pair < 2; ++pair) {
-    const d8 u1 = u64_to_f64(words[2 * pair] + 1ull) * kTwoPow32Inv;  // (0, 1]
-    const d8 u2 = u64_to_f64(words[2 * pair + 1]) * kTwoPow32Inv;
-    const d8 rad = vsqrt(-2.0 * vlog(u1));
-    d8 s, c;
-    vsincos(kTwoPi * u2, &s, &c);
-    z[2 * pair] = __builtin_convertvector(rad * c, f8);
-    z[2 * pair + 1] = __builtin_convertvector(rad * s, f8);
-  }
-  for (int l = 0; l < 8; ++l) {
-    for (int m = 0; m < 4; ++m) out[4 * l + m] = z[m][l];
+  for (int g = 0; g < G; ++g) {
+    F z[4];
+    const U words[4] = {c0[g], c1[g], c2[g], c3[g]};
+    for (int pair = 0; pair < 2; ++pair) {
+      const D u1 = u64_to_f64<D>(words[2 * pair] + 1ull) * kTwoPow32Inv;  // (0, 1]
+      const D u2 = u64_to_f64<D>(words[2 * pair + 1]) * kTwoPow32Inv;
+      const D rad = vsqrt<VB>(-2.0 * vlog<VB>(u1));
+      D s, c;
+      vsincos<VB>(kTwoPi * u2, &s, &c);
+      z[2 * pair] = __builtin_convertvector(rad * c, F);
+      z[2 * pair + 1] = __builtin_convertvector(rad * s, F);
+    }
+    float* o = out + 4 * N * g;
+    for (int l = 0; l < N; ++l) {
+      for (int m = 0; m < 4; ++m) o[4 * l + m] = z[m][l];
+    }
   }
 }
 
 // Normals start .. start + count - 1 of the (seed, offset) stream, as float (cpu::fill_normals, vectorised).
+template <typename B>
 FPL_ALWAYS_INLINE void fill_normals_fast_body(uint64_t seed, uint64_t offset, uint64_t start, int64_t count,
                                               float* out) {
+  constexpr int kGroups = 2;
+  constexpr int64_t kChunk = 4 * kGroups * Lanes<B::kVB>::kN;
   int64_t j = 0;
   for (; j < count && (start + j) % 4 != 0; ++j) out[j] = philox_normal(seed, offset, start + j);
-  for (; j + 32 <= count; j += 32) normals32_body(seed, offset, (start + j) / 4, out + j);
+  for (; j + kChunk <= count; j += kChunk)
+    normals_chunk<B::kVB, kGroups>(seed, offset, (start + j) / 4, out + j);
   for (; j + 4 <= count; j += 4) philox_normal4(seed, offset, (start + j) / 4, out + j);
   for (; j < count; ++j) out[j] = philox_normal(seed, offset, start + j);
 }
 
-FPL_CPU_VARIANTS(void, fill_normals_fast,
-                 (uint64_t seed, uint64_t offset, uint64_t start, int64_t count, float* out),
-                 (seed, offset, start, count, out))
-
 // ------------------------------------------------------------------------------------------------
-// Small dense products, register-blocked per ISA (32 vector registers with AVX-512, 16 below).
+// Small dense products, register-blocked.
 // ------------------------------------------------------------------------------------------------
-struct BlocksAvx512 {
-  static constexpr int kDotRows = 4, kDotCols = 4;    // dots: rows of X x rows of T per block
-  static constexpr int kCombRows = 4, kCombVecs = 4;  // combine: classes x vectors of D per block
-};
-struct BlocksAvx2 {
-  static constexpr int kDotRows = 2, kDotCols = 2;
-  static constexpr int kCombRows = 2, kCombVecs = 2;
-};
-struct BlocksDefault {
-  static constexpr int kDotRows = 1, kDotCols = 2;
-  static constexpr int kCombRows = 2, kCombVecs = 1;
-};
-
 // G[i * ldg + j] = X_i . Y_j for RM rows of X from i0 and RN rows of Y from j0 (rows of length len).
-template <typename T, int RM, int RN>
+template <typename T, int VB, int RM, int RN>
 FPL_ALWAYS_INLINE void dot_block(const T* X, const T* Y, int64_t len, int64_t i0, int64_t j0, T* G,
                                  int64_t ldg) {
-  constexpr int64_t W = Vec<T>::kLanes;
+  using V = typename NVec<T, VB>::type;
+  constexpr int64_t W = NVec<T, VB>::kLanes;
   const int64_t main = len - len % W;
-  vec_t<T> acc[RM][RN] = {};
+  V acc[RM][RN] = {};
   for (int64_t e = 0; e < main; e += W) {
-    vec_t<T> xv[RM], yv[RN];
-    for (int a = 0; a < RM; ++a) xv[a] = vload(X + (i0 + a) * len + e);
-    for (int c = 0; c < RN; ++c) yv[c] = vload(Y + (j0 + c) * len + e);
+    V xv[RM], yv[RN];
+    for (int a = 0; a < RM; ++a) xv[a] = nload<V>(X + (i0 + a) * len + e);
+    for (int c = 0; c < RN; ++c) yv[c] = nload<V>(Y + (j0 + c) * len + e);
     for (int a = 0; a < RM; ++a) {
       for (int c = 0; c < RN; ++c) acc[a][c] += xv[a] * yv[c];
     }
   }
   for (int a = 0; a < RM; ++a) {
     for (int c = 0; c < RN; ++c) {
-      T s = cpu::hsum<T>(acc[a][c]);
+      T s = 0;
+      for (int64_t l = 0; l < W; ++l) s += acc[a][c][l];
       const T* x = X + (i0 + a) * len;
       const T* y = Y + (j0 + c) * len;
       for (int64_t e = main; e < len; ++e) s += x[e] * y[e];
@@ -219,27 +282,29 @@ FPL_ALWAYS_INLINE void dot_block(const T* X, const T* Y, int64_t len, int64_t i0
 template <typename B, typename T>
 FPL_ALWAYS_INLINE void dots_body(const T* X, int64_t m, const T* Y, int64_t n, int64_t len, T* G,
                                  int64_t ldg) {
-  constexpr int RM = B::kDotRows, RN = B::kDotCols;
+  constexpr int RM = B::kDotRows, RN = B::kDotCols, VB = B::kVB;
   int64_t i0 = 0;
   for (; i0 + RM <= m; i0 += RM) {
     int64_t j0 = 0;
-    for (; j0 + RN <= n; j0 += RN) dot_block<T, RM, RN>(X, Y, len, i0, j0, G, ldg);
-    for (; j0 < n; ++j0) dot_block<T, RM, 1>(X, Y, len, i0, j0, G, ldg);
+    for (; j0 + RN <= n; j0 += RN) dot_block<T, VB, RM, RN>(X, Y, len, i0, j0, G, ldg);
+    for (; j0 < n; ++j0) dot_block<T, VB, RM, 1>(X, Y, len, i0, j0, G, ldg);
   }
   for (; i0 < m; ++i0) {
     int64_t j0 = 0;
-    for (; j0 + RN <= n; j0 += RN) dot_block<T, 1, RN>(X, Y, len, i0, j0, G, ldg);
-    for (; j0 < n; ++j0) dot_block<T, 1, 1>(X, Y, len, i0, j0, G, ldg);
+    for (; j0 + RN <= n; j0 += RN) dot_block<T, VB, 1, RN>(X, Y, len, i0, j0, G, ldg);
+    for (; j0 < n; ++j0) dot_block<T, VB, 1, 1>(X, Y, len, i0, j0, G, ldg);
   }
 }
 
 // The release of R classes from c0, columns e0 .. e0 + RV W - 1 (RV = 0: the scalar tail e0 .. D - 1):
 // out[c] = alpha[c] sum_i Wt[c, i] X_i + beta[c] T_c + gamma z[c]   (z null: no noise).
-template <typename T, int R, int RV>
+template <typename T, int VB, int R, int RV>
 FPL_ALWAYS_INLINE void combine_block(int64_t b, int64_t D, const T* Wt, const T* X, const T* Tt,
                                      const T* alpha, const T* beta, T gamma, const float* z, T* out,
                                      int64_t c0, int64_t e0) {
-  constexpr int64_t W = Vec<T>::kLanes;
+  using V = typename NVec<T, VB>::type;
+  using Z = typename NVec<float, VB * sizeof(float) / sizeof(T)>::type;  // W floats
+  constexpr int64_t W = NVec<T, VB>::kLanes;
   if constexpr (RV == 0) {
     for (int64_t e = e0; e < D; ++e) {
       for (int r = 0; r < R; ++r) {
@@ -252,10 +317,10 @@ FPL_ALWAYS_INLINE void combine_block(int64_t b, int64_t D, const T* Wt, const T*
       }
     }
   } else {
-    vec_t<T> acc[R][RV] = {};
+    V acc[R][RV] = {};
     for (int64_t i = 0; i < b; ++i) {
-      vec_t<T> xv[RV];
-      for (int v = 0; v < RV; ++v) xv[v] = vload(X + i * D + e0 + v * W);
+      V xv[RV];
+      for (int v = 0; v < RV; ++v) xv[v] = nload<V>(X + i * D + e0 + v * W);
       for (int r = 0; r < R; ++r) {
         const T w = Wt[(c0 + r) * b + i];
         for (int v = 0; v < RV; ++v) acc[r][v] += w * xv[v];
@@ -265,42 +330,40 @@ FPL_ALWAYS_INLINE void combine_block(int64_t b, int64_t D, const T* Wt, const T*
       const int64_t c = c0 + r;
       for (int v = 0; v < RV; ++v) {
         const int64_t e = c * D + e0 + v * W;
-        vec_t<T> val = alpha[c] * acc[r][v] + beta[c] * vload(Tt + e);
-        if (z != nullptr) {
-          typedef float zf_t __attribute__((vector_size(W * sizeof(float))));
-          zf_t zv;
-          std::memcpy(&zv, z + e, sizeof(zv));
-          val += gamma * __builtin_convertvector(zv, vec_t<T>);
-        }
-        vstore(out + e, val);
+        V val = alpha[c] * acc[r][v] + beta[c] * nload<V>(Tt + e);
+        if (z != nullptr) val += gamma * __builtin_convertvector(nload<Z>(z + e), V);
+        nstore(out + e, val);
       }
     }
   }
 }
 
 // The release of RR classes from c0 over all of D.
-template <typename T, int RR, int RV>
+template <typename T, int VB, int RR, int RV>
 FPL_ALWAYS_INLINE void combine_rows(int64_t b, int64_t D, const T* Wt, const T* X, const T* Tt,
                                     const T* alpha, const T* beta, T gamma, const float* z, T* out,
                                     int64_t c0) {
-  constexpr int64_t W = Vec<T>::kLanes;
+  constexpr int64_t W = NVec<T, VB>::kLanes;
   int64_t e0 = 0;
-  for (; e0 + RV * W <= D; e0 += RV * W)
-    combine_block<T, RR, RV>(b, D, Wt, X, Tt, alpha, beta, gamma, z, out, c0, e0);
-  for (; e0 + W <= D; e0 += W) combine_block<T, RR, 1>(b, D, Wt, X, Tt, alpha, beta, gamma, z, out, c0, e0);
-  combine_block<T, RR, 0>(b, D, Wt, X, Tt, alpha, beta, gamma, z, out, c0, e0);
+  for (; e0 + RV * W <= D; e0 += RV * W) {
+    combine_block<T, VB, RR, RV>(b, D, Wt, X, Tt, alpha, beta, gamma, z, out, c0, e0);
+  }
+  for (; e0 + W <= D; e0 += W)
+    combine_block<T, VB, RR, 1>(b, D, Wt, X, Tt, alpha, beta, gamma, z, out, c0, e0);
+  combine_block<T, VB, RR, 0>(b, D, Wt, X, Tt, alpha, beta, gamma, z, out, c0, e0);
 }
 
 // The release of classes 0 .. nc - 1 (pointers already at the block's first class; Wt rows of b weights).
 template <typename B, typename T>
 FPL_ALWAYS_INLINE void combine_body(int64_t nc, int64_t b, int64_t D, const T* Wt, const T* X, const T* Tt,
                                     const T* alpha, const T* beta, T gamma, const float* z, T* out) {
-  constexpr int R = B::kCombRows, RV = B::kCombVecs;
+  constexpr int R = B::kCombRows, RV = B::kCombVecs, VB = B::kVB;
   int64_t c0 = 0;
-  for (; c0 + R <= nc; c0 += R) combine_rows<T, R, RV>(b, D, Wt, X, Tt, alpha, beta, gamma, z, out, c0);
-  for (; c0 < nc; ++c0) combine_rows<T, 1, RV>(b, D, Wt, X, Tt, alpha, beta, gamma, z, out, c0);
+  for (; c0 + R <= nc; c0 += R) combine_rows<T, VB, R, RV>(b, D, Wt, X, Tt, alpha, beta, gamma, z, out, c0);
+  for (; c0 < nc; ++c0) combine_rows<T, VB, 1, RV>(b, D, Wt, X, Tt, alpha, beta, gamma, z, out, c0);
 }
 
+// Per-ISA variants with their own blocking (cpu_common.h's FPL_CPU_VARIANTS compiles one body three times).
 #if FPL_CPU_MULTI_ISA
 #define FPL_BLOCKED_VARIANTS(ret, name, params, args)                          \
   __attribute__((target("arch=x86-64-v4"))) static ret name##_avx512 params {  \
@@ -325,6 +388,9 @@ FPL_ALWAYS_INLINE void combine_body(int64_t nc, int64_t b, int64_t D, const T* W
   static ret name params { return name##_body<BlocksDefault> args; }
 #endif
 
+FPL_BLOCKED_VARIANTS(void, fill_normals_fast,
+                     (uint64_t seed, uint64_t offset, uint64_t start, int64_t count, float* out),
+                     (seed, offset, start, count, out))
 FPL_BLOCKED_VARIANTS(void, dots,
                      (const float* X, int64_t m, const float* Y, int64_t n, int64_t len, float* G,
                       int64_t ldg),
