@@ -25,6 +25,13 @@
 #include "../checks.h"
 #include "cpu_common.h"
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define FPL_OUTDP_X86 1
+#else
+#define FPL_OUTDP_X86 0
+#endif
+
 namespace fpl_fast {
 namespace {
 
@@ -37,24 +44,6 @@ using cpu::vstore;
 constexpr int64_t kClassBlock = 8;
 // F.normalize's guard, as reference.NORM_EPS.
 constexpr double kNormEps = 1e-12;
-
-// Native vector widths per ISA (GCC lowers wider generic vectors poorly under AVX2: scalar broadcasts via the
-// stack), with the register blocking of the products sized for 32 (AVX-512) or 16 vector registers.
-struct BlocksAvx512 {
-  static constexpr int kVB = 64;                      // vector bytes
-  static constexpr int kDotRows = 4, kDotCols = 4;    // dots: rows of X x rows of T per block
-  static constexpr int kCombRows = 4, kCombVecs = 4;  // combine: classes x vectors of D per block
-};
-struct BlocksAvx2 {
-  static constexpr int kVB = 32;
-  static constexpr int kDotRows = 2, kDotCols = 4;
-  static constexpr int kCombRows = 2, kCombVecs = 4;
-};
-struct BlocksDefault {
-  static constexpr int kVB = 16;
-  static constexpr int kDotRows = 2, kDotCols = 4;
-  static constexpr int kCombRows = 2, kCombVecs = 4;
-};
 
 template <typename T, int VB>
 struct NVec {
@@ -91,6 +80,63 @@ struct Lanes {
   typedef typename NVec<int64_t, VB>::type i;
   typedef typename NVec<float, VB / 2>::type f;
   static constexpr int kN = VB / 8;
+};
+
+// The 32 x 32 -> 64-bit products of Philox (u64 lanes holding 32-bit values). GCC lowers the generic u64
+// multiply to vpmullq (3 uops, latency 15) under AVX-512 and to three vpmuludq under AVX2; vpmuludq alone is
+// exact here. Plain inline (not always_inline) with their own target, so that they inline into the variant of
+// their ISA once the generic code around them has.
+struct MulGeneric {
+  template <typename U>
+  static FPL_ALWAYS_INLINE U mul(U a, uint64_t m) {
+    return a * m;
+  }
+};
+#if FPL_OUTDP_X86
+struct MulSse2 {  // baseline x86-64
+  static inline Lanes<16>::u mul(Lanes<16>::u a, uint64_t m) {
+    return (Lanes<16>::u)_mm_mul_epu32((__m128i)a, _mm_set1_epi64x(static_cast<long long>(m)));
+  }
+};
+#endif
+#if FPL_CPU_MULTI_ISA
+struct MulAvx512 {
+  __attribute__((target("arch=x86-64-v4"))) static inline Lanes<64>::u mul(Lanes<64>::u a, uint64_t m) {
+    return (Lanes<64>::u)_mm512_mul_epu32((__m512i)a, _mm512_set1_epi64(static_cast<long long>(m)));
+  }
+};
+struct MulAvx2 {
+  __attribute__((target("arch=x86-64-v3"))) static inline Lanes<32>::u mul(Lanes<32>::u a, uint64_t m) {
+    return (Lanes<32>::u)_mm256_mul_epu32((__m256i)a, _mm256_set1_epi64x(static_cast<long long>(m)));
+  }
+};
+#endif
+
+// Native vector widths per ISA (GCC lowers wider generic vectors poorly under AVX2: scalar broadcasts via the
+// stack), with the register blocking of the products sized for 32 (AVX-512) or 16 vector registers.
+#if FPL_CPU_MULTI_ISA
+struct BlocksAvx512 {
+  using Mul = MulAvx512;
+  static constexpr int kVB = 64;                      // vector bytes
+  static constexpr int kDotRows = 4, kDotCols = 4;    // dots: rows of X x rows of T per block
+  static constexpr int kCombRows = 4, kCombVecs = 4;  // combine: classes x vectors of D per block
+};
+struct BlocksAvx2 {
+  using Mul = MulAvx2;
+  static constexpr int kVB = 32;
+  static constexpr int kDotRows = 2, kDotCols = 4;
+  static constexpr int kCombRows = 2, kCombVecs = 4;
+};
+#endif
+struct BlocksDefault {
+#if FPL_OUTDP_X86
+  using Mul = MulSse2;
+#else
+  using Mul = MulGeneric;
+#endif
+  static constexpr int kVB = 16;
+  static constexpr int kDotRows = 2, kDotCols = 4;
+  static constexpr int kCombRows = 2, kCombVecs = 4;
 };
 
 // Exact for 0 <= n < 2^52 (no u64 -> double conversion instruction before AVX-512DQ).
@@ -176,7 +222,7 @@ FPL_ALWAYS_INLINE void vsincos(typename Lanes<VB>::d x, typename Lanes<VB>::d* s
 
 // Normals 4 q0 .. 4 (q0 + G N) - 1 of the (seed, offset) stream (G vectors of N = Lanes<VB>::kN counters), in
 // stream order. G independent Philox chains hide the latency of the 64-bit multiplies.
-template <int VB, int G>
+template <int VB, int G, typename Mul>
 FPL_ALWAYS_INLINE void normals_chunk(uint64_t seed, uint64_t offset, uint64_t q0, float* out) {
   using D = typename Lanes<VB>::d;
   using U = typename Lanes<VB>::u;
@@ -202,8 +248,8 @@ FPL_ALWAYS_INLINE void normals_chunk(uint64_t seed, uint64_t offset, uint64_t q0
       k1 = (k1 + kW1) & kLo;
     }
     for (int g = 0; g < G; ++g) {
-      const U p0 = c0[g] * kM0;  // exact: both factors < 2^32
-      const U p1 = c2[g] * kM1;
+      const U p0 = Mul::mul(c0[g], kM0);  // exact: both factors < 2^32
+      const U p1 = Mul::mul(c2[g], kM1);
       const U n0 = (p1 >> 32) ^ c1[g] ^ k0;
       const U n2 = (p0 >> 32) ^ c3[g] ^ k1;
       c1[g] = p1 & kLo;
@@ -227,8 +273,19 @@ FPL_ALWAYS_INLINE void normals_chunk(uint64_t seed, uint64_t offset, uint64_t q0
       z[2 * pair + 1] = __builtin_convertvector(rad * s, F);
     }
     float* o = out + 4 * N * g;
-    for (int l = 0; l < N; ++l) {
-      for (int m = 0; m < 4; ++m) o[4 * l + m] = z[m][l];
+    if constexpr (N == 8) {  // AVX-512: transpose (z0 | z1 | z2 | z3) into stream order with four shuffles
+      typedef float f16 __attribute__((vector_size(64)));
+      typedef double d8 __attribute__((vector_size(64)));
+      const f16 a = __builtin_shufflevector(z[0], z[1], 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+      const f16 b = __builtin_shufflevector(z[2], z[3], 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+      const d8 lo = __builtin_shufflevector((d8)a, (d8)b, 0, 8, 1, 9, 2, 10, 3, 11);
+      const d8 hi = __builtin_shufflevector((d8)a, (d8)b, 4, 12, 5, 13, 6, 14, 7, 15);
+      std::memcpy(o, &lo, sizeof(lo));
+      std::memcpy(o + 16, &hi, sizeof(hi));
+    } else {
+      for (int l = 0; l < N; ++l) {
+        for (int m = 0; m < 4; ++m) o[4 * l + m] = z[m][l];
+      }
     }
   }
 }
@@ -242,7 +299,7 @@ FPL_ALWAYS_INLINE void fill_normals_fast_body(uint64_t seed, uint64_t offset, ui
   int64_t j = 0;
   for (; j < count && (start + j) % 4 != 0; ++j) out[j] = philox_normal(seed, offset, start + j);
   for (; j + kChunk <= count; j += kChunk)
-    normals_chunk<B::kVB, kGroups>(seed, offset, (start + j) / 4, out + j);
+    normals_chunk<B::kVB, kGroups, typename B::Mul>(seed, offset, (start + j) / 4, out + j);
   for (; j + 4 <= count; j += 4) philox_normal4(seed, offset, (start + j) / 4, out + j);
   for (; j < count; ++j) out[j] = philox_normal(seed, offset, start + j);
 }
