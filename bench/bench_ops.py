@@ -234,6 +234,55 @@ def setup_lowrank_factorize(c: Case, device: torch.device) -> Setup:
     )
 
 
+def _output_dp_eager(
+    x: Tensor, t: Tensor, labels: Tensor, mask: Tensor, s: float, clip: Tensor, sigma: float, denom: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dp_output_clip_noise in plain PyTorch with torch's own RNG (torch.randn, not the Philox stream): the same
+    closed form as the reference, including T^_c . A_c = sum_i f_i w_ic cos_ic, with the elementwise work fused
+    where PyTorch allows it (in-place ops, addcmul)."""
+    x_hat = torch.nn.functional.normalize(x, dim=-1)
+    t_norm = t.norm(dim=-1).clamp_(min=reference.NORM_EPS)
+    t_hat = t / t_norm[..., None]
+    cos = torch.bmm(x_hat, t_hat.transpose(1, 2))  # (K, b, n_cls)
+    logp = torch.log_softmax(cos * s, dim=-1)
+    w = logp.exp()
+    w.scatter_add_(-1, labels[..., None], torch.full_like(w[..., :1], -1.0))
+    losses = -logp.gather(-1, labels[..., None])[..., 0] * mask
+    sq = (w * w * (1.0 - cos * cos).clamp_(min=0) / (t_norm * t_norm)[:, None, :]).sum(-1)
+    norms = sq.sqrt_().mul_(s).mul_(mask)
+    fw = w.mul_((clip[:, None] / (norms + reference.CLIP_EPS)).clamp_(max=1.0).mul_(mask)[..., None])
+    a = torch.bmm(fw.transpose(1, 2), x_hat)  # (K, n_cls, D)
+    proj = (fw * cos).sum(1)  # (K, n_cls)
+    release = torch.addcmul(a, proj[..., None], t_hat, value=-1.0).mul_((s / denom / t_norm)[..., None])
+    release.add_(torch.randn_like(release).mul_((sigma / denom * clip)[:, None, None]))
+    return release, norms, losses
+
+
+def setup_dp_output_clip_noise(c: Case, device: torch.device) -> Setup:
+    # The logit head of frozen CLIP: D = c.d features, CLIP's logit scale 100, clip norms that clip some examples.
+    x = _randn(c.K, c.b, c.d, device=device)
+    t = _randn(c.K, c.n_cls, c.d, device=device)
+    labels = torch.randint(0, c.n_cls, (c.K, c.b), device=device)
+    mask = torch.ones(c.K, c.b, device=device)
+    clip = torch.full((c.K,), 5.0, device=device)
+    seeds, offsets = list(range(1, c.K + 1)), [0] * c.K  # one stream per client
+    kw = {"logit_scale": 100.0, "clip_norm": clip, "noise_multiplier": 1.0, "seed": seeds, "offset": offsets}
+    kw["denominator"] = float(c.b)
+
+    def eager(x: Tensor, t: Tensor, labels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return _output_dp_eager(x, t, labels, mask, 100.0, clip, 1.0, float(c.b))
+
+    compiled, err = _try_compile(eager, lambda f: f(x, t, labels, mask))
+    out_bytes = c.K * c.n_cls * c.d * 4 + 2 * c.K * c.b * 4
+    return Setup(
+        fused=lambda: ops.dp_output_clip_noise(x, t, labels, mask, **kw),
+        eager=lambda: eager(x, t, labels, mask),
+        compile=None if compiled is None else (lambda: compiled(x, t, labels, mask)),
+        nbytes=_nbytes(x, t, labels, mask, clip) + out_bytes,
+        compile_error=err,
+    )
+
+
 OPS: dict[str, Callable[[Case, torch.device], Setup]] = {
     "lowrank_prompt_fwd": setup_lowrank_prompt_fwd,
     "lowrank_prompt_fwd_bwd": setup_lowrank_prompt_fwd_bwd,
@@ -241,6 +290,7 @@ OPS: dict[str, Callable[[Case, torch.device], Setup]] = {
     "dp_clip_noise_batch": setup_dp_batch,
     "lowrank_full_grad": setup_lowrank_full_grad,
     "lowrank_factorize": setup_lowrank_factorize,
+    "dp_output_clip_noise": setup_dp_output_clip_noise,
 }
 
 

@@ -456,4 +456,90 @@ inline NnMapDims check_nn_map(const at::Tensor& y, const at::Tensor& emb,
   return dims;
 }
 
+// ------------------------------------------------------------------------------------------------
+// dp_output_clip_noise
+// ------------------------------------------------------------------------------------------------
+struct OutputDpDims {
+  int64_t K, b, n_cls, D;
+  bool has_mask;
+};
+
+namespace pyfmt {
+// Python's repr(t.tolist()) of a 1-D float32 tensor on the CPU: "[1.0, inf]".
+inline std::string float_list(const at::Tensor& t) {
+  std::string s = "[";
+  const float* p = t.data_ptr<float>();
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    if (i > 0) s += ", ";
+    s += py_float(static_cast<double>(p[i]));
+  }
+  return s + "]";
+}
+}  // namespace pyfmt
+
+// All checks of reference.py's dp_output_clip_noise, in its order. The last ones (label range, clip norm
+// values) read the data: on CUDA they synchronise, as the reference's bool() does.
+inline OutputDpDims check_dp_output_clip_noise(const at::Tensor& image_feats, const at::Tensor& text_feats,
+                                               const at::Tensor& labels,
+                                               const std::optional<at::Tensor>& mask, double logit_scale,
+                                               const at::Tensor& clip_norm, double noise_multiplier,
+                                               c10::IntArrayRef seed, c10::IntArrayRef offset,
+                                               double denominator) {
+  TORCH_CHECK_VALUE(std::isfinite(noise_multiplier) && noise_multiplier >= 0,
+                    "noise_multiplier must be finite and >= 0, got ", pyfmt::py_float(noise_multiplier));
+  TORCH_CHECK_VALUE(std::isfinite(logit_scale) && logit_scale > 0, "logit_scale must be finite and > 0, got ",
+                    pyfmt::py_float(logit_scale));
+  TORCH_CHECK_VALUE(std::isfinite(denominator) && denominator > 0, "denominator must be finite and > 0, got ",
+                    pyfmt::py_float(denominator));
+  detail::check_dim(image_feats, "image_feats", {3}, "3-D (K, b, D)");
+  detail::check_dim(text_feats, "text_feats", {3}, "3-D (K, n_cls, D)");
+  detail::check_floating(text_feats, "text_feats");
+  detail::check_same(text_feats, image_feats, "image_feats");
+  OutputDpDims dims{image_feats.size(0), image_feats.size(1), text_feats.size(1), image_feats.size(2),
+                    mask.has_value()};
+  const int64_t K = dims.K, b = dims.b;
+  TORCH_CHECK_VALUE(text_feats.size(0) == K && text_feats.size(2) == dims.D, "text_feats must be (", K,
+                    ", n_cls, ", dims.D, ") to match image_feats, got ", pyfmt::shape(text_feats.sizes()));
+  TORCH_CHECK_VALUE(dims.n_cls >= 1, "text_feats must hold at least one class, got n_cls=0");
+  TORCH_CHECK_VALUE(labels.scalar_type() == c10::ScalarType::Long, "labels must have dtype torch.int64, got ",
+                    pyfmt::dtype(labels.scalar_type()));
+  TORCH_CHECK_VALUE(labels.device() == text_feats.device(), "labels must be on ",
+                    pyfmt::device(text_feats.device()), ", got ", pyfmt::device(labels.device()));
+  const std::vector<int64_t> kb{K, b};
+  TORCH_CHECK_VALUE(labels.sizes() == c10::IntArrayRef(kb), "labels must have shape (", K, ", ", b,
+                    ") to match image_feats, got ", pyfmt::shape(labels.sizes()));
+  if (mask.has_value()) {
+    detail::check_same(text_feats, *mask, "mask");
+    TORCH_CHECK_VALUE(mask->sizes() == c10::IntArrayRef(kb), "mask must have shape (", K, ", ", b,
+                      ") to match image_feats, got ", pyfmt::shape(mask->sizes()));
+  }
+  TORCH_CHECK_VALUE(clip_norm.scalar_type() == c10::ScalarType::Float,
+                    "clip_norm must have dtype torch.float32, got ", pyfmt::dtype(clip_norm.scalar_type()));
+  TORCH_CHECK_VALUE(clip_norm.device() == text_feats.device(), "clip_norm must be on ",
+                    pyfmt::device(text_feats.device()), ", got ", pyfmt::device(clip_norm.device()));
+  TORCH_CHECK_VALUE(clip_norm.dim() == 1 && clip_norm.size(0) == K, "clip_norm must have shape (", K,
+                    ",) (one per client), got ", pyfmt::shape(clip_norm.sizes()));
+  detail::check_streams(seed, offset, K);
+  if (K > 0 && b > 0) {
+    TORCH_CHECK_VALUE(labels.ge(0).logical_and(labels.lt(dims.n_cls)).all().item<bool>(),
+                      "labels must lie in [0, ", dims.n_cls, ") (the classes of text_feats)");
+  }
+  if (K > 0) {
+    const at::Tensor c = clip_norm.cpu().contiguous();
+    const float* cp = c.data_ptr<float>();
+    bool positive = true, finite = true;
+    for (int64_t k = 0; k < K; ++k) {
+      positive = positive && !std::isnan(cp[k]) && cp[k] > 0;
+      finite = finite && std::isfinite(cp[k]);
+    }
+    TORCH_CHECK_VALUE(positive, "clip_norm entries must be > 0 (inf disables clipping), got ",
+                      pyfmt::float_list(c));
+    TORCH_CHECK_VALUE(
+        noise_multiplier == 0 || finite,
+        "clip_norm entries must be finite when noise_multiplier > 0 (the noise std is sigma C), got ",
+        pyfmt::float_list(c));
+  }
+  return dims;
+}
+
 }  // namespace fpl_fast

@@ -22,6 +22,11 @@ TORCH_LIBRARY(fpl_fast, m) {
   m.def("lowrank_full_grad(Tensor grad_u, Tensor grad_v, Tensor u, Tensor v, float scale) -> Tensor");
   m.def("lowrank_factorize(Tensor l, int rank, int[] seed, int[] offset) -> (Tensor, Tensor, Tensor)");
   m.def("nn_map(Tensor y, Tensor emb, Tensor? allowed, int chunk) -> Tensor");
+  m.def(
+      "dp_output_clip_noise(Tensor image_feats, Tensor text_feats, Tensor labels, Tensor? mask, float "
+      "logit_scale, "
+      "Tensor clip_norm, float noise_multiplier, int[] seed, int[] offset, float denominator) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 #ifdef TORCH_EXTENSION_NAME

@@ -306,6 +306,18 @@ def _schema_streams(*lists: object) -> bool:
 # A _C built before this op was added has no such op: fall back to the reference for it alone.
 _HAS_OUTPUT_DP = _HAS_C and hasattr(torch.ops.fpl_fast, "dp_output_clip_noise")
 
+if _HAS_OUTPUT_DP:
+
+    @torch.library.register_fake("fpl_fast::dp_output_clip_noise")
+    def _output_dp_fake(image_feats, text_feats, labels, mask, logit_scale, clip_norm, *rest):
+        # Shapes only (the kernel's data-dependent checks, label range and clip norm values, need real data).
+        reference._check_dim(image_feats, "image_feats", (3,), "3-D (K, b, D)")
+        reference._check_dim(text_feats, "text_feats", (3,), "3-D (K, n_cls, D)")
+        K, b = image_feats.shape[0], image_feats.shape[1]
+        release = torch.empty_like(text_feats, memory_format=torch.contiguous_format)
+        norms = image_feats.new_empty(K, b, dtype=torch.float32)
+        return release, norms, torch.empty_like(norms)
+
 
 def dp_output_clip_noise(
     image_feats: Tensor,

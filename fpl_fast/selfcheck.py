@@ -169,12 +169,35 @@ def _nn_map_cases(device: torch.device) -> list[Case]:
     ]
 
 
+def _output_dp_cases(device: torch.device) -> list[Case]:
+    gen = torch.Generator().manual_seed(6)
+    n_cls, b = 5, 4
+    x, t = _rand(gen, _K, b, _D), _rand(gen, _K, n_cls, _D)
+    labels = torch.randint(0, n_cls, (_K, b), generator=gen)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    clip = torch.tensor([0.5, 1e3])  # client 0 clips its examples, client 1 none
+    seed, offset = [21, 22], [0, 9]
+
+    def call(*a: Any) -> Any:
+        return _ops().dp_output_clip_noise(*a)
+
+    def ref(*a: Any) -> Any:  # clip_norm stays float32 (the op's contract) when the rest goes to float64
+        return reference.dp_output_clip_noise(*a[:5], a[5].float(), *a[6:])
+
+    labels, clip = labels.to(device), clip.to(device)
+    return [
+        (call, ref, [*_on(device, x, t), labels, mask.to(device), 20.0, clip, 0.0, seed, offset, 4.0]),
+        (call, ref, [*_on(device, x, t), labels, None, 20.0, clip.clamp(max=2.0), 0.8, seed, offset, 3.5]),
+    ]
+
+
 CHECKS: dict[str, Check] = {
     "lowrank_prompt": Check(_prompt_cases, tol=1e-5),
     "dp_lowrank_clip_noise": Check(_dp_cases, tol=1e-4),
     "lowrank_full_grad": Check(_full_grad_cases, tol=1e-4),
     "lowrank_factorize": Check(_factorize_cases, tol=1e-3),
     "nn_map": Check(_nn_map_cases, tol=0.0),
+    "dp_output_clip_noise": Check(_output_dp_cases, tol=1e-4),
 }
 
 

@@ -126,6 +126,19 @@ _PARITY = textwrap.dedent(
                 reference.lowrank_factorize(gg, r, streams["seed"], streams["offset"]),
                 ftol,
             )
+            # dp_output_clip_noise: the blocked dot products and class sums, and the vectorised normals (n_cls d).
+            feats, texts = rnd(K, b, d, dtype=dtype), rnd(K, n_cls + 7, d, dtype=dtype, scale=0.3)
+            labels = torch.randint(0, n_cls + 7, (K, b), generator=g)
+            mask = torch.ones(K, b, dtype=dtype)
+            mask[:, -1] = 0
+            kw = {"logit_scale": 20.0, "clip_norm": torch.full((K,), 0.5), "noise_multiplier": 0.7, **streams,
+                  "denominator": float(b)}  # fmt: skip
+            check(
+                f"dp_output_clip_noise {tag}",
+                ops.dp_output_clip_noise(feats, texts, labels, mask, **kw),
+                reference.dp_output_clip_noise(feats, texts, labels, mask, **kw),
+                tol,
+            )
             y, emb = rnd(9, d, dtype=dtype), rnd(40, d, dtype=dtype)
             allowed = torch.arange(40) % 3 != 0
             check(f"nn_map {tag}", ops.nn_map(y, emb, allowed, chunk=16), reference.nn_map(y, emb, allowed, 16), {})

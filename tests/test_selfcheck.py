@@ -36,6 +36,7 @@ def kernel_ops() -> list[str]:
     if not ops.has_cpp_ops():
         return []
     names = [n for n in selfcheck.CHECKS if n != "nn_map" or ops._HAS_NN_MAP]
+    names = [n for n in names if n != "dp_output_clip_noise" or ops._HAS_OUTPUT_DP]
     return [n for n in names if n not in SEED_OPS or _kernel_takes_stream_lists(n)]
 
 

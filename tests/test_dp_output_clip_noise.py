@@ -1,0 +1,354 @@
+"""dp_output_clip_noise: closed-form per-example cotangent norms of the logit head, clipping, the rank-one class
+sums, one Philox draw per client and the division by the denominator."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TOL, client_streams, make, needs_ext, noncontig, to_device
+from torch import Tensor
+
+from fpl_fast import ops, reference
+
+REPO = Path(__file__).resolve().parents[1]
+SEED, OFFSET = 4321, 29
+SCALE, SIGMA = 20.0, 0.9
+
+# K clients, b examples, n_cls classes, width D; clip: "some" (clips some examples), "none" (C above every norm),
+# "inf" (no clipping); mask: padding rows.
+CASES: dict[str, dict[str, Any]] = {
+    "K3_mask": {"K": 3, "b": 6, "n_cls": 5, "D": 37, "clip": "some", "mask": True},
+    "K3_none_clipped": {"K": 3, "b": 5, "n_cls": 7, "D": 19, "clip": "none", "mask": False},
+    "K1": {"K": 1, "b": 4, "n_cls": 3, "D": 11, "clip": "some", "mask": True},
+    # Widths and sizes that run the CPU kernel's vector main loops, register blocks and their tails.
+    "wide": {"K": 2, "b": 11, "n_cls": 13, "D": 101, "clip": "some", "mask": True},
+    "vector_width": {"K": 2, "b": 9, "n_cls": 17, "D": 128, "clip": "some", "mask": False},
+    "paper_width": {"K": 2, "b": 8, "n_cls": 10, "D": 512, "clip": "some", "mask": True},
+    "one_class_b1": {"K": 2, "b": 1, "n_cls": 1, "D": 8, "clip": "none", "mask": False},
+    "empty_b": {"K": 2, "b": 0, "n_cls": 4, "D": 16, "clip": "some", "mask": False},
+}
+
+
+def make_inputs(case: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> list[Any]:
+    """(image_feats, text_feats, labels, mask) on the CPU; the last row of every client is padding (mask 0)."""
+    c = CASES[case]
+    K, b, n_cls, D = c["K"], c["b"], c["n_cls"], c["D"]
+    x = make(K, b, D, dtype=torch.float64, seed=seed) * (1.0 + torch.arange(b, dtype=torch.float64)).view(1, b, 1)
+    t = make(K, n_cls, D, dtype=torch.float64, seed=seed + 1, scale=0.3)
+    labels = torch.randint(0, n_cls, (K, b), generator=torch.Generator().manual_seed(seed + 2))
+    mask = None
+    if c["mask"]:
+        mask = torch.ones(K, b, dtype=dtype)
+        mask[:, -1] = 0.0
+        x[:, -1] = 0.0  # a padding row holds a zero feature, as a padded Poisson batch does
+    return [x.to(dtype), t.to(dtype), labels, mask]
+
+
+def clip_of(case: str) -> Tensor:
+    """(K,) clip norms: per client the median of its real examples' norms ("some": clips about half of them), far
+    above every norm ("none"), or inf."""
+    c = CASES[case]
+    kind = c["clip"]
+    if kind == "inf":
+        return torch.full((c["K"],), math.inf)
+    if kind == "none":
+        return torch.full((c["K"],), 1e6)
+    x, t, labels, mask = make_inputs(case, torch.float64)
+    ones = torch.ones(c["K"])
+    seeds, offsets = client_streams(c["K"], SEED, OFFSET)
+    _, norms, _ = reference.dp_output_clip_noise(x, t, labels, mask, SCALE, ones, 0.0, seeds, offsets, 1.0)
+    live = torch.ones_like(norms, dtype=torch.bool) if mask is None else mask.bool()
+    return torch.stack(
+        [n[m].median() if m.any() else torch.tensor(1.0) for n, m in zip(norms, live, strict=True)]
+    ).clamp(min=1e-3)
+
+
+def kwargs_of(case: str, **over: Any) -> dict[str, Any]:
+    c = CASES[case]
+    seeds, offsets = client_streams(c["K"], SEED, OFFSET)
+    kw: dict[str, Any] = {
+        "logit_scale": SCALE,
+        "clip_norm": clip_of(case),
+        "noise_multiplier": SIGMA,
+        "seed": seeds,
+        "offset": offsets,
+        "denominator": max(c["b"], 1) + 0.5,
+    }
+    kw.update(over)
+    return kw
+
+
+def run_ops(args: list[Any], device: torch.device | str, **kw: Any) -> tuple[Tensor, ...]:
+    kw = {**kw, "clip_norm": kw["clip_norm"].to(device)}
+    return tuple(t.cpu() for t in ops.dp_output_clip_noise(*to_device(args, device), **kw))
+
+
+def check_close(got: tuple[Tensor, ...], want: tuple[Tensor, ...], dtype: torch.dtype) -> None:
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert a.shape == b.shape and a.dtype == b.dtype, f"output {i}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
+        tol = TOL[dtype] if i == 0 else TOL[torch.float32]
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, i=i: f"output {i}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Parity with the reference
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("noise", [True, False], ids=["noise", "no_noise"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(case: str, dtype: torch.dtype, noise: bool, device: torch.device) -> None:
+    args = make_inputs(case, dtype)
+    kw = kwargs_of(case, noise_multiplier=SIGMA if noise else 0.0)
+    got = run_ops(args, device, **kw)
+    want = reference.dp_output_clip_noise(*args, **kw)
+    check_close(got, want, dtype)
+    assert got[0].dtype == dtype and got[1].dtype == got[2].dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_inf_clip_without_noise(dtype: torch.dtype, device: torch.device) -> None:
+    """C = inf: no example is clipped; the release is the plain sum of the cotangents / denominator."""
+    args = make_inputs("K3_mask", dtype)
+    kw = kwargs_of("K3_mask", clip_norm=torch.full((3,), math.inf), noise_multiplier=0.0)
+    got = run_ops(args, device, **kw)
+    check_close(got, reference.dp_output_clip_noise(*args, **kw), dtype)
+    assert torch.isfinite(got[0]).all()
+
+
+def test_noncontiguous_and_bfloat16(device: torch.device) -> None:
+    x, t, labels, mask = make_inputs("wide")
+    kw = kwargs_of("wide")
+    got = run_ops([noncontig(x), noncontig(t), noncontig(labels), noncontig(mask)], device, **kw)
+    check_close(got, reference.dp_output_clip_noise(x, t, labels, mask, **kw), torch.float32)
+    bf = [x.bfloat16(), t.bfloat16(), labels, mask.bfloat16()]
+    got_bf = run_ops(bf, device, **kw)
+    want_bf = reference.dp_output_clip_noise(*bf, **kw)
+    assert got_bf[0].dtype == torch.bfloat16
+    torch.testing.assert_close(got_bf[0].float(), want_bf[0].float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got_bf[1], want_bf[1], rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Semantics, by hand: float64 per-example autograd
+# ----------------------------------------------------------------------------------------------
+def by_autograd(x: Tensor, t: Tensor, labels: Tensor, mask: Tensor | None, s: float, clip: Tensor, denom: float):
+    """Per example: CE(s cos(x_i, T), y_i), its gradient w.r.t. T by torch.autograd, clipped and summed."""
+    K, b, _ = x.shape
+    release = torch.zeros_like(t, dtype=torch.float64)
+    norms = torch.zeros(K, b, dtype=torch.float64)
+    losses = torch.zeros(K, b, dtype=torch.float64)
+    for k in range(K):
+        for i in range(b):
+            m = 1.0 if mask is None else float(mask[k, i])
+            if m == 0.0:
+                continue
+            tk = t[k].double().clone().requires_grad_(True)
+            cos = F.normalize(x[k, i].double(), dim=-1) @ F.normalize(tk, dim=-1).T
+            loss = F.cross_entropy((s * cos)[None], labels[k, i : i + 1])
+            (g,) = torch.autograd.grad(loss, tk)
+            n = g.norm().item()
+            norms[k, i], losses[k, i] = n, loss.item()
+            release[k] += min(1.0, float(clip[k]) / (n + reference.CLIP_EPS)) * g
+    return release / denom, norms.float(), losses.float()
+
+
+@pytest.mark.parametrize("case", ["K3_mask", "K3_none_clipped", "K1", "wide", "one_class_b1", "empty_b"])
+def test_no_noise_equals_per_example_autograd(case: str, device: torch.device) -> None:
+    args = make_inputs(case, torch.float64)
+    kw = kwargs_of(case, noise_multiplier=0.0)
+    got = run_ops(args, device, **kw)
+    want = by_autograd(*args, kw["logit_scale"], kw["clip_norm"], kw["denominator"])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-7)
+    if case in ("K3_mask", "wide"):
+        clip = kw["clip_norm"][:, None].double()
+        live = got[1] > 0
+        assert bool((got[1].double()[live] > clip.expand_as(got[1])[live]).any()), "no example was clipped"
+        assert bool((got[1].double()[live] < clip.expand_as(got[1])[live]).any()), "every example was clipped"
+
+
+@pytest.mark.parametrize("case", ["K3_mask", "K1", "wide", "paper_width", "empty_b"])
+def test_noise_is_the_philox_stream(case: str, device: torch.device) -> None:
+    """release(sigma) - release(0) = sigma C_k / denom * normals 0 .. n_cls D - 1 of client k's stream."""
+    args = make_inputs(case, torch.float64)
+    kw = kwargs_of(case)
+    noisy = run_ops(args, device, **kw)
+    clean = run_ops(args, device, **{**kw, "noise_multiplier": 0.0})
+    c = CASES[case]
+    P = reference.output_noise_numel(1, c["n_cls"], c["D"])
+    z = torch.stack([reference.philox_normal(s, o, P) for s, o in zip(kw["seed"], kw["offset"], strict=True)])
+    want = z.double() * (SIGMA * kw["clip_norm"].double() / kw["denominator"])[:, None]
+    torch.testing.assert_close((noisy[0] - clean[0]).reshape(c["K"], -1), want, rtol=1e-9, atol=1e-12)
+    assert torch.equal(noisy[1], clean[1]) and torch.equal(noisy[2], clean[2])
+
+
+def test_noise_normals_bitwise_over_many_counters(device: torch.device) -> None:
+    """With b = 0 the float32 release is sigma C z / denom exactly for C = denom, sigma = 1: the vectorised normals
+    equal the reference's over 2 x 3 x 517 draws (unaligned row starts, vector chunks and their tails)."""
+    K, n_cls, D = 2, 3, 517
+    x, t = torch.zeros(K, 0, D), make(K, n_cls, D)
+    labels = torch.zeros(K, 0, dtype=torch.int64)
+    seeds, offsets = client_streams(K, SEED, OFFSET)
+    kw = {"logit_scale": 1.0, "clip_norm": torch.full((K,), 2.0), "noise_multiplier": 1.0}
+    got = run_ops([x, t, labels, None], device, **kw, seed=seeds, offset=offsets, denominator=2.0)[0]
+    z = torch.stack([reference.philox_normal(s, o, n_cls * D) for s, o in zip(seeds, offsets, strict=True)])
+    assert torch.equal(got.reshape(K, -1), z)
+
+
+# ----------------------------------------------------------------------------------------------
+# Streams, clients, threads
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["ops", "reference"])
+@pytest.mark.parametrize("case", ["K3_mask", "wide", "paper_width"])
+def test_client_alone_equals_client_in_a_launch(case: str, impl: str, device: torch.device) -> None:
+    fn = ops.dp_output_clip_noise if impl == "ops" else reference.dp_output_clip_noise
+    args = to_device(make_inputs(case), device)
+    K = CASES[case]["K"]
+    kw = {**kwargs_of(case), "clip_norm": clip_of(case).to(device)}
+    together = fn(*args, **kw)
+    for k in range(K):
+        one = [None if a is None else a[k : k + 1] for a in args]
+        streams = {"seed": [kw["seed"][k]], "offset": [kw["offset"][k]]}
+        alone = fn(*one, **{**kw, "clip_norm": kw["clip_norm"][k : k + 1], **streams})
+        for i, (t, a) in enumerate(zip(together, alone, strict=True)):
+            assert torch.equal(a[0], t[k]), f"output {i} of client {k}: K = 1 launch differs from K = {K}"
+
+
+def test_same_stream_bitwise_other_stream_differs(device: torch.device) -> None:
+    args = make_inputs("K3_mask")
+    kw = kwargs_of("K3_mask")
+    a, b = run_ops(args, device, **kw), run_ops(args, device, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    for key in ("seed", "offset"):
+        other = run_ops(args, device, **{**kw, key: [v + 1 for v in kw[key]]})
+        assert not torch.equal(a[0], other[0]), key
+        assert torch.equal(a[1], other[1]) and torch.equal(a[2], other[2])
+
+
+_THREADS = """
+import json, sys, torch
+from fpl_fast import ops
+torch.set_num_threads(int(sys.argv[1]))
+g = torch.Generator().manual_seed(0)
+K, b, n_cls, D = 5, 13, 21, 77
+x, t = torch.randn(K, b, D, generator=g), torch.randn(K, n_cls, D, generator=g)
+labels = torch.randint(0, n_cls, (K, b), generator=g)
+out = ops.dp_output_clip_noise(x, t, labels, None, logit_scale=30.0, clip_norm=torch.full((K,), 0.3),
+                               noise_multiplier=0.5, seed=list(range(K)), offset=[7] * K, denominator=13.0)
+print(json.dumps([o.double().flatten().tolist() for o in out]))
+"""
+
+
+@needs_ext
+def test_results_do_not_depend_on_the_thread_count() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    outs = []
+    for n in (1, 2, 3):
+        proc = subprocess.run(
+            [sys.executable, "-c", _THREADS, str(n)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs.append(proc.stdout.strip().splitlines()[-1])
+    assert outs[0] == outs[1] == outs[2]
+
+
+# ----------------------------------------------------------------------------------------------
+# opcheck and torch.compile
+# ----------------------------------------------------------------------------------------------
+@needs_ext
+@pytest.mark.skipif(not ops._HAS_OUTPUT_DP, reason="this _C has no dp_output_clip_noise kernel")
+@pytest.mark.parametrize("case", ["K3_mask", "K1", "empty_b", "one_class_b1"])
+def test_opcheck(case: str, device: torch.device) -> None:
+    kw = kwargs_of(case)
+    x, t, labels, mask = to_device(make_inputs(case), device)
+    args = (x, t, labels, mask, SCALE, kw["clip_norm"].to(device), SIGMA, kw["seed"], kw["offset"], kw["denominator"])
+    torch.library.opcheck(torch.ops.fpl_fast.dp_output_clip_noise.default, args)
+
+
+@needs_ext
+def test_compile_fullgraph(device: torch.device) -> None:
+    x, t, labels, mask = to_device(make_inputs("K3_mask"), device)
+    clip = clip_of("K3_mask").to(device)
+
+    def step(x: Tensor, t: Tensor, labels: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
+        return ops.dp_output_clip_noise(
+            x, t, labels, mask, logit_scale=SCALE, clip_norm=clip, noise_multiplier=SIGMA, seed=[1, 2, 3],
+            offset=[0, 5, 9], denominator=6.0,
+        )  # fmt: skip
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for a, b in zip(compiled(x, t, labels, mask), step(x, t, labels, mask), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad inputs: the C++ op raises the reference's ValueError, word for word
+# ----------------------------------------------------------------------------------------------
+def _bad_cases() -> dict[str, tuple[list[Any], dict[str, Any]]]:
+    x, t, labels, mask = make_inputs("K3_mask")
+    ok = kwargs_of("K3_mask")
+    return {
+        "sigma_negative": ([x, t, labels, mask], {**ok, "noise_multiplier": -1.0}),
+        "sigma_nan": ([x, t, labels, mask], {**ok, "noise_multiplier": math.nan}),
+        "scale_zero": ([x, t, labels, mask], {**ok, "logit_scale": 0.0}),
+        "scale_inf": ([x, t, labels, mask], {**ok, "logit_scale": math.inf}),
+        "denominator_zero": ([x, t, labels, mask], {**ok, "denominator": 0.0}),
+        "denominator_nan": ([x, t, labels, mask], {**ok, "denominator": math.nan}),
+        "image_2d": ([x[0], t, labels, mask], ok),
+        "text_2d": ([x, t[0], labels, mask], ok),
+        "text_int": ([x.long(), t.long(), labels, mask], ok),
+        "image_dtype": ([x.double(), t, labels, mask], ok),
+        "text_K": ([x, t[:2], labels, mask], ok),
+        "text_D": ([x, t[..., :-1], labels, mask], ok),
+        "no_classes": ([x, t[:, :0], labels, mask], ok),
+        "labels_int32": ([x, t, labels.int(), mask], ok),
+        "labels_shape": ([x, t, labels[:, :-1], mask], ok),
+        "labels_range_high": ([x, t, labels.index_fill(1, torch.tensor([2]), 5), mask], ok),
+        "labels_negative": ([x, t, labels - 10, mask], ok),
+        "mask_dtype": ([x, t, labels, mask.double()], ok),
+        "mask_shape": ([x, t, labels, mask[:, :-1]], ok),
+        "clip_dtype": ([x, t, labels, mask], {**ok, "clip_norm": ok["clip_norm"].double()}),
+        "clip_shape": ([x, t, labels, mask], {**ok, "clip_norm": ok["clip_norm"][:2]}),
+        "clip_zero": ([x, t, labels, mask], {**ok, "clip_norm": torch.tensor([1.0, 0.0, 2.0])}),
+        "clip_nan": ([x, t, labels, mask], {**ok, "clip_norm": torch.tensor([1.0, math.nan, 0.1])}),
+        "clip_inf_with_noise": ([x, t, labels, mask], {**ok, "clip_norm": torch.tensor([1.0, math.inf, 0.1])}),
+        "seed_short": ([x, t, labels, mask], {**ok, "seed": [1, 2]}),
+        "offset_negative": ([x, t, labels, mask], {**ok, "offset": [1, -2, 3]}),
+    }
+
+
+@pytest.mark.parametrize("bad", list(_bad_cases()))
+def test_bad_inputs_raise_the_reference_message(bad: str, device: torch.device) -> None:
+    args, kw = _bad_cases()[bad]
+    with pytest.raises(ValueError) as want:
+        reference.dp_output_clip_noise(*args, **kw)
+    dev_args = to_device(args, device)
+    dev_kw = {**kw, "clip_norm": kw["clip_norm"].to(device)}
+    with pytest.raises(ValueError) as got:
+        ops.dp_output_clip_noise(*dev_args, **dev_kw)
+    assert str(got.value).splitlines()[0] == str(want.value)
+    if ops._HAS_OUTPUT_DP:  # the C++ checks themselves, without the Python wrapper
+        with pytest.raises(ValueError) as raw:
+            torch.ops.fpl_fast.dp_output_clip_noise(
+                *dev_args, dev_kw["logit_scale"], dev_kw["clip_norm"], dev_kw["noise_multiplier"], dev_kw["seed"],
+                dev_kw["offset"], dev_kw["denominator"],
+            )  # fmt: skip
+        assert str(raw.value).splitlines()[0] == str(got.value).splitlines()[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to put inputs on two devices")
+@pytest.mark.parametrize("impl", ["reference", "ops"])
+def test_wrong_device_raises(impl: str) -> None:
+    x, t, labels, mask = make_inputs("K3_mask")
+    fn = reference.dp_output_clip_noise if impl == "reference" else ops.dp_output_clip_noise
+    with pytest.raises(ValueError, match=r"\blabels must be on cuda"):
+        fn(x.cuda(), t.cuda(), labels, mask.cuda(), **{**kwargs_of("K3_mask"), "clip_norm": clip_of("K3_mask").cuda()})
