@@ -20,9 +20,10 @@ from fpl_fast.privacy.mechanism import combined_noise_multiplier
 from fpl_fast.privacy.randomness import PartyRandomness, derive_key, party_key
 from fpl_fast.results import load_checkpoint
 
+# 3 steps a round; C = 10 and lr 0.1 make one step's noise (lr sigma C / b ~ 0.1 per entry) far larger than rounding.
 BASE = RunConfig(
-    num_users=3, rounds=2, batch_size=8, seed=3, partition="iid", noise=1.0, num_shots=3
-)  # 3 steps a round
+    num_users=3, rounds=2, batch_size=8, seed=3, partition="iid", noise=1.0, num_shots=3, norm_thresh=10.0, lr=0.1
+)
 
 
 @pytest.fixture(scope="module")
