@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <type_traits>
 #include <vector>
 
 #include "../philox.h"
@@ -34,9 +35,26 @@
         return name##_default args;                                                                      \
     }                                                                                                    \
   }
+// FPL_CPU_VARIANTS_VB: the same around name##_body<VB>, VB = 64 / 32 / 16 (the variant's vector bytes).
+#define FPL_CPU_VARIANTS_VB(ret, name, params, args)                                                         \
+  __attribute__((target("arch=x86-64-v4"))) static ret name##_avx512 params { return name##_body<64> args; } \
+  __attribute__((target("arch=x86-64-v3"))) static ret name##_avx2 params { return name##_body<32> args; }   \
+  static ret name##_default params { return name##_body<16> args; }                                          \
+  [[maybe_unused]] static ret name params {                                                                  \
+    switch (::fpl_fast::cpu::cpu_isa()) {                                                                    \
+      case ::fpl_fast::cpu::CpuIsa::kAvx512:                                                                 \
+        return name##_avx512 args;                                                                           \
+      case ::fpl_fast::cpu::CpuIsa::kAvx2:                                                                   \
+        return name##_avx2 args;                                                                             \
+      default:                                                                                               \
+        return name##_default args;                                                                          \
+    }                                                                                                        \
+  }
 #else
 #define FPL_CPU_VARIANTS(ret, name, params, args) \
   [[maybe_unused]] static ret name params { return name##_body args; }
+#define FPL_CPU_VARIANTS_VB(ret, name, params, args) \
+  [[maybe_unused]] static ret name params { return name##_body<16> args; }
 #endif
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -48,30 +66,32 @@
 namespace fpl_fast {
 namespace cpu {
 
-// 512-bit vectors through the GCC/Clang vector extension: explicit SIMD that each ISA variant lowers to its
-// own registers (one zmm, two ymm or four xmm), with unaligned loads and stores through memcpy.
-template <typename T>
+// VB-byte vectors (512-bit by default) through the GCC/Clang vector extension: explicit SIMD that each ISA
+// variant lowers to its own registers (a 512-bit vector is one zmm, two ymm or four xmm), with unaligned
+// loads and stores through memcpy. Register-blocked kernels take VB from FPL_CPU_VARIANTS_VB so that their
+// blocks fit the variant's register file (32 zmm, or 16 ymm / xmm) instead of spilling.
+template <typename T, int VB = 64>
 struct Vec {
-  static constexpr int64_t kLanes = 64 / sizeof(T);
-  typedef T type __attribute__((vector_size(64)));
+  static constexpr int64_t kLanes = VB / sizeof(T);
+  typedef T type __attribute__((vector_size(VB)));
 };
-template <typename T>
-using vec_t = typename Vec<T>::type;
+template <typename T, int VB = 64>
+using vec_t = typename Vec<T, VB>::type;
 
-template <typename T>
-FPL_ALWAYS_INLINE vec_t<T> vload(const T* p) {
-  vec_t<T> v;
+template <typename T, int VB = 64>
+FPL_ALWAYS_INLINE vec_t<T, VB> vload(const T* p) {
+  vec_t<T, VB> v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-template <typename T>
-FPL_ALWAYS_INLINE void vstore(T* p, vec_t<T> v) {
+template <typename T, typename VT>
+FPL_ALWAYS_INLINE void vstore(T* p, VT v) {
   std::memcpy(p, &v, sizeof(v));
 }
-template <typename T>
-FPL_ALWAYS_INLINE T hsum(vec_t<T> v) {
+template <typename T, typename VT>
+FPL_ALWAYS_INLINE T hsum(VT v) {
   T s = 0;
-  for (int64_t l = 0; l < Vec<T>::kLanes; ++l) s += v[l];
+  for (size_t l = 0; l < sizeof(VT) / sizeof(T); ++l) s += v[l];
   return s;
 }
 
@@ -175,64 +195,85 @@ FPL_ALWAYS_INLINE void vbox_muller(vec_u64 a, vec_u64 b, vec_t<double>* z0, vec_
   *z1 = r * s;
 }
 
+// The four normals of each of eight counters from their Philox words (x0, x1, x2, x3), to o[0 .. 31].
+FPL_ALWAYS_INLINE void normal_store(vec_u64 c0, vec_u64 c1, vec_u64 c2, vec_u64 c3, float* o) {
+  constexpr int64_t L = kNormalLanes;
+  vec_t<double> z0, z1, z2, z3;
+  vbox_muller(c0, c1, &z0, &z1);
+  vbox_muller(c2, c3, &z2, &z3);
+#if defined(__clang__) || __GNUC__ >= 12
+  // Interleave to z0 z1 z2 z3 per counter: float pairs (z0, z1) and (z2, z3) as 64-bit lanes.
+  using vf8 = float __attribute__((vector_size(32)));
+  using vf16 = vec_t<float>;
+  const vf8 f0 = __builtin_convertvector(z0, vf8), f1 = __builtin_convertvector(z1, vf8);
+  const vf8 f2 = __builtin_convertvector(z2, vf8), f3 = __builtin_convertvector(z3, vf8);
+  const vec_u64 p01 = vbits<vec_u64>(
+      vf16(__builtin_shufflevector(f0, f1, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15)));
+  const vec_u64 p23 = vbits<vec_u64>(
+      vf16(__builtin_shufflevector(f2, f3, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15)));
+  vstore(reinterpret_cast<uint64_t*>(o),
+         vec_u64(__builtin_shufflevector(p01, p23, 0, 8, 1, 9, 2, 10, 3, 11)));
+  vstore(reinterpret_cast<uint64_t*>(o) + L,
+         vec_u64(__builtin_shufflevector(p01, p23, 4, 12, 5, 13, 6, 14, 7, 15)));
+#else
+  for (int64_t e = 0; e < L; ++e) {
+    o[4 * e + 0] = static_cast<float>(z0[e]);
+    o[4 * e + 1] = static_cast<float>(z1[e]);
+    o[4 * e + 2] = static_cast<float>(z2[e]);
+    o[4 * e + 3] = static_cast<float>(z3[e]);
+  }
+#endif
+}
+
+// Normals 4 q .. 4 (q + G L) - 1 of the (seed, offset) stream, to out[0 .. 4 G L - 1]: G groups of L counters
+// whose Philox rounds are interleaved (one chain alone waits on the multiply latency).
+template <int G>
+FPL_ALWAYS_INLINE void normal_groups(uint64_t seed, uint64_t offset, uint64_t q, float* out) {
+  constexpr int64_t L = kNormalLanes;
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u, kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+  vec_u64 c0[G], c1[G], c2[G], c3[G];
+  for (int g = 0; g < G; ++g) {
+    for (int64_t e = 0; e < L; ++e) {
+      const uint64_t ctr = offset + q + static_cast<uint64_t>(g * L + e);
+      c0[g][e] = static_cast<uint32_t>(ctr);
+      c1[g][e] = ctr >> 32;
+    }
+    c2[g] = vec_u64{};
+    c3[g] = vec_u64{};
+  }
+  uint64_t k0 = static_cast<uint32_t>(seed), k1 = seed >> 32;
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k0 = static_cast<uint32_t>(k0 + kW0);
+      k1 = static_cast<uint32_t>(k1 + kW1);
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      // Lanes hold 32-bit values, so these 64-bit products are the 32 x 32 -> 64 multiplies of Philox.
+      const vec_u64 p0 = c0[g] * uint64_t{kM0}, p1 = c2[g] * uint64_t{kM1};
+      c0[g] = (p1 >> 32) ^ c1[g] ^ k0;
+      c1[g] = p1 & 0xffffffffull;
+      c2[g] = (p0 >> 32) ^ c3[g] ^ k1;
+      c3[g] = p0 & 0xffffffffull;
+    }
+  }
+  for (int g = 0; g < G; ++g) normal_store(c0[g], c1[g], c2[g], c3[g], out + 4 * g * L);
+}
+
 // Normals 4 q0 .. 4 (q0 + nq) - 1 of the (seed, offset) stream: counters offset + q0 .. offset + q0 + nq - 1.
+// Four chains fit 32 vector registers; two, 16.
+template <int VB>
 FPL_ALWAYS_INLINE void normal_quads_body(uint64_t seed, uint64_t offset, uint64_t q0, int64_t nq,
                                          float* out) {
   constexpr int64_t L = kNormalLanes;
-  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u, kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+  constexpr int G = VB == 64 ? 4 : 2;
   int64_t q = 0;
-  for (; q + L <= nq; q += L) {
-    vec_u64 c0, c1, c2 = {}, c3 = {};
-    for (int64_t e = 0; e < L; ++e) {
-      const uint64_t ctr = offset + q0 + static_cast<uint64_t>(q + e);
-      c0[e] = static_cast<uint32_t>(ctr);
-      c1[e] = ctr >> 32;
-    }
-    uint64_t k0 = static_cast<uint32_t>(seed), k1 = seed >> 32;
-    for (int round = 0; round < 10; ++round) {
-      if (round > 0) {
-        k0 = static_cast<uint32_t>(k0 + kW0);
-        k1 = static_cast<uint32_t>(k1 + kW1);
-      }
-      // Lanes hold 32-bit values, so these 64-bit products are the 32 x 32 -> 64 multiplies of Philox.
-      const vec_u64 p0 = c0 * uint64_t{kM0}, p1 = c2 * uint64_t{kM1};
-      c0 = (p1 >> 32) ^ c1 ^ k0;
-      c1 = p1 & 0xffffffffull;
-      c2 = (p0 >> 32) ^ c3 ^ k1;
-      c3 = p0 & 0xffffffffull;
-    }
-    vec_t<double> z0, z1, z2, z3;
-    vbox_muller(c0, c1, &z0, &z1);
-    vbox_muller(c2, c3, &z2, &z3);
-    float* o = out + 4 * q;
-#if defined(__clang__) || __GNUC__ >= 12
-    // Interleave to z0 z1 z2 z3 per counter: float pairs (z0, z1) and (z2, z3) as 64-bit lanes.
-    using vf8 = float __attribute__((vector_size(32)));
-    using vf16 = vec_t<float>;
-    const vf8 f0 = __builtin_convertvector(z0, vf8), f1 = __builtin_convertvector(z1, vf8);
-    const vf8 f2 = __builtin_convertvector(z2, vf8), f3 = __builtin_convertvector(z3, vf8);
-    const vec_u64 p01 = vbits<vec_u64>(
-        vf16(__builtin_shufflevector(f0, f1, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15)));
-    const vec_u64 p23 = vbits<vec_u64>(
-        vf16(__builtin_shufflevector(f2, f3, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15)));
-    vstore(reinterpret_cast<uint64_t*>(o),
-           vec_u64(__builtin_shufflevector(p01, p23, 0, 8, 1, 9, 2, 10, 3, 11)));
-    vstore(reinterpret_cast<uint64_t*>(o) + L,
-           vec_u64(__builtin_shufflevector(p01, p23, 4, 12, 5, 13, 6, 14, 7, 15)));
-#else
-    for (int64_t e = 0; e < L; ++e) {
-      o[4 * e + 0] = static_cast<float>(z0[e]);
-      o[4 * e + 1] = static_cast<float>(z1[e]);
-      o[4 * e + 2] = static_cast<float>(z2[e]);
-      o[4 * e + 3] = static_cast<float>(z3[e]);
-    }
-#endif
-  }
+  for (; q + G * L <= nq; q += G * L) normal_groups<G>(seed, offset, q0 + q, out + 4 * q);
+  for (; q + L <= nq; q += L) normal_groups<1>(seed, offset, q0 + q, out + 4 * q);
   for (; q < nq; ++q) philox_normal4(seed, offset, q0 + static_cast<uint64_t>(q), out + 4 * q);
 }
-
-FPL_CPU_VARIANTS(void, normal_quads, (uint64_t seed, uint64_t offset, uint64_t q0, int64_t nq, float* out),
-                 (seed, offset, q0, nq, out))
+FPL_CPU_VARIANTS_VB(void, normal_quads, (uint64_t seed, uint64_t offset, uint64_t q0, int64_t nq, float* out),
+                    (seed, offset, q0, nq, out))
 
 // Normals start .. start + count - 1 of the (seed, offset) stream (csrc/philox.h), as float.
 inline void fill_normals(uint64_t seed, uint64_t offset, uint64_t start, int64_t count, float* out) {
@@ -264,98 +305,127 @@ FPL_ALWAYS_INLINE T sumsq_body(int64_t len, const T* x) {
   return total;
 }
 
-// lanes[L] = sum of the lanes of acc[L], L = 0 .. 15, for 16-lane float vectors: a shuffle tree (four levels
-// of pairwise half-swaps and adds) instead of 16 serial horizontal sums, so the reductions stay cheap next to
-// the products.
-FPL_ALWAYS_INLINE void reduce16(const vec_t<float>* acc, float* lanes) {
-  using V = vec_t<float>;
+// out[L] = sum of the lanes of acc[L], L = 0 .. N - 1. For sixteen 16-lane float vectors a shuffle tree (four
+// levels of pairwise half-swaps and adds) instead of 16 serial horizontal sums, so the reductions stay cheap
+// next to the products.
+template <int N, typename T, typename VT>
+FPL_ALWAYS_INLINE void reduce_lanes(const VT* acc, T* out) {
 #if defined(__clang__) || __GNUC__ >= 12
-  V t[8], s[4], w[2];
-  for (int p = 0; p < 8; ++p) {
-    t[p] =
-        __builtin_shufflevector(acc[p], acc[p + 8], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-        __builtin_shufflevector(acc[p], acc[p + 8], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
-                                31);
+  if constexpr (N == 16 && std::is_same_v<T, float> && sizeof(VT) == 64) {
+    VT t[8], s[4], w[2];
+    for (int p = 0; p < 8; ++p) {
+      t[p] = __builtin_shufflevector(acc[p], acc[p + 8], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22,
+                                     23) +
+             __builtin_shufflevector(acc[p], acc[p + 8], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
+                                     30, 31);
+    }
+    for (int p = 0; p < 4; ++p) {
+      s[p] =
+          __builtin_shufflevector(t[p], t[p + 4], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+          __builtin_shufflevector(t[p], t[p + 4], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    }
+    for (int p = 0; p < 2; ++p) {
+      w[p] =
+          __builtin_shufflevector(s[p], s[p + 2], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+          __builtin_shufflevector(s[p], s[p + 2], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    }
+    vstore(
+        out,
+        __builtin_shufflevector(w[0], w[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+            __builtin_shufflevector(w[0], w[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31));
+    return;
   }
-  for (int p = 0; p < 4; ++p) {
-    s[p] =
-        __builtin_shufflevector(t[p], t[p + 4], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
-        __builtin_shufflevector(t[p], t[p + 4], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-  }
-  for (int p = 0; p < 2; ++p) {
-    w[p] =
-        __builtin_shufflevector(s[p], s[p + 2], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
-        __builtin_shufflevector(s[p], s[p + 2], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-  }
-  vstore(lanes,
-         __builtin_shufflevector(w[0], w[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
-             __builtin_shufflevector(w[0], w[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31));
-#else
-  for (int l = 0; l < 16; ++l) lanes[l] = hsum<float>(acc[l]);
 #endif
+  for (int l = 0; l < N; ++l) out[l] = hsum<T>(acc[l]);
 }
-FPL_ALWAYS_INLINE void reduce16(const vec_t<double>* acc, double* lanes) {
-  for (int l = 0; l < 16; ++l) lanes[l] = hsum<double>(acc[l]);
+
+// A pass blocks: kRowBlock rows of X x 4 rows of V, kRowBlock = 4 with 32 vector registers (AVX-512), else 2.
+template <int VB>
+constexpr int kRowBlock = VB == 64 ? 4 : 2;
+
+// Vp = V (r x d) packed for factor_norms<VB>: rows in blocks of four, each block as (d_main / W, 4, W), with
+// W = Vec<T, VB>::kLanes and d_main = d - d % W; r - r % 4 rows, d_main columns. The A pass then reads one
+// contiguous stream per block that stays in L1 (with the row-pointer layout V and X together overflowed it,
+// and the A pass ran from L2).
+template <int VB, typename T>
+FPL_ALWAYS_INLINE void pack_rows4_body(const T* V, int64_t r, int64_t d, T* Vp) {
+  constexpr int64_t W = Vec<T, VB>::kLanes;
+  const int64_t d_main = d - d % W;
+  for (int64_t j0 = 0; j0 + 4 <= r; j0 += 4) {
+    for (int64_t t = 0; t < d_main; t += W) {
+      for (int64_t j = 0; j < 4; ++j) {
+        std::memcpy(Vp + j0 * d_main + t * 4 + j * W, V + (j0 + j) * d + t, sizeof(T) * W);
+      }
+    }
+  }
 }
+
+FPL_CPU_VARIANTS_VB(void, pack_rows4, (const float* V, int64_t r, int64_t d, float* Vp), (V, r, d, Vp))
+FPL_CPU_VARIANTS_VB(void, pack_rows4, (const double* V, int64_t r, int64_t d, double* Vp), (V, r, d, Vp))
 
 // What one sample contributes to dp_lowrank_clip_noise: A (n x r) = X V^T, and sq = the squared Frobenius
 // norms
-// (|A|^2, |U^T X|^2, |X|^2). X (n x d), U (n x r), V (r x d), row-major. U^T X itself is never formed (the
-// kernel sums the clipped X and multiplies by U^T once per client). Register blocks: A in 2 rows x 8 columns
-// of lane-wise accumulators (10 loads per 16 FMAs, reduced by reduce16), U^T X in 8 rows x one vector of d.
-// next (may be null): the sample processed after this one, prefetched into L2 during the A pass (the A pass
-// is the first touch of X, and the hardware prefetchers alone left it waiting on L3).
-template <typename T>
-FPL_ALWAYS_INLINE void factor_norms_body(const T* X, const T* U, const T* V, int64_t n, int64_t d, int64_t r,
-                                         T* A, T* sq, const T* next) {
-  using V_t = vec_t<T>;
-  constexpr int64_t W = Vec<T>::kLanes;
+// (|A|^2, |U^T X|^2, |X|^2). X (n x d), U (n x r), V (r x d), row-major; Vp = pack_rows4(V). U^T X itself is
+// never formed (the kernel sums the clipped X and multiplies by U^T once per client). Register blocks: A in
+// kRowBlock x 4 lane-wise accumulators (reduced by reduce_lanes), U^T X in 8 rows x one vector of columns.
+// next (may be null): the sample processed after this one, prefetched into L2 over both passes (the A pass is
+// the first touch of X, and the hardware prefetchers alone left it waiting on L3).
+template <int VB, typename T>
+FPL_ALWAYS_INLINE void factor_norms_body(const T* X, const T* U, const T* V, const T* Vp, int64_t n,
+                                         int64_t d, int64_t r, T* A, T* sq, const T* next) {
+  using V_t = vec_t<T, VB>;
+  constexpr int64_t W = Vec<T, VB>::kLanes;
+  constexpr int RB = kRowBlock<VB>, CB = 4;
   const int64_t d_main = d - d % W;
   const char* pf = reinterpret_cast<const char*>(next);
   const char* const pf_end = pf + (next ? n * d * sizeof(T) : 0);
   V_t sx0 = {}, sx1 = {};  // |X|^2 of the rows done in the fast path
   int64_t rows_sq = 0;     // rows 0 .. rows_sq - 1 are in sx0 + sx1
   // A = X V^T.
-  for (int64_t i0 = 0; i0 < n; i0 += 2) {
-    const int64_t rows = std::min<int64_t>(2, n - i0);
-    for (int64_t j0 = 0; j0 < r; j0 += 8) {
-      const int64_t cols = std::min<int64_t>(8, r - j0);
-      T out[16];
-      if (rows == 2 && cols == 8) {
+  for (int64_t i0 = 0; i0 < n; i0 += RB) {
+    const int64_t rows = std::min<int64_t>(RB, n - i0);
+    for (int64_t j0 = 0; j0 < r; j0 += CB) {
+      const int64_t cols = std::min<int64_t>(CB, r - j0);
+      T out[RB * CB];
+      if (rows == RB && cols == CB) {
         const T* x0 = X + i0 * d;
-        const T* x1 = x0 + d;
-        const T* v0 = V + j0 * d;
-        V_t acc[16] = {};
+        const T* vt = Vp + j0 * d_main;
         const bool with_sq = j0 == 0 && rows_sq == i0;
+        V_t acc[RB * CB] = {};
         for (int64_t t = 0; t < d_main; t += W) {
           if (pf < pf_end) {
             __builtin_prefetch(pf, 0, 2);
-            __builtin_prefetch(pf + 64, 0, 2);
-            pf += 128;
+            pf += 64;
           }
-          const V_t a0 = vload(x0 + t), a1 = vload(x1 + t);
+          V_t a[RB], v[CB];
+#pragma GCC unroll 4
+          for (int i = 0; i < RB; ++i) a[i] = vload<T, VB>(x0 + i * d + t);
+#pragma GCC unroll 4
+          for (int j = 0; j < CB; ++j) v[j] = vload<T, VB>(vt + j * W);
           if (with_sq) {
-            sx0 += a0 * a0;
-            sx1 += a1 * a1;
+#pragma GCC unroll 4
+            for (int i = 0; i < RB; i += 2) {
+              sx0 += a[i] * a[i];
+              sx1 += a[i + 1] * a[i + 1];
+            }
           }
-#pragma GCC unroll 8
-          for (int j = 0; j < 8; ++j) {
-            const V_t vv = vload(v0 + j * d + t);
-            acc[j] += a0 * vv;
-            acc[8 + j] += a1 * vv;
+#pragma GCC unroll 4
+          for (int i = 0; i < RB; ++i) {
+#pragma GCC unroll 4
+            for (int j = 0; j < CB; ++j) acc[i * CB + j] += a[i] * v[j];
           }
+          vt += CB * W;
         }
-        if (with_sq) rows_sq = i0 + 2;
-        reduce16(acc, out);
+        if (with_sq) rows_sq = i0 + RB;
+        reduce_lanes<RB * CB>(acc, out);
       } else {
-        for (int64_t l = 0; l < 16; ++l) out[l] = 0;
         for (int64_t ii = 0; ii < rows; ++ii) {
           for (int64_t jj = 0; jj < cols; ++jj) {
             const T* xi = X + (i0 + ii) * d;
             const T* vj = V + (j0 + jj) * d;
             V_t s0 = {};
-            for (int64_t t = 0; t < d_main; t += W) s0 += vload(xi + t) * vload(vj + t);
-            out[ii * 8 + jj] = hsum<T>(s0);
+            for (int64_t t = 0; t < d_main; t += W) s0 += vload<T, VB>(xi + t) * vload<T, VB>(vj + t);
+            out[ii * CB + jj] = hsum<T>(s0);
           }
         }
       }
@@ -363,7 +433,7 @@ FPL_ALWAYS_INLINE void factor_norms_body(const T* X, const T* U, const T* V, int
         const T* xi = X + (i0 + ii) * d;
         for (int64_t jj = 0; jj < cols; ++jj) {
           const T* vj = V + (j0 + jj) * d;
-          T h = out[ii * 8 + jj];
+          T h = out[ii * CB + jj];
           for (int64_t t = d_main; t < d; ++t) h += xi[t] * vj[t];
           A[(i0 + ii) * r + j0 + jj] = h;
         }
@@ -375,9 +445,10 @@ FPL_ALWAYS_INLINE void factor_norms_body(const T* X, const T* U, const T* V, int
   int64_t j0 = 0;
   for (; j0 + 8 <= r; j0 += 8) {
     for (int64_t t = 0; t < d_main; t += W) {
+      for (int p = 0; p < 8 * VB / 64 && pf < pf_end; ++p, pf += 64) __builtin_prefetch(pf, 0, 2);
       V_t bj[8] = {};
       for (int64_t i = 0; i < n; ++i) {
-        const V_t x = vload(X + i * d + t);
+        const V_t x = vload<T, VB>(X + i * d + t);
         const T* ui = U + i * r + j0;
 #pragma GCC unroll 8
         for (int j = 0; j < 8; ++j) bj[j] += ui[j] * x;
@@ -392,7 +463,7 @@ FPL_ALWAYS_INLINE void factor_norms_body(const T* X, const T* U, const T* V, int
   for (; j0 < r; ++j0) {
     for (int64_t t = 0; t < d_main; t += W) {
       V_t bj = {};
-      for (int64_t i = 0; i < n; ++i) bj += U[i * r + j0] * vload(X + i * d + t);
+      for (int64_t i = 0; i < n; ++i) bj += U[i * r + j0] * vload<T, VB>(X + i * d + t);
       sv0 += bj * bj;
     }
   }
@@ -413,29 +484,71 @@ FPL_ALWAYS_INLINE void factor_norms_body(const T* X, const T* U, const T* V, int
   sq[2] = hsum<T>(sx0 + sx1) + sx_tail + sumsq_body<T>((n - rows_sq) * d, X + rows_sq * d);
 }
 
-FPL_CPU_VARIANTS(void, factor_norms,
-                 (const float* X, const float* U, const float* V, int64_t n, int64_t d, int64_t r, float* A,
-                  float* sq, const float* next),
-                 (X, U, V, n, d, r, A, sq, next))
-FPL_CPU_VARIANTS(void, factor_norms,
-                 (const double* X, const double* U, const double* V, int64_t n, int64_t d, int64_t r,
-                  double* A, double* sq, const double* next),
-                 (X, U, V, n, d, r, A, sq, next))
+FPL_CPU_VARIANTS_VB(void, factor_norms,
+                    (const float* X, const float* U, const float* V, const float* Vp, int64_t n, int64_t d,
+                     int64_t r, float* A, float* sq, const float* next),
+                    (X, U, V, Vp, n, d, r, A, sq, next))
+FPL_CPU_VARIANTS_VB(void, factor_norms,
+                    (const double* X, const double* U, const double* V, const double* Vp, int64_t n,
+                     int64_t d, int64_t r, double* A, double* sq, const double* next),
+                    (X, U, V, Vp, n, d, r, A, sq, next))
+
+// B (r x d) = U^T X with U (n x r), X (n x d), row-major: eight rows of B in registers at a time.
+template <int VB, typename T>
+FPL_ALWAYS_INLINE void ut_x_body(const T* U, const T* X, int64_t n, int64_t d, int64_t r, T* B) {
+  using V_t = vec_t<T, VB>;
+  constexpr int64_t W = Vec<T, VB>::kLanes;
+  const int64_t d_main = d - d % W;
+  int64_t j0 = 0;
+  for (; j0 + 8 <= r; j0 += 8) {
+    for (int64_t t = 0; t < d_main; t += W) {
+      V_t bj[8] = {};
+      for (int64_t i = 0; i < n; ++i) {
+        const V_t x = vload<T, VB>(X + i * d + t);
+        const T* ui = U + i * r + j0;
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) bj[j] += ui[j] * x;
+      }
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) vstore(B + (j0 + j) * d + t, bj[j]);
+    }
+  }
+  for (; j0 < r; ++j0) {
+    for (int64_t t = 0; t < d_main; t += W) {
+      V_t bj = {};
+      for (int64_t i = 0; i < n; ++i) bj += U[i * r + j0] * vload<T, VB>(X + i * d + t);
+      vstore(B + j0 * d + t, bj);
+    }
+  }
+  for (int64_t j = 0; j < r; ++j) {
+    for (int64_t t = d_main; t < d; ++t) {
+      T e = 0;
+      for (int64_t i = 0; i < n; ++i) e += U[i * r + j] * X[i * d + t];
+      B[j * d + t] = e;
+    }
+  }
+}
+
+FPL_CPU_VARIANTS_VB(void, ut_x, (const float* U, const float* X, int64_t n, int64_t d, int64_t r, float* B),
+                    (U, X, n, d, r, B))
+FPL_CPU_VARIANTS_VB(void, ut_x,
+                    (const double* U, const double* X, int64_t n, int64_t d, int64_t r, double* B),
+                    (U, X, n, d, r, B))
 
 // y1 = sum_i w1[i] xs[i] and, when y2, y2 = sum_i w2[i] xs[i] (i = 0 .. count - 1, in that order, each xs[i]
 // of length len): the clipped sums of a chunk of samples in one pass over them, one store of y per chunk
 // instead of a load and a store per sample.
-template <typename T>
+template <int VB, typename T>
 FPL_ALWAYS_INLINE void weighted_sums_body(int64_t count, const T* const* xs, const T* w1, const T* w2,
                                           int64_t len, T* y1, T* y2) {
-  using V_t = vec_t<T>;
-  constexpr int64_t W = Vec<T>::kLanes;
+  using V_t = vec_t<T, VB>;
+  constexpr int64_t W = Vec<T, VB>::kLanes;
   int64_t e = 0;
   if (y2 != nullptr) {
     for (; e + W <= len; e += W) {
       V_t s1 = {}, s2 = {};
       for (int64_t i = 0; i < count; ++i) {
-        const V_t x = vload(xs[i] + e);
+        const V_t x = vload<T, VB>(xs[i] + e);
         s1 += w1[i] * x;
         s2 += w2[i] * x;
       }
@@ -454,7 +567,7 @@ FPL_ALWAYS_INLINE void weighted_sums_body(int64_t count, const T* const* xs, con
   } else {
     for (; e + W <= len; e += W) {
       V_t s1 = {};
-      for (int64_t i = 0; i < count; ++i) s1 += w1[i] * vload(xs[i] + e);
+      for (int64_t i = 0; i < count; ++i) s1 += w1[i] * vload<T, VB>(xs[i] + e);
       vstore(y1 + e, s1);
     }
     for (; e < len; ++e) {
@@ -465,14 +578,39 @@ FPL_ALWAYS_INLINE void weighted_sums_body(int64_t count, const T* const* xs, con
   }
 }
 
-FPL_CPU_VARIANTS(void, weighted_sums,
-                 (int64_t count, const float* const* xs, const float* w1, const float* w2, int64_t len,
-                  float* y1, float* y2),
-                 (count, xs, w1, w2, len, y1, y2))
-FPL_CPU_VARIANTS(void, weighted_sums,
-                 (int64_t count, const double* const* xs, const double* w1, const double* w2, int64_t len,
-                  double* y1, double* y2),
-                 (count, xs, w1, w2, len, y1, y2))
+FPL_CPU_VARIANTS_VB(void, weighted_sums,
+                    (int64_t count, const float* const* xs, const float* w1, const float* w2, int64_t len,
+                     float* y1, float* y2),
+                    (count, xs, w1, w2, len, y1, y2))
+FPL_CPU_VARIANTS_VB(void, weighted_sums,
+                    (int64_t count, const double* const* xs, const double* w1, const double* w2, int64_t len,
+                     double* y1, double* y2),
+                    (count, xs, w1, w2, len, y1, y2))
+
+// dst[0:len] = src[0:len] + src[stride:stride + len] + ... (count rows, added in order).
+template <int VB, typename T>
+FPL_ALWAYS_INLINE void sum_rows_body(int64_t count, int64_t stride, const T* src, int64_t len, T* dst) {
+  using V_t = vec_t<T, VB>;
+  constexpr int64_t W = Vec<T, VB>::kLanes;
+  int64_t e = 0;
+  for (; e + W <= len; e += W) {
+    V_t s = {};
+    for (int64_t c = 0; c < count; ++c) s += vload<T, VB>(src + c * stride + e);
+    vstore(dst + e, s);
+  }
+  for (; e < len; ++e) {
+    T s = 0;
+    for (int64_t c = 0; c < count; ++c) s += src[c * stride + e];
+    dst[e] = s;
+  }
+}
+
+FPL_CPU_VARIANTS_VB(void, sum_rows,
+                    (int64_t count, int64_t stride, const float* src, int64_t len, float* dst),
+                    (count, stride, src, len, dst))
+FPL_CPU_VARIANTS_VB(void, sum_rows,
+                    (int64_t count, int64_t stride, const double* src, int64_t len, double* dst),
+                    (count, stride, src, len, dst))
 
 // y[0:len] += alpha * x[0:len].
 template <typename T>

@@ -56,7 +56,8 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
 
   at::parallel_for(0, K * units_per_client, 1, [&](int64_t begin, int64_t end) {
     const int64_t chunk_len = per_sample ? kChunk : 1;
-    std::vector<acc_t> xbuf(direct && per_sample ? 0 : chunk_len * nd), abuf(nr);
+    std::vector<acc_t> xbuf(direct && per_sample ? 0 : chunk_len * nd), abuf(nr), vpack(uv ? rd : 0);
+    int64_t packed_k = -1;
     const acc_t* xs[kChunk];
     acc_t wv[kChunk], wg[kChunk], sq[3];
     for (int64_t unit = begin; unit < end; ++unit) {
@@ -68,6 +69,10 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
       std::fill(acc_u, acc_u + (uv ? nr : 0), acc_t(0));  // the X sums are written by weighted_sums
       const acc_t* U = uv ? up + k * nr : nullptr;
       const acc_t* V = uv ? vp + k * rd : nullptr;
+      if (uv && k != packed_k) {
+        cpu::pack_rows4(V, r, d, vpack.data());
+        packed_k = k;
+      }
       const scalar_t* client = gp + k * client_stride;
 
       // xbuf + slot * nd (+)= sample i summed over classes, in acc_t.
@@ -107,7 +112,7 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
           const acc_t* next = s + 1 < count                            ? xs[s + 1]
                               : direct && per_sample && unit + 1 < end ? xs[s] + sample_stride
                                                                        : nullptr;
-          cpu::factor_norms(xs[s], U, V, n, d, r, abuf.data(), sq, next);
+          cpu::factor_norms(xs[s], U, V, vpack.data(), n, d, r, abuf.data(), sq, next);
           const acc_t norm_u = std::sqrt(sq[0]), norm_v = std::sqrt(sq[1]), norm_g = std::sqrt(sq[2]);
           acc_t cu, cv;
           if (joint_uv) {
@@ -149,10 +154,7 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
     std::vector<acc_t> sum(unit_len), sum_v(rd);
     std::vector<float> z(noisy ? per_client_noise : 0);
     for (int64_t k = begin; k < end; ++k) {
-      std::fill(sum.begin(), sum.end(), acc_t(0));
-      for (int64_t c = 0; c < units_per_client; ++c) {
-        cpu::axpy(unit_len, acc_t(1), pp + (k * units_per_client + c) * unit_len, sum.data());
-      }
+      cpu::sum_rows(units_per_client, unit_len, pp + k * units_per_client * unit_len, unit_len, sum.data());
       // Client k: normals 0 .. P - 1 of its own stream (seed[k], offset[k]).
       if (noisy)
         cpu::fill_normals(static_cast<uint64_t>(seed[k]), static_cast<uint64_t>(offset[k]), 0,
@@ -160,7 +162,7 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
       const acc_t* sa = sum.data();
       const acc_t* sg = uv ? sa + nr + nd : sa;
       // sum_i cv_i U^T X_i = U^T (sum_i cv_i X_i).
-      if (uv) cpu::mm_tn(up + k * nr, sa + nr, sum_v.data(), r, n, d);
+      if (uv) cpu::ut_x(up + k * nr, sa + nr, n, d, r, sum_v.data());
       const acc_t* sb = sum_v.data();
       for (int64_t e = 0; e < numel_a; ++e) {
         acc_t val = sa[e] * scale;
