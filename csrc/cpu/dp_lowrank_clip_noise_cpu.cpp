@@ -97,8 +97,12 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
         // The batch mean is clipped instead (the authors' batch-level clipping).
         row0 = 0;
         count = 1;
-        std::fill(xbuf.begin(), xbuf.end(), acc_t(0));
-        for (int64_t i = 0; i < b; ++i) gather(i, 0, true);
+        if (direct) {
+          cpu::sum_rows(b, sample_stride, reinterpret_cast<const acc_t*>(client), nd, xbuf.data());
+        } else {
+          std::fill(xbuf.begin(), xbuf.end(), acc_t(0));
+          for (int64_t i = 0; i < b; ++i) gather(i, 0, true);
+        }
         if (b > 0) {
           for (auto& e : xbuf) e /= static_cast<acc_t>(b);
         }
