@@ -1,11 +1,15 @@
-"""Microbenchmarks of the fused fpl_fast ops against the plain-PyTorch reference, eager and compiled.
+"""Microbenchmarks of the fused fpl_fast ops against plain PyTorch, eager and compiled.
 
-For every op and case, three implementations are timed with ``torch.utils.benchmark``:
-``fused`` (``fpl_fast.ops``, the compiled C++/CUDA op), ``eager`` (``fpl_fast.reference``) and ``compile``
-(the reference under ``torch.compile``; a compile failure is reported as such, not raised). Cases use the
+For every op and case these implementations are timed with ``torch.utils.benchmark``: ``fused``
+(``fpl_fast.ops``, the compiled C++/CUDA op), ``eager`` (plain PyTorch) and ``compile`` (``eager`` under
+``torch.compile``; a compile failure is reported as such, not raised). ``eager`` is ``fpl_fast.reference`` except
+for the DP ops, whose reference draws its Philox normals in int64 tensor arithmetic for exactness, not speed:
+there ``eager`` is the best plain-PyTorch version of the same math with torch's own RNG (``torch.randn``; see
+``eager_dp_lowrank_clip_noise``) and the reference is timed as a further row, ``reference``. Cases use the
 DP-FPL paper's shapes (K = 10 clients, b = 32, n_cls = 100, n_ctx = 16, d = 512, r = 8, suffix S = 60) and a
 larger federation (K = 50, b = 64). Timings are printed as a ``Compare`` table and a ratio table
-(eager / fused, compile / fused, and the fused op's GB/s from the bytes it must read and write at least).
+(eager / fused, compile / fused, reference / fused where there is a separate reference row, and the fused op's
+GB/s from the bytes it must read and write at least).
 
 Usage, from the repository root::
 
@@ -41,7 +45,7 @@ with warnings.catch_warnings(record=True) as _import_warnings:
     warnings.simplefilter("always")
     from fpl_fast import ops, reference  # noqa: E402
 
-__all__ = ["CASES", "OPS", "Case", "Setup", "main"]
+__all__ = ["CASES", "IMPLS", "OPS", "Case", "Setup", "eager_dp_lowrank_clip_noise", "main"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,10 @@ class Setup:
     compile: Callable[[], Any] | None  # None: torch.compile failed (see compile_error)
     nbytes: int
     compile_error: str | None = None
+    reference: Callable[[], Any] | None = None  # fpl_fast.reference, when eager is a different implementation
+
+
+IMPLS = ("fused", "eager", "reference", "compile")  # timed in this order; a Setup without a reference skips it
 
 
 def _nbytes(*ts: Tensor | None) -> int:
@@ -182,18 +190,64 @@ def setup_lowrank_prompt_fwd_bwd(c: Case, device: torch.device) -> Setup:
     )
 
 
+def eager_dp_lowrank_clip_noise(
+    grad: Tensor,
+    u: Tensor,
+    v: Tensor,
+    clip_norm: float,
+    noise_multiplier: float,
+    per_sample: bool = True,
+    joint_uv: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dp_lowrank_clip_noise's math (fpl_fast/reference.py) in the fastest plain PyTorch we found, torch.randn noise.
+
+    grad (K, b, n_ctx, d), u (K, n_ctx, r), v (K, r, d); no sum_classes, denominator b. Same outputs as the
+    reference but for the noise values. Products by batched GEMMs: g_U,i = X_i V^T; |g_V,i|^2 = |U^T X_i|^2 =
+    <U U^T, X_i X_i^T> from the Gram matrices (one bmm that also gives |X_i|^2 on its diagonal, cheaper than
+    forming U^T X_i, a (K, b, r, d) tensor, and its norm); the clipped sums weight the samples in one bmm, and
+    sum_i c_i U^T X_i = U^T (sum_i c_i X_i), so U^T X_i is never formed.
+    """
+    K, b, n, d = grad.shape
+    r = u.shape[-1]
+    x = grad if per_sample else grad.mean(dim=1, keepdim=True)
+    bb = x.shape[1]
+    a = torch.bmm(x.reshape(K, bb * n, d), v.transpose(1, 2)).view(K, bb, n, r)  # g_U,i
+    xf = x.reshape(K * bb, n, d)
+    gram = torch.bmm(xf, xf.transpose(1, 2)).view(K, bb, n, n)  # X_i X_i^T
+    sq_u = a.square().sum((2, 3))
+    sq_v = (gram * (u @ u.transpose(1, 2)).unsqueeze(1)).sum((2, 3)).clamp_min(0)
+    sq_g = gram.diagonal(dim1=2, dim2=3).sum(2)
+    norm_u, norm_v, norm_g = sq_u.sqrt(), sq_v.sqrt(), sq_g.sqrt()
+
+    def clip(norm: Tensor) -> Tensor:
+        return (clip_norm / (norm + 1e-6)).clamp(max=1.0)
+
+    cu, cv = (clip((sq_u + sq_v).sqrt()),) * 2 if joint_uv else (clip(norm_u), clip(norm_v))
+    sum_u = torch.bmm(cu.unsqueeze(1), a.reshape(K, bb, n * r)).view(K, n, r)
+    sums = torch.bmm(torch.stack([cv, clip(norm_g)], 1), x.reshape(K, bb, n * d)).view(K, 2, n, d)
+    sum_v = u.transpose(1, 2) @ sums[:, 0]
+    denom = float(max(b, 1))
+    scale = 1.0 / denom if per_sample else 1.0
+    z = torch.randn(K, n * r + r * d, device=grad.device, dtype=grad.dtype) * (noise_multiplier * clip_norm / denom)
+    out_u = sum_u * scale + z[:, : n * r].view(K, n, r)
+    out_v = sum_v * scale + z[:, n * r :].view(K, r, d)
+    return out_u, out_v, sums[:, 1] * scale, torch.stack([norm_u, norm_v, norm_g], -1).float()
+
+
 def _setup_dp(c: Case, device: torch.device, per_sample: bool) -> Setup:
     grad = _randn(c.K, c.b, c.n_ctx, c.d, device=device, scale=0.1)
     u = _randn(c.K, c.n_ctx, c.r, device=device)
     v = _randn(c.K, c.r, c.d, device=device)
     seeds, offsets = list(range(1, c.K + 1)), [0] * c.K  # one stream per client
-    kw = {"clip_norm": 10.0, "noise_multiplier": 0.4, "seed": seeds, "offset": offsets, "per_sample": per_sample}
+    hyper = {"clip_norm": 10.0, "noise_multiplier": 0.4, "per_sample": per_sample}
+    kw = {**hyper, "seed": seeds, "offset": offsets}
     out_bytes = (c.K * (c.n_ctx * c.r + c.r * c.d + c.n_ctx * c.d) + c.K * (c.b if per_sample else 1) * 3) * 4
-    compiled, err = _try_compile(reference.dp_lowrank_clip_noise, lambda f: f(grad, u, v, **kw))
+    compiled, err = _try_compile(eager_dp_lowrank_clip_noise, lambda f: f(grad, u, v, **hyper))
     return Setup(
         fused=lambda: ops.dp_lowrank_clip_noise(grad, u, v, **kw),
-        eager=lambda: reference.dp_lowrank_clip_noise(grad, u, v, **kw),
-        compile=None if compiled is None else (lambda: compiled(grad, u, v, **kw)),
+        eager=lambda: eager_dp_lowrank_clip_noise(grad, u, v, **hyper),
+        reference=lambda: reference.dp_lowrank_clip_noise(grad, u, v, **kw),
+        compile=None if compiled is None else (lambda: compiled(grad, u, v, **hyper)),
         nbytes=_nbytes(grad, u, v) + out_bytes,
         compile_error=err,
     )
@@ -308,11 +362,17 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-".rjust(width) if x is None or math.isnan(x) else format(x, spec)
 
 
+def _over_fused(medians: dict[str, float | None], impl: str) -> float | None:
+    """medians[impl] / medians["fused"]; None when either is missing."""
+    fused, other = medians.get("fused"), medians.get(impl)
+    return None if not fused or other is None else other / fused
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Time every (op, case, device, impl); print the tables; return the JSON records."""
     measurements: list[benchmark.Measurement] = []
     records: list[dict[str, Any]] = []
-    ratios: list[tuple[str, str, str, float | None, float | None, float | None]] = []
+    ratios: list[tuple[str, str, str, float | None, float | None, float | None, float | None]] = []
     for dev in args.device:
         device = torch.device(dev)
         if dev == "cuda" and not torch.cuda.is_available():
@@ -329,11 +389,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 t0 = time.perf_counter()
                 torch.manual_seed(0)
                 setup = OPS[op_name](case, device)
-                impls: dict[str, Callable[[], Any] | None] = {
+                callables: dict[str, Callable[[], Any] | None] = {
                     "fused": setup.fused if fused_ok or not ops.has_cpp_ops() else None,
                     "eager": setup.eager,
+                    "reference": setup.reference,
                     "compile": setup.compile,
                 }
+                # No reference row where eager is the reference itself.
+                impls = {k: callables[k] for k in IMPLS if k != "reference" or setup.reference is not None}
                 medians: dict[str, float | None] = {}
                 for impl, fn in impls.items():
                     rec: dict[str, Any] = {"op": op_name, "case": case_name, "device": dev, "impl": impl}
@@ -371,8 +434,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         op_name,
                         case_name,
                         dev,
-                        None if not fused or medians["eager"] is None else medians["eager"] / fused,
-                        None if not fused or medians["compile"] is None else medians["compile"] / fused,
+                        _over_fused(medians, "eager"),
+                        _over_fused(medians, "compile"),
+                        _over_fused(medians, "reference"),
                         None if not fused else setup.nbytes / (fused * 1e-6) / 1e9,
                     )
                 )
@@ -380,7 +444,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 print(
                     f"done {op_name:26s} {case_name:6s} {dev:4s} in {time.perf_counter() - t0:6.1f} s{err}", flush=True
                 )
-                del setup, impls
+                del setup, impls, callables
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
 
@@ -388,9 +452,15 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         compare = benchmark.Compare(measurements)
         compare.trim_significant_figures()
         compare.print()
-    print(f"{'op':26s} {'case':6s} {'dev':4s} {'eager/fused':>12s} {'compile/fused':>14s} {'fused GB/s':>11s}")
-    for op_name, case_name, dev, r_e, r_c, gbs in ratios:
-        print(f"{op_name:26s} {case_name:6s} {dev:4s} {_fmt(r_e, '12.2f')} {_fmt(r_c, '14.2f')} {_fmt(gbs, '11.2f')}")
+    print(
+        f"{'op':26s} {'case':6s} {'dev':4s} {'eager/fused':>12s} {'compile/fused':>14s} {'reference/fused':>16s}"
+        f" {'fused GB/s':>11s}"
+    )
+    for op_name, case_name, dev, r_e, r_c, r_r, gbs in ratios:
+        print(
+            f"{op_name:26s} {case_name:6s} {dev:4s} {_fmt(r_e, '12.2f')} {_fmt(r_c, '14.2f')} {_fmt(r_r, '16.2f')}"
+            f" {_fmt(gbs, '11.2f')}"
+        )
     return records
 
 

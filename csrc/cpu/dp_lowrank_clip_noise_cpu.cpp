@@ -1,7 +1,9 @@
 // dp_lowrank_clip_noise on the CPU: per-sample clipping of the prompt-factor gradients plus local-DP noise.
-// Semantics: fpl_fast/reference.py. One pass over the per-sample context gradients: for each sample the
-// factor gradients A = X V^T and B = U^T X and the three norms are computed while X is in cache, and the
-// clipped terms go straight into per-work-unit sums, so no per-sample (K, b, r, d) tensor is ever
+// Semantics: fpl_fast/reference.py. One pass over the per-sample context gradients: for each sample, while X
+// is in cache, A = X V^T and the three norms (|A|, |U^T X|, |X|) are computed and the clipped A goes into its
+// work unit's sum; at the end of each chunk of samples (still in cache) the clipped X are summed twice, with
+// the factor of g_V and with that of g_G. The clipped g_V sum is U^T times the first of these (linearity),
+// formed once per client, so no per-sample (r, d) product and no per-sample (K, b, r, d) tensor is ever
 // materialised.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -33,8 +35,8 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
   const int64_t K = dims.K, b = dims.b, n_cls = dims.n_cls, n = dims.n_ctx, d = dims.d, r = dims.r;
   const int64_t nd = n * d, nr = n * r, rd = r * d;
   const bool uv = dims.has_uv;
-  const int64_t b_out = per_sample ? b : 1;  // rows of norms per client
-  const int64_t unit_len = uv ? nr + rd + nd : nd;
+  const int64_t b_out = per_sample ? b : 1;        // rows of norms per client
+  const int64_t unit_len = uv ? nr + 2 * nd : nd;  // sums of cu A, cv X (uv), cg X
   const int64_t units_per_client = per_sample ? (b + kChunk - 1) / kChunk : 1;
   const int64_t sample_stride = n_cls * nd;
   const int64_t client_stride = b * sample_stride;
@@ -53,70 +55,91 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
   const bool direct = std::is_same<scalar_t, acc_t>::value && n_cls == 1;
 
   at::parallel_for(0, K * units_per_client, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xbuf(direct && per_sample ? 0 : nd), abuf(nr), bbuf(rd);
+    const int64_t chunk_len = per_sample ? kChunk : 1;
+    std::vector<acc_t> xbuf(direct && per_sample ? 0 : chunk_len * nd), abuf(nr), vpack(uv ? rd : 0);
+    int64_t packed_k = -1;
+    const acc_t* xs[kChunk];
+    acc_t wv[kChunk], wg[kChunk], sq[3];
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t k = unit / units_per_client;
       const int64_t chunk = unit % units_per_client;
       acc_t* acc_u = pp + unit * unit_len;  // (n, r) when uv
-      acc_t* acc_v = acc_u + nr;            // (r, d) when uv
-      acc_t* acc_g = uv ? acc_v + rd : acc_u;
-      std::fill(acc_u, acc_u + unit_len, acc_t(0));
+      acc_t* acc_xv = acc_u + nr;           // (n, d) when uv: sum of cv_i X_i
+      acc_t* acc_g = uv ? acc_xv + nd : acc_u;
+      std::fill(acc_u, acc_u + (uv ? nr : 0), acc_t(0));  // the X sums are written by weighted_sums
       const acc_t* U = uv ? up + k * nr : nullptr;
       const acc_t* V = uv ? vp + k * rd : nullptr;
+      if (uv && k != packed_k) {
+        cpu::pack_rows4(V, r, d, vpack.data());
+        packed_k = k;
+      }
       const scalar_t* client = gp + k * client_stride;
 
-      auto process = [&](const acc_t* X, int64_t row) {
-        float* nrm = normp + (k * b_out + row) * 3;
+      // xbuf + slot * nd (+)= sample i summed over classes, in acc_t.
+      auto gather = [&](int64_t i, int64_t slot, bool accumulate) {
+        const scalar_t* src = client + i * sample_stride;
+        acc_t* dst = xbuf.data() + slot * nd;
+        for (int64_t c = 0; c < n_cls; ++c) cpu::load_acc(nd, src + c * nd, dst, accumulate || c > 0);
+      };
+      int64_t count, row0;
+      if (per_sample) {
+        row0 = chunk * kChunk;
+        count = std::min(b, row0 + kChunk) - row0;
+        for (int64_t s = 0; s < count; ++s) {
+          if (direct) {
+            xs[s] = reinterpret_cast<const acc_t*>(client + (row0 + s) * sample_stride);
+          } else {
+            gather(row0 + s, s, false);
+            xs[s] = xbuf.data() + s * nd;
+          }
+        }
+      } else {
+        // The batch mean is clipped instead (the authors' batch-level clipping).
+        row0 = 0;
+        count = 1;
+        if (direct) {
+          cpu::sum_rows(b, sample_stride, reinterpret_cast<const acc_t*>(client), nd, xbuf.data());
+        } else {
+          std::fill(xbuf.begin(), xbuf.end(), acc_t(0));
+          for (int64_t i = 0; i < b; ++i) gather(i, 0, true);
+        }
+        if (b > 0) {
+          for (auto& e : xbuf) e /= static_cast<acc_t>(b);
+        }
+        xs[0] = xbuf.data();
+      }
+      for (int64_t s = 0; s < count; ++s) {
+        float* nrm = normp + (k * b_out + row0 + s) * 3;
         if (uv) {
-          const acc_t norm_g = std::sqrt(cpu::sample_factors(X, U, V, n, d, r, abuf.data(), bbuf.data()));
-          const acc_t norm_u = std::sqrt(cpu::sumsq(nr, abuf.data()));
-          const acc_t norm_v = std::sqrt(cpu::sumsq(rd, bbuf.data()));
+          // Prefetch the next sample: the next one in this chunk, else (direct reads) the next in memory,
+          // which is this thread's next unit's first sample when that unit follows.
+          const acc_t* next = s + 1 < count                            ? xs[s + 1]
+                              : direct && per_sample && unit + 1 < end ? xs[s] + sample_stride
+                                                                       : nullptr;
+          cpu::factor_norms(xs[s], U, V, vpack.data(), n, d, r, abuf.data(), sq, next);
+          const acc_t norm_u = std::sqrt(sq[0]), norm_v = std::sqrt(sq[1]), norm_g = std::sqrt(sq[2]);
           acc_t cu, cv;
           if (joint_uv) {
-            cu = cv = clip(std::sqrt(norm_u * norm_u + norm_v * norm_v));
+            cu = cv = clip(std::sqrt(sq[0] + sq[1]));
           } else {
             cu = clip(norm_u);
             cv = clip(norm_v);
           }
           cpu::axpy(nr, cu, abuf.data(), acc_u);
-          cpu::axpy(rd, cv, bbuf.data(), acc_v);
-          cpu::axpy(nd, clip(norm_g), X, acc_g);
+          wv[s] = cv;
+          wg[s] = clip(norm_g);
           nrm[0] = static_cast<float>(norm_u);
           nrm[1] = static_cast<float>(norm_v);
           nrm[2] = static_cast<float>(norm_g);
         } else {
-          const acc_t norm_g = std::sqrt(cpu::sumsq(nd, X));
-          cpu::axpy(nd, clip(norm_g), X, acc_g);
+          const acc_t norm_g = std::sqrt(cpu::sumsq(nd, xs[s]));
+          wg[s] = clip(norm_g);
           nrm[0] = static_cast<float>(norm_g);
           nrm[1] = 0.f;
           nrm[2] = static_cast<float>(norm_g);
         }
-      };
-      // xbuf (+)= sample i summed over classes, in acc_t.
-      auto gather = [&](int64_t i, bool accumulate) {
-        const scalar_t* src = client + i * sample_stride;
-        for (int64_t c = 0; c < n_cls; ++c) cpu::load_acc(nd, src + c * nd, xbuf.data(), accumulate || c > 0);
-      };
-
-      if (per_sample) {
-        const int64_t i_end = std::min(b, (chunk + 1) * kChunk);
-        for (int64_t i = chunk * kChunk; i < i_end; ++i) {
-          if (direct) {
-            process(reinterpret_cast<const acc_t*>(client + i * sample_stride), i);
-          } else {
-            gather(i, false);
-            process(xbuf.data(), i);
-          }
-        }
-      } else {
-        // The batch mean is clipped instead (the authors' batch-level clipping).
-        std::fill(xbuf.begin(), xbuf.end(), acc_t(0));
-        for (int64_t i = 0; i < b; ++i) gather(i, true);
-        if (b > 0) {
-          for (auto& e : xbuf) e /= static_cast<acc_t>(b);
-        }
-        process(xbuf.data(), 0);
       }
+      cpu::weighted_sums(count, xs, wg, uv ? wv : nullptr, nd, acc_g, uv ? acc_xv : nullptr);
     }
   });
 
@@ -132,20 +155,19 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
   scalar_t* ob = out_b.data_ptr<scalar_t>();
   scalar_t* og = out_g.data_ptr<scalar_t>();
   at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sum(unit_len);
+    std::vector<acc_t> sum(unit_len), sum_v(rd);
     std::vector<float> z(noisy ? per_client_noise : 0);
     for (int64_t k = begin; k < end; ++k) {
-      std::fill(sum.begin(), sum.end(), acc_t(0));
-      for (int64_t c = 0; c < units_per_client; ++c) {
-        cpu::axpy(unit_len, acc_t(1), pp + (k * units_per_client + c) * unit_len, sum.data());
-      }
+      cpu::sum_rows(units_per_client, unit_len, pp + k * units_per_client * unit_len, unit_len, sum.data());
       // Client k: normals 0 .. P - 1 of its own stream (seed[k], offset[k]).
       if (noisy)
         cpu::fill_normals(static_cast<uint64_t>(seed[k]), static_cast<uint64_t>(offset[k]), 0,
                           per_client_noise, z.data());
       const acc_t* sa = sum.data();
-      const acc_t* sb = sa + nr;
-      const acc_t* sg = uv ? sb + rd : sa;
+      const acc_t* sg = uv ? sa + nr + nd : sa;
+      // sum_i cv_i U^T X_i = U^T (sum_i cv_i X_i).
+      if (uv) cpu::ut_x(up + k * nr, sa + nr, n, d, r, sum_v.data());
+      const acc_t* sb = sum_v.data();
       for (int64_t e = 0; e < numel_a; ++e) {
         acc_t val = sa[e] * scale;
         if (noisy) val += static_cast<acc_t>(z[e]) * noise_scale;
