@@ -414,8 +414,9 @@ def dp_output_clip_noise(
     cotangents are never formed; the release is Z = (S + sigma C_k N) / denominator.
 
     Noise streams: client k draws normals 0 .. n_cls D - 1 of its own stream (seed[k], offset[k]), row-major
-    (n_cls, D); no draws when sigma = 0. Rows with mask 0 (padding of Poisson batches) count for nothing (norm 0,
-    loss 0).
+    (n_cls, D); no draws when sigma = 0. The CPU kernel below float64 draws them by float32 Box-Muller, within a
+    few float ulps of these (csrc/philox.h states the precision per backend). Rows with mask 0 (padding of Poisson
+    batches) count for nothing (norm 0, loss 0).
 
     Args:
         image_feats: (K, b, D) image features (normalised here).

@@ -191,9 +191,19 @@ def test_noise_is_the_philox_stream(case: str, device: torch.device) -> None:
     assert torch.equal(noisy[1], clean[1]) and torch.equal(noisy[2], clean[2])
 
 
-def test_noise_normals_bitwise_over_many_counters(device: torch.device) -> None:
+# The CPU kernel's float32 Box-Muller (csrc/cpu/box_muller_f32.h) is within a few float ulps of the double one
+# that reference.philox_normal rounds to float (CUDA keeps double and matches it bitwise but for ties).
+F32_NORMAL_TOL = 4e-6
+
+
+def assert_normals_close(got: Tensor, want: Tensor) -> None:
+    err = (got.double() - want.double()).abs() / want.double().abs().clamp(min=1.0)
+    assert float(err.max()) <= F32_NORMAL_TOL, f"max |err| / max(1, |z|) = {float(err.max()):.3g}"
+
+
+def test_noise_normals_match_the_stream_over_many_counters(device: torch.device) -> None:
     """With b = 0 the float32 release is sigma C z / denom exactly for C = denom, sigma = 1: the vectorised normals
-    equal the reference's over 2 x 3 x 517 draws (unaligned row starts, vector chunks and their tails)."""
+    match the reference's over 2 x 3 x 517 draws (unaligned row starts, vector chunks and their tails)."""
     K, n_cls, D = 2, 3, 517
     x, t = torch.zeros(K, 0, D), make(K, n_cls, D)
     labels = torch.zeros(K, 0, dtype=torch.int64)
@@ -201,7 +211,55 @@ def test_noise_normals_bitwise_over_many_counters(device: torch.device) -> None:
     kw = {"logit_scale": 1.0, "clip_norm": torch.full((K,), 2.0), "noise_multiplier": 1.0}
     got = run_ops([x, t, labels, None], device, **kw, seed=seeds, offset=offsets, denominator=2.0)[0]
     z = torch.stack([reference.philox_normal(s, o, n_cls * D) for s, o in zip(seeds, offsets, strict=True)])
-    assert torch.equal(got.reshape(K, -1), z)
+    assert_normals_close(got.reshape(K, -1).cpu(), z)
+
+
+def test_noise_normals_over_a_million_draws() -> None:
+    """About 10^6 normals of the op (b = 0, float32, 64-bit seeds and offsets) against the reference stream."""
+    K, n_cls, D = 2, 1024, 512
+    x, t = torch.zeros(K, 0, D), torch.zeros(K, n_cls, D)
+    labels = torch.zeros(K, 0, dtype=torch.int64)
+    seeds, offsets = [(5 << 40) + 11, 3], [(7 << 33) + 1, 0]
+    kw = {"logit_scale": 1.0, "clip_norm": torch.full((K,), 2.0), "noise_multiplier": 1.0}
+    got = ops.dp_output_clip_noise(x, t, labels, None, **kw, seed=seeds, offset=offsets, denominator=2.0)[0]
+    z = torch.stack([reference.philox_normal(s, o, n_cls * D) for s, o in zip(seeds, offsets, strict=True)])
+    assert_normals_close(got.reshape(K, -1), z)
+
+
+def _box_muller_double(words: Tensor) -> Tensor:
+    """csrc/philox.h's Box-Muller in double on (n, 2) words (x0, x1), rounded to float, as the reference does."""
+    a, b = words[:, 0].double(), words[:, 1].double()
+    r = torch.sqrt(-2.0 * torch.log((a + 1.0) * 2.0**-32))
+    u2 = b * 2.0**-32
+    return torch.stack([r * torch.cos(2 * math.pi * u2), r * torch.sin(2 * math.pi * u2)], dim=1).float()
+
+
+@needs_ext
+@pytest.mark.skipif(not hasattr(torch.ops.fpl_fast, "_box_muller_f32_words"), reason="no float32 Box-Muller hook")
+def test_float32_box_muller_on_crafted_words() -> None:
+    """The float32 path on words no seed search would reach: x0 near 0 (the tail: max |z| must be the 32-bit u1's
+    6.66, not a 24-bit u1's 5.8), near 2^31 (the branch switch) and near 2^32 (u1 near 1), x1 at every octant edge."""
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 20
+    x0 = torch.randint(0, 2**32, (n,), generator=g, dtype=torch.int64)
+    x1 = torch.randint(0, 2**32, (n,), generator=g, dtype=torch.int64)
+    m = n // 8
+    x0[:m] = torch.arange(m)
+    x0[m : 2 * m] = 2**32 - 1 - torch.arange(m)
+    x0[2 * m : 2 * m + 8192] = 2**31 + torch.arange(-4096, 4096)
+    edges = (torch.arange(8, dtype=torch.int64) << 29)[:, None] + torch.arange(-512, 512)[None, :]
+    x1[3 * m : 3 * m + edges.numel()] = edges.flatten() % 2**32
+    x1[4 * m : 4 * m + 2] = torch.tensor([0, 2**32 - 1])
+    words = torch.stack([x0, x1], dim=1)
+    got, want = torch.ops.fpl_fast._box_muller_f32_words(words), _box_muller_double(words)
+    assert_normals_close(got, want)
+    tail = torch.tensor([[0, 0], [0, 2**31], [2**32 - 1, 12345]])
+    got_t, want_t = torch.ops.fpl_fast._box_muller_f32_words(tail), _box_muller_double(tail)
+    # Exact where every step is (r = sqrt(64 ln 2) at x0 = 0, r = 0 at x0 = 2^32 - 1); sin(pi) is exactly 0 here.
+    torch.testing.assert_close(got_t, want_t, rtol=0, atol=1e-15)
+    assert torch.equal(got_t[:, 0], want_t[:, 0])
+    assert float(got.abs().max()) == float(want.abs().max())
+    assert float(got_t.abs().max()) == pytest.approx(math.sqrt(64 * math.log(2)), rel=1e-7)
 
 
 # ----------------------------------------------------------------------------------------------

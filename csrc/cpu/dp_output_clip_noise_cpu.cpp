@@ -4,7 +4,8 @@
 //  2. per client: cos, log-softmax, losses, the closed-form cotangent norms, the clip factors f, the weights
 //     Wt[c, i] = f_i w_ic / ||x_i|| (so that A = Wt X = (f w)^T X^) and proj_c = T^_c . A_c, which is
 //     sum_i f_i w_ic cos_ic: no pass over D is needed for the projection;
-//  3. per block of classes: the block's normals of client k's stream, then in one pass over the block
+//  3. per block of classes: the block's normals of client k's stream (float32 Box-Muller below float64, see
+//     csrc/philox.h for the precision contract), then in one pass over the block
 //     release_c = s / (||T_c|| denom) (A_c - proj_c T_c / ||T_c||) + sigma C_k / denom z_c, with A_c formed
 //     in registers (a b-term linear combination of the rows of X).
 // No (b, n_cls, D) cotangent and no (n_cls, D) temporary is ever written; the output is written once.
@@ -20,9 +21,12 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../checks.h"
+#include "box_muller_f32.h"
 #include "cpu_common.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -35,6 +39,7 @@
 namespace fpl_fast {
 namespace {
 
+using cpu::F32Lanes;
 using cpu::Vec;
 using cpu::vec_t;
 using cpu::vload;
@@ -63,22 +68,16 @@ FPL_ALWAYS_INLINE void nstore(T* p, V v) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Normals: Philox4x32-10 + Box-Muller (csrc/philox.h) for one vector of counters at once, in double.
-// log, sin and cos are fdlibm's algorithms (Sun's e_log.c, k_sin.c, k_cos.c; < 1 ulp), vectorised: the
-// float32 normals agree with the scalar path and the reference except where an ulp-level difference of
-// the double result crosses a float rounding boundary (about 2^-29 of them).
+// Normals: Philox4x32-10 (csrc/philox.h) for vectors of counters at once, then Box-Muller in float32
+// (box_muller_f32.h: within a few float ulps of the double Box-Muller, same tail) on twice as many lanes as
+// the double version would have: the double log/sincos were about half of the op's time. The float64 op
+// keeps the double Box-Muller (cpu::fill_normals), whose float normals are philox_normal()'s.
 // ------------------------------------------------------------------------------------------------
-constexpr double kMagic52 = 4503599627370496.0;  // 2^52
-constexpr uint64_t kMagic52Bits = 0x4330000000000000ull;
-constexpr double kMagic52h = 6755399441055744.0;  // 1.5 * 2^52
-constexpr uint64_t kMagic52hBits = 0x4338000000000000ull;
 
 template <int VB>
 struct Lanes {
-  typedef typename NVec<double, VB>::type d;
   typedef typename NVec<uint64_t, VB>::type u;
-  typedef typename NVec<int64_t, VB>::type i;
-  typedef typename NVec<float, VB / 2>::type f;
+  typedef typename NVec<uint32_t, VB / 2>::type u32h;  // one u of 32-bit values, narrowed
   static constexpr int kN = VB / 8;
 };
 
@@ -89,7 +88,7 @@ struct Lanes {
 struct MulGeneric {
   template <typename U>
   static FPL_ALWAYS_INLINE U mul(U a, uint64_t m) {
-    return a * m;
+    return (a & 0xffffffffull) * m;  // as vpmuludq: the high half of each lane is ignored
   }
 };
 #if FPL_OUTDP_X86
@@ -118,12 +117,14 @@ struct MulAvx2 {
 struct BlocksAvx512 {
   using Mul = MulAvx512;
   static constexpr int kVB = 64;                      // vector bytes
+  static constexpr int kNormalChains = 4;             // Philox chains interleaved (the multiply latency)
   static constexpr int kDotRows = 4, kDotCols = 4;    // dots: rows of X x rows of T per block
   static constexpr int kCombRows = 4, kCombVecs = 4;  // combine: classes x vectors of D per block
 };
 struct BlocksAvx2 {
   using Mul = MulAvx2;
   static constexpr int kVB = 32;
+  static constexpr int kNormalChains = 4;  // 16 state registers: some spill, but 2 chains wait on latency
   static constexpr int kDotRows = 2, kDotCols = 4;
   static constexpr int kCombRows = 2, kCombVecs = 4;
 };
@@ -135,98 +136,34 @@ struct BlocksDefault {
   using Mul = MulGeneric;
 #endif
   static constexpr int kVB = 16;
+  static constexpr int kNormalChains = 2;
   static constexpr int kDotRows = 2, kDotCols = 4;
   static constexpr int kCombRows = 2, kCombVecs = 4;
 };
 
-// Exact for 0 <= n < 2^52 (no u64 -> double conversion instruction before AVX-512DQ).
-template <typename D, typename U>
-FPL_ALWAYS_INLINE D u64_to_f64(U n) {
-  return (D)(n | kMagic52Bits) - kMagic52;
-}
-// Exact for |k| < 2^51.
-template <typename D, typename U, typename I>
-FPL_ALWAYS_INLINE D i64_to_f64(I k) {
-  return (D)((U)k + kMagic52hBits) - kMagic52h;
-}
-
+// The low 32 bits of the lanes of a and b (u64 lanes holding 32-bit words), a's first: 2 N 32-bit lanes.
 template <int VB>
-FPL_ALWAYS_INLINE typename Lanes<VB>::d vsqrt(typename Lanes<VB>::d v) {
-  typename Lanes<VB>::d r;
-  for (int l = 0; l < Lanes<VB>::kN; ++l) r[l] = __builtin_sqrt(v[l]);  // one vsqrtpd (-fno-math-errno)
-  return r;
+FPL_ALWAYS_INLINE typename F32Lanes<VB>::u narrow_pair(typename Lanes<VB>::u a, typename Lanes<VB>::u b) {
+  using H = typename Lanes<VB>::u32h;
+  const H lo = __builtin_convertvector(a, H), hi = __builtin_convertvector(b, H);
+  if constexpr (Lanes<VB>::kN == 8) {
+    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  } else if constexpr (Lanes<VB>::kN == 4) {
+    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7);
+  } else {
+    static_assert(Lanes<VB>::kN == 2);
+    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3);
+  }
 }
 
-// log(x) for finite normal x > 0 (e_log.c without its special cases).
-template <int VB>
-FPL_ALWAYS_INLINE typename Lanes<VB>::d vlog(typename Lanes<VB>::d x) {
-  using D = typename Lanes<VB>::d;
-  using U = typename Lanes<VB>::u;
-  using I = typename Lanes<VB>::i;
-  constexpr double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
-  constexpr double Lg1 = 6.666666666666735130e-01, Lg2 = 3.999999999940941908e-01;
-  constexpr double Lg3 = 2.857142874366239149e-01, Lg4 = 2.222219843214978396e-01;
-  constexpr double Lg5 = 1.818357216161805012e-01, Lg6 = 1.531383769920937332e-01;
-  constexpr double Lg7 = 1.479819860511658591e-01;
-  const U bits = (U)x;
-  U hx = bits >> 32;
-  I k = (I)(hx >> 20) - 1023;
-  hx &= 0x000fffffull;
-  const U i = (hx + 0x95f64ull) & 0x100000ull;  // normalise x or x/2 into [sqrt(2)/2, sqrt(2))
-  const D m = (D)(((hx | (i ^ 0x3ff00000ull)) << 32) | (bits & 0xffffffffull));
-  k += (I)(i >> 20);
-  const D f = m - 1.0;
-  const D hfsq = 0.5 * f * f;
-  const D s = f / (2.0 + f);
-  const D dk = i64_to_f64<D, U, I>(k);
-  const D z = s * s;
-  const D w = z * z;
-  const D t1 = w * (Lg2 + w * (Lg4 + w * Lg6));
-  const D t2 = z * (Lg1 + w * (Lg3 + w * (Lg5 + w * Lg7)));
-  const D R = t2 + t1;
-  return dk * ln2_hi - ((hfsq - (s * (hfsq + R) + dk * ln2_lo)) - f);
-}
-
-// sin(x) and cos(x) for 0 <= x < 2 pi: x = q pi/2 + r (Cody-Waite, q <= 4 makes q * pio2_1 exact), then
-// the |r| <= pi/4 kernels of k_sin.c and k_cos.c.
-template <int VB>
-FPL_ALWAYS_INLINE void vsincos(typename Lanes<VB>::d x, typename Lanes<VB>::d* sin_out,
-                               typename Lanes<VB>::d* cos_out) {
-  using D = typename Lanes<VB>::d;
-  using U = typename Lanes<VB>::u;
-  using I = typename Lanes<VB>::i;
-  constexpr double two_over_pi = 6.36619772367581382433e-01;
-  constexpr double pio2_1 = 1.57079632673412561417e+00, pio2_1t = 6.07710050650619224932e-11;
-  constexpr double S1 = -1.66666666666666324348e-01, S2 = 8.33333333332248946124e-03;
-  constexpr double S3 = -1.98412698298579493134e-04, S4 = 2.75573137070700676789e-06;
-  constexpr double S5 = -2.50507602534068634195e-08, S6 = 1.58969099521155010221e-10;
-  constexpr double C1 = 4.16666666666666019037e-02, C2 = -1.38888888888741095749e-03;
-  constexpr double C3 = 2.48015872894767294178e-05, C4 = -2.75573143513906633035e-07;
-  constexpr double C5 = 2.08757232129817482790e-09, C6 = -1.13596475577881948265e-11;
-  const D t = x * two_over_pi + kMagic52h;  // round to nearest: q in the low bits
-  const U q = (U)t;
-  const D qd = t - kMagic52h;
-  const D r = (x - qd * pio2_1) - qd * pio2_1t;
-  const D z = r * r;
-  const D sr = r + (z * r) * (S1 + z * (S2 + z * (S3 + z * (S4 + z * (S5 + z * S6)))));
-  const D cpoly = z * (C1 + z * (C2 + z * (C3 + z * (C4 + z * (C5 + z * C6)))));
-  const D hz = 0.5 * z;
-  const D w = 1.0 - hz;
-  const D cr = w + (((1.0 - w) - hz) + z * cpoly);
-  const I odd = (I)((q & 1ull) != 0ull);
-  const U sin_sign = (q & 2ull) << 62;
-  const U cos_sign = ((q + 1ull) & 2ull) << 62;
-  *sin_out = (D)((U)(odd ? cr : sr) ^ sin_sign);
-  *cos_out = (D)((U)(odd ? sr : cr) ^ cos_sign);
-}
-
-// Normals 4 q0 .. 4 (q0 + G N) - 1 of the (seed, offset) stream (G vectors of N = Lanes<VB>::kN counters), in
-// stream order. G independent Philox chains hide the latency of the 64-bit multiplies.
+// Normals 4 q0 .. 4 (q0 + G N) - 1 of the (seed, offset) stream (G vectors of N = Lanes<VB>::kN counters, G
+// even), in stream order. G independent Philox chains hide the multiply latency; Box-Muller then runs on
+// pairs of chains as float vectors of 2 N lanes (the same VB bytes).
 template <int VB, int G, typename Mul>
 FPL_ALWAYS_INLINE void normals_chunk(uint64_t seed, uint64_t offset, uint64_t q0, float* out) {
-  using D = typename Lanes<VB>::d;
+  static_assert(G % 2 == 0);
   using U = typename Lanes<VB>::u;
-  using F = typename Lanes<VB>::f;
+  using F = typename F32Lanes<VB>::f;
   constexpr int N = Lanes<VB>::kN;
   constexpr uint64_t kM0 = 0xD2511F53ull, kM1 = 0xCD9E8D57ull;
   constexpr uint64_t kW0 = 0x9E3779B9ull, kW1 = 0xBB67AE85ull;
@@ -247,54 +184,65 @@ FPL_ALWAYS_INLINE void normals_chunk(uint64_t seed, uint64_t offset, uint64_t q0
       k0 = (k0 + kW0) & kLo;
       k1 = (k1 + kW1) & kLo;
     }
+    // The lanes' high halves are left as garbage: the multiplies read only the low 32 bits of their operands,
+    // the 32-bit words are the low halves, and narrow_pair truncates (two masks fewer per chain and round).
     for (int g = 0; g < G; ++g) {
-      const U p0 = Mul::mul(c0[g], kM0);  // exact: both factors < 2^32
+      const U p0 = Mul::mul(c0[g], kM0);  // exact 64-bit products of the low halves
       const U p1 = Mul::mul(c2[g], kM1);
       const U n0 = (p1 >> 32) ^ c1[g] ^ k0;
       const U n2 = (p0 >> 32) ^ c3[g] ^ k1;
-      c1[g] = p1 & kLo;
-      c3[g] = p0 & kLo;
+      c1[g] = p1;
+      c3[g] = p0;
       c0[g] = n0;
       c2[g] = n2;
     }
   }
-  constexpr double kTwoPow32Inv = 2.3283064365386963e-10;
-  constexpr double kTwoPi = 6.283185307179586;
-  for (int g = 0; g < G; ++g) {
+  for (int g = 0; g < G; g += 2) {
     F z[4];
-    const U words[4] = {c0[g], c1[g], c2[g], c3[g]};
-    for (int pair = 0; pair < 2; ++pair) {
-      const D u1 = u64_to_f64<D>(words[2 * pair] + 1ull) * kTwoPow32Inv;  // (0, 1]
-      const D u2 = u64_to_f64<D>(words[2 * pair + 1]) * kTwoPow32Inv;
-      const D rad = vsqrt<VB>(-2.0 * vlog<VB>(u1));
-      D s, c;
-      vsincos<VB>(kTwoPi * u2, &s, &c);
-      z[2 * pair] = __builtin_convertvector(rad * c, F);
-      z[2 * pair + 1] = __builtin_convertvector(rad * s, F);
-    }
-    float* o = out + 4 * N * g;
-    if constexpr (N == 8) {  // AVX-512: transpose (z0 | z1 | z2 | z3) into stream order with four shuffles
-      typedef float f16 __attribute__((vector_size(64)));
+    cpu::box_muller_f32<VB>(narrow_pair<VB>(c0[g], c0[g + 1]), narrow_pair<VB>(c1[g], c1[g + 1]), &z[0],
+                            &z[1]);
+    cpu::box_muller_f32<VB>(narrow_pair<VB>(c2[g], c2[g + 1]), narrow_pair<VB>(c3[g], c3[g + 1]), &z[2],
+                            &z[3]);
+    float* o = out + 4 * N * g;  // counters g N .. (g + 2) N - 1: z0 z1 z2 z3 each
+    // Transpose (z0 | z1 | z2 | z3) into stream order: (z0, z1) and (z2, z3) pairs as 64-bit lanes.
+    if constexpr (N == 8) {
       typedef double d8 __attribute__((vector_size(64)));
-      const f16 a = __builtin_shufflevector(z[0], z[1], 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
-      const f16 b = __builtin_shufflevector(z[2], z[3], 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
-      const d8 lo = __builtin_shufflevector((d8)a, (d8)b, 0, 8, 1, 9, 2, 10, 3, 11);
-      const d8 hi = __builtin_shufflevector((d8)a, (d8)b, 4, 12, 5, 13, 6, 14, 7, 15);
-      std::memcpy(o, &lo, sizeof(lo));
-      std::memcpy(o + 16, &hi, sizeof(hi));
+      const F a = __builtin_shufflevector(z[0], z[1], 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+      const F a2 =
+          __builtin_shufflevector(z[0], z[1], 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+      const F b = __builtin_shufflevector(z[2], z[3], 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+      const F b2 =
+          __builtin_shufflevector(z[2], z[3], 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+      const d8 r[4] = {__builtin_shufflevector((d8)a, (d8)b, 0, 8, 1, 9, 2, 10, 3, 11),
+                       __builtin_shufflevector((d8)a, (d8)b, 4, 12, 5, 13, 6, 14, 7, 15),
+                       __builtin_shufflevector((d8)a2, (d8)b2, 0, 8, 1, 9, 2, 10, 3, 11),
+                       __builtin_shufflevector((d8)a2, (d8)b2, 4, 12, 5, 13, 6, 14, 7, 15)};
+      std::memcpy(o, r, sizeof(r));
+    } else if constexpr (N == 4) {
+      typedef double d4 __attribute__((vector_size(32)));
+      const F a = __builtin_shufflevector(z[0], z[1], 0, 8, 1, 9, 2, 10, 3, 11);
+      const F a2 = __builtin_shufflevector(z[0], z[1], 4, 12, 5, 13, 6, 14, 7, 15);
+      const F b = __builtin_shufflevector(z[2], z[3], 0, 8, 1, 9, 2, 10, 3, 11);
+      const F b2 = __builtin_shufflevector(z[2], z[3], 4, 12, 5, 13, 6, 14, 7, 15);
+      const d4 r[4] = {__builtin_shufflevector((d4)a, (d4)b, 0, 4, 1, 5),
+                       __builtin_shufflevector((d4)a, (d4)b, 2, 6, 3, 7),
+                       __builtin_shufflevector((d4)a2, (d4)b2, 0, 4, 1, 5),
+                       __builtin_shufflevector((d4)a2, (d4)b2, 2, 6, 3, 7)};
+      std::memcpy(o, r, sizeof(r));
     } else {
-      for (int l = 0; l < N; ++l) {
+      for (int l = 0; l < 2 * N; ++l) {
         for (int m = 0; m < 4; ++m) o[4 * l + m] = z[m][l];
       }
     }
   }
 }
 
-// Normals start .. start + count - 1 of the (seed, offset) stream, as float (cpu::fill_normals, vectorised).
+// Normals start .. start + count - 1 of the (seed, offset) stream, as float: float32 Box-Muller in the vector
+// chunks, the scalar double one (philox_normal) for the unaligned head and the tail.
 template <typename B>
 FPL_ALWAYS_INLINE void fill_normals_fast_body(uint64_t seed, uint64_t offset, uint64_t start, int64_t count,
                                               float* out) {
-  constexpr int kGroups = 2;
+  constexpr int kGroups = B::kNormalChains;
   constexpr int64_t kChunk = 4 * kGroups * Lanes<B::kVB>::kN;
   int64_t j = 0;
   for (; j < count && (start + j) % 4 != 0; ++j) out[j] = philox_normal(seed, offset, start + j);
@@ -304,9 +252,55 @@ FPL_ALWAYS_INLINE void fill_normals_fast_body(uint64_t seed, uint64_t offset, ui
   for (; j < count; ++j) out[j] = philox_normal(seed, offset, start + j);
 }
 
+// The float32 Box-Muller on n given word pairs wp[2 i], wp[2 i + 1] (uint32 in int64), to op[2 i], op[2 i +
+// 1].
+template <typename B>
+FPL_ALWAYS_INLINE void box_muller_words_body(const int64_t* wp, int64_t n, float* op) {
+  using F = typename F32Lanes<B::kVB>::f;
+  using U = typename F32Lanes<B::kVB>::u;
+  constexpr int64_t kL = sizeof(F) / sizeof(float);
+  for (int64_t i0 = 0; i0 < n; i0 += kL) {
+    U a{}, b{};
+    for (int64_t l = 0; l < kL && i0 + l < n; ++l) {
+      a[l] = static_cast<uint32_t>(wp[2 * (i0 + l)]);
+      b[l] = static_cast<uint32_t>(wp[2 * (i0 + l) + 1]);
+    }
+    F z0, z1;
+    cpu::box_muller_f32<B::kVB>(a, b, &z0, &z1);
+    for (int64_t l = 0; l < kL && i0 + l < n; ++l) {
+      op[2 * (i0 + l)] = z0[l];
+      op[2 * (i0 + l) + 1] = z1[l];
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Small dense products, register-blocked.
 // ------------------------------------------------------------------------------------------------
+// Lane l of the result = the sum of the lanes of v[l], for W vectors of W lanes: log2 W levels, each adding
+// the two halves of pairs of vectors (v[p], v[p + n/2]) shuffled side by side; a fixed order.
+template <int W, int H, int J>
+inline constexpr int kTreeLo = (J / (2 * H)) * 2 * H + ((J / H) % 2) * W + J % H;
+template <typename V, int W, int H, size_t... J>
+FPL_ALWAYS_INLINE V tree_pair_add(V a, V b, std::index_sequence<J...>) {
+  return __builtin_shufflevector(a, b, kTreeLo<W, H, J>...) +
+         __builtin_shufflevector(a, b, (kTreeLo<W, H, J> + H)...);
+}
+template <typename V, int W>
+FPL_ALWAYS_INLINE V tree_lane_sums(V* v) {
+  int n = W;
+  [&]<size_t... H>(std::index_sequence<H...>) {
+    (([&] {
+       constexpr int h = W >> (H + 1);
+       n /= 2;
+       for (int p = 0; p < n; ++p)
+         v[p] = tree_pair_add<V, W, h>(v[p], v[p + n], std::make_index_sequence<W>{});
+     }()),
+     ...);
+  }(std::make_index_sequence<__builtin_ctz(W)>{});
+  return v[0];
+}
+
 // G[i * ldg + j] = X_i . Y_j for RM rows of X from i0 and RN rows of Y from j0 (rows of length len).
 template <typename T, int VB, int RM, int RN>
 FPL_ALWAYS_INLINE void dot_block(const T* X, const T* Y, int64_t len, int64_t i0, int64_t j0, T* G,
@@ -323,14 +317,58 @@ FPL_ALWAYS_INLINE void dot_block(const T* X, const T* Y, int64_t len, int64_t i0
       for (int c = 0; c < RN; ++c) acc[a][c] += xv[a] * yv[c];
     }
   }
+  T sums[RM][RN];
+  if constexpr ((RM * RN) % W == 0) {
+    // Lane sums by a shuffle tree over W accumulators at a time (the serial per-accumulator sums cost about
+    // as much as the products at D = 512).
+    for (int p = 0; p < RM * RN; p += W) {
+      V v[W];
+      for (int l = 0; l < W; ++l) v[l] = acc[(p + l) / RN][(p + l) % RN];
+      const V tot = tree_lane_sums<V, W>(v);
+      for (int l = 0; l < W; ++l) sums[(p + l) / RN][(p + l) % RN] = tot[l];
+    }
+  } else {
+    for (int a = 0; a < RM; ++a) {
+      for (int c = 0; c < RN; ++c) {
+        T s = 0;
+        for (int64_t l = 0; l < W; ++l) s += acc[a][c][l];
+        sums[a][c] = s;
+      }
+    }
+  }
   for (int a = 0; a < RM; ++a) {
     for (int c = 0; c < RN; ++c) {
-      T s = 0;
-      for (int64_t l = 0; l < W; ++l) s += acc[a][c][l];
+      T s = sums[a][c];
       const T* x = X + (i0 + a) * len;
       const T* y = Y + (j0 + c) * len;
       for (int64_t e = main; e < len; ++e) s += x[e] * y[e];
       G[(i0 + a) * ldg + j0 + c] = s;
+    }
+  }
+}
+
+// out[i] = ||X_i||^2 for the m rows of X (length len): W rows at a time, one accumulator each, summed by the
+// tree (a serial horizontal sum per row cost as much as the squares).
+template <typename B, typename T>
+FPL_ALWAYS_INLINE void sumsq_rows_body(const T* X, int64_t m, int64_t len, T* out) {
+  using V = typename NVec<T, B::kVB>::type;
+  constexpr int W = static_cast<int>(NVec<T, B::kVB>::kLanes);
+  const int64_t main = len - len % W;
+  for (int64_t r0 = 0; r0 < m; r0 += W) {
+    const int nr = static_cast<int>(std::min<int64_t>(W, m - r0));
+    V acc[W] = {};
+    for (int64_t e = 0; e < main; e += W) {
+      for (int l = 0; l < nr; ++l) {
+        const V v = nload<V>(X + (r0 + l) * len + e);
+        acc[l] += v * v;
+      }
+    }
+    const V tot = tree_lane_sums<V, W>(acc);
+    for (int l = 0; l < nr; ++l) {
+      T s = tot[l];
+      const T* x = X + (r0 + l) * len;
+      for (int64_t e = main; e < len; ++e) s += x[e] * x[e];
+      out[r0 + l] = s;
     }
   }
 }
@@ -448,6 +486,10 @@ FPL_ALWAYS_INLINE void combine_body(int64_t nc, int64_t b, int64_t D, const T* W
 FPL_BLOCKED_VARIANTS(void, fill_normals_fast,
                      (uint64_t seed, uint64_t offset, uint64_t start, int64_t count, float* out),
                      (seed, offset, start, count, out))
+FPL_BLOCKED_VARIANTS(void, box_muller_words, (const int64_t* wp, int64_t n, float* op), (wp, n, op))
+FPL_BLOCKED_VARIANTS(void, sumsq_rows, (const float* X, int64_t m, int64_t len, float* out), (X, m, len, out))
+FPL_BLOCKED_VARIANTS(void, sumsq_rows, (const double* X, int64_t m, int64_t len, double* out),
+                     (X, m, len, out))
 FPL_BLOCKED_VARIANTS(void, dots,
                      (const float* X, int64_t m, const float* Y, int64_t n, int64_t len, float* G,
                       int64_t ldg),
@@ -502,24 +544,25 @@ void dp_output_clip_noise_kernel(const at::Tensor& x_acc, const at::Tensor& t_ac
       const int64_t k = unit / blocks, c0 = (unit % blocks) * kClassBlock;
       const int64_t nc = std::min(kClassBlock, n_cls - c0);
       const acc_t* T = tp + (k * n_cls + c0) * D;
-      for (int64_t c = 0; c < nc; ++c) {
-        tnp[k * n_cls + c0 + c] = std::max(std::sqrt(cpu::sumsq(D, T + c * D)), norm_eps);
-      }
+      acc_t* tn = tnp + k * n_cls + c0;
+      sumsq_rows(T, nc, D, tn);
+      for (int64_t c = 0; c < nc; ++c) tn[c] = std::max(std::sqrt(tn[c]), norm_eps);
       dots(xp + k * b * D, b, T, nc, D, gp + k * b * n_cls + c0, n_cls);
     }
   });
 
   // 2. Per client: cosines, log-softmax, losses, norms, clip factors, weights and projections.
   at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> ex(n_cls);
+    std::vector<acc_t> ex(n_cls), xsq_k(b);
     for (int64_t k = begin; k < end; ++k) {
+      sumsq_rows(xp + k * b * D, b, D, xsq_k.data());
       const acc_t C = static_cast<acc_t>(cp[k]);
       const acc_t* tn = tnp + k * n_cls;
       acc_t* wk = wp + k * n_cls * b;
       acc_t* pk = pp + k * n_cls;
       std::fill(pk, pk + n_cls, acc_t(0));
       for (int64_t i = 0; i < b; ++i) {
-        const acc_t xn = std::sqrt(cpu::sumsq(D, xp + (k * b + i) * D));
+        const acc_t xn = std::sqrt(xsq_k[i]);
         const acc_t rx = acc_t(1) / std::max(xn, norm_eps);
         const acc_t xsq = (xn * rx) * (xn * rx);  // ||x^_i||^2: 1, or 0 for a zero feature
         acc_t* cs = gp + (k * b + i) * n_cls;
@@ -572,8 +615,12 @@ void dp_output_clip_noise_kernel(const at::Tensor& x_acc, const at::Tensor& t_ac
       const acc_t gamma = static_cast<acc_t>(noise_multiplier * static_cast<double>(cp[k]) / denominator);
       if (noisy) {
         // Client k: normals c0 D .. (c0 + nc) D - 1 of its own stream (seed[k], offset[k]), row-major.
-        fill_normals_fast(static_cast<uint64_t>(seed[k]), static_cast<uint64_t>(offset[k]),
-                          static_cast<uint64_t>(c0 * D), nc * D, z.data());
+        const uint64_t sk = static_cast<uint64_t>(seed[k]), ok = static_cast<uint64_t>(offset[k]);
+        if constexpr (std::is_same_v<acc_t, double>) {
+          cpu::fill_normals(sk, ok, static_cast<uint64_t>(c0 * D), nc * D, z.data());
+        } else {
+          fill_normals_fast(sk, ok, static_cast<uint64_t>(c0 * D), nc * D, z.data());
+        }
       }
       combine(nc, b, D, wp + (k * n_cls + c0) * b, xp + k * b * D, tp + (k * n_cls + c0) * D, alpha, beta,
               gamma, noisy ? z.data() : nullptr, outp + (k * n_cls + c0) * D);
@@ -611,8 +658,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dp_output_clip_noise_cpu(
   return {acc == dtype ? release : release.to(dtype), norms, losses};
 }
 
+// Test hook: the float32 Box-Muller (the vector path of fill_normals_fast, same ISA variant) on given Philox
+// words, so that tests can reach the extreme words (x0 near 0 and 2^32) no affordable seed search would.
+// words: (n, 2) int64 holding uint32 (x0, x1); returns (n, 2) float32 (z0, z1).
+at::Tensor box_muller_f32_words_cpu(const at::Tensor& words) {
+  TORCH_CHECK(words.dim() == 2 && words.size(1) == 2 && words.scalar_type() == at::kLong,
+              "words must be an (n, 2) int64 tensor");
+  const at::Tensor w = words.contiguous();
+  const int64_t n = w.size(0);
+  at::Tensor out = at::empty({n, 2}, w.options().dtype(at::kFloat));
+  const int64_t* wp = w.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  box_muller_words(wp, n, op);
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fpl_fast, CPU, m) { m.impl("dp_output_clip_noise", &dp_output_clip_noise_cpu); }
+TORCH_LIBRARY_FRAGMENT(fpl_fast, m) { m.def("_box_muller_f32_words(Tensor words) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(fpl_fast, CPU, m) {
+  m.impl("dp_output_clip_noise", &dp_output_clip_noise_cpu);
+  m.impl("_box_muller_f32_words", &box_muller_f32_words_cpu);
+}
 
 }  // namespace fpl_fast
