@@ -440,6 +440,14 @@ OUTPUT_HEADS = ("cosine",)
 """Heads the ``auto`` output clip bound holds for: cross-entropy of s cos(x_i, T_c) (image features normalised)."""
 
 
+def _check_auto_head(head: str) -> None:
+    _check(
+        head in OUTPUT_HEADS,
+        f"--output-clip auto holds only for the cosine-similarity cross-entropy head with normalised image "
+        f"features (bound sqrt(2) s / min_c ||T_c||), got head {head!r}; give a number for --output-clip",
+    )
+
+
 def output_clip_bound(text_feats: Tensor, logit_scale: float, *, head: str = "cosine") -> Tensor:
     """The data-independent bound on every example's cotangent norm, one per client: sqrt(2) s / min_c ||T_c||.
 
@@ -456,11 +464,7 @@ def output_clip_bound(text_feats: Tensor, logit_scale: float, *, head: str = "co
     Returns:
         (K,) float32 bounds.
     """
-    _check(
-        head in OUTPUT_HEADS,
-        f"--output-clip auto holds only for the cosine-similarity cross-entropy head with normalised image "
-        f"features (bound sqrt(2) s / min_c ||T_c||), got head {head!r}; give a number for --output-clip",
-    )
+    _check_auto_head(head)
     _check(text_feats.dim() == 3, f"text_feats must be 3-D (K, n_cls, D), got shape {tuple(text_feats.shape)}")
     smallest = text_feats.float().norm(dim=-1).amin(dim=-1)  # (K,)
     _check(
@@ -489,7 +493,7 @@ class OutputDP:
     def __post_init__(self) -> None:
         if isinstance(self.clip_norm, str):
             _check(self.clip_norm == "auto", f"output clip norm must be a number > 0 or 'auto', got {self.clip_norm!r}")
-            output_clip_bound(torch.ones(1, 1, 1), 1.0, head=self.head)  # refuses a head the bound does not hold for
+            _check_auto_head(self.head)
         else:
             _check(
                 math.isfinite(self.clip_norm) and self.clip_norm > 0,
