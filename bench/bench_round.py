@@ -410,10 +410,10 @@ def _floor_backward_s(fed: Federation, device: torch.device, reps: int) -> float
     ctx = fed.learner.context(clients, factors).detach()
 
     def text(c: Tensor) -> Tensor:
-        prompts = reference.lowrank_prompt(fed.prefix, fed.suffix, c)  # (K, n_cls, L, d)
+        prompts = reference.lowrank_prompt(fed.text.prefix, fed.text.suffix, c)  # (K, n_cls, L, d)
         L, d = prompts.shape[-2:]
         out = fed.backbone.encode_prompts(
-            prompts.reshape(K * fed.n_cls, L, d), fed.eot_index.repeat(K), seq_len=fed.seq_len
+            prompts.reshape(K * fed.text.n_cls, L, d), fed.text.eot_index.repeat(K), seq_len=fed.text.seq_len
         )
         return out.float()
 
@@ -492,7 +492,7 @@ def run_worker(impl: str, s: Setting, args: argparse.Namespace) -> dict[str, Any
         step = lambda: fed.train_step(clients, server_average=True)  # noqa: E731
         rec["s_per_step"] = _median_time(step, device, warmup=args.warmup, reps=args.steps)
         rec["steps_per_round"] = fed.steps_per_round
-        rec["seq_len"] = fed.seq_len
+        rec["seq_len"] = fed.text.seq_len
         if mode == "sample" and not args.skip_floor:
             rec["floor_one_backward_s"] = _floor_backward_s(fed, device, reps=max(3, args.steps))
             rec["floor_s_per_step"] = rec["floor_one_backward_s"] * s.batch_size

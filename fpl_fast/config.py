@@ -13,12 +13,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fpl_fast.prompts import FACTORIZATIONS
+from fpl_fast.prompts import factorization_names, get_factorization
 
 __all__ = ["RunConfig", "PAPER", "CHOICES", "DEFAULT_LR", "load_config_file"]
 
+# Fixed choices of the enumerated settings (the factorisation's are the registry's: factorization_names()).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "factorization": FACTORIZATIONS,
     "clip_mode": ("sample", "batch", "output"),
     "clip_uv": ("joint", "separate"),
     "calibration": ("accountant", "paper"),
@@ -89,7 +89,7 @@ class RunConfig:
             object.__setattr__(self, "sampling", _default_sampling(self.clip_mode))
         if self.lr is None and self.clip_mode in DEFAULT_LR:
             object.__setattr__(self, "lr", DEFAULT_LR[self.clip_mode])
-        for name, allowed in CHOICES.items():
+        for name, allowed in {"factorization": factorization_names(), **CHOICES}.items():
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"--{_flag(name)} must be one of {', '.join(allowed)}, got {value!r}")
@@ -128,7 +128,7 @@ class RunConfig:
             raise ValueError(f"--full-grad-scale must be a finite number > 0, got {self.full_grad_scale}")
         if self.calibration == "paper" and self.epsilon is None:
             raise ValueError("--calibration paper needs --epsilon (the authors' formula maps epsilon to sigma)")
-        if self.factorization in ("fedpgp", "dplora", "dpfpl") and self.rank > self.n_ctx:
+        if get_factorization(self.factorization).uses_rank and self.rank > self.n_ctx:
             raise ValueError(f"--rank must be <= --n-ctx ({self.n_ctx}) for {self.factorization}, got {self.rank}")
         _check_output_clip(self)
         if self.sampling == "poisson" and self.clip_mode == "batch":

@@ -28,7 +28,26 @@ __all__ = [
     "lowrank_full_grad",
     "lowrank_factorize",
     "dp_output_clip_noise",
+    "lowrank_prompt_traceable",
+    "philox_normal",
+    "dp_noise_numel",
+    "factorize_noise_numel",
+    "output_noise_numel",
+    "NORM_EPS",
+    "CLIP_EPS",
 ]
+
+# The noise-stream layout and the thresholds the kernels share with their spec (the training code reads them
+# here, never from the test oracle directly).
+philox_normal = reference.philox_normal
+dp_noise_numel = reference.dp_noise_numel
+factorize_noise_numel = reference.factorize_noise_numel
+output_noise_numel = reference.output_noise_numel
+NORM_EPS = reference.NORM_EPS
+CLIP_EPS = reference.CLIP_EPS
+# The prompt assembly in plain PyTorch: torch.func.vmap over the per-sample pull-back cannot see through a
+# custom op's autograd, so the per-sample path assembles the prompt with ordinary tensor ops.
+lowrank_prompt_traceable = reference.lowrank_prompt
 
 _REBUILD = "Build the extension against the installed torch with `pip install --no-build-isolation .`."
 

@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         if cfg.resume and not cfg.out:
             raise ValueError("--resume needs --out FOLDER (the run to continue)")
-        from fpl_fast.federated.job import prepare_and_run  # heavy imports after the flags are known good
+        from fpl_fast.job import prepare_and_run  # heavy imports after the flags are known good
 
         result, out = prepare_and_run(cfg, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as exc:

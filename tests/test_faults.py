@@ -20,9 +20,9 @@ import torch
 
 from fpl_fast import results as io
 from fpl_fast.config import RunConfig
-from fpl_fast.federated.job import prepare
 from fpl_fast.federated.runner import TrainingDiverged, build_federation, run_job
 from fpl_fast.federated.simulation import Federation
+from fpl_fast.job import prepare
 from fpl_fast.run import main
 
 # Tiny and quick: 2 clients, one shot per class (3 steps a round), batch-mean clipping (no per-sample pass)
@@ -153,7 +153,7 @@ def test_a_non_finite_released_gradient_stops_the_run_naming_round_and_step(
     assert ckpt["next_round"] == 1
     fed = build_federation(BASE, *job)[0]
     fed.load_state_dict(ckpt["federation"])
-    assert torch.isfinite(fed.learner.global_ctx).all() and torch.isfinite(fed.learner.local["l"]).all()
+    assert torch.isfinite(fed.server.global_ctx).all() and torch.isfinite(fed.learner.local["l"]).all()
     assert not (tmp_path / "results.json").exists()
 
 

@@ -11,9 +11,9 @@ from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
 
 from fpl_fast.config import RunConfig
-from fpl_fast.federated.job import prepare
 from fpl_fast.federated.runner import run_job
 from fpl_fast.federated.simulation import Federation
+from fpl_fast.job import prepare
 from fpl_fast.prompts import FACTORIZATIONS
 
 BASE = RunConfig(num_users=4, rounds=3, batch_size=16, seed=3, partition="iid", noise_seed=3)  # reproducible noise
@@ -32,13 +32,13 @@ def _federation(job, cfg: RunConfig, noise: float = 0.0) -> Federation:
 
 def test_synchronised_step_leaves_every_client_with_the_same_global_prompt(job) -> None:
     fed = _federation(job, BASE.replace(client_fraction=0.5), noise=1.0)
-    before = fed.learner.global_ctx.clone()
+    before = fed.server.global_ctx.clone()
     clients = fed.sample_clients()
     assert len(clients) == 2
     fed.train_step(clients, server_average=True)
     g = fed.learner.client_global
-    assert torch.equal(g, fed.learner.global_ctx.expand_as(g))  # idle clients received it too
-    assert not torch.equal(fed.learner.global_ctx, before)
+    assert torch.equal(g, fed.server.global_ctx.expand_as(g))  # idle clients received it too
+    assert not torch.equal(fed.server.global_ctx, before)
 
 
 def test_local_prompts_change_only_for_the_clients_that_trained(job) -> None:
@@ -56,15 +56,15 @@ def test_round_sync_averages_the_global_copies(job) -> None:
     clients = fed.sample_clients()
     fed.train_round(clients)
     g = fed.learner.client_global
-    assert torch.allclose(g, fed.learner.global_ctx.expand_as(g))
+    assert torch.allclose(g, fed.server.global_ctx.expand_as(g))
 
 
 def test_per_sample_chunk_is_sized_to_the_activations(job) -> None:
     fed = _federation(job, BASE)
-    lane = fed.n_cls * fed.seq_len * fed.prefix.shape[-1]  # activation floats of one sample of one client
-    assert fed.chunk_size(10) == (2**20) // (10 * lane) == 8  # the measured CPU optimum at the tiny default
-    assert fed.chunk_size(1) > fed.chunk_size(10)  # fewer active clients: more samples per chunk
-    assert fed.chunk_size(10**6) == 1  # never below one sample
+    lane = fed.text.n_cls * fed.text.seq_len * fed.text.width  # activation floats of one sample of one client
+    assert fed.clients.chunk_size(10) == (2**20) // (10 * lane) == 8  # the measured CPU optimum at the tiny default
+    assert fed.clients.chunk_size(1) > fed.clients.chunk_size(10)  # fewer active clients: more samples per chunk
+    assert fed.clients.chunk_size(10**6) == 1  # never below one sample
     assert _federation(job, BASE.replace(chunk_size=3)).chunk_size(10) == 3  # --chunk-size wins
 
 

@@ -15,9 +15,9 @@ from dp_accounting.rdp import RdpAccountant
 
 from fpl_fast import ops, reference
 from fpl_fast.config import RunConfig
-from fpl_fast.federated.job import prepare
 from fpl_fast.federated.runner import run_job
 from fpl_fast.federated.simulation import Federation
+from fpl_fast.job import prepare
 from fpl_fast.privacy.mechanism import NoiseStream, OutputDP, output_clip_bound, privatize_output
 from fpl_fast.prompts import FACTORIZATIONS
 
@@ -63,18 +63,18 @@ def _naive_release(text: Tensor, feats, labels, mask, s: float, clip: float, sig
 def test_output_step_equals_a_naive_float64_step(job) -> None:
     fed = _federation(job, BASE, noise=0.7)
     clients = torch.arange(3)
-    streams = [fed.client_rand[k].noise for k in range(3)]
+    streams = [fed.clients.rand[k].noise for k in range(3)]
     seed, off = [s.seed for s in streams], [s.offset for s in streams]
     factors = fed.learner.factors(clients, seed=seed, offset=off)
     ctx = fed.learner.context(clients, factors).detach()
-    feats, labels, mask = fed._batch(clients)
+    feats, labels, mask = fed.clients.batch(clients)
     twin = [NoiseStream(s.seed, offset=s.offset) for s in streams]
 
-    grad, res = fed._output_release_grad(ctx, feats, labels, mask, streams)
+    grad, res = fed.clients.output_release_grad(ctx, feats, labels, mask, streams)
 
-    text = fed._text_features(ctx).detach()
+    text = fed.text.features(ctx, traceable=True).detach()
     want_z, frac = _naive_release(
-        text, feats, labels, mask, fed.backbone.logit_scale, 0.25, 0.7, twin, fed.batch_denominator
+        text, feats, labels, mask, fed.backbone.logit_scale, 0.25, 0.7, twin, fed.clients.batch_denominator
     )
     assert 0 < frac < 1  # C_o = 0.25 sits inside this batch's norms (median ~0.27 at initialisation)
     torch.testing.assert_close(res.release.double(), want_z, rtol=1e-4, atol=1e-6)
@@ -82,22 +82,22 @@ def test_output_step_equals_a_naive_float64_step(job) -> None:
     # One vjp of the text encoder with the naive release as its cotangent.
     c = ctx.clone().requires_grad_(True)
     with torch.enable_grad():
-        (want_grad,) = torch.autograd.grad(fed._text_features(c), c, grad_outputs=want_z.float())
+        (want_grad,) = torch.autograd.grad(fed.text.features(c, traceable=True), c, grad_outputs=want_z.float())
     torch.testing.assert_close(grad[:, 0], want_grad, rtol=1e-3, atol=1e-6)
 
 
 def test_output_step_adds_no_server_noise_and_draws_one_release_per_client(job) -> None:
     fed = _federation(job, BASE, noise=1.0)
     clients = torch.arange(3)
-    server_before = fed.server_rand.noise.offset
-    client_before = [fed.client_rand[k].noise.offset for k in range(3)]
-    g_before = fed.learner.global_ctx.clone()
+    server_before = fed.server.rand.noise.offset
+    client_before = [fed.clients.rand[k].noise.offset for k in range(3)]
+    g_before = fed.server.global_ctx.clone()
     stats = fed.train_step(clients, server_average=True)
-    assert fed.server_rand.noise.offset == server_before
+    assert fed.server.rand.noise.offset == server_before
     width = fed.data.train_feats.shape[1]  # D: the release is (n_cls, D) per client
-    per_client = NoiseStream.counters(fed.learner.factorize_draws()) + NoiseStream.counters(fed.n_cls * width)
-    assert [fed.client_rand[k].noise.offset - client_before[k] for k in range(3)] == [per_client] * 3
-    assert not torch.equal(fed.learner.global_ctx, g_before)
+    per_client = NoiseStream.counters(fed.learner.factorize_draws()) + NoiseStream.counters(fed.text.n_cls * width)
+    assert [fed.clients.rand[k].noise.offset - client_before[k] for k in range(3)] == [per_client] * 3
+    assert not torch.equal(fed.server.global_ctx, g_before)
     assert 0 <= stats.clipped_fraction <= 1
 
 
@@ -107,10 +107,10 @@ def test_every_factorization_and_sync_trains_in_output_mode(job, factorization, 
     cfg = BASE.replace(factorization=factorization, sync=sync, sampling="shuffle" if sync == "round" else "poisson")
     fed = _federation(job, cfg, noise=1.0)
     local_before = {k: t.clone() for k, t in fed.learner.local.items()}
-    g_before = fed.learner.global_ctx.clone()
+    g_before = fed.server.global_ctx.clone()
     fed.train_round(fed.sample_clients())
-    assert not torch.equal(fed.learner.global_ctx, g_before)
-    assert torch.isfinite(fed.learner.global_ctx).all()
+    assert not torch.equal(fed.server.global_ctx, g_before)
+    assert torch.isfinite(fed.server.global_ctx).all()
     changed = [not torch.equal(t, local_before[k]) for k, t in fed.learner.local.items()]
     assert all(changed) if factorization != "promptfl" else not fed.learner.local
 

@@ -12,9 +12,9 @@ from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
 
 from fpl_fast.config import RunConfig
-from fpl_fast.federated.job import prepare
 from fpl_fast.federated.runner import run_job
 from fpl_fast.federated.simulation import Federation
+from fpl_fast.job import prepare
 from fpl_fast.privacy.accountant import epsilon_for
 from fpl_fast.privacy.mechanism import combined_noise_multiplier
 from fpl_fast.privacy.randomness import PartyRandomness, derive_key, party_key
@@ -37,14 +37,16 @@ def _run(job, cfg: RunConfig, out, **kw) -> dict:
 
 
 def _prompts(out) -> dict[str, torch.Tensor]:
-    learner = load_checkpoint(out)["federation"]["learner"]
-    return {k: v for k, v in learner.items() if isinstance(v, torch.Tensor)}
+    fed = load_checkpoint(out)["federation"]
+    learner = fed["clients"]["learner"]
+    prompts = {k: v for k, v in learner.items() if isinstance(v, torch.Tensor)}
+    return {**prompts, **{f"local.{k}": v for k, v in learner["local"].items()}, "global": fed["server"]["g"]}
 
 
 def _keys(out) -> list[int]:
     """Every key a run's parties hold (noise keys and the sampling generators' seeds), from its checkpoint."""
     fed = load_checkpoint(out)["federation"]
-    parts = [c["randomness"] for c in fed["clients"]] + [fed["server"]["randomness"]]
+    parts = [c["randomness"] for c in fed["clients"]["clients"]] + [fed["server"]["randomness"]]
     keys = []
     for p in parts:
         keys.append(int(p["noise"]["seed"]))
@@ -111,8 +113,8 @@ def test_a_clients_batches_and_noise_depend_only_on_its_own_key(job):
     before = feds[0].learner.local["l"][0].clone()
     feds[0].train_step(torch.tensor([0, 1, 2]), server_average=True)
     feds[1].train_step(torch.tensor([0]), server_average=True)
-    assert feds[0].client_rand[0].noise.offset == feds[1].client_rand[0].noise.offset > 0
-    assert feds[0].sampler.pos[0] == feds[1].sampler.pos[0]
+    assert feds[0].clients.rand[0].noise.offset == feds[1].clients.rand[0].noise.offset > 0
+    assert feds[0].clients.samplers[0].pos == feds[1].clients.samplers[0].pos
     l_all, l_alone = feds[0].learner.local["l"][0], feds[1].learner.local["l"][0]
     assert not torch.equal(l_all, before)
     torch.testing.assert_close(l_all, l_alone, rtol=1e-5, atol=1e-6)  # batched vs alone: rounding only

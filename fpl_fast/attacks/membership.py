@@ -194,7 +194,7 @@ def prediction_vectors(fed: Federation, text: Tensor, k: int, feats: Tensor) -> 
     confident predictions keep their tail. text: (K, n_cls, D); feats: (n, D) -> (n, n_cls)."""
     if len(feats) == 0:
         return np.zeros((0, text.shape[1]))
-    logits = fed._logits(text[k : k + 1], feats[None].to(text.device))[0]  # (n, n_cls)
+    logits = fed.text.logits(text[k : k + 1], feats[None].to(text.device))[0]  # (n, n_cls)
     return torch.softmax(logits.double(), dim=-1).cpu().numpy()
 
 

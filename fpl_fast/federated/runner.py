@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import functools
-import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,19 +15,14 @@ from tqdm.auto import tqdm
 
 from fpl_fast import results as io
 from fpl_fast.config import RunConfig
+from fpl_fast.federated.client import sample_rates, steps_per_round
 from fpl_fast.federated.simulation import ClientData, Federation, StepStats
-from fpl_fast.privacy.accountant import PrivacyAccountant, calibrate_noise, epsilon_for, paper_noise_multiplier
-from fpl_fast.privacy.mechanism import (
-    LocalDP,
-    accountant_noise_multiplier,
-    combined_noise_multiplier,
-    global_accountant_noise_multiplier,
-)
+from fpl_fast.privacy.accountant import PrivacyAccountant
+from fpl_fast.privacy.plan import NoisePlan, plan_noise, trust_model
 from fpl_fast.privacy.randomness import randomness_statement
+from fpl_fast.prompts import get_factorization
 
 __all__ = [
-    "NoisePlan",
-    "plan_noise",
     "build_federation",
     "train_rounds",
     "train_federation",
@@ -44,110 +36,6 @@ __all__ = [
 ]
 
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
-
-
-@dataclass(frozen=True)
-class NoisePlan:
-    """Noise multipliers in force and what the accountant is told.
-
-    sigma_local / sigma_global: the std of the added noise over the clip norm C.
-    accountant_local / accountant_global: the multipliers the accountant composes (the sensitivity
-    of what is clipped decides it: separate clipping of U and V moves the pair by sqrt(2) C; batch-mean
-    clipping lets one example move the clipped mean by 2 C against noise sigma C / b).
-    accountant_total: the multiplier of both releases seen together (one Gaussian on the same batch per step,
-    ``combined_noise_multiplier``); the global one alone when there is no local prompt (promptfl).
-    """
-
-    sigma_local: float
-    sigma_global: float
-    accountant_local: float
-    accountant_global: float
-    accountant_total: float
-    note: str
-
-
-def _accountant_multipliers(cfg: RunConfig, sigma_local: float, sigma_global: float, b: float) -> tuple[float, float]:
-    """What the accountant is told for the local and the global release (mechanism.py explains the factors)."""
-    if cfg.clip_mode == "output":  # one release Z per step, sensitivity C_o, noise sigma C_o: multiplier sigma
-        return sigma_local, sigma_local
-    local_cfg = LocalDP(
-        clip_norm=cfg.norm_thresh if math.isfinite(cfg.norm_thresh) else 1.0,
-        noise_multiplier=sigma_local,
-        clip_mode=cfg.clip_mode,
-        joint_uv=cfg.clip_uv == "joint",
-    )
-    lowrank = cfg.factorization in ("fedpgp", "dplora", "dpfpl")
-    local = accountant_noise_multiplier(local_cfg, lowrank=lowrank, batch_size=b)
-    glob = global_accountant_noise_multiplier(sigma_global, clip_mode=cfg.clip_mode, batch_size=b)
-    return local, glob
-
-
-def _total_multiplier(cfg: RunConfig, local: float, glob: float) -> float:
-    """The multiplier of everything a client releases per step (the global prompt alone for promptfl; output mode:
-    both prompts are functions of the one release, so its multiplier is the total)."""
-    if cfg.factorization == "promptfl" or cfg.clip_mode == "output":
-        return glob
-    return combined_noise_multiplier(local, glob)
-
-
-def plan_noise(cfg: RunConfig, *, sample_rate: float, steps: int, batch_size: float) -> NoisePlan:
-    """Noise multipliers from --noise, or calibrated from --epsilon (accountant or the authors' formula)."""
-    notes = []
-    if cfg.clip_mode == "batch":
-        notes.append(
-            "clip-mode batch (the authors' batch-mean clipping) is NOT a per-example guarantee: one example can "
-            "move the clipped mean by 2C, so the accountant is told sigma / (2b)"
-        )
-    if cfg.clip_mode == "output":
-        clip = "auto (sqrt(2) s / min_c ||T_c|| per client and step)" if cfg.output_clip == "auto" else cfg.output_clip
-        notes.append(
-            f"clip-mode output: each example's cotangent dl/dT clipped to C_o = {clip}, one Gaussian "
-            "N(0, (sigma C_o)^2) per client and step added on the client;"
-            " both prompts are post-processing of it (no server noise)"
-        )
-    if cfg.epsilon is None:
-        base = cfg.noise or 0.0
-        s_l = cfg.noise_local if cfg.noise_local is not None else base
-        s_g = cfg.noise_global if cfg.noise_global is not None else base
-    elif cfg.calibration == "paper":
-        s_l = s_g = paper_noise_multiplier(cfg.epsilon, cfg.delta, cfg.rounds)
-        notes.append(
-            f"sigma from the authors' formula sqrt(rounds log(1/delta)) / epsilon = {s_l:.4g}; "
-            "the epsilon reported is the accountant's for that sigma"
-        )
-    else:
-        need = calibrate_noise(cfg.epsilon, cfg.delta, sample_rate, steps, cfg.accountant, cfg.sampling)
-        # Invert the sensitivity mapping: the accountant needs multiplier `need` after it. All multipliers
-        # scale linearly with sigma, so for the total one sigma = need / (the total at sigma 1).
-        scale_l, scale_g = _accountant_multipliers(cfg, 1.0, 1.0, batch_size)
-        if cfg.clip_mode == "output":
-            s_l = s_g = need / scale_l
-        elif cfg.calibrate_for == "total":
-            s_l = s_g = need / _total_multiplier(cfg, scale_l, scale_g)
-        else:
-            s_l, s_g = need / scale_l, need / scale_g
-        what = "epsilon_total (both prompts)" if cfg.calibrate_for == "total" else "each release"
-        notes.append(
-            f"sigma calibrated with {cfg.accountant.upper()} (dp_accounting) for {what} epsilon={cfg.epsilon}, "
-            f"delta={cfg.delta}, q={sample_rate:.4g}, steps={steps}"
-        )
-    acc_l, acc_g = _accountant_multipliers(cfg, s_l, s_g, batch_size)
-    return NoisePlan(s_l, s_g, acc_l, acc_g, _total_multiplier(cfg, acc_l, acc_g), "; ".join(notes))
-
-
-def _trust_model(cfg: RunConfig) -> str:
-    """Who must be trusted for epsilon_global to hold."""
-    if cfg.clip_mode == "output" or cfg.sync == "round":
-        return "no trusted server: every client adds its own noise before anything leaves it"
-    return "trusted server: the global prompt's noise is added by the server to the clients' clipped gradients"
-
-
-def _epsilon(multiplier: float, q: float, steps: int, cfg: RunConfig) -> float:
-    if steps == 0:
-        return 0.0
-    if multiplier <= 0:
-        return math.inf
-    return epsilon_for(multiplier, q, steps, cfg.delta, cfg.accountant, cfg.sampling)
 
 
 def default_out_dir() -> Path:
@@ -167,11 +55,9 @@ def build_federation(
 
     The sampling geometry comes first because calibrating sigma for --epsilon needs q and the number of steps.
     """
-    probe = Federation(cfg, backbone, classnames, data, noise_local=0.0, noise_global=0.0)
-    qs = [probe.sampler.sample_rate(k) for k in range(cfg.num_users)]
-    b = probe.sampler.expected if cfg.sampling == "poisson" else float(probe.sampler.batch_size)
-    max_steps = cfg.rounds * probe.steps_per_round
-    plan = plan_noise(cfg, sample_rate=max(qs), steps=max_steps, batch_size=b)
+    sizes = [len(ix) for ix in data.train_idx]
+    qs = sample_rates(cfg, sizes)
+    plan = plan_noise(cfg, sample_rate=max(qs), steps=cfg.rounds * steps_per_round(cfg, sizes))
     fed = Federation(cfg, backbone, classnames, data, noise_local=plan.sigma_local, noise_global=plan.sigma_global)
     return fed, plan, qs
 
@@ -252,7 +138,7 @@ def divergence_guard(fed: Federation, start_round: int, out: Path, *, bar: tqdm 
         nonlocal steps
         steps += 1
         L = fed.learner
-        named = {"global prompt": L.global_ctx, "clients' global prompts": L.client_global}
+        named = {"global prompt": fed.server.global_ctx, "clients' global prompts": L.client_global}
         named.update({f"local prompt {k}": t for k, t in L.local.items()})
         bad = [name for name, t in named.items() if not bool(torch.isfinite(t).all())]
         if bad:
@@ -308,29 +194,12 @@ def run_job(
         elapsed_before = ckpt["elapsed"]
 
     zero_shot = _zero_shot(backbone, classnames, data)
-    has_local_mech = cfg.factorization != "promptfl"
+    has_local_mech = get_factorization(cfg.factorization).has_local
 
-    @functools.cache
-    def eps(multiplier: float, q: float, steps: int) -> float:
-        return _epsilon(multiplier, q, steps, cfg)
-
-    def epsilons(clients: list[int]) -> tuple[list[float], list[float], list[float]]:
-        """Local, global and total (both releases together) epsilon spent by each of ``clients`` so far."""
-        loc, glo, tot = [], [], []
-        for k in clients:
-            steps = int(fed.steps_taken[k])
-            loc.append(eps(plan.accountant_local, qs[k], steps) if has_local_mech else 0.0)
-            glo.append(eps(plan.accountant_global, qs[k], steps))
-            tot.append(eps(plan.accountant_total, qs[k], steps))
-        return loc, glo, tot
-
-    def worst_clients() -> list[int]:
-        """Clients whose (q, steps) no other client beats in both: epsilon grows with each, so the
-        maximum over all clients is reached among these (one client under full participation)."""
-        pts = [(qs[k], int(fed.steps_taken[k])) for k in range(cfg.num_users)]
-        return [
-            k for k, (q, n) in enumerate(pts) if not any((q2 >= q and n2 >= n) and (q2, n2) != (q, n) for q2, n2 in pts)
-        ]
+    def epsilons() -> tuple[list[float], list[float], list[float]]:
+        """Local, global and total (both releases together) epsilon each client's ledger has spent so far."""
+        spent = [a.epsilons() for a in fed.clients.accountants]
+        return [e.local for e in spent], [e.global_ for e in spent], [e.total for e in spent]
 
     bar = progress_bar((cfg.rounds - start_round) * fed.steps_per_round, desc="fpl_fast", enabled=progress)
     t_round0 = time.perf_counter()
@@ -340,7 +209,7 @@ def run_job(
         is_last = rnd == cfg.rounds - 1
         if (rnd + 1) % cfg.eval_every == 0 or is_last:
             last_eval = fed.evaluate(eval_seed(cfg, rnd))
-            eps_l, eps_g, eps_t = epsilons(worst_clients())
+            eps_l, eps_g, eps_t = epsilons()
             seconds = elapsed_before + time.perf_counter() - t_round0
             rounds.append(
                 {
@@ -367,12 +236,18 @@ def run_job(
         io.save_checkpoint(out, state)
         if stop_after_round is not None and rnd + 1 >= stop_after_round and not is_last:
             bar.close()
-            return {"config": cfg.to_dict(), "rounds": rounds, "final": None, "stopped_after": rnd + 1}
+            return {
+                "method": "dpfpl",
+                "config": cfg.to_dict(),
+                "rounds": rounds,
+                "final": None,
+                "stopped_after": rnd + 1,
+            }
     bar.close()
 
     if last_eval is None:  # resumed a finished run: evaluate the final state again
         last_eval = fed.evaluate(eval_seed(cfg, cfg.rounds - 1))
-    eps_l, eps_g, eps_t = epsilons(list(range(cfg.num_users)))
+    eps_l, eps_g, eps_t = epsilons()
     accountant = PrivacyAccountant(
         cfg.accountant,
         noise_multiplier=max(plan.accountant_global, 1e-9),
@@ -394,7 +269,7 @@ def run_job(
         "per_example_guarantee": cfg.clip_mode in ("sample", "output"),
         "clip_mode": cfg.clip_mode,
         "output_clip": cfg.output_clip if cfg.clip_mode == "output" else None,
-        "trust_model": _trust_model(cfg),
+        "trust_model": trust_model(cfg),
         "noise_multiplier_local": plan.sigma_local,
         "noise_multiplier_global": plan.sigma_global,
         "accountant_multiplier_local": plan.accountant_local,
@@ -412,6 +287,6 @@ def run_job(
         "neighbor_acc_per_client": last_eval["neighbor_acc_per_client"],
         "seconds": round(elapsed_before + time.perf_counter() - t_round0 + (t_round0 - t_start), 3),
     }
-    result = {"config": cfg.to_dict(), "rounds": rounds, "final": final}
+    result = {"method": "dpfpl", "config": cfg.to_dict(), "rounds": rounds, "final": final}
     io.write_outputs(out, result)
     return result

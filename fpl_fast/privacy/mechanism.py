@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from fpl_fast import ops, reference
+from fpl_fast import ops
 
 __all__ = [
     "ClipMode",
@@ -116,7 +116,7 @@ class NoiseStream:
     def normal(self, numel: int, device: torch.device | str = "cpu") -> Tensor:
         """``numel`` fresh N(0, 1) float32 normals from the stream (``reference.philox_normal``)."""
         seed, offset = self.take(numel)
-        return reference.philox_normal(seed, offset, numel, device)
+        return ops.philox_normal(seed, offset, numel, device)
 
     def state(self) -> tuple[int, int]:
         """(seed, offset): everything needed to resume."""
@@ -278,7 +278,7 @@ def privatize_local(
     )
     sigma = cfg.noise_multiplier if local else 0.0
     rank = None if u is None else u.shape[-1]
-    numel = reference.dp_noise_numel(1, n_ctx, d, rank) if sigma > 0 else 0
+    numel = ops.dp_noise_numel(1, n_ctx, d, rank) if sigma > 0 else 0
     seed, offset = take_each(streams, numel)
     out_a, out_b, grad_g, norms = ops.dp_lowrank_clip_noise(
         grad_ctx,
@@ -468,7 +468,7 @@ def output_clip_bound(text_feats: Tensor, logit_scale: float, *, head: str = "co
     _check(text_feats.dim() == 3, f"text_feats must be 3-D (K, n_cls, D), got shape {tuple(text_feats.shape)}")
     smallest = text_feats.float().norm(dim=-1).amin(dim=-1)  # (K,)
     _check(
-        bool((smallest > reference.NORM_EPS).all()) and bool(torch.isfinite(smallest).all()),
+        bool((smallest > ops.NORM_EPS).all()) and bool(torch.isfinite(smallest).all()),
         "--output-clip auto needs every class text feature to have a finite, non-zero norm; give a number",
     )
     return (math.sqrt(2.0) * float(logit_scale) / smallest).float()
@@ -574,7 +574,7 @@ def privatize_output(
     )
     real = torch.ones_like(norms) if mask is None else mask.to(norms.dtype)
     # The clip factor min(1, C / (norm + eps)) is below 1 exactly where norm + eps > C.
-    clipped = ((norms + reference.CLIP_EPS > clip[:, None]) & (real > 0)).float().sum(1) / real.sum(1).clamp(min=1)
+    clipped = ((norms + ops.CLIP_EPS > clip[:, None]) & (real > 0)).float().sum(1) / real.sum(1).clamp(min=1)
     return OutputDPResult(
         release=release,
         norms=norms,

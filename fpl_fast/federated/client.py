@@ -1,0 +1,371 @@
+"""Clients: their private state and the math of one local step, for a batch of clients at once.
+
+A :class:`Clients` group holds, for each of its clients, the local prompt and its optimiser state, the client's
+copy of the global prompt, its batch sampler, its secret randomness (noise stream and sampling generator) and its
+privacy ledger. All clients of a group go through the text encoder in one call (the in-process simulation holds
+every client in one group; a node of a real federation holds a group of one).
+
+One local step of the active clients A (|A| = K_a):
+    factors (lowrank of L, fresh randomness) -> ctx (K_a, n_ctx, d)
+    -> text features T = f_txt([prefix | ctx | suffix]) (K_a, n_cls, D), one encoder call for all clients
+    -> per-sample cotangents dL_i/dT from the logit head -> per-sample grad_ctx (K_a, b, n_ctx, d)
+       (b vector-Jacobian products, chunked; or one backward of the batch mean with --clip-mode batch)
+    -> fused clip + local noise (ops.dp_lowrank_clip_noise) -> local update (the factorisation's)
+    -> the clipped mean gradient of G, sent to the server (sync="step"), or client-side DP-SGD on the client's
+       own copy of G (sync="round").
+With --clip-mode output the step is instead: T -> per-example cotangents dl_i/dT clipped to C_o in closed form,
+summed, noised once per client (ops.dp_output_clip_noise) -> one backward of T with that release as its cotangent
+-> g_G, g_U, g_V (or g_L) without further clipping or noise.
+A client's randomness depends only on its key and how far it has stepped, never on which clients share a launch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fpl_fast.config import RunConfig
+from fpl_fast.federated.optim import ClientSGD
+from fpl_fast.federated.text import ClassPrompts
+from fpl_fast.privacy.mechanism import LocalDP, NoiseStream, OutputDP, privatize_local, privatize_output, take_each
+from fpl_fast.privacy.per_sample import logit_cotangents, per_sample_prompt_grads_from
+from fpl_fast.privacy.plan import ClientAccountant, NoisePlan
+from fpl_fast.privacy.randomness import PartyRandomness, derive_key
+from fpl_fast.prompts import PromptLearner
+
+__all__ = ["ClientData", "StepStats", "BatchSampler", "Clients", "sample_rates", "steps_per_round"]
+
+
+@dataclass
+class ClientData:
+    """Cached features of a set of clients: images encoded once, indices per client.
+
+    train_feats (N_train, D) and test_feats (N_test, D) are the frozen image encoder's outputs (float32);
+    train_idx[k] / test_idx[k] index client k's examples.
+    """
+
+    train_feats: Tensor
+    train_labels: Tensor
+    test_feats: Tensor
+    test_labels: Tensor
+    train_idx: list[np.ndarray]
+    test_idx: list[np.ndarray]
+    # With --augment: indices -> freshly augmented features (the cached train_feats are then unused).
+    augment_fn: Callable[[np.ndarray], Tensor] | None = None
+
+    def train_features(self, indices: np.ndarray) -> Tensor:
+        if self.augment_fn is not None:
+            return self.augment_fn(indices).float().cpu()
+        return self.train_feats[torch.as_tensor(indices, dtype=torch.long)]
+
+
+@dataclass
+class StepStats:
+    loss: float
+    clipped_fraction: float
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+# Activation floats one per-sample chunk may span (see Clients.chunk_size). CPU: measured, chunk 8 at the
+# tiny setting (bench/README.md: 394 -> 217 ms/step against the whole batch, less memory). CUDA: an estimate
+# (the paper setting gets ~10 samples per chunk, a few GiB of backward temporaries); sweep it on a GPU
+# with bench_round.py --chunk-size.
+_CHUNK_FLOATS = {"cpu": 2**20, "cuda": 2**27}
+
+# The factor products of an already private gradient (output mode): no clipping, no noise.
+_NO_CLIP = LocalDP(clip_norm=math.inf, noise_multiplier=0.0, clip_mode="batch")
+
+
+def sample_rates(cfg: RunConfig, sizes: list[int]) -> list[float]:
+    """Each client's sampling rate q_k = min(1, b / n_k) (a client with fewer than b examples uses all of them)."""
+    return [min(1.0, float(cfg.batch_size) / n) for n in sizes]
+
+
+def steps_per_round(cfg: RunConfig, sizes: list[int]) -> int:
+    """Local steps per round: E epochs of the average client (all clients step together, so a larger client sees
+    part of its data per epoch and a smaller one cycles; each client's accountant counts its real steps)."""
+    return cfg.local_epochs * max(1, math.ceil(float(np.mean(sizes)) / float(cfg.batch_size)))
+
+
+class BatchSampler:
+    """One client's batches: shuffled fixed-size batches (reshuffled each pass) or Poisson sampling, drawn from
+    the client's own generator.
+
+    Every client divides its clipped sum by the same b (one denominator for the fused op). A client with fewer
+    than b examples uses all of them each step: the sensitivity stays C / b, its step is just shorter, and the
+    accountant sees its sampling rate 1 (no amplification for it).
+    """
+
+    def __init__(self, size: int, batch_size: int, *, poisson: bool, rng: np.random.Generator) -> None:
+        self.size = size
+        self.batch_size = batch_size
+        self.poisson = poisson
+        self.rng = rng
+        self.order = rng.permutation(size)
+        self.pos = 0
+
+    @property
+    def sample_rate(self) -> float:
+        return min(1.0, float(self.batch_size) / self.size)
+
+    def next(self) -> np.ndarray:
+        n = self.size
+        if self.poisson:
+            return np.flatnonzero(self.rng.random(n) < self.sample_rate)
+        out: list[np.ndarray] = []
+        need = min(self.batch_size, n)  # never the same example twice in one batch
+        while need > 0:
+            if self.pos >= n:
+                self.order = self.rng.permutation(n)
+                self.pos = 0
+            take = self.order[self.pos : self.pos + need]
+            self.pos += len(take)
+            need -= len(take)
+            out.append(take)
+        return np.concatenate(out)
+
+    def state_dict(self) -> dict:
+        """The place in the shuffled order (secret: which examples the batches hold)."""
+        return {"order": self.order.copy(), "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order = np.asarray(state["order"])
+        self.pos = int(state["pos"])
+
+
+class Clients:
+    """A group of clients stepping together (rows of stacked tensors; ``ids`` names each row's client).
+
+    Args:
+        cfg: the run configuration.
+        text: the class prompts of the label set on the frozen backbone.
+        data: cached image features and each row's train/test indices.
+        learner: the rows' prompt state (copies of G and local parameters).
+        plan: the noise in force and what each client's accountant is told.
+        ids: each row's client number (names its secret keys: "client-{id}").
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        text: ClassPrompts,
+        data: ClientData,
+        learner: PromptLearner,
+        plan: NoisePlan,
+        ids: list[int],
+    ) -> None:
+        self.cfg, self.text, self.data, self.learner, self.plan, self.ids = cfg, text, data, learner, plan, ids
+        self.device = torch.device(cfg.device)
+        # Secret by default (OS CSPRNG keys); reproducible only with --noise-seed.
+        self.rand = [PartyRandomness.create(f"client-{k}", cfg.noise_seed) for k in ids]
+        self.samplers = [
+            BatchSampler(len(ix), cfg.batch_size, poisson=cfg.sampling == "poisson", rng=r.sampling)
+            for ix, r in zip(data.train_idx, self.rand, strict=True)
+        ]
+        self.accountants = [ClientAccountant(cfg, plan, s.sample_rate) for s in self.samplers]
+        self.opt_local = ClientSGD(learner.local, lr=cfg.lr, momentum=cfg.momentum)
+        # sync="round": each client runs DP-SGD on its own copy of G.
+        self.opt_global = ClientSGD({"g": learner.client_global}, lr=cfg.lr, momentum=cfg.momentum)
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def dp_active(self) -> bool:
+        """Clipping is on whenever any noise is (a run without noise trains the plain objective)."""
+        return self.plan.sigma_local > 0 or self.plan.sigma_global > 0
+
+    @property
+    def output_mode(self) -> bool:
+        return self.cfg.clip_mode == "output" and self.dp_active
+
+    @property
+    def batch_denominator(self) -> float:
+        """b that divides the clipped sums: the fixed batch size, or the expected one under Poisson sampling."""
+        return float(self.cfg.batch_size)
+
+    @property
+    def global_noise(self) -> float:
+        """sigma_g of the global release (none in output mode: the one release already covers G)."""
+        return self.plan.sigma_global if self.dp_active and not self.output_mode else 0.0
+
+    def noise_streams(self, rows: Tensor) -> list[NoiseStream]:
+        return [self.rand[k].noise for k in rows.tolist()]
+
+    def local_dp(self, per_sample: bool) -> LocalDP:
+        """The local clipping/noise in force (no clipping and no noise when DP is off)."""
+        cfg = self.cfg
+        if not self.dp_active:
+            return _NO_CLIP
+        return LocalDP(
+            clip_norm=cfg.norm_thresh,
+            noise_multiplier=self.plan.sigma_local,
+            clip_mode="sample" if per_sample else "batch",
+            joint_uv=cfg.clip_uv == "joint",
+            expected_batch_size=self.batch_denominator,
+        )
+
+    def chunk_size(self, n_active: int) -> int:
+        """Samples per vmapped backward: --chunk-size, else as many as keep one chunk's activations
+        (chunk x n_active x n_cls x seq_len x width floats) under the device's budget, at least 1."""
+        if self.cfg.chunk_size is not None:
+            return self.cfg.chunk_size
+        lane = n_active * self.text.n_cls * self.text.seq_len * self.text.width
+        return max(1, _CHUNK_FLOATS.get(self.device.type, _CHUNK_FLOATS["cuda"]) // lane)
+
+    # ------------------------------------------------------------------------------------------
+    # One step
+    # ------------------------------------------------------------------------------------------
+    def batch(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Padded features (K_a, B, D), labels (K_a, B), mask (K_a, B) of this step's batches."""
+        batches = [self.data.train_idx[k][self.samplers[k].next()] for k in rows.tolist()]
+        B = max(1, max(len(x) for x in batches))
+        D = self.data.train_feats.shape[1]
+        feats = torch.zeros(len(batches), B, D)
+        labels = torch.zeros(len(batches), B, dtype=torch.long)
+        mask = torch.zeros(len(batches), B)
+        for j, ix in enumerate(batches):
+            ix_t = torch.as_tensor(ix, dtype=torch.long)
+            if len(ix):
+                feats[j, : len(ix)] = self.data.train_features(ix)
+            labels[j, : len(ix)] = self.data.train_labels[ix_t]
+            mask[j, : len(ix)] = 1.0
+        return feats.to(self.device), labels.to(self.device), mask.to(self.device)
+
+    def per_sample_grads(self, ctx: Tensor, feats: Tensor, labels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-sample context gradients (K_a, B, n_ctx, d) and the per-sample losses (K_a, B).
+
+        The prompt-side primal is the context itself, so each vmapped pull-back returns (K_a, n_ctx, d)
+        already summed over classes; lane i carries sample i of every client on that client's rows.
+        """
+        Ka, n_cls = ctx.shape[0], self.text.n_cls
+
+        def head(flat: Tensor) -> tuple[Tensor, Tensor]:
+            text = flat.reshape(Ka, n_cls, -1)
+            cot, losses = logit_cotangents(feats, text, labels, self.text.backbone.logit_scale)  # (B, K_a, n_cls, D)
+            cot = cot * mask.transpose(0, 1)[..., None, None]  # padded (Poisson) rows contribute nothing
+            return cot.flatten(1, 2), losses
+
+        flat_text = lambda c: self.text.features(c, traceable=True).reshape(Ka * n_cls, -1)  # noqa: E731
+        grads, losses = per_sample_prompt_grads_from(flat_text, ctx, head, chunk_size=self.chunk_size(Ka))
+        return grads.transpose(0, 1), (losses * mask).detach()
+
+    def batch_mean_grad(self, ctx: Tensor, feats: Tensor, labels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Batch-mean context gradient (K_a, 1, n_ctx, d) (one backward) and per-sample losses."""
+        ctx = ctx.detach().requires_grad_(True)
+        with torch.enable_grad():
+            text = self.text.features(ctx)
+            logits = self.text.logits(text, feats).flatten(0, 1)
+            losses = F.cross_entropy(logits, labels.flatten(), reduction="none").view_as(mask) * mask
+            per_client_mean = losses.sum(1) / mask.sum(1).clamp(min=1)
+            (grad,) = torch.autograd.grad(per_client_mean.sum(), ctx)
+        return grad.unsqueeze(1), losses.detach()
+
+    def output_release_grad(self, ctx: Tensor, feats: Tensor, labels: Tensor, mask: Tensor, streams):
+        """--clip-mode output: the private release Z (K_a, n_cls, D) of the head's clipped, noised cotangents and the
+        context gradient J^T Z (K_a, 1, n_ctx, d) by one backward of the text features. J depends on theta only, so
+        the gradient is post-processing of Z."""
+        ctx = ctx.detach().requires_grad_(True)
+        with torch.enable_grad():
+            text = self.text.features(ctx)
+        out_cfg = OutputDP(
+            clip_norm=self.cfg.output_clip, noise_multiplier=self.plan.sigma_local, denominator=self.batch_denominator
+        )
+        logit_scale = self.text.backbone.logit_scale
+        res = privatize_output(feats, text.detach(), labels, mask, logit_scale, out_cfg, streams)
+        (grad,) = torch.autograd.grad(text, ctx, grad_outputs=res.release)
+        return grad.unsqueeze(1), res
+
+    def local_step(self, rows: Tensor) -> tuple[Tensor, StepStats]:
+        """One local step of the clients ``rows``: their local prompts are updated; returns the clipped mean
+        gradients of G (K_a, n_ctx, d) (output mode: already private) and the step's statistics."""
+        cfg, L = self.cfg, self.learner
+        streams = self.noise_streams(rows)
+        seed, off = take_each(streams, L.factorize_draws())
+        factors = L.factors(rows, seed=seed, offset=off)
+        ctx = L.context(rows, factors).detach()
+        feats, labels, mask = self.batch(rows)
+        output_mode = self.output_mode
+        per_sample = cfg.clip_mode == "sample" and self.dp_active
+        out_res = None
+        if output_mode:
+            grad_ctx, out_res = self.output_release_grad(ctx, feats, labels, mask, streams)
+            losses = out_res.losses
+        elif per_sample:
+            grad_ctx, losses = self.per_sample_grads(ctx, feats, labels, mask)
+        else:
+            grad_ctx, losses = self.batch_mean_grad(ctx, feats, labels, mask)
+
+        # Output mode: grad_ctx is already the private (divided) release's vjp: no clipping, no noise, b = 1.
+        uv = L.scheme.clips_factors
+        res = privatize_local(
+            grad_ctx.float(),
+            factors.u.float() if uv and factors.u is not None else None,
+            factors.v.float() if uv and factors.v is not None else None,
+            _NO_CLIP if output_mode else self.local_dp(per_sample),
+            streams,
+            batch_size=1.0 if output_mode else self.batch_denominator,
+            local=L.scheme.has_local,
+        )
+        local_grads = L.local_update_direction(factors, res.grad_u if uv else res.grad_local, res.grad_v)
+        if local_grads:
+            self.opt_local.step(rows, local_grads)
+        for k in rows.tolist():
+            self.accountants[k].record_step()
+        n = mask.sum().clamp(min=1)
+        clipped = out_res.clip_fraction if out_res is not None else res.clip_fraction[..., 2]
+        stats = StepStats(
+            loss=float(losses.sum() / n),
+            clipped_fraction=float(clipped.mean()),
+            batch_sizes=[int(x) for x in mask.sum(1).tolist()],
+        )
+        return res.grad_global, stats
+
+    @torch.no_grad()
+    def own_global_step(self, rows: Tensor, grad_global: Tensor) -> None:
+        """sync="round": client-side DP-SGD on each client's own copy of G (std sigma_g C / b per step): the
+        guarantee needs no trusted server, and averaging at the round's end is post-processing."""
+        g, sigma_g = grad_global, self.global_noise
+        if sigma_g > 0:
+            streams = self.noise_streams(rows)
+            z = torch.stack([s.normal(g[0].numel(), g.device) for s in streams]).view_as(g)
+            g = g + z * (sigma_g * self.cfg.norm_thresh / self.batch_denominator)
+        self.opt_global.step(rows, {"g": g})
+
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def text_features(self, eval_seed: int) -> Tensor:
+        """(K, n_cls, D) normalised text features of every row's current prompt (for evaluation)."""
+        L, K = self.learner, len(self.ids)
+        rows = torch.arange(K, device=self.device)
+        # lowrank() at evaluation draws from public streams of its own, so evaluating never shifts training noise.
+        factors = L.factors(rows, seed=[derive_key("eval", eval_seed, k) for k in self.ids], offset=[0] * K)
+        return F.normalize(self.text.encode(L.prompts(self.text.prefix, self.text.suffix, rows, factors)), dim=-1)
+
+    def state_dict(self) -> dict:
+        return {
+            "learner": self.learner.state_dict(),
+            "opt_local": self.opt_local.state_dict(),
+            "opt_global": self.opt_global.state_dict(),
+            # Each client's secret part: its keys, stream positions and place in its batch order; its ledger.
+            "clients": [
+                {"randomness": r.state_dict(), "sampler": s.state_dict(), "accountant": a.state_dict()}
+                for r, s, a in zip(self.rand, self.samplers, self.accountants, strict=True)
+            ],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.learner.load_state_dict(state["learner"])
+        # The optimisers update the learner's tensors in place: point them at the restored ones.
+        self.opt_local.params = self.learner.local
+        self.opt_local.load_state_dict(state["opt_local"])
+        self.opt_global.params = {"g": self.learner.client_global}
+        self.opt_global.load_state_dict(state["opt_global"])
+        for r, s, a, part in zip(self.rand, self.samplers, self.accountants, state["clients"], strict=True):
+            r.load_state_dict(part["randomness"])
+            s.load_state_dict(part["sampler"])
+            a.load_state_dict(part["accountant"])

@@ -1,0 +1,81 @@
+"""The server: the global prompt G, its optimiser, the server's noise, client sampling and aggregation.
+
+With sync="step" the server averages the clients' clipped gradients of G, adds the global-DP noise (it is then
+trusted with the clipped gradients) and steps G with the same SGD as the clients; with sync="round" it only
+averages the clients' DP-SGD-trained copies of G (FedAvg, post-processing). Only G passes through it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fpl_fast.config import RunConfig
+from fpl_fast.federated.optim import ClientSGD
+from fpl_fast.privacy.mechanism import server_aggregate_global
+from fpl_fast.privacy.randomness import PartyRandomness
+
+__all__ = ["Server"]
+
+
+class Server:
+    """The server's state: G (n_ctx, d), the momentum of its SGD and its own secret randomness.
+
+    Args:
+        cfg: the run configuration (lr, momentum, client fraction, clip norm, batch size).
+        global_ctx: the initial G.
+        noise_multiplier: sigma_g added to the mean of the clients' clipped gradients (0: none).
+    """
+
+    def __init__(self, cfg: RunConfig, global_ctx: Tensor, *, noise_multiplier: float) -> None:
+        self.cfg = cfg
+        self.noise_multiplier = noise_multiplier
+        self.rand = PartyRandomness.create("server", cfg.noise_seed)  # secret unless --noise-seed
+        self._g = global_ctx[None].clone()  # one row: the server is a client-indexed SGD of one
+        self.opt = ClientSGD({"g": self._g}, lr=cfg.lr, momentum=cfg.momentum)
+        self._row = torch.zeros(1, dtype=torch.long, device=global_ctx.device)
+
+    @property
+    def global_ctx(self) -> Tensor:
+        return self._g[0]
+
+    def sample_clients(self, num_clients: int) -> Tensor:
+        """Clients taking part in this round (client fraction, at least one), from the server's generator."""
+        m = max(1, round(self.cfg.client_fraction * num_clients))
+        chosen = (
+            np.sort(self.rand.sampling.choice(num_clients, size=m, replace=False))
+            if m < num_clients
+            else np.arange(num_clients)
+        )
+        return torch.as_tensor(chosen, dtype=torch.long, device=self._g.device)
+
+    def aggregate(self, grads: Tensor) -> Tensor:
+        """The mean of the clients' clipped gradients of G (K_a, n_ctx, d), noised N(0, (sigma_g C / (b K_a))^2)."""
+        if self.noise_multiplier > 0:
+            return server_aggregate_global(
+                grads,
+                clip_norm=self.cfg.norm_thresh,
+                noise_multiplier=self.noise_multiplier,
+                batch_size=float(self.cfg.batch_size),
+                stream=self.rand.noise,
+            )
+        return grads.mean(0)
+
+    def step(self, grads: Tensor) -> None:
+        """sync="step": one SGD step of G on the aggregate of this step's client gradients."""
+        self.opt.step(self._row, {"g": self.aggregate(grads)[None]})
+
+    @torch.no_grad()
+    def average(self, copies: Tensor) -> None:
+        """sync="round": G becomes the mean of the clients' copies (FedAvg)."""
+        self._g[0] = copies.mean(0)
+
+    def state_dict(self) -> dict:
+        return {"g": self._g.clone(), "opt": self.opt.state_dict(), "randomness": self.rand.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._g = state["g"].clone()
+        self.opt.params = {"g": self._g}
+        self.opt.load_state_dict(state["opt"])
+        self.rand.load_state_dict(state["randomness"])

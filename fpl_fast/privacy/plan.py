@@ -1,0 +1,175 @@
+"""The noise plan of a run and each client's privacy ledger.
+
+The plan says which noise multipliers are in force (given with --noise or calibrated for --epsilon) and what
+the accountant is told for each release: the sensitivity of what is clipped decides it (mechanism.py explains
+the factors). Each client holds a :class:`ClientAccountant` that counts the noised steps it really took and
+composes them when its epsilon is asked for, so a client that skipped rounds is accounted for what it did.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+from fpl_fast.config import RunConfig
+from fpl_fast.privacy.accountant import calibrate_noise, epsilon_for, paper_noise_multiplier
+from fpl_fast.privacy.mechanism import (
+    LocalDP,
+    accountant_noise_multiplier,
+    combined_noise_multiplier,
+    global_accountant_noise_multiplier,
+)
+from fpl_fast.prompts import get_factorization
+
+__all__ = ["NoisePlan", "plan_noise", "trust_model", "ClientAccountant", "Epsilons"]
+
+
+@dataclass(frozen=True)
+class NoisePlan:
+    """Noise multipliers in force and what the accountant is told.
+
+    sigma_local / sigma_global: the std of the added noise over the clip norm C.
+    accountant_local / accountant_global: the multipliers the accountant composes (separate clipping of U and V
+    moves the pair by sqrt(2) C; batch-mean clipping lets one example move the clipped mean by 2 C against noise
+    sigma C / b).
+    accountant_total: the multiplier of both releases seen together (one Gaussian on the same batch per step,
+    ``combined_noise_multiplier``); the global one alone when there is no local prompt (promptfl).
+    """
+
+    sigma_local: float
+    sigma_global: float
+    accountant_local: float
+    accountant_global: float
+    accountant_total: float
+    note: str = ""
+
+    @classmethod
+    def from_sigmas(cls, cfg: RunConfig, sigma_local: float, sigma_global: float, note: str = "") -> NoisePlan:
+        """The plan of these noise multipliers: the accountant's multipliers follow from the sensitivities."""
+        acc_l, acc_g = _accountant_multipliers(cfg, sigma_local, sigma_global)
+        return cls(sigma_local, sigma_global, acc_l, acc_g, _total_multiplier(cfg, acc_l, acc_g), note)
+
+
+def _accountant_multipliers(cfg: RunConfig, sigma_local: float, sigma_global: float) -> tuple[float, float]:
+    """What the accountant is told for the local and the global release."""
+    if cfg.clip_mode == "output":  # one release Z per step, sensitivity C_o, noise sigma C_o: multiplier sigma
+        return sigma_local, sigma_local
+    b = float(cfg.batch_size)  # the denominator of the clipped sums (fixed, or expected under Poisson sampling)
+    local_cfg = LocalDP(
+        clip_norm=cfg.norm_thresh if math.isfinite(cfg.norm_thresh) else 1.0,
+        noise_multiplier=sigma_local,
+        clip_mode=cfg.clip_mode,
+        joint_uv=cfg.clip_uv == "joint",
+    )
+    lowrank = get_factorization(cfg.factorization).clips_factors
+    local = accountant_noise_multiplier(local_cfg, lowrank=lowrank, batch_size=b)
+    glob = global_accountant_noise_multiplier(sigma_global, clip_mode=cfg.clip_mode, batch_size=b)
+    return local, glob
+
+
+def _total_multiplier(cfg: RunConfig, local: float, glob: float) -> float:
+    """The multiplier of everything a client releases per step (the global prompt alone without a local prompt;
+    output mode: both prompts are functions of the one release, so its multiplier is the total)."""
+    if not get_factorization(cfg.factorization).has_local or cfg.clip_mode == "output":
+        return glob
+    return combined_noise_multiplier(local, glob)
+
+
+def plan_noise(cfg: RunConfig, *, sample_rate: float, steps: int) -> NoisePlan:
+    """Noise multipliers from --noise, or calibrated from --epsilon (accountant or the authors' formula) for the
+    largest sampling rate and the most steps any client takes."""
+    notes = []
+    if cfg.clip_mode == "batch":
+        notes.append(
+            "clip-mode batch (the authors' batch-mean clipping) is NOT a per-example guarantee: one example can "
+            "move the clipped mean by 2C, so the accountant is told sigma / (2b)"
+        )
+    if cfg.clip_mode == "output":
+        clip = "auto (sqrt(2) s / min_c ||T_c|| per client and step)" if cfg.output_clip == "auto" else cfg.output_clip
+        notes.append(
+            f"clip-mode output: each example's cotangent dl/dT clipped to C_o = {clip}, one Gaussian "
+            "N(0, (sigma C_o)^2) per client and step added on the client;"
+            " both prompts are post-processing of it (no server noise)"
+        )
+    if cfg.epsilon is None:
+        base = cfg.noise or 0.0
+        s_l = cfg.noise_local if cfg.noise_local is not None else base
+        s_g = cfg.noise_global if cfg.noise_global is not None else base
+    elif cfg.calibration == "paper":
+        s_l = s_g = paper_noise_multiplier(cfg.epsilon, cfg.delta, cfg.rounds)
+        notes.append(
+            f"sigma from the authors' formula sqrt(rounds log(1/delta)) / epsilon = {s_l:.4g}; "
+            "the epsilon reported is the accountant's for that sigma"
+        )
+    else:
+        need = calibrate_noise(cfg.epsilon, cfg.delta, sample_rate, steps, cfg.accountant, cfg.sampling)
+        # Invert the sensitivity mapping: the accountant needs multiplier `need` after it. All multipliers
+        # scale linearly with sigma, so for the total one sigma = need / (the total at sigma 1).
+        scale_l, scale_g = _accountant_multipliers(cfg, 1.0, 1.0)
+        if cfg.clip_mode == "output":
+            s_l = s_g = need / scale_l
+        elif cfg.calibrate_for == "total":
+            s_l = s_g = need / _total_multiplier(cfg, scale_l, scale_g)
+        else:
+            s_l, s_g = need / scale_l, need / scale_g
+        what = "epsilon_total (both prompts)" if cfg.calibrate_for == "total" else "each release"
+        notes.append(
+            f"sigma calibrated with {cfg.accountant.upper()} (dp_accounting) for {what} epsilon={cfg.epsilon}, "
+            f"delta={cfg.delta}, q={sample_rate:.4g}, steps={steps}"
+        )
+    return NoisePlan.from_sigmas(cfg, s_l, s_g, "; ".join(notes))
+
+
+def trust_model(cfg: RunConfig) -> str:
+    """Who must be trusted for epsilon_global to hold."""
+    if cfg.clip_mode == "output" or cfg.sync == "round":
+        return "no trusted server: every client adds its own noise before anything leaves it"
+    return "trusted server: the global prompt's noise is added by the server to the clients' clipped gradients"
+
+
+@dataclass(frozen=True)
+class Epsilons:
+    """What one client has spent so far: its local release, its global release and both together."""
+
+    local: float
+    global_: float
+    total: float
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon(multiplier: float, q: float, steps: int, delta: float, accountant: str, sampling: str) -> float:
+    if steps == 0:
+        return 0.0
+    if multiplier <= 0:
+        return math.inf
+    return epsilon_for(multiplier, q, steps, delta, accountant, sampling)
+
+
+class ClientAccountant:
+    """One client's privacy ledger: its subsampled Gaussian mechanism (multipliers of the plan, its own
+    sampling rate) and the number of noised steps it took, composed when :meth:`epsilons` is asked."""
+
+    def __init__(self, cfg: RunConfig, plan: NoisePlan, sample_rate: float) -> None:
+        self.plan = plan
+        self.sample_rate = sample_rate
+        self.delta, self.accountant, self.sampling = cfg.delta, cfg.accountant, str(cfg.sampling)
+        self.has_local = get_factorization(cfg.factorization).has_local
+        self.steps = 0
+
+    def record_step(self) -> None:
+        self.steps += 1
+
+    def _eps(self, multiplier: float) -> float:
+        return _epsilon(multiplier, self.sample_rate, self.steps, self.delta, self.accountant, self.sampling)
+
+    def epsilons(self) -> Epsilons:
+        p = self.plan
+        local = self._eps(p.accountant_local) if self.has_local else 0.0
+        return Epsilons(local, self._eps(p.accountant_global), self._eps(p.accountant_total))
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
