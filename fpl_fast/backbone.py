@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import open_clip
 import torch
@@ -28,7 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
+from fpl_fast.backbone_protocol import Backbone, FeatureIndices
+
 __all__ = [
+    "Backbone",
     "CONFIG_DIR",
     "EMBEDDED_MODEL",
     "EMBEDDED_WEIGHTS",
@@ -75,7 +78,7 @@ class _TextTower:
 
     token_embedding: nn.Embedding
     positional_embedding: Tensor
-    transformer: nn.Module
+    transformer: open_clip.transformer.Transformer
     ln_final: nn.Module
     text_projection: Tensor | nn.Linear | None
     attn_mask: Tensor | None
@@ -137,8 +140,11 @@ def _attention(mha: nn.MultiheadAttention, x: Tensor, mask: Tensor | None) -> Te
 
 
 def _block_forward(block: nn.Module, x: Tensor, mask: Tensor | None, batch_first: bool) -> Tensor:
-    std_block = isinstance(block, open_clip.transformer.ResidualAttentionBlock)
-    if std_block and block.attn._qkv_same_embed_dim and not hasattr(block, "ln_1_kv"):
+    if (
+        isinstance(block, open_clip.transformer.ResidualAttentionBlock)
+        and block.attn._qkv_same_embed_dim
+        and not hasattr(block, "ln_1_kv")
+    ):
         x = x + block.ls_1(_attention(block.attn, block.ln_1(x), mask))
         return x + block.ls_2(block.mlp(block.ln_2(x)))
     # Custom blocks (qk-norm, scaled cosine attention, ...) already use functional attention.
@@ -450,7 +456,7 @@ class FrozenCLIP(nn.Module):
 
     def __init__(self, model: nn.Module, *, model_name: str = "", meta: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.model = model
+        self.model: open_clip.CLIP | open_clip.CustomTextCLIP = model  # what text_tower accepts
         self.model_name = model_name
         self.meta = dict(meta or {})
         for p in self.model.parameters():
@@ -679,7 +685,7 @@ class FrozenCLIP(nn.Module):
         dataset_key: str,
         split: str,
         dataset: torch.utils.data.Dataset,
-        indices: Sequence[int] | Tensor | None = None,
+        indices: FeatureIndices | None = None,
         *,
         augment: bool = False,
     ) -> Tensor:
@@ -729,7 +735,7 @@ class FeatureCache:
         dataset_key: str,
         split: str,
         dataset: torch.utils.data.Dataset,
-        indices: Sequence[int] | Tensor | None = None,
+        indices: FeatureIndices | None = None,
         *,
         augment: bool = False,
     ) -> Tensor:
@@ -758,3 +764,9 @@ class FeatureCache:
             feats[missing] = self._encode(dataset, missing, self.backbone.eval_transform())
             done[missing] = True
         return feats[idx]
+
+
+if TYPE_CHECKING:
+
+    def _frozen_clip_is_a_backbone(backbone: FrozenCLIP) -> Backbone:
+        return backbone  # mypy checks here that FrozenCLIP satisfies the Backbone protocol

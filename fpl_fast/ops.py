@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -68,6 +69,7 @@ def _built_torch_mismatch(ext) -> str | None:
     return f"it was built against torch {built} but torch {torch.__version__} is running"
 
 
+_C: ModuleType | None  # None: not loaded, or not used (built against another torch)
 try:
     from fpl_fast import _C  # noqa: F401  (loading it registers torch.ops.fpl_fast)
 
@@ -106,14 +108,14 @@ def has_cpp_ops() -> bool:
 
 def has_cuda_kernels() -> bool:
     """True when the extension was compiled with its CUDA kernels."""
-    return _HAS_C and bool(_C.cuda_built())
+    return _HAS_C and _C is not None and bool(_C.cuda_built())
 
 
 def cpu_isa() -> str:
     """The instruction-set level the CPU kernels run: ``"avx512"``, ``"avx2"`` or ``"default"``, chosen when
     ``_C`` loads from ``FPL_FAST_CPU_ISA``, else ``ATEN_CPU_CAPABILITY`` (the same names), else the best the CPU
     supports (a request above it is clamped down); ``"reference"`` when ``_C`` is missing."""
-    return str(_C.cpu_isa()) if _HAS_C else "reference"
+    return str(_C.cpu_isa()) if _HAS_C and _C is not None else "reference"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,8 +208,12 @@ if _HAS_C:
     def _prompt_bwd_backward(ctx, d_ctx, d_u, d_v):
         grad_out, u, v = ctx.saved_tensors
         has_uv = u is not None and v is not None
-        fn = lambda go, *uv: reference.lowrank_prompt_backward(go, *(uv if has_uv else (None, None)), ctx.n_ctx)  # noqa: E731
-        _, pull = torch.func.vjp(fn, grad_out, *((u, v) if has_uv else ()))
+
+        def fn(go: Tensor, *uv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            u_, v_ = uv if has_uv else (None, None)
+            return reference.lowrank_prompt_backward(go, u_, v_, ctx.n_ctx)
+
+        pull = torch.func.vjp(fn, grad_out, *((u, v) if has_uv else ()))[1]  # (output, vjp_fn): no has_aux
         grads = pull((d_ctx, d_u, d_v))
         return grads[0], grads[1] if has_uv else None, grads[2] if has_uv else None, None
 
@@ -304,7 +310,7 @@ def lowrank_factorize(
     return reference.lowrank_factorize(l, int(rank), seed, offset)
 
 
-def _ints(xs: Sequence[int]) -> list[int]:
+def _ints(xs: Sequence[int]) -> Sequence[int]:
     """A per-client stream list as plain ints (numpy integers and tuples too); anything else is left for the
     op's own check to name."""
     if isinstance(xs, (list, tuple)):

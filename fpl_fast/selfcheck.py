@@ -182,7 +182,9 @@ def _output_dp_cases(device: torch.device) -> list[Case]:
         return _ops().dp_output_clip_noise(*a)
 
     def ref(*a: Any) -> Any:  # clip_norm stays float32 (the op's contract) when the rest goes to float64
-        return reference.dp_output_clip_noise(*a[:5], a[5].float(), *a[6:])
+        args = list(a)
+        args[5] = args[5].float()
+        return reference.dp_output_clip_noise(*args)
 
     labels, clip = labels.to(device), clip.to(device)
     return [
@@ -270,17 +272,17 @@ _verdict: dict[tuple[str, str], bool] = {}  # (op, device type) -> may the kerne
 _lock = threading.Lock()
 
 
-def use_kernel(op: str, *tensors: Tensor | None) -> bool:
-    """Whether ``op`` may run its compiled kernel on the device of ``tensors[0]``; the first eager call per
-    device type runs the self-check (see the module docstring)."""
-    device = tensors[0].device
+def use_kernel(op: str, first: Tensor, *rest: Tensor | None) -> bool:
+    """Whether ``op`` may run its compiled kernel on the device of ``first`` (its first tensor argument; ``rest``
+    are the others); the first eager call per device type runs the self-check (see the module docstring)."""
+    device = first.device
     known = _verdict.get((op, device.type))
     if known is not None:
         return known
     # Cheapest first: with the check off this is all an op call pays.
     if torch.compiler.is_compiling() or not enabled():
         return True
-    if device.type not in KERNEL_DEVICES or _tracing(tensors):
+    if device.type not in KERNEL_DEVICES or _tracing((first, *rest)):
         return True
     with _lock:
         if (op, device.type) not in _verdict:

@@ -72,11 +72,11 @@ def load_dataset(
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; allowed: {list(DATASETS)}")
     if name in ("digits", "digits-tune"):  # digits-tune: the public pretrain part, for tuning (no client data)
-        train, test = ("train", "test") if name == "digits" else ("tune_train", "tune_test")
+        train_part, test_part = ("train", "test") if name == "digits" else ("tune_train", "tune_test")
         return DatasetBundle(
             name,
-            DigitsDataset(train, image_size=image_size),
-            DigitsDataset(test, image_size=image_size),
+            DigitsDataset(train_part, image_size=image_size),
+            DigitsDataset(test_part, image_size=image_size),
             list(DIGIT_CLASSNAMES),
         )
     if data_root is None:

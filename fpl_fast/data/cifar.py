@@ -45,6 +45,6 @@ def load_cifar(name: str, data_root: str | os.PathLike[str]) -> tuple[Dataset, D
     except RuntimeError as err:
         raise FileNotFoundError(f"{folder} is incomplete or corrupt: {str(err).splitlines()[0]}") from None
     for ds in (train, test):
-        ds.labels = np.asarray(ds.targets, dtype=np.int64)  # type: ignore[attr-defined]
+        ds.labels = np.asarray(ds.targets, dtype=np.int64)
     classnames = [c.replace("_", " ") for c in train.classes]
     return train, test, classnames

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from fpl_fast.backbone import (
     CONFIG_DIR,
     EMBEDDED_MODEL,
-    FrozenCLIP,
+    Backbone,
     init_token_embedding,
     text_encoder_forward,
     text_tower,
@@ -226,11 +226,11 @@ def pretrain(cfg: PretrainConfig, *, log_every: int = 100) -> tuple[nn.Module, T
 
 
 @torch.no_grad()
-def _eot_features(backbone: FrozenCLIP, texts: list[str]) -> Tensor:
+def _eot_features(backbone: Backbone, texts: list[str]) -> Tensor:
     return F.normalize(backbone.encode_text(texts).float(), dim=-1)
 
 
-def linear_probe_accuracy(backbone: FrozenCLIP, *, n_train: int = 800, n_test: int = 400, steps: int = 300) -> float:
+def linear_probe_accuracy(backbone: Backbone, *, n_train: int = 800, n_test: int = 400, steps: int = 300) -> float:
     """Test accuracy of a linear probe (full-batch Adam, seeded) on EOT features of CLEAN federated topic text."""
     train, test = make_text_dataset("train", n=n_train), make_text_dataset("test", n=n_test)
     xtr, xte = _eot_features(backbone, train.texts), _eot_features(backbone, test.texts)

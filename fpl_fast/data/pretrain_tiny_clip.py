@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from fpl_fast.backbone import (
     EMBEDDED_MODEL,
     EMBEDDED_WEIGHTS,
-    FrozenCLIP,
+    Backbone,
     init_token_embedding,
     text_encoder_forward,
     text_tower,
@@ -134,7 +134,8 @@ def pretrain(cfg: PretrainConfig, *, log_every: int = 100) -> tuple[nn.Module, T
     labels = torch.from_numpy(data.labels)
     pp_cfg = model.visual.preprocess_cfg
 
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         is_matrix = p.ndim >= 2 and "token_embedding" not in name and "positional_embedding" not in name
         (decay if is_matrix else no_decay).append(p)
@@ -167,13 +168,13 @@ def pretrain(cfg: PretrainConfig, *, log_every: int = 100) -> tuple[nn.Module, T
     return model, trained_rows
 
 
-def _features(backbone: FrozenCLIP, part: str) -> tuple[Tensor, Tensor]:
+def _features(backbone: Backbone, part: str) -> tuple[Tensor, Tensor]:
     data = DigitsDataset(part, image_size=backbone.image_size[0])
     feats = backbone.image_features("digits", part, data)
     return F.normalize(feats, dim=-1), torch.from_numpy(data.labels).to(feats.device)
 
 
-def zero_shot_accuracy(backbone: FrozenCLIP, template: str = ZERO_SHOT_TEMPLATE, part: str = "test") -> float:
+def zero_shot_accuracy(backbone: Backbone, template: str = ZERO_SHOT_TEMPLATE, part: str = "test") -> float:
     """Accuracy of the hand-written prompt ``template`` on a digits part."""
     feats, labels = _features(backbone, part)
     weights = backbone.zero_shot_weights(DIGIT_CLASSNAMES, template).float()
@@ -181,7 +182,7 @@ def zero_shot_accuracy(backbone: FrozenCLIP, template: str = ZERO_SHOT_TEMPLATE,
 
 
 def coop_accuracy(
-    backbone: FrozenCLIP,
+    backbone: Backbone,
     *,
     n_ctx: int = 16,
     steps: int = 300,
@@ -218,7 +219,7 @@ def coop_accuracy(
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: pretrain, save the compact weights, report zero-shot and CoOp accuracy."""
 
-    def evaluate(backbone: FrozenCLIP) -> dict[str, float]:
+    def evaluate(backbone: Backbone) -> dict[str, float]:
         return {
             "zero_shot_test_accuracy": zero_shot_accuracy(backbone),
             "coop_test_accuracy": coop_accuracy(backbone),  # 16 ctx, 300 Adam steps, central

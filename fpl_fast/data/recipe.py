@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fpl_fast.backbone import EMBEDDED_MODEL, save_compact_checkpoint
+from fpl_fast.backbone import EMBEDDED_MODEL, Backbone, save_compact_checkpoint
 
 __all__ = ["recipe_main", "adamw_warmup_cosine"]
 
@@ -48,10 +48,10 @@ def recipe_main(
     recipe: str,
     description: str,
     default_out: Path,
-    config_cls: type,
+    config_cls: type[Any],
     pretrain: Callable[[Any], tuple[nn.Module, Any]],
     token_seed: Callable[[Any], int],
-    evaluate: Callable[[Any], dict[str, float]],
+    evaluate: Callable[[Backbone], dict[str, float]],
     eval_help: str,
     extra_meta: dict[str, Any] | None = None,
 ) -> int:

@@ -1,0 +1,113 @@
+"""The interface of a frozen backbone, as a typing protocol (no open_clip import: cheap to import for annotations).
+
+:class:`Backbone` lists the members that the federated simulation, the methods (FedDTPT, RAPT), the attacks and the
+pretraining recipes use from :class:`fpl_fast.backbone.FrozenCLIP`, which satisfies it structurally. Annotate a
+``backbone`` parameter with it instead of the concrete class::
+
+    from fpl_fast.backbone_protocol import Backbone
+
+    def zero_shot(backbone: Backbone, classnames: list[str]) -> Tensor: ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from fpl_fast.backbone import PromptParts
+
+__all__ = ["Backbone", "FeatureIndices"]
+
+FeatureIndices: TypeAlias = Sequence[int] | Tensor | npt.NDArray[np.integer[Any]]
+"""Dataset indices accepted by :meth:`Backbone.image_features`: a sequence of ints, a tensor or an integer array."""
+
+
+class Backbone(Protocol):
+    """A frozen CLIP-like model with a prompt-injected text encoder and cached image features.
+
+    Gradients flow only into the prompts passed to :meth:`encode_prompts`; the model's own weights are frozen.
+    See :class:`fpl_fast.backbone.FrozenCLIP` for the semantics of each member.
+    """
+
+    @property
+    def model(self) -> nn.Module:
+        """The wrapped open_clip model (its text tower is read with :func:`fpl_fast.backbone.text_tower`)."""
+        ...
+
+    @property
+    def tokenizer(self) -> Any:
+        """The open_clip tokenizer: ``tokenizer(texts) -> (N, context_length)`` token ids."""
+        ...
+
+    @property
+    def ctx_dim(self) -> int:
+        """Token-embedding width d."""
+        ...
+
+    @property
+    def embed_dim(self) -> int:
+        """Joint image-text feature dimension."""
+        ...
+
+    @property
+    def logit_scale(self) -> float:
+        """exp(learned logit scale)."""
+        ...
+
+    @property
+    def context_length(self) -> int:
+        """Text context length."""
+        ...
+
+    @property
+    def is_causal(self) -> bool:
+        """True if the text transformer is causal and pools at EOT (prompt truncation is exact)."""
+        ...
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model."""
+        ...
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """Input image size (H, W)."""
+        ...
+
+    def token_embeddings(self, tokens: Tensor) -> Tensor:
+        """Frozen token embeddings of token ids, (..., d)."""
+        ...
+
+    def prompt_parts(self, classnames: list[str], n_ctx: int) -> PromptParts:
+        """The frozen prefix/suffix embeddings of the CoOp prompts ``"X .. X classname."``."""
+        ...
+
+    def encode_prompts(self, prompts: Tensor, eot_index: Tensor, *, seq_len: int | None = None) -> Tensor:
+        """Unnormalised text features of (N, L, d) prompt embeddings, (N, embed_dim); differentiable in prompts."""
+        ...
+
+    def encode_text(self, texts: list[str]) -> Tensor:
+        """Unnormalised text features of plain texts, (N, embed_dim), no gradient."""
+        ...
+
+    def zero_shot_weights(self, classnames: list[str], template: str | Sequence[str] = ...) -> Tensor:
+        """Unit-norm text features of hand-written prompts, (n_cls, embed_dim)."""
+        ...
+
+    def image_features(
+        self,
+        dataset_key: str,
+        split: str,
+        dataset: torch.utils.data.Dataset,
+        indices: FeatureIndices | None = None,
+        *,
+        augment: bool = False,
+    ) -> Tensor:
+        """Unnormalised float32 image features of ``dataset[i]`` for i in ``indices`` (all if None)."""
+        ...
