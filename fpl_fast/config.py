@@ -15,7 +15,7 @@ from typing import Any
 
 from fpl_fast.prompts import factorization_names, get_factorization
 
-__all__ = ["RunConfig", "PAPER", "CHOICES", "DEFAULT_LR", "load_config_file"]
+__all__ = ["RunConfig", "RunSettings", "PAPER", "CHOICES", "DEFAULT_LR", "load_config_file"]
 
 # Fixed choices of the enumerated settings (the factorisation's are the registry's: factorization_names()).
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -33,7 +33,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything a federated DP-FPL job needs (see README for each flag)."""
+    """The algorithm's settings of a federated DP-FPL job (see README for each flag); where and how the job runs
+    (output folder, resuming, the attack after training) is :class:`RunSettings`."""
 
     # prompt
     factorization: str = "dpfpl"
@@ -79,10 +80,6 @@ class RunConfig:
     noise_seed: int | None = None  # None: secret noise and sampling (OS CSPRNG keys); N: reproducible, not private
     device: str = "cpu"
     chunk_size: int | None = None  # per-sample gradient chunk (samples per vmap call); None = from activation size
-    out: str | None = None
-    resume: bool = False
-    # evaluation
-    mia: int = 0  # shadow models of the membership-inference attack run after training; 0 = no attack
 
     def __post_init__(self) -> None:
         if self.sampling is None:
@@ -96,8 +93,6 @@ class RunConfig:
         _positive_int(self, "rank", "n_ctx", "num_users", "rounds", "local_epochs", "batch_size", "eval_every")
         if self.num_shots is not None and self.num_shots < 1:
             raise ValueError(f"--num-shots must be >= 1, got {self.num_shots}")
-        if not isinstance(self.mia, int) or isinstance(self.mia, bool) or self.mia < 0:
-            raise ValueError(f"--mia must be an integer >= 0 (shadow models; 0: no attack), got {self.mia!r}")
         if self.noise_seed is not None and (
             not isinstance(self.noise_seed, int) or isinstance(self.noise_seed, bool) or self.noise_seed < 0
         ):
@@ -150,6 +145,29 @@ class RunConfig:
         if "clip_mode" in changes and "lr" not in changes and self.lr == DEFAULT_LR.get(self.clip_mode):
             changes["lr"] = None  # and so does the clip mode's default learning rate
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Where and how a job runs, apart from what it computes (a checkpoint resumes under other settings).
+
+    Attributes:
+        out: output folder (None: runs/<timestamp>).
+        resume: continue the stopped run in ``out`` from its checkpoint.
+        mia: shadow models of the membership-inference attack run after training (0: no attack).
+        progress: show a progress bar.
+    """
+
+    out: str | None = None
+    resume: bool = False
+    mia: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mia, int) or isinstance(self.mia, bool) or self.mia < 0:
+            raise ValueError(f"--mia must be an integer >= 0 (shadow models; 0: no attack), got {self.mia!r}")
+        if self.resume and not self.out:
+            raise ValueError("--resume needs --out FOLDER (the run to continue)")
 
 
 # Learning rates by clip mode for the embedded model, tuned on the public digits-tune split at epsilon_total 3
@@ -227,7 +245,9 @@ def load_config_file(path: str | Path, allowed: set[str] | None = None) -> dict[
         raise ValueError(f"--config {p} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config {p} must hold a JSON object of settings, got {type(data).__name__}")
-    known = allowed if allowed is not None else {f.name for f in fields(RunConfig)}
+    known = (
+        allowed if allowed is not None else {f.name for f in fields(RunConfig)} | {f.name for f in fields(RunSettings)}
+    )
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"--config {p} has unknown settings {unknown}; allowed: {sorted(known)}")

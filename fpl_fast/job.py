@@ -1,35 +1,198 @@
-"""Build a job from a RunConfig: frozen backbone, dataset, client splits, cached features; then run it."""
+"""The application layer: a config -> backbone, data, cached features -> a trained, evaluated run.
+
+It sits above federated/ (the training) and attacks/ (membership inference after training), so neither
+imports the other. :func:`train` is the public Python API (``fpl_fast.train``); the CLI calls
+:func:`prepare_and_run`.
+
+Bring your own data through one of two seams:
+- ``dataset=DatasetBundle(name, train, test, classnames)``: torchvision-style datasets of ``(image, label)``
+  (labels from a ``labels`` or ``targets`` attribute); they are split over clients by ``partition`` and encoded
+  once by the frozen image encoder.
+- ``features=ClientData(...)`` with ``classnames``: image features already computed, with your own client split.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fpl_fast.config import RunConfig
-from fpl_fast.federated.runner import default_out_dir, load_federation, run_job
-from fpl_fast.federated.simulation import ClientData
-from fpl_fast.results import check_out_dir, load_checkpoint
+from fpl_fast import results as io
+from fpl_fast.attacks.membership import check_pool, membership_inference, mia_summary, shadow_pool
+from fpl_fast.backbone import load_backbone
+from fpl_fast.backbone_protocol import Backbone
+from fpl_fast.config import RunConfig, RunSettings
+from fpl_fast.data import DatasetBundle, load_dataset
+from fpl_fast.data.splits import partition
+from fpl_fast.federated.client import ClientData
+from fpl_fast.federated.runner import default_out_dir, run_federation
+from fpl_fast.federated.simulation import Federation
 
-__all__ = ["prepare", "prepare_and_run"]
+__all__ = ["Result", "train", "prepare", "prepare_and_run", "dataset_labels"]
 
 
-def prepare(cfg: RunConfig) -> tuple[Any, list[str], ClientData]:
-    """Backbone, class names and the federation's data (image features encoded once, cached)."""
-    from fpl_fast.backbone import load_backbone
-    from fpl_fast.data import load_dataset
-    from fpl_fast.data.splits import partition
+@dataclass
+class Result:
+    """What a run gives back: its accuracies and epsilons, per-round records and the trained federation.
 
+    ``final`` and ``rounds`` are results.json's; ``federation`` holds the trained prompts (``federation.server.
+    global_ctx``, ``federation.learner.local``) and can be evaluated further; ``out`` is the run's folder.
+    """
+
+    method: str
+    config: dict[str, Any]
+    rounds: list[dict[str, Any]]
+    final: dict[str, Any]
+    out: Path
+    federation: Federation
+    mia: dict[str, Any] | None = None
+
+    @property
+    def local_acc(self) -> float:
+        return float(self.final["local_acc"])
+
+    @property
+    def neighbor_acc(self) -> float:
+        return float(self.final["neighbor_acc"])
+
+    @property
+    def epsilon(self) -> float:
+        """epsilon_total: what one example of one client loses to an observer of everything released."""
+        return float(self.final["epsilon_total"])
+
+
+def _as_config(config: RunConfig | dict[str, Any] | None, cls: type) -> Any:
+    if config is None:
+        return cls()
+    if isinstance(config, cls):
+        return config
+    if isinstance(config, dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} settings {unknown}; allowed: {sorted(known)}")
+        return cls(**config)
+    raise TypeError(f"expected a {cls.__name__} or a dict of its fields, got {type(config).__name__}")
+
+
+def train(
+    config: RunConfig | dict[str, Any] | None = None,
+    *,
+    settings: RunSettings | dict[str, Any] | None = None,
+    dataset: DatasetBundle | None = None,
+    features: ClientData | None = None,
+    classnames: list[str] | None = None,
+    backbone: Backbone | None = None,
+) -> Result:
+    """Run one federated job and return its :class:`Result` (and write results.json etc. to ``settings.out``).
+
+    Args:
+        config: the algorithm's settings (a RunConfig or a dict of its fields; None: the embedded default).
+        settings: where and how it runs (output folder, resume, membership inference, progress bar).
+        dataset: your own torchvision-style datasets instead of ``config.dataset``.
+        features: your own precomputed image features and client split (needs ``classnames``).
+        classnames: class names in label order (with ``features``).
+        backbone: an already loaded frozen CLIP (default: ``load_backbone`` of ``config.model``).
+    """
+    cfg = _as_config(config, RunConfig)
+    run = _as_config(settings, RunSettings)
+    result, out, fed = _run(cfg, run, dataset=dataset, features=features, classnames=classnames, backbone=backbone)
+    return Result(
+        result["method"], result["config"], result["rounds"], result["final"], out, fed, mia=result.get("mia")
+    )
+
+
+def prepare_and_run(cfg: RunConfig, run: RunSettings | None = None, **kwargs: Any) -> tuple[dict[str, Any], Path]:
+    """prepare() then train, then with ``run.mia`` the membership-inference attack (mia.json, and its summary
+    under "mia" in results.json); returns the results and the output folder."""
+    result, out, _ = _run(cfg, run or RunSettings(), **kwargs)
+    return result, out
+
+
+def _run(
+    cfg: RunConfig,
+    run: RunSettings,
+    *,
+    dataset: DatasetBundle | None = None,
+    features: ClientData | None = None,
+    classnames: list[str] | None = None,
+    backbone: Backbone | None = None,
+    stop_after_round: int | None = None,
+) -> tuple[dict[str, Any], Path, Federation]:
+    out = Path(run.out) if run.out else default_out_dir()
+    # Before the backbone loads (the runner checks again): a previous run's files, no or a damaged checkpoint.
+    io.check_out_dir(out, resume=run.resume)
+    if run.resume:
+        io.load_checkpoint(out)
+    if run.mia:
+        check_pool(cfg.dataset)  # before anything is loaded or trained
+    if backbone is None:
+        backbone = _load_backbone(cfg)
+    else:
+        torch.manual_seed(cfg.seed)  # as _load_backbone: augmentation draws from torch's global generator
+    if features is not None:
+        if classnames is None:
+            raise ValueError("features needs classnames (class names in label order)")
+        data, names = features, list(classnames)
+        _check_clients(data.train_idx, cfg)
+    else:
+        names, data = _encode(cfg, backbone, dataset)
+    pool = shadow_pool(cfg, backbone) if run.mia else None  # before training: a missing val split fails at once
+    result, fed = run_federation(
+        cfg, backbone, names, data, out=out, resume=run.resume, progress=run.progress, stop_after_round=stop_after_round
+    )
+    if pool is not None and result["final"] is not None:
+        report = membership_inference(
+            cfg, backbone, names, data, fed, pool=pool, num_shadows=run.mia, progress=run.progress
+        )
+        io.write_json(out / "mia.json", report)
+        result["mia"] = mia_summary(report)
+        io.write_json(out / "results.json", result)
+    return result, out, fed
+
+
+def _load_backbone(cfg: RunConfig) -> Backbone:
     torch.manual_seed(cfg.seed)
     try:
-        backbone = load_backbone(cfg.model, cfg.pretrained, precision=cfg.precision, device=cfg.device)
+        return load_backbone(cfg.model, cfg.pretrained, precision=cfg.precision, device=cfg.device)
     except RuntimeError as exc:  # weights that cannot be had (no network, a broken file): a user problem
         raise ValueError(f"--pretrained: {exc}") from None
-    ds = load_dataset(cfg.dataset, cfg.data_root, image_size=backbone.image_size[0])
-    train_labels = np.asarray(ds.train.labels)
-    test_labels = np.asarray(ds.test.labels)
+
+
+def prepare(cfg: RunConfig) -> tuple[Backbone, list[str], ClientData]:
+    """Backbone, class names and the federation's data (image features encoded once, cached)."""
+    backbone = _load_backbone(cfg)
+    classnames, data = _encode(cfg, backbone, None)
+    return backbone, classnames, data
+
+
+def dataset_labels(dataset: Any) -> np.ndarray:
+    """A dataset's labels: its ``labels`` or ``targets`` attribute (torchvision), else read item by item."""
+    for name in ("labels", "targets"):
+        if getattr(dataset, name, None) is not None:
+            return np.asarray(getattr(dataset, name))
+    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])
+
+
+def _check_clients(train_idx: list[np.ndarray], cfg: RunConfig) -> None:
+    if len(train_idx) != cfg.num_users:
+        raise ValueError(f"the client split has {len(train_idx)} clients but num_users is {cfg.num_users}")
+    for k, ix in enumerate(train_idx):
+        if len(ix) == 0:
+            raise ValueError(
+                f"client {k} received no training examples with --partition {cfg.partition}"
+                f" (beta={cfg.beta}, {cfg.num_users} clients); use fewer clients or a larger --beta"
+            )
+
+
+def _encode(cfg: RunConfig, backbone: Backbone, dataset: DatasetBundle | None) -> tuple[list[str], ClientData]:
+    """Split the dataset over the clients and encode its images once (cached by the backbone)."""
+    ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_root, image_size=backbone.image_size[0])
+    train_labels, test_labels = dataset_labels(ds.train), dataset_labels(ds.test)
     split = partition(
         train_labels,
         cfg.num_users,
@@ -39,7 +202,7 @@ def prepare(cfg: RunConfig) -> tuple[Any, list[str], ClientData]:
         num_shots=cfg.num_shots,
         test_labels=test_labels,
     )
-    key = f"{cfg.dataset}:{cfg.data_root}"
+    key = f"{cfg.dataset}:{cfg.data_root}" if dataset is None else f"{ds.name}:user:{id(ds)}"
     train_feats = backbone.image_features(key, "train", ds.train)
     test_feats = backbone.image_features(key, "test", ds.test)
     augment_fn = None
@@ -57,41 +220,5 @@ def prepare(cfg: RunConfig) -> tuple[Any, list[str], ClientData]:
         test_idx=[np.asarray(ix) for ix in split.test],
         augment_fn=augment_fn,
     )
-    for k, ix in enumerate(data.train_idx):
-        if len(ix) == 0:
-            raise ValueError(
-                f"client {k} received no training examples with --partition {cfg.partition}"
-                f" (beta={cfg.beta}, {cfg.num_users} clients); use fewer clients or a larger --beta"
-            )
-    return backbone, list(ds.classnames), data
-
-
-def prepare_and_run(cfg: RunConfig, *, progress: bool = True, **kwargs: Any) -> tuple[dict[str, Any], Path]:
-    """prepare() then run_job(), then with --mia N the membership-inference attack (mia.json, and its summary
-    under "mia" in results.json); returns the results and the output folder."""
-    out = Path(cfg.out) if cfg.out else default_out_dir()
-    # Before the backbone loads (run_job checks again): a previous run's files, no or a damaged checkpoint.
-    check_out_dir(out, resume=cfg.resume)
-    if cfg.resume:
-        load_checkpoint(out)
-    if cfg.mia:
-        from fpl_fast.attacks.membership import check_pool
-
-        check_pool(cfg.dataset)  # before anything is loaded or trained
-    backbone, classnames, data = prepare(cfg)
-    pool = None
-    if cfg.mia:
-        from fpl_fast.attacks.membership import shadow_pool
-
-        pool = shadow_pool(cfg, backbone)  # before training: a missing or empty val split fails at once
-    result = run_job(cfg, backbone, classnames, data, out=out, progress=progress, **kwargs)
-    if pool is not None and result["final"] is not None:
-        from fpl_fast import results as io
-        from fpl_fast.attacks.membership import membership_inference, mia_summary
-
-        target = load_federation(cfg, backbone, classnames, data, out)
-        report = membership_inference(cfg, backbone, classnames, data, target, pool=pool, progress=progress)
-        io.write_json(out / "mia.json", report)
-        result["mia"] = mia_summary(report)
-        io.write_json(out / "results.json", result)
-    return result, out
+    _check_clients(data.train_idx, cfg)
+    return list(ds.classnames), data

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fpl_fast.config import CHOICES, PAPER, RunConfig, load_config_file
+from fpl_fast.config import CHOICES, PAPER, RunConfig, RunSettings, load_config_file
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
@@ -210,8 +210,8 @@ def method_config_from_args(args: argparse.Namespace):
     return mod, mod.Config(**settings)
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """Defaults <- --paper <- --config FILE <- flags."""
+def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, RunSettings]:
+    """The algorithm's config and the run's settings: defaults <- --paper <- --config FILE <- flags."""
     settings: dict[str, Any] = {}
     if args.paper:
         settings.update(PAPER)
@@ -224,6 +224,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             settings[name] = value
     if args.resume:
         settings["resume"] = True
+    if args.quiet:
+        settings["progress"] = False
     if isinstance(settings.get("pretrained"), str) and settings["pretrained"].lower() == "none":
         settings["pretrained"] = None
     if settings.get("epsilon") is not None:
@@ -233,7 +235,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         settings["noise"] = None
     if "norm_thresh" in settings and isinstance(settings["norm_thresh"], str):
         settings["norm_thresh"] = math.inf if settings["norm_thresh"] == "inf" else float(settings["norm_thresh"])
-    return RunConfig(**settings)
+    run_names = {f.name for f in dataclasses.fields(RunSettings)}
+    run = RunSettings(**{k: v for k, v in settings.items() if k in run_names})
+    return RunConfig(**{k: v for k, v in settings.items() if k not in run_names}), run
 
 
 def _fail(exc: BaseException) -> int:
@@ -248,12 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.method != "dpfpl":
         return _run_method(args)
     try:
-        cfg = config_from_args(args)
-        if cfg.resume and not cfg.out:
-            raise ValueError("--resume needs --out FOLDER (the run to continue)")
+        cfg, run = config_from_args(args)
         from fpl_fast.job import prepare_and_run  # heavy imports after the flags are known good
 
-        result, out = prepare_and_run(cfg, progress=not args.quiet)
+        result, out = prepare_and_run(cfg, run)
     except (ValueError, FileNotFoundError) as exc:
         return _fail(exc)
     from fpl_fast.results import summary_table

@@ -54,12 +54,12 @@ def test_config_file_then_flags_override(tmp_path: Path) -> None:
     cfg_file = tmp_path / "run.json"
     cfg_file.write_text(json.dumps({"rank": 4, "rounds": 7, "factorization": "fedpgp"}))
     args = build_parser().parse_args(["--config", str(cfg_file), "--rounds", "9"])
-    cfg = config_from_args(args)
+    cfg, _ = config_from_args(args)
     assert (cfg.rank, cfg.rounds, cfg.factorization) == (4, 9, "fedpgp")
 
 
 def test_epsilon_without_noise_flag_calibrates() -> None:
-    cfg = config_from_args(build_parser().parse_args(["--epsilon", "3"]))
+    cfg, _ = config_from_args(build_parser().parse_args(["--epsilon", "3"]))
     assert cfg.noise is None and cfg.epsilon == 3
 
 

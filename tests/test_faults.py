@@ -21,7 +21,7 @@ import torch
 from fpl_fast import results as io
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.runner import TrainingDiverged, build_federation, run_job
-from fpl_fast.federated.simulation import Federation
+from fpl_fast.federated.server import Server
 from fpl_fast.job import prepare
 from fpl_fast.run import main
 
@@ -86,7 +86,7 @@ def test_a_damaged_checkpoint_fails_in_one_line_and_is_left_untouched(
     line = _one_line_error(capsys, main(["--quiet", *ARGS, "--resume", "--out", str(tmp_path)]))
     assert "cannot read" in line and str(path) in line and io.PREVIOUS in line, line
     with pytest.raises(ValueError, match="truncated or corrupt"):  # run_job itself refuses it too
-        run_job(BASE.replace(resume=True), *job, out=tmp_path, progress=False)
+        run_job(BASE, *job, out=tmp_path, resume=True, progress=False)
     assert _files(tmp_path) == before  # the damaged file is not replaced and the previous one is kept
     assert torch.load(tmp_path / io.PREVIOUS, map_location="cpu", weights_only=False)["next_round"] == 1
 
@@ -138,14 +138,15 @@ def test_a_non_finite_released_gradient_stops_the_run_naming_round_and_step(
     round 1 is kept and loads into a Federation with finite prompts."""
     per_round = build_federation(BASE, *job)[0].steps_per_round
     calls = 0
-    server_step = Federation._server_step
+    aggregate = Server.aggregate
 
-    def blow_up(self: Federation, grad: torch.Tensor) -> None:
+    def blow_up(self: Server, grads: torch.Tensor) -> torch.Tensor:
         nonlocal calls
         calls += 1
-        server_step(self, grad * float("inf") if calls == per_round + 2 else grad)
+        out = aggregate(self, grads)
+        return out * float("inf") if calls == per_round + 2 else out
 
-    monkeypatch.setattr(Federation, "_server_step", blow_up)
+    monkeypatch.setattr(Server, "aggregate", blow_up)
     with pytest.raises(TrainingDiverged, match=rf"round 2, step 2 of {per_round}: the global prompt") as info:
         run_job(BASE, *job, out=tmp_path, progress=False)
     assert "\n" not in str(info.value) and "checkpoint of round 1" in str(info.value)

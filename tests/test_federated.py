@@ -65,7 +65,7 @@ def test_per_sample_chunk_is_sized_to_the_activations(job) -> None:
     assert fed.clients.chunk_size(10) == (2**20) // (10 * lane) == 8  # the measured CPU optimum at the tiny default
     assert fed.clients.chunk_size(1) > fed.clients.chunk_size(10)  # fewer active clients: more samples per chunk
     assert fed.clients.chunk_size(10**6) == 1  # never below one sample
-    assert _federation(job, BASE.replace(chunk_size=3)).chunk_size(10) == 3  # --chunk-size wins
+    assert _federation(job, BASE.replace(chunk_size=3)).clients.chunk_size(10) == 3  # --chunk-size wins
 
 
 def test_per_sample_step_does_not_depend_on_the_chunk(job) -> None:
@@ -143,7 +143,7 @@ def test_resume_ends_with_exactly_the_results_of_an_uninterrupted_run(job, tmp_p
     full = run_job(cfg, backbone, classnames, data, out=tmp_path / "full", progress=False)
     part = run_job(cfg, backbone, classnames, data, out=tmp_path / "part", progress=False, stop_after_round=2)
     assert part["final"] is None and len(part["rounds"]) == 2
-    resumed = run_job(cfg.replace(resume=True), backbone, classnames, data, out=tmp_path / "part", progress=False)
+    resumed = run_job(cfg, backbone, classnames, data, out=tmp_path / "part", resume=True, progress=False)
 
     def strip(rows):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
@@ -161,4 +161,4 @@ def test_resume_refuses_a_different_configuration(job, tmp_path) -> None:
     backbone, classnames, data = job
     run_job(BASE.replace(rounds=2), backbone, classnames, data, out=tmp_path, progress=False, stop_after_round=1)
     with pytest.raises(ValueError, match="different configuration"):
-        run_job(BASE.replace(rounds=2, lr=0.5, resume=True), backbone, classnames, data, out=tmp_path, progress=False)
+        run_job(BASE.replace(rounds=2, lr=0.5), backbone, classnames, data, out=tmp_path, resume=True, progress=False)

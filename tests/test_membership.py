@@ -25,7 +25,7 @@ from fpl_fast.attacks.membership import (
     shadow_pool,
     split_pool,
 )
-from fpl_fast.config import RunConfig
+from fpl_fast.config import RunConfig, RunSettings
 from fpl_fast.data.digits import DigitsDataset
 from fpl_fast.federated.runner import eval_seed, load_federation, train_federation
 from fpl_fast.job import prepare, prepare_and_run
@@ -99,7 +99,7 @@ def test_attack_refuses_shadow_records_of_one_kind() -> None:
 # ----------------------------------------------------------------------------------------------
 # DP on (noise 1.5) with batch-mean clipping and batch 32: one backward per step keeps each training run (target
 # and shadows) to seconds on two cores; per-sample clipping changes nothing the attack sees.
-SMALL = RunConfig(num_users=3, rounds=2, batch_size=32, clip_mode="batch", seed=5, noise_seed=5, mia=2)
+SMALL = RunConfig(num_users=3, rounds=2, batch_size=32, clip_mode="batch", seed=5, noise_seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_a_dataset_without_a_pool_is_refused_in_one_line(job) -> None:
 def attacked(job, tmp_path_factory):
     """The small default job (DP on) trained and attacked with 2 shadow models."""
     out = tmp_path_factory.mktemp("mia")
-    result, _ = prepare_and_run(SMALL.replace(out=str(out)), progress=False)
+    result, _ = prepare_and_run(SMALL, RunSettings(out=str(out), mia=2, progress=False))
     return result, out
 
 
@@ -201,7 +201,7 @@ def test_end_to_end_members_are_the_clients_train_examples(job, attacked) -> Non
 @pytest.mark.slow
 def test_end_to_end_same_seed_same_numbers(job, attacked, tmp_path: Path) -> None:
     first, _ = attacked
-    again, _ = prepare_and_run(SMALL.replace(out=str(tmp_path)), progress=False)
+    again, _ = prepare_and_run(SMALL, RunSettings(out=str(tmp_path), mia=2, progress=False))
     assert again["mia"] == first["mia"]
 
 
@@ -235,7 +235,6 @@ LEAKY = RunConfig(
     factorization="fedotp",
     noise=0.0,
     partition="iid",
-    mia=2,
     seed=2,
     noise_seed=2,
 )
@@ -246,7 +245,9 @@ def test_an_overfit_non_private_target_is_attacked_within_its_sampling_error() -
     cfg = LEAKY
     backbone, classnames, data = prepare(cfg)
     target = train_federation(cfg, backbone, classnames, data, progress=False)
-    report = membership_inference(cfg, backbone, classnames, data, target, pool=shadow_pool(cfg, backbone))
+    report = membership_inference(
+        cfg, backbone, classnames, data, target, pool=shadow_pool(cfg, backbone), num_shadows=2
+    )
     n = report["members"]
     assert n == report["non_members"] >= 99 and report["num_shadows"] == 2
     se = auc_standard_error(0.5, n, n)

@@ -33,7 +33,7 @@ def job():
 
 def _run(job, cfg: RunConfig, out, **kw) -> dict:
     backbone, classnames, data = job
-    return run_job(cfg.replace(out=str(out)), backbone, classnames, data, out=out, progress=False, **kw)
+    return run_job(cfg, backbone, classnames, data, out=out, progress=False, **kw)
 
 
 def _prompts(out) -> dict[str, torch.Tensor]:
@@ -99,8 +99,8 @@ def test_resume_continues_the_secret_streams(job, tmp_path):
     first = tmp_path / "first"
     _run(job, BASE, first, stop_after_round=1)
     shutil.copytree(first, tmp_path / "second")
-    _run(job, BASE.replace(resume=True), first)
-    _run(job, BASE.replace(resume=True), tmp_path / "second")
+    _run(job, BASE, first, resume=True)
+    _run(job, BASE, tmp_path / "second", resume=True)
     pa, pb = _prompts(first), _prompts(tmp_path / "second")
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 

@@ -287,7 +287,7 @@ def shadow_records(
     seed = shadow_seed(cfg, j)
     # The attacker's own shadows: reproducible only when the target's noise is (--noise-seed), with other keys.
     noise_seed = None if cfg.noise_seed is None else cfg.noise_seed + 1000 * (j + 1)
-    shadow_cfg = cfg.replace(seed=seed, noise_seed=noise_seed, out=None, resume=False, mia=0)
+    shadow_cfg = cfg.replace(seed=seed, noise_seed=noise_seed)
     data = shadow_data(shadow_cfg, pool, seed)
     fed = train_federation(shadow_cfg, backbone, classnames, data, progress=progress, desc=f"mia shadow {j + 1}")
     return federation_records(fed, data, eval_seed=eval_seed(shadow_cfg, cfg.rounds - 1), seed=seed)
@@ -397,21 +397,22 @@ def membership_inference(
     target: Federation,
     *,
     pool: ShadowPool,
+    num_shadows: int,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Attack ``target`` (trained with ``cfg`` on ``data``) with ``cfg.mia`` shadow models trained on ``pool``.
+    """Attack ``target`` (trained with ``cfg`` on ``data``) with ``num_shadows`` shadow models trained on ``pool``.
 
     Returns:
         The report written to mia.json: the means and per-client attack accuracy / AUC, the record counts,
         the target's and each shadow's train/test accuracy gap, the classes scored by the fallback model.
     """
-    if cfg.mia < 1:
-        raise ValueError(f"--mia must be >= 1 to run the attack, got {cfg.mia}")
+    if num_shadows < 1:
+        raise ValueError(f"--mia must be >= 1 to run the attack, got {num_shadows}")
     t0 = time.perf_counter()
     n_cls = len(classnames)
     target_rec = federation_records(target, data, eval_seed=eval_seed(cfg, cfg.rounds - 1), seed=cfg.seed)
     shadows, shadow_info = [], []
-    for j in range(cfg.mia):
+    for j in range(num_shadows):
         rec = shadow_records(cfg, backbone, classnames, pool, j, progress=progress)
         shadows.append(rec)
         shadow_info.append({"seed": shadow_seed(cfg, j), "records": len(rec), **prediction_gap(rec)})
@@ -420,7 +421,7 @@ def membership_inference(
     gaps = [s["gap"] for s in shadow_info if s["gap"] is not None]
     fb = models.fallback_classes
     return {
-        "num_shadows": cfg.mia,
+        "num_shadows": num_shadows,
         "attack_model": ATTACK_MODEL,
         "shadow_pool": {"source": pool.source, "size": len(pool.labels)},
         **attack_metrics(target_rec, scores, cfg.num_users),

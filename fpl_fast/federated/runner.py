@@ -30,6 +30,7 @@ __all__ = [
     "eval_seed",
     "progress_bar",
     "run_job",
+    "run_federation",
     "default_out_dir",
     "TrainingDiverged",
     "divergence_guard",
@@ -108,9 +109,8 @@ def load_federation(cfg: RunConfig, backbone, classnames: list[str], data: Clien
 
 
 def _training_config(cfg: RunConfig) -> dict[str, Any]:
-    """The settings a checkpoint must agree on to be resumed (not where it is written, nor --mia, which only
-    adds an evaluation after training)."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in ("resume", "out", "mia")}
+    """The settings a checkpoint must agree on to be resumed: all of the algorithm's (RunSettings may differ)."""
+    return cfg.to_dict()
 
 
 def _zero_shot(backbone, classnames: list[str], data: ClientData) -> float:
@@ -160,25 +160,35 @@ def divergence_guard(fed: Federation, start_round: int, out: Path, *, bar: tqdm 
     return check
 
 
-def run_job(
+def run_job(cfg: RunConfig, backbone, classnames: list[str], data: ClientData, **kwargs: Any) -> dict[str, Any]:
+    """:func:`run_federation` without the trained federation: the results dict."""
+    return run_federation(cfg, backbone, classnames, data, **kwargs)[0]
+
+
+def run_federation(
     cfg: RunConfig,
     backbone,
     classnames: list[str],
     data: ClientData,
     *,
     out: Path,
+    resume: bool = False,
     progress: bool = True,
     stop_after_round: int | None = None,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Federation]:
     """Train and evaluate; write results.json, rounds.csv, accuracy.png and a checkpoint each round.
 
     Args:
+        out: the run's folder.
+        resume: continue from the checkpoint in ``out``.
         stop_after_round: end early after this round (as if interrupted; used to test --resume).
+
+    Returns the results dict (what results.json holds) and the trained federation.
     """
     t_start = time.perf_counter()
-    io.check_out_dir(out, resume=cfg.resume)  # never over a previous run's files; --resume needs a checkpoint
+    io.check_out_dir(out, resume=resume)  # never over a previous run's files; --resume needs a checkpoint
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = io.load_checkpoint(out) if cfg.resume else None
+    ckpt = io.load_checkpoint(out) if resume else None
     if ckpt is not None and ckpt["config"] != _training_config(cfg):
         raise ValueError(f"--resume: the checkpoint in {out} was written with a different configuration")
 
@@ -236,13 +246,8 @@ def run_job(
         io.save_checkpoint(out, state)
         if stop_after_round is not None and rnd + 1 >= stop_after_round and not is_last:
             bar.close()
-            return {
-                "method": "dpfpl",
-                "config": cfg.to_dict(),
-                "rounds": rounds,
-                "final": None,
-                "stopped_after": rnd + 1,
-            }
+            stopped = {"method": "dpfpl", "config": cfg.to_dict(), "rounds": rounds, "final": None}
+            return {**stopped, "stopped_after": rnd + 1}, fed
     bar.close()
 
     if last_eval is None:  # resumed a finished run: evaluate the final state again
@@ -289,4 +294,4 @@ def run_job(
     }
     result = {"method": "dpfpl", "config": cfg.to_dict(), "rounds": rounds, "final": final}
     io.write_outputs(out, result)
-    return result
+    return result, fed
