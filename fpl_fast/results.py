@@ -22,6 +22,7 @@ __all__ = [
     "check_out_dir",
     "save_checkpoint",
     "load_checkpoint",
+    "results_dict",
     "write_json",
     "write_outputs",
     "summary_table",
@@ -173,6 +174,14 @@ def _json_safe(x: Any) -> Any:
 def write_json(path: Path, obj: Any) -> None:
     """``obj`` as indented JSON, atomically (non-finite floats as null / "inf" / "-inf")."""
     atomic_write_bytes(path, json.dumps(_json_safe(obj), indent=2).encode())
+
+
+def results_dict(
+    method: str, config: dict[str, Any], rounds: list[dict[str, Any]], final: dict[str, Any] | None, **extra: Any
+) -> dict[str, Any]:
+    """The one results.json shape of every method: ``{"method", "config", "rounds", "final", **extra}``, in that
+    order, so that a reader finds which method wrote a file in its first key."""
+    return {"method": method, "config": config, "rounds": rounds, "final": final, **extra}
 
 
 def write_outputs(out: Path, results: dict[str, Any]) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,10 +36,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from fpl_fast.data import SCHEMES, load_dataset, partition
+from fpl_fast.data import SCHEMES, load_dataset
+from fpl_fast.data.clients import client_split
 from fpl_fast.methods.feddtpt_server import ELBOW_METHODS, SERVER_MODES, aggregate
+from fpl_fast.methods.metrics import local_neighbor
+from fpl_fast.methods.skeleton import run_method
 
 __all__ = [
     "CLIENT_MODES",
@@ -50,6 +51,7 @@ __all__ = [
     "ClientResult",
     "Config",
     "EmbeddingNeighbor",
+    "FedDTPT",
     "HistoryEntry",
     "Oracle",
     "Proposer",
@@ -576,16 +578,8 @@ def _evaluate(oracle: Oracle, prompt: Sequence[int], test_labels: np.ndarray, te
     """Global-prompt accuracy: on the whole test part, per client on its own split (local) and on the others'."""
     pred = oracle.predict(prompt, "test", np.arange(len(test_labels))).numpy()
     correct = pred == test_labels
-    local, neighbor = [], []
-    for k, own in enumerate(test_idx):
-        others = np.concatenate([ix for j, ix in enumerate(test_idx) if j != k] or [np.zeros(0, dtype=np.int64)])
-        local.append(float(correct[own].mean()) if len(own) else float("nan"))
-        neighbor.append(float(correct[others].mean()) if len(others) else float("nan"))
-    return {
-        "test_acc": float(correct.mean()),
-        "local_acc": float(np.nanmean(local)),
-        "neighbor_acc": float(np.nanmean(neighbor)),
-    }
+    local, neighbor = local_neighbor(correct, test_idx)
+    return {"test_acc": float(correct.mean()), "local_acc": local, "neighbor_acc": neighbor}
 
 
 def _same_tokenizer(a: Any, b: Any) -> bool:
@@ -618,6 +612,209 @@ def _transfer(
 # --------------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _State:
+    """What FedDTPT's rounds share: the oracle, the clients' data, the search tools and the running totals."""
+
+    cfg: Config
+    backbone: Any
+    data: Any
+    oracle: Oracle
+    train_labels: np.ndarray
+    test_labels: np.ndarray
+    train_idx: list[np.ndarray]
+    test_idx: list[np.ndarray]
+    weights: np.ndarray
+    public: np.ndarray
+    public_batch: Batch
+    z: Tensor
+    allowed: Tensor
+    n_max: int
+    bits_per_token: int
+    rng: np.random.Generator
+    proposer: Proposer
+    seed_ids: list[int]
+    zero_shot: dict[str, float]
+    seed_eval: dict[str, float]
+    eval_queries: int
+    global_prompt: list[int]
+    train_queries: int = 0
+    upload_bits: int = 0
+    download_bits: int = 0
+    last: dict[str, Any] = field(default_factory=dict)
+
+
+class FedDTPT:
+    """FedDTPT on the method skeleton (:mod:`fpl_fast.methods.skeleton`)."""
+
+    name = "feddtpt"
+    postfix = ("test_acc", "prompt_len", "queries")
+
+    def setup(self, cfg: Config) -> _State:
+        """Oracle, public set D_g, client split, proposer and the zero-shot / seed-prompt baselines."""
+        from fpl_fast.backbone import load_backbone
+
+        torch.manual_seed(cfg.seed)
+        rng = np.random.default_rng(cfg.seed)
+        backbone = load_backbone(cfg.model, cfg.pretrained, precision=cfg.precision, device=cfg.device)
+        tok = backbone.tokenizer
+        data = load_dataset(cfg.dataset, cfg.data_root)
+        train_labels, test_labels = _labels_of(data.train), _labels_of(data.test)
+
+        # D_g: g images per class held out of the training part before it is split over the clients.
+        public = _public_set(train_labels, cfg.public_per_class, rng) if cfg.public_per_class else np.zeros(0, int)
+        private = np.setdiff1d(np.arange(len(train_labels)), public)
+        split = client_split(
+            train_labels[private], cfg.num_users, cfg.partition, beta=cfg.beta, seed=cfg.seed, test_labels=test_labels
+        )
+        train_idx = [private[ix] for ix in split.train]
+        weights = np.asarray([len(ix) for ix in train_idx], dtype=np.float64)
+        weights /= weights.sum()  # w_k = |D_k| / sum_j |D_j|
+
+        oracle = Oracle(backbone, data.classnames)
+        key = f"{cfg.dataset}:{cfg.data_root}"
+        oracle.register("train", data.train, dataset_key=key)
+        oracle.register("test", data.test, dataset_key=key)
+
+        z = token_table(backbone)  # (V, d)
+        allowed = allowed_vocabulary(tok, words_only=cfg.vocab == "words")
+        allowed = allowed[allowed < z.shape[0]]
+        n_max = min(cfg.n_max, oracle.max_prompt_len)
+        if cfg.proposer == "random":
+            proposer: Proposer = RandomProposer(allowed, rng=rng)
+        else:
+            proposer = EmbeddingNeighbor(z, allowed, rng=rng, explore=cfg.explore)
+
+        seed_ids = list(tok.encode(cfg.seed_text))
+        if not 1 <= len(seed_ids) <= n_max:
+            raise ValueError(
+                f"--seed-prompt must tokenize to 1..{n_max} tokens, got {len(seed_ids)}: {cfg.seed_text!r}"
+            )
+        test_idx = list(split.test)
+        eval_start = oracle.queries
+        zero_shot = _evaluate(oracle, list(tok.encode(ZERO_SHOT_PROMPT)), test_labels, test_idx)
+        seed_eval = _evaluate(oracle, seed_ids, test_labels, test_idx)
+        return _State(
+            cfg=cfg,
+            backbone=backbone,
+            data=data,
+            oracle=oracle,
+            train_labels=train_labels,
+            test_labels=test_labels,
+            train_idx=train_idx,
+            test_idx=test_idx,
+            weights=weights,
+            public=public,
+            public_batch=Batch("train", public, train_labels[public]),
+            z=z,
+            allowed=allowed,
+            n_max=n_max,
+            bits_per_token=math.ceil(math.log2(z.shape[0])),
+            rng=rng,
+            proposer=proposer,
+            seed_ids=seed_ids,
+            zero_shot=zero_shot,
+            seed_eval=seed_eval,
+            eval_queries=oracle.queries - eval_start,
+            global_prompt=list(seed_ids),
+        )
+
+    def round(self, st: _State, rnd: int) -> dict[str, Any]:
+        """Broadcast, local search on every client, upload, aggregation, evaluation of the new global prompt."""
+        cfg, rng = st.cfg, st.rng
+        st.download_bits += cfg.num_users * len(st.global_prompt) * st.bits_per_token
+        results = []
+        for own in st.train_idx:
+            batch_ix = np.sort(rng.choice(own, size=min(cfg.batch_size, len(own)), replace=False))
+            res = client_update(
+                st.oracle,
+                st.global_prompt,
+                [Batch("train", batch_ix, st.train_labels[batch_ix]), st.public_batch],
+                st.proposer,
+                iterations=cfg.iterations,
+                candidates=cfg.candidates,
+                rng=rng,
+                feedback=cfg.client_mode == "feedback",
+                position_beta=cfg.position_beta,
+            )
+            st.train_queries += res.queries
+            st.upload_bits += len(res.prompt) * st.bits_per_token
+            results.append(res)
+        agg = aggregate(
+            [res.prompt for res in results],
+            st.z,
+            previous=st.global_prompt,
+            mode=cfg.server,
+            min_samples=cfg.min_samples,
+            elbow=cfg.elbow,
+            temperature=cfg.temperature,
+            n_max=st.n_max,
+            allowed=st.allowed,
+            seed=cfg.seed,
+        )
+        st.global_prompt = agg.prompt
+        eval_start = st.oracle.queries
+        metrics = _evaluate(st.oracle, st.global_prompt, st.test_labels, st.test_idx)
+        st.eval_queries += st.oracle.queries - eval_start
+        st.last = {
+            "local_acc": metrics["local_acc"],
+            "neighbor_acc": metrics["neighbor_acc"],
+            "epsilon_local": None,
+            "epsilon_global": None,
+            "test_acc": metrics["test_acc"],
+            "client_acc": float(np.dot(st.weights, [res.acc for res in results])),
+            "queries": st.train_queries,
+            "text_encodings": st.oracle.text_encodings,
+            "upload_bits": st.upload_bits,
+            "download_bits": st.download_bits,
+            **self._prompt(st),
+            "prompt_len": len(st.global_prompt),
+            "eps": agg.eps,
+            "n_clusters": agg.n_clusters,
+            "n_noise": agg.n_noise,
+            "fallback": agg.fallback,
+        }
+        return st.last
+
+    @staticmethod
+    def _prompt(st: _State) -> dict[str, Any]:
+        return {"prompt": list(st.global_prompt), "prompt_text": st.backbone.tokenizer.decode(st.global_prompt).strip()}
+
+    def final(self, st: _State) -> dict[str, Any]:
+        """Last round's accuracies, query and communication totals, the final prompt and its transfer (F8)."""
+        cfg = st.cfg
+        transfer = None
+        if cfg.transfer_model:
+            transfer = _transfer(cfg, st.data, st.test_labels, st.backbone, st.global_prompt, st.seed_ids)
+        return {
+            "local_acc": st.last["local_acc"],
+            "neighbor_acc": st.last["neighbor_acc"],
+            "zero_shot_acc": st.zero_shot["test_acc"],
+            "epsilon_local": None,
+            "epsilon_global": None,
+            "delta": None,
+            "accountant": None,
+            "note": "FedDTPT has no differential privacy (only discrete token ids leave a client), so epsilon, delta "
+            "and accountant do not apply. zero_shot_acc: the hand-written prompt 'a photo of a {}.' through the "
+            "oracle.",
+            "test_acc": st.last["test_acc"],
+            "seed_prompt_acc": st.seed_eval["test_acc"],
+            "queries": st.train_queries,
+            "eval_queries": st.eval_queries,
+            "text_encodings": st.oracle.text_encodings,
+            "bits_per_token": st.bits_per_token,
+            "upload_bits": st.upload_bits,
+            "download_bits": st.download_bits,
+            "total_bits": st.upload_bits + st.download_bits,
+            **self._prompt(st),
+            "seed_prompt": cfg.seed_text,
+            "num_classes": len(st.data.classnames),
+            "public_set_size": len(st.public),
+            "proposer": f"{cfg.proposer} ({cfg.client_mode}); the MLM proposer is not implemented (no offline weights)",
+            "transfer": transfer,
+        }
+
+
 def run(cfg: Config, *, out: Path, progress: bool = True) -> dict[str, Any]:
     """Run FedDTPT and write results.json, rounds.csv and accuracy.png to ``out``.
 
@@ -627,162 +824,6 @@ def run(cfg: Config, *, out: Path, progress: bool = True) -> dict[str, Any]:
         progress: show a tqdm progress bar over rounds.
 
     Returns:
-        The results dict (``{"config", "rounds", "final"}``).
+        The results dict (``{"method", "config", "rounds", "final"}``).
     """
-    from fpl_fast.backbone import load_backbone
-    from fpl_fast.results import write_outputs
-
-    t_start = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    backbone = load_backbone(cfg.model, cfg.pretrained, precision=cfg.precision, device=cfg.device)
-    tok = backbone.tokenizer
-    data = load_dataset(cfg.dataset, cfg.data_root)
-    train_labels, test_labels = _labels_of(data.train), _labels_of(data.test)
-    n_cls = len(data.classnames)
-
-    # D_g: g images per class held out of the training part before it is split over the clients.
-    public = _public_set(train_labels, cfg.public_per_class, rng) if cfg.public_per_class else np.zeros(0, int)
-    private = np.setdiff1d(np.arange(len(train_labels)), public)
-    split = partition(
-        train_labels[private], cfg.num_users, cfg.partition, beta=cfg.beta, seed=cfg.seed, test_labels=test_labels
-    )
-    train_idx = [private[ix] for ix in split.train]
-    test_idx = list(split.test)
-    for k, ix in enumerate(train_idx):
-        if len(ix) == 0:
-            raise ValueError(
-                f"client {k} received no training examples with --partition {cfg.partition} (beta={cfg.beta}, "
-                f"{cfg.num_users} clients); use fewer clients or a larger --beta"
-            )
-    weights = np.asarray([len(ix) for ix in train_idx], dtype=np.float64)
-    weights /= weights.sum()  # w_k = |D_k| / sum_j |D_j|
-
-    oracle = Oracle(backbone, data.classnames)
-    key = f"{cfg.dataset}:{cfg.data_root}"
-    oracle.register("train", data.train, dataset_key=key)
-    oracle.register("test", data.test, dataset_key=key)
-    public_batch = Batch("train", public, train_labels[public])
-
-    z = token_table(backbone)  # (V, d)
-    allowed = allowed_vocabulary(tok, words_only=cfg.vocab == "words")
-    allowed = allowed[allowed < z.shape[0]]
-    n_max = min(cfg.n_max, oracle.max_prompt_len)
-    bits_per_token = math.ceil(math.log2(z.shape[0]))
-    if cfg.proposer == "random":
-        proposer: Proposer = RandomProposer(allowed, rng=rng)
-    else:
-        proposer = EmbeddingNeighbor(z, allowed, rng=rng, explore=cfg.explore)
-
-    seed_ids = list(tok.encode(cfg.seed_text))
-    if not 1 <= len(seed_ids) <= n_max:
-        raise ValueError(f"--seed-prompt must tokenize to 1..{n_max} tokens, got {len(seed_ids)}: {cfg.seed_text!r}")
-    zero_ids = list(tok.encode(ZERO_SHOT_PROMPT))
-    eval_start = oracle.queries
-    zero_shot = _evaluate(oracle, zero_ids, test_labels, test_idx)
-    seed_eval = _evaluate(oracle, seed_ids, test_labels, test_idx)
-    eval_queries = oracle.queries - eval_start
-
-    global_prompt = list(seed_ids)
-    train_queries = 0
-    upload_bits = download_bits = 0
-    rounds: list[dict[str, Any]] = []
-    bar = tqdm(range(1, cfg.rounds + 1), desc="feddtpt", unit="round", disable=not progress)
-    for r in bar:
-        t_round = time.perf_counter()
-        download_bits += cfg.num_users * len(global_prompt) * bits_per_token
-        results = []
-        for k in range(cfg.num_users):
-            own = train_idx[k]
-            batch_ix = np.sort(rng.choice(own, size=min(cfg.batch_size, len(own)), replace=False))
-            batches = [Batch("train", batch_ix, train_labels[batch_ix]), public_batch]
-            res = client_update(
-                oracle,
-                global_prompt,
-                batches,
-                proposer,
-                iterations=cfg.iterations,
-                candidates=cfg.candidates,
-                rng=rng,
-                feedback=cfg.client_mode == "feedback",
-                position_beta=cfg.position_beta,
-            )
-            train_queries += res.queries
-            upload_bits += len(res.prompt) * bits_per_token
-            results.append(res)
-        agg = aggregate(
-            [res.prompt for res in results],
-            z,
-            previous=global_prompt,
-            mode=cfg.server,
-            min_samples=cfg.min_samples,
-            elbow=cfg.elbow,
-            temperature=cfg.temperature,
-            n_max=n_max,
-            allowed=allowed,
-            seed=cfg.seed,
-        )
-        global_prompt = agg.prompt
-        eval_start = oracle.queries
-        metrics = _evaluate(oracle, global_prompt, test_labels, test_idx)
-        eval_queries += oracle.queries - eval_start
-        rounds.append(
-            {
-                "round": r,
-                "local_acc": metrics["local_acc"],
-                "neighbor_acc": metrics["neighbor_acc"],
-                "epsilon_local": None,
-                "epsilon_global": None,
-                "seconds": time.perf_counter() - t_round,
-                "test_acc": metrics["test_acc"],
-                "client_acc": float(np.dot(weights, [res.acc for res in results])),
-                "queries": train_queries,
-                "text_encodings": oracle.text_encodings,
-                "upload_bits": upload_bits,
-                "download_bits": download_bits,
-                "prompt": list(global_prompt),
-                "prompt_text": tok.decode(global_prompt).strip(),
-                "prompt_len": len(global_prompt),
-                "eps": agg.eps,
-                "n_clusters": agg.n_clusters,
-                "n_noise": agg.n_noise,
-                "fallback": agg.fallback,
-            }
-        )
-        bar.set_postfix(acc=f"{metrics['test_acc']:.3f}", len=len(global_prompt), queries=train_queries)
-
-    transfer = _transfer(cfg, data, test_labels, backbone, global_prompt, seed_ids) if cfg.transfer_model else None
-    last = rounds[-1]
-    final = {
-        "local_acc": last["local_acc"],
-        "neighbor_acc": last["neighbor_acc"],
-        "zero_shot_acc": zero_shot["test_acc"],
-        "epsilon_local": None,
-        "epsilon_global": None,
-        "delta": None,
-        "accountant": None,
-        "note": "FedDTPT has no differential privacy (only discrete token ids leave a client), so epsilon, delta and "
-        "accountant do not apply. zero_shot_acc: the hand-written prompt 'a photo of a {}.' through the oracle.",
-        "test_acc": last["test_acc"],
-        "seed_prompt_acc": seed_eval["test_acc"],
-        "queries": train_queries,
-        "eval_queries": eval_queries,
-        "text_encodings": oracle.text_encodings,
-        "bits_per_token": bits_per_token,
-        "upload_bits": upload_bits,
-        "download_bits": download_bits,
-        "total_bits": upload_bits + download_bits,
-        "prompt": list(global_prompt),
-        "prompt_text": tok.decode(global_prompt).strip(),
-        "seed_prompt": cfg.seed_text,
-        "num_classes": n_cls,
-        "public_set_size": len(public),
-        "proposer": f"{cfg.proposer} ({cfg.client_mode}); the MLM proposer is not implemented (no offline weights)",
-        "transfer": transfer,
-        "seconds": time.perf_counter() - t_start,
-    }
-    results_dict = {"config": {"method": "feddtpt", **cfg.to_dict()}, "rounds": rounds, "final": final}
-    write_outputs(out, results_dict)
-    return results_dict
+    return run_method(FedDTPT(), cfg, out=out, progress=progress)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,17 +32,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from fpl_fast.backbone import FrozenCLIP, load_backbone, text_tower
-from fpl_fast.data.splits import partition
+from fpl_fast.data.clients import client_split
 from fpl_fast.data.text import TEXT_CLASSNAMES, TEXT_SEED, make_text_dataset
+from fpl_fast.methods.metrics import local_neighbor
+from fpl_fast.methods.skeleton import run_method
 from fpl_fast.privacy import dchi
 from fpl_fast.privacy.randomness import party_key, randomness_statement
-from fpl_fast.results import write_outputs
 
 __all__ = [
     "Config",
+    "Rapt",
     "RaptModel",
     "build_sequences",
     "reconstruction_vocab",
@@ -426,223 +426,270 @@ def _predict(model: RaptModel, body: list[Tensor], batch_size: int = 256) -> Ten
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
 
-def _local_neighbor(correct: Tensor, test_idx: list[np.ndarray]) -> tuple[float, float]:
-    """Mean over clients of the accuracy on their own test split and on the union of the others' (as
-    ``fpl_fast.federated.simulation.evaluate``; with FedAvg every client holds the same global model)."""
-    K = len(test_idx)
-    local, neighbor = [], []
-    for k in range(K):
-        own = torch.as_tensor(test_idx[k], dtype=torch.long)
-        others = [torch.as_tensor(test_idx[j], dtype=torch.long) for j in range(K) if j != k]
-        oth = torch.cat(others) if others else own.new_zeros(0)
-        local.append(float(correct[own].float().mean()) if len(own) else float("nan"))
-        neighbor.append(float(correct[oth].float().mean()) if len(oth) else float("nan"))
-    return float(np.nanmean(local)), float(np.nanmean(neighbor))
+@dataclass
+class _State:
+    """What RAPT's rounds share: the privatised client data, the model and global state, the privacy numbers."""
 
+    cfg: Config
+    backbone: FrozenCLIP
+    emb: Tensor
+    specials: list[int]
+    gen: torch.Generator
+    party_gens: dict[str, tuple[torch.Generator, torch.Generator]]
+    rec_ids: Tensor
+    fixed: Tensor | None
+    eta: float
+    calib_rate: float | None
+    diam: float
+    diam_exact: bool
+    n_priv: int
+    encode: list[Tensor]
+    encode_test: list[Tensor]
+    y_train: Tensor
+    y_test: Tensor
+    train_idx: list[np.ndarray]
+    test_idx: list[np.ndarray]
+    clients: list[_Privatised] = dataclasses.field(default_factory=list)
+    test_priv: _Privatised | None = None
+    model: RaptModel | None = None
+    global_state: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    weights: np.ndarray | None = None
+    zero_shot_acc: float = float("nan")
+    last: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-def run(cfg: Config, *, out: Path, progress: bool = True) -> dict[str, Any]:
-    """Train federated RAPT and write results.json, rounds.csv and accuracy.png to ``out``.
+    @property
+    def eps_local(self) -> float:
+        """eta diam(E) per privatisation, times the privatisations per sentence."""
+        return self.eta * self.diam * self.n_priv
 
-    Returns:
-        The results dict (shared shape: ``config``, ``rounds``, ``final``).
-    """
-    t_start = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)  # open_clip's random init draws from the global generator
-    backbone = load_backbone(cfg.model, cfg.pretrained, precision=cfg.precision, device=cfg.device)
-    emb = text_tower(backbone.model).token_embedding.weight.detach()
-    specials = special_ids(backbone)
-    tok = backbone.tokenizer
-    gen = torch.Generator().manual_seed(cfg.seed)
-
-    # ---- data --------------------------------------------------------------------------------------------
-    train_set = make_text_dataset("train", n=cfg.train_size, seed=TEXT_SEED)
-    test_set = make_text_dataset("test", n=cfg.test_size, seed=TEXT_SEED)
-    max_x = backbone.context_length - 2 - cfg.n_prompt - cfg.n_plain
-    if max_x < 1:
-        raise ValueError(
-            f"--n-prompt + --n-plain must leave room for text: N + m + 2 < {backbone.context_length}, "
-            f"got N={cfg.n_prompt}, m={cfg.n_plain}"
-        )
-    encode = [torch.tensor(tok.encode(t)[:max_x], dtype=torch.long) for t in train_set.texts]
-    encode_test = [torch.tensor(tok.encode(t)[:max_x], dtype=torch.long) for t in test_set.texts]
-    y_train = torch.as_tensor(train_set.labels)
-    y_test = torch.as_tensor(test_set.labels)
-    split = partition(
-        np.asarray(train_set.labels),
-        cfg.num_users,
-        cfg.partition,
-        beta=cfg.beta,
-        seed=cfg.seed,
-        test_labels=np.asarray(test_set.labels),
-    )
-    train_idx, test_idx = split.train, split.test
-    rec_ids = reconstruction_vocab(backbone, cfg.rec_vocab)
-    fixed = torch.randint(0, rec_ids.numel(), (cfg.n_plain,), generator=gen) if cfg.fixed_plain else None
-
-    # ---- privacy parameter -------------------------------------------------------------------------------
-    allowed = torch.ones(emb.shape[0], dtype=torch.bool, device=emb.device)
-    allowed[specials] = False
-    if cfg.eta is None:
-        calib = rec_ids[torch.randint(0, rec_ids.numel(), (cfg.calibration_tokens,), generator=gen)]
-        eta, calib_rate = dchi.calibrate_eta(
-            emb, cfg.target_preservation, calib, special_ids=specials, seed=cfg.seed, iters=14
-        )
-    else:
-        eta, calib_rate = float(cfg.eta), None
-    diam, diam_exact = dchi.diameter(emb, allowed)
-    eps_tok = eta * diam
-    n_priv = cfg.rounds * cfg.local_epochs if cfg.compose else 1
-    eps_local = eps_tok * n_priv
-
-    # Each party privatises its own text with its own secret generators (keys from the OS unless --noise-seed).
-    party_gens = {
-        party: (
-            torch.Generator().manual_seed(party_key(cfg.noise_seed, party, "plain")),
-            torch.Generator(device=emb.device).manual_seed(party_key(cfg.noise_seed, party, "dchi")),
-        )
-        for party in [f"client-{k}" for k in range(cfg.num_users)] + ["evaluator"]
-    }
-
-    def privatise(texts: list[Tensor], party: str) -> _Privatised:
+    def privatise(self, texts: list[Tensor], party: str) -> _Privatised:
+        """``texts`` privatised by ``party`` with its own secret generators (keys from the OS unless --noise-seed)."""
         return _privatise_texts(
             texts,
+            emb=self.emb,
+            eta=self.eta,
+            specials=self.specials,
+            rec_ids=self.rec_ids,
+            n_plain=self.cfg.n_plain,
+            fixed_plain=self.fixed,
+            gens=self.party_gens[party],
+        )
+
+
+class Rapt:
+    """Federated RAPT on the method skeleton (:mod:`fpl_fast.methods.skeleton`)."""
+
+    name = "rapt"
+    postfix = ("test_acc",)
+
+    def setup(self, cfg: Config) -> _State:
+        """Backbone, text data and client split, eta, the privatised client and test texts, the model."""
+        torch.manual_seed(cfg.seed)  # open_clip's random init draws from the global generator
+        backbone = load_backbone(cfg.model, cfg.pretrained, precision=cfg.precision, device=cfg.device)
+        emb = text_tower(backbone.model).token_embedding.weight.detach()
+        specials = special_ids(backbone)
+        tok = backbone.tokenizer
+        gen = torch.Generator().manual_seed(cfg.seed)
+
+        # ---- data ----------------------------------------------------------------------------------------
+        train_set = make_text_dataset("train", n=cfg.train_size, seed=TEXT_SEED)
+        test_set = make_text_dataset("test", n=cfg.test_size, seed=TEXT_SEED)
+        max_x = backbone.context_length - 2 - cfg.n_prompt - cfg.n_plain
+        if max_x < 1:
+            raise ValueError(
+                f"--n-prompt + --n-plain must leave room for text: N + m + 2 < {backbone.context_length}, "
+                f"got N={cfg.n_prompt}, m={cfg.n_plain}"
+            )
+        split = client_split(
+            np.asarray(train_set.labels),
+            cfg.num_users,
+            cfg.partition,
+            beta=cfg.beta,
+            seed=cfg.seed,
+            test_labels=np.asarray(test_set.labels),
+        )
+        rec_ids = reconstruction_vocab(backbone, cfg.rec_vocab)
+        fixed = torch.randint(0, rec_ids.numel(), (cfg.n_plain,), generator=gen) if cfg.fixed_plain else None
+
+        # ---- privacy parameter ---------------------------------------------------------------------------
+        allowed = torch.ones(emb.shape[0], dtype=torch.bool, device=emb.device)
+        allowed[specials] = False
+        if cfg.eta is None:
+            calib = rec_ids[torch.randint(0, rec_ids.numel(), (cfg.calibration_tokens,), generator=gen)]
+            eta, calib_rate = dchi.calibrate_eta(
+                emb, cfg.target_preservation, calib, special_ids=specials, seed=cfg.seed, iters=14
+            )
+        else:
+            eta, calib_rate = float(cfg.eta), None
+        diam, diam_exact = dchi.diameter(emb, allowed)
+
+        # Each party privatises its own text with its own secret generators (keys from the OS unless --noise-seed).
+        party_gens = {
+            party: (
+                torch.Generator().manual_seed(party_key(cfg.noise_seed, party, "plain")),
+                torch.Generator(device=emb.device).manual_seed(party_key(cfg.noise_seed, party, "dchi")),
+            )
+            for party in [f"client-{k}" for k in range(cfg.num_users)] + ["evaluator"]
+        }
+        st = _State(
+            cfg=cfg,
+            backbone=backbone,
             emb=emb,
-            eta=eta,
             specials=specials,
+            gen=gen,
+            party_gens=party_gens,
             rec_ids=rec_ids,
+            fixed=fixed,
+            eta=eta,
+            calib_rate=calib_rate,
+            diam=diam,
+            diam_exact=diam_exact,
+            n_priv=cfg.rounds * cfg.local_epochs if cfg.compose else 1,
+            encode=[torch.tensor(tok.encode(t)[:max_x], dtype=torch.long) for t in train_set.texts],
+            encode_test=[torch.tensor(tok.encode(t)[:max_x], dtype=torch.long) for t in test_set.texts],
+            y_train=torch.as_tensor(train_set.labels),
+            y_test=torch.as_tensor(test_set.labels),
+            train_idx=split.train,
+            test_idx=split.test,
+        )
+        st.clients = [st.privatise([st.encode[i] for i in idx], f"client-{k}") for k, idx in enumerate(split.train)]
+        st.test_priv = st.privatise(st.encode_test, "evaluator")  # fresh k (R9)
+
+        # ---- model -----------------------------------------------------------------------------------------
+        label_feats = backbone.encode_text([LABEL_TEMPLATE.format(c) for c in train_set.classnames])
+        st.model = RaptModel(
+            backbone,
+            n_cls=len(train_set.classnames),
+            n_prompt=cfg.n_prompt,
             n_plain=cfg.n_plain,
-            fixed_plain=fixed,
-            gens=party_gens[party],
+            rec_vocab_size=rec_ids.numel(),
+            rec_dim=cfg.rec_dim,
+            task_head=cfg.task_head,
+            label_features=label_feats,
+            generator=gen,
         )
+        st.global_state = st.model.trainable_state()
+        n_k = np.array([len(i) for i in split.train], dtype=np.float64)
+        st.weights = n_k / n_k.sum()
+        st.zero_shot_acc = _zero_shot_acc(backbone, st.test_priv, label_feats, st.y_test, cfg.n_plain)
+        return st
 
-    clients = [privatise([encode[i] for i in idx], f"client-{k}") for k, idx in enumerate(train_idx)]  # once (R10)
-    test_priv = privatise(encode_test, "evaluator")  # fresh k (R9)
-    clean_body = [torch.cat([rec_ids[test_priv.plain_index[i]], x]) for i, x in enumerate(encode_test)]
-
-    # ---- model ---------------------------------------------------------------------------------------------
-    label_feats = backbone.encode_text([LABEL_TEMPLATE.format(c) for c in train_set.classnames])
-    model = RaptModel(
-        backbone,
-        n_cls=len(train_set.classnames),
-        n_prompt=cfg.n_prompt,
-        n_plain=cfg.n_plain,
-        rec_vocab_size=rec_ids.numel(),
-        rec_dim=cfg.rec_dim,
-        task_head=cfg.task_head,
-        label_features=label_feats,
-        generator=gen,
-    )
-    global_state = model.trainable_state()
-    n_k = np.array([len(i) for i in train_idx], dtype=np.float64)
-    weights = n_k / n_k.sum()
-
-    # Zero-shot baseline: the hand-written label prompts, cosine against the privatised test sentence alone.
-    with torch.no_grad():
-        zs_tokens, zs_eot = build_sequences(
-            [b[cfg.n_plain :] for b in test_priv.body], int(tok.sot_token_id), int(tok.eot_token_id), 0
-        )
-        zs_feats = backbone.encode_prompts(backbone.token_embeddings(zs_tokens), zs_eot.to(backbone.device))
-        zs_pred = (F.normalize(zs_feats.float(), dim=-1) @ F.normalize(label_feats.float(), dim=-1).T).argmax(-1).cpu()
-        zero_shot_acc = float((zs_pred == y_test).float().mean())
-
-    rounds: list[dict[str, Any]] = []
-    bar = tqdm(total=cfg.rounds * cfg.num_users, desc="rapt", disable=not progress)
-    for rnd in range(1, cfg.rounds + 1):
-        t_round = time.perf_counter()
+    def round(self, st: _State, rnd: int) -> dict[str, Any]:
+        """Local AdamW epochs on every client from the global state, FedAvg, evaluation on the privatised test."""
+        cfg, model, gen = st.cfg, st.model, st.gen
+        assert model is not None and st.test_priv is not None
         states, stats = [], []
         for k in range(cfg.num_users):
-            model.load_trainable_state(global_state)
+            model.load_trainable_state(st.global_state)
             opt = torch.optim.AdamW(
                 [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
             )
-            idx = train_idx[k]
+            idx = st.train_idx[k]
             for epoch in range(cfg.local_epochs):
                 if cfg.compose and (rnd, epoch) != (1, 0):
-                    clients[k] = privatise([encode[i] for i in idx], f"client-{k}")
-                data = clients[k]
+                    st.clients[k] = st.privatise([st.encode[i] for i in idx], f"client-{k}")
+                data = st.clients[k]
                 order = torch.randperm(len(idx), generator=gen)
                 for s in range(0, len(idx), cfg.batch_size):
                     sel = order[s : s + cfg.batch_size]
                     body = [data.body[int(i)] for i in sel]
-                    l_task, l_rec, rec_acc = _losses(model, body, data.plain_index[sel], y_train[idx[sel.numpy()]])
+                    l_task, l_rec, rec_acc = _losses(model, body, data.plain_index[sel], st.y_train[idx[sel.numpy()]])
                     loss = l_task + cfg.rec_weight * l_rec
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     stats.append((l_task.item(), l_rec.item(), rec_acc.item()))
             states.append(model.trainable_state())
-            bar.update(1)
-        global_state = {n: sum(w * s[n] for w, s in zip(weights, states, strict=True)) for n in global_state}
-        model.load_trainable_state(global_state)
-        correct = _predict(model, test_priv.body) == y_test
-        local_acc, neighbor_acc = _local_neighbor(correct, test_idx)
-        st = np.array(stats)
-        rounds.append(
-            {
-                "round": rnd,
-                "local_acc": local_acc,
-                "neighbor_acc": neighbor_acc,
-                "epsilon_local": eps_local,
-                "epsilon_global": eps_local,
-                "seconds": time.perf_counter() - t_round,
-                "test_acc": float(correct.float().mean()),
-                "loss_task": float(st[:, 0].mean()),
-                "loss_rec": float(st[:, 1].mean()),
-                "rec_acc": float(np.nanmean(st[:, 2])),
-            }
-        )
-        bar.set_postfix(acc=f"{rounds[-1]['test_acc']:.3f}")
-    bar.close()
+        st.global_state = {n: sum(w * s[n] for w, s in zip(st.weights, states, strict=True)) for n in st.global_state}
+        model.load_trainable_state(st.global_state)
+        correct = _predict(model, st.test_priv.body) == st.y_test
+        local_acc, neighbor_acc = local_neighbor(correct, st.test_idx)
+        stat = np.array(stats)
+        st.last = {
+            "local_acc": local_acc,
+            "neighbor_acc": neighbor_acc,
+            "epsilon_local": st.eps_local,
+            "epsilon_global": st.eps_local,
+            "test_acc": float(correct.float().mean()),
+            "loss_task": float(stat[:, 0].mean()),
+            "loss_rec": float(stat[:, 1].mean()),
+            "rec_acc": float(np.nanmean(stat[:, 2])),
+        }
+        return st.last
 
-    # ---- final metrics -----------------------------------------------------------------------------------
-    clean_acc = float((_predict(model, clean_body) == y_test).float().mean())
-    test_orig = torch.cat(test_priv.original)
-    test_rel = torch.cat(test_priv.body)
-    x_mask = torch.cat([torch.arange(b.numel()) >= cfg.n_plain for b in test_priv.body])  # the sentence tokens
-    bayes = float("nan")
-    if cfg.bayes_mc > 0:
-        bayes = dchi.bayes_inversion_accuracy(
-            test_orig[x_mask], test_rel[x_mask], emb, eta, torch.cat(encode),
-            special_ids=specials, n_mc=cfg.bayes_mc, generator=gen if not emb.is_cuda else None,
-        )  # fmt: skip
-    final = {
-        "local_acc": rounds[-1]["local_acc"],
-        "neighbor_acc": rounds[-1]["neighbor_acc"],
-        "zero_shot_acc": zero_shot_acc,
-        "epsilon_local": eps_local,
-        "epsilon_global": eps_local,
-        "delta": 0.0,
-        "accountant": "d_chi (pure eta*d_chi per token; eps = eta*diameter, post-processing for everything shared)",
-        "test_acc": rounds[-1]["test_acc"],
-        "clean_test_acc": clean_acc,
-        "eta": eta,
-        "eps_token": eps_tok,
-        "diameter": diam,
-        "diameter_exact": diam_exact,
-        "privatisations_per_sentence": n_priv,
-        "calibration_rate": calib_rate,
-        "preservation_rate_train": float(np.mean([c.rate for c in clients])),
-        "preservation_rate_test": dchi.preservation_rate(test_orig[x_mask], test_rel[x_mask], specials),
-        "nn_inversion_acc": dchi.nn_inversion_accuracy(test_orig[x_mask], test_rel[x_mask], specials),
-        "bayes_inversion_acc": bayes,
-        "rec_acc": rounds[-1]["rec_acc"],
-        "randomness": randomness_statement(
-            cfg.noise_seed, "torch.Generator (mt19937 on CPU, Philox on CUDA), 63-bit keys (not proven cryptographic)"
-        ),
-        "seconds": time.perf_counter() - t_start,
-        "note": (
-            "RAPT: local d_chi privatisation of the text (once per client"
-            + (", re-privatised every epoch and composed" if cfg.compose else "")
-            + "); epsilon_local = epsilon_global = eta * diameter(token embedding) per token"
-            + (" (upper bound on the diameter)" if not diam_exact else "")
-            + ", pure (delta 0). zero_shot_acc: label-text cosine on the privatised test sentence without a prompt"
-            + (" (random-init backbone: chance level expected)" if cfg.pretrained is None else "")
-            + ". nn_inversion_acc equals the preservation rate by construction; bayes_inversion_acc: the attacker"
-            " knows the training-text vocabulary."
-        ),
-    }
-    results = {"method": "rapt", "config": cfg.to_dict(), "rounds": rounds, "final": final}
-    write_outputs(out, results)
-    return results
+    def final(self, st: _State) -> dict[str, Any]:
+        """Clean-text accuracy, the privacy numbers and the inversion attacks on the privatised test sentences."""
+        cfg, model, test_priv = st.cfg, st.model, st.test_priv
+        assert model is not None and test_priv is not None
+        clean_body = [torch.cat([st.rec_ids[test_priv.plain_index[i]], x]) for i, x in enumerate(st.encode_test)]
+        clean_acc = float((_predict(model, clean_body) == st.y_test).float().mean())
+        test_orig = torch.cat(test_priv.original)
+        test_rel = torch.cat(test_priv.body)
+        x_mask = torch.cat([torch.arange(b.numel()) >= cfg.n_plain for b in test_priv.body])  # the sentence tokens
+        emb, specials = st.emb, st.specials
+        bayes = float("nan")
+        if cfg.bayes_mc > 0:
+            bayes = dchi.bayes_inversion_accuracy(
+                test_orig[x_mask], test_rel[x_mask], emb, st.eta, torch.cat(st.encode),
+                special_ids=specials, n_mc=cfg.bayes_mc, generator=st.gen if not emb.is_cuda else None,
+            )  # fmt: skip
+        return {
+            "local_acc": st.last["local_acc"],
+            "neighbor_acc": st.last["neighbor_acc"],
+            "zero_shot_acc": st.zero_shot_acc,
+            "epsilon_local": st.eps_local,
+            "epsilon_global": st.eps_local,
+            "delta": 0.0,
+            "accountant": "d_chi (pure eta*d_chi per token; eps = eta*diameter, post-processing for everything shared)",
+            "test_acc": st.last["test_acc"],
+            "clean_test_acc": clean_acc,
+            "eta": st.eta,
+            "eps_token": st.eta * st.diam,
+            "diameter": st.diam,
+            "diameter_exact": st.diam_exact,
+            "privatisations_per_sentence": st.n_priv,
+            "calibration_rate": st.calib_rate,
+            "preservation_rate_train": float(np.mean([c.rate for c in st.clients])),
+            "preservation_rate_test": dchi.preservation_rate(test_orig[x_mask], test_rel[x_mask], specials),
+            "nn_inversion_acc": dchi.nn_inversion_accuracy(test_orig[x_mask], test_rel[x_mask], specials),
+            "bayes_inversion_acc": bayes,
+            "rec_acc": st.last["rec_acc"],
+            "randomness": randomness_statement(
+                cfg.noise_seed,
+                "torch.Generator (mt19937 on CPU, Philox on CUDA), 63-bit keys (not proven cryptographic)",
+            ),
+            "note": (
+                "RAPT: local d_chi privatisation of the text (once per client"
+                + (", re-privatised every epoch and composed" if cfg.compose else "")
+                + "); epsilon_local = epsilon_global = eta * diameter(token embedding) per token"
+                + (" (upper bound on the diameter)" if not st.diam_exact else "")
+                + ", pure (delta 0). zero_shot_acc: label-text cosine on the privatised test sentence without a "
+                "prompt"
+                + (" (random-init backbone: chance level expected)" if cfg.pretrained is None else "")
+                + ". nn_inversion_acc equals the preservation rate by construction; bayes_inversion_acc: the attacker"
+                " knows the training-text vocabulary."
+            ),
+        }
+
+
+@torch.no_grad()
+def _zero_shot_acc(
+    backbone: FrozenCLIP, test_priv: _Privatised, label_feats: Tensor, y_test: Tensor, n_plain: int
+) -> float:
+    """Zero-shot baseline: the hand-written label prompts, cosine against the privatised test sentence alone."""
+    tok = backbone.tokenizer
+    tokens, eot = build_sequences(
+        [b[n_plain:] for b in test_priv.body], int(tok.sot_token_id), int(tok.eot_token_id), 0
+    )
+    feats = backbone.encode_prompts(backbone.token_embeddings(tokens), eot.to(backbone.device))
+    pred = (F.normalize(feats.float(), dim=-1) @ F.normalize(label_feats.float(), dim=-1).T).argmax(-1).cpu()
+    return float((pred == y_test).float().mean())
+
+
+def run(cfg: Config, *, out: Path, progress: bool = True) -> dict[str, Any]:
+    """Train federated RAPT and write results.json, rounds.csv and accuracy.png to ``out``.
+
+    Returns:
+        The results dict (shared shape: ``method``, ``config``, ``rounds``, ``final``).
+    """
+    return run_method(Rapt(), cfg, out=out, progress=progress)
