@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from fpl_fast.config import CHOICES, PAPER, RunConfig, load_config_file
+from fpl_fast.validation import ConfigError, flag_message
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
@@ -207,7 +208,7 @@ def method_config_from_args(args: argparse.Namespace):
         raise ValueError(f"--paper and --resume apply to --method dpfpl only, not {args.method}")
     if isinstance(settings.get("pretrained"), str) and settings["pretrained"].lower() == "none":
         settings["pretrained"] = None
-    return mod, mod.Config(**settings)
+    return mod, _build(mod.Config, settings)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -233,7 +234,15 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         settings["noise"] = None
     if "norm_thresh" in settings and isinstance(settings["norm_thresh"], str):
         settings["norm_thresh"] = math.inf if settings["norm_thresh"] == "inf" else float(settings["norm_thresh"])
-    return RunConfig(**settings)
+    return _build(RunConfig, settings)
+
+
+def _build(cls: type, settings: dict[str, Any]):
+    """cls(**settings), its ConfigError worded with flags ("rank must be ..." -> "--rank must be ...")."""
+    try:
+        return cls(**settings)
+    except ConfigError as exc:
+        raise ConfigError(exc.field, flag_message(exc), exc.others) from None
 
 
 def _fail(exc: BaseException) -> int:
