@@ -84,7 +84,7 @@ def philox_normal(seed: int, offset: int, numel: int, device: torch.device | str
 
 
 # ----------------------------------------------------------------------------------------------
-# Input checks (the C++ kernels raise the same messages)
+# Input checks (the C++ kernels check the same preconditions, in the same order: csrc/checks.h)
 # ----------------------------------------------------------------------------------------------
 def _check_streams(seed: Sequence[int], offset: Sequence[int], K: int) -> None:
     """One (seed, offset) per client, each in [0, 2^63)."""
