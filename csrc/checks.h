@@ -1,9 +1,9 @@
 // Input validation shared by the CPU and CUDA backends.
 //
-// Every user-facing precondition of fpl_fast/reference.py is checked here, in the same order and with the
-// same message, through TORCH_CHECK_VALUE so that Python sees a ValueError exactly like the reference.
-// Shapes, dtypes, devices and floats are printed the way Python prints them ("(2, 3)", "torch.float32",
-// "cpu", "1e-05") so the messages match the reference character for character.
+// Every user-facing precondition of fpl_fast/reference.py is checked here, in the same order, through
+// TORCH_CHECK_VALUE so that Python sees a ValueError like the reference's. The wording names the same
+// argument and condition ("prefix must be 3-D (n_cls, 1, d), got shape ..."); the values after "got" are
+// printed by c10 (sizes "[2, 3]", dtypes "Float", devices "cpu", numbers "1e-05"), not as Python prints them.
 // The check_* functions return the resolved dimensions. Header-only, no CUDA includes.
 #pragma once
 
@@ -13,10 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <optional>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -26,148 +23,31 @@ namespace fpl_fast {
 constexpr double kClipEps = 1e-6;
 constexpr double kGsEps = 1e-12;
 
-namespace pyfmt {
-
-// Python's tuple(t.shape): "()", "(5,)", "(2, 3)".
-inline std::string shape(c10::IntArrayRef sizes) {
-  std::string s = "(";
-  for (size_t i = 0; i < sizes.size(); ++i) {
-    if (i > 0) s += ", ";
-    s += std::to_string(sizes[i]);
-  }
-  if (sizes.size() == 1) s += ",";
-  return s + ")";
-}
-
-// Python's str(sorted(list_of_ints)): "[2, 3]".
-inline std::string int_list(const std::set<int64_t>& values) {
-  std::string s = "[";
-  bool first = true;
-  for (int64_t v : values) {
-    if (!first) s += ", ";
-    s += std::to_string(v);
-    first = false;
-  }
-  return s + "]";
-}
-
-// Python's repr(list_of_ints), in the given order: "[]", "[3]", "[1, 2]".
-inline std::string int_seq(c10::IntArrayRef values) {
-  std::string s = "[";
-  for (size_t i = 0; i < values.size(); ++i) {
-    if (i > 0) s += ", ";
-    s += std::to_string(values[i]);
-  }
-  return s + "]";
-}
-
-// Python's str(torch.dtype): "torch.float32".
-inline std::string dtype(c10::ScalarType t) {
-  switch (t) {
-    case c10::ScalarType::Byte:
-      return "torch.uint8";
-    case c10::ScalarType::Char:
-      return "torch.int8";
-    case c10::ScalarType::Short:
-      return "torch.int16";
-    case c10::ScalarType::Int:
-      return "torch.int32";
-    case c10::ScalarType::Long:
-      return "torch.int64";
-    case c10::ScalarType::Half:
-      return "torch.float16";
-    case c10::ScalarType::Float:
-      return "torch.float32";
-    case c10::ScalarType::Double:
-      return "torch.float64";
-    case c10::ScalarType::BFloat16:
-      return "torch.bfloat16";
-    case c10::ScalarType::Bool:
-      return "torch.bool";
-    case c10::ScalarType::ComplexHalf:
-      return "torch.complex32";
-    case c10::ScalarType::ComplexFloat:
-      return "torch.complex64";
-    case c10::ScalarType::ComplexDouble:
-      return "torch.complex128";
-    default:
-      return std::string("torch.") + c10::toString(t);
-  }
-}
-
-// Python's str(torch.device): "cpu", "cuda:0".
-inline std::string device(const c10::Device& d) { return d.str(); }
-
-// Python's repr(float): shortest round-trip digits, "1.0", "0.0001", "1e-05", "1e+16", "nan", "-inf".
-inline std::string py_float(double x) {
-  if (std::isnan(x)) return "nan";
-  if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
-  if (x == 0.0) return std::signbit(x) ? "-0.0" : "0.0";
-  char buf[64];
-  for (int prec = 1; prec <= 17; ++prec) {
-    std::snprintf(buf, sizeof(buf), "%.*e", prec - 1, x);
-    if (std::strtod(buf, nullptr) == x) break;
-  }
-  std::string s(buf);
-  std::string sign;
-  if (s[0] == '-') {
-    sign = "-";
-    s = s.substr(1);
-  }
-  const size_t epos = s.find('e');
-  const int exp10 = std::atoi(s.c_str() + epos + 1);
-  std::string digits;
-  for (size_t i = 0; i < epos; ++i) {
-    if (s[i] != '.') digits += s[i];
-  }
-  while (digits.size() > 1 && digits.back() == '0') digits.pop_back();
-  std::string out;
-  if (exp10 < -4 || exp10 >= 16) {
-    out = digits.substr(0, 1);
-    if (digits.size() > 1) out += "." + digits.substr(1);
-    const int a = std::abs(exp10);
-    out += std::string("e") + (exp10 < 0 ? "-" : "+") + (a < 10 ? "0" : "") + std::to_string(a);
-  } else if (exp10 >= 0) {
-    const size_t int_len = static_cast<size_t>(exp10) + 1;
-    if (digits.size() <= int_len) {
-      out = digits + std::string(int_len - digits.size(), '0') + ".0";
-    } else {
-      out = digits.substr(0, int_len) + "." + digits.substr(int_len);
-    }
-  } else {
-    out = "0." + std::string(static_cast<size_t>(-exp10 - 1), '0') + digits;
-  }
-  return sign + out;
-}
-
-}  // namespace pyfmt
-
 namespace detail {
 
 inline void check_dim(const at::Tensor& t, const char* name, std::initializer_list<int64_t> dims,
                       const std::string& what) {
   const bool ok = std::find(dims.begin(), dims.end(), t.dim()) != dims.end();
-  TORCH_CHECK_VALUE(ok, name, " must be ", what, ", got shape ", pyfmt::shape(t.sizes()));
+  TORCH_CHECK_VALUE(ok, name, " must be ", what, ", got shape ", t.sizes());
 }
 
 // Same device and dtype as ref (reference.py's _check_same).
 inline void check_same(const at::Tensor& ref, const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on ", pyfmt::device(ref.device()), ", got ",
-                    pyfmt::device(t.device()));
-  TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), name, " must have dtype ",
-                    pyfmt::dtype(ref.scalar_type()), ", got ", pyfmt::dtype(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on ", ref.device(), ", got ", t.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), name, " must have dtype ", ref.scalar_type(),
+                    ", got ", t.scalar_type());
 }
 
 inline void check_floating(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), name, " must be floating point, got ",
-                    pyfmt::dtype(t.scalar_type()));
+                    t.scalar_type());
 }
 
 inline void check_hyper(double clip_norm, double noise_multiplier) {
   TORCH_CHECK_VALUE(!std::isnan(clip_norm) && clip_norm > 0,
-                    "clip_norm must be > 0 (inf disables clipping), got ", pyfmt::py_float(clip_norm));
+                    "clip_norm must be > 0 (inf disables clipping), got ", clip_norm);
   TORCH_CHECK_VALUE(std::isfinite(noise_multiplier) && noise_multiplier >= 0,
-                    "noise_multiplier must be finite and >= 0, got ", pyfmt::py_float(noise_multiplier));
+                    "noise_multiplier must be finite and >= 0, got ", noise_multiplier);
 }
 
 // One Philox stream (seed, offset) per client, each entry in [0, 2^63) (reference.py's _check_streams). The
@@ -175,7 +55,7 @@ inline void check_hyper(double clip_norm, double noise_multiplier) {
 inline void check_streams(c10::IntArrayRef seed, c10::IntArrayRef offset, int64_t K) {
   for (const auto& [xs, name] : {std::make_pair(seed, "seed"), std::make_pair(offset, "offset")}) {
     TORCH_CHECK_VALUE(static_cast<int64_t>(xs.size()) == K, name, " must be a list of ", K,
-                      " integers (one stream per client), got ", pyfmt::int_seq(xs));
+                      " integers (one stream per client), got ", xs);
     for (const int64_t x : xs) {
       TORCH_CHECK_VALUE(x >= 0, name, " entries must be integers in [0, 2^63), got ", x);
     }
@@ -208,12 +88,11 @@ inline LowrankPromptDims check_lowrank_prompt(const at::Tensor& prefix, const at
   dims.n_cls = prefix.size(0);
   dims.d = prefix.size(2);
   TORCH_CHECK_VALUE(prefix.size(1) == 1, "prefix must have one token per class (n_cls, 1, d), got ",
-                    pyfmt::shape(prefix.sizes()));
+                    prefix.sizes());
   TORCH_CHECK_VALUE(suffix.size(0) == dims.n_cls && suffix.size(2) == dims.d, "suffix must be (", dims.n_cls,
-                    ", S, ", dims.d, ") to match prefix, got ", pyfmt::shape(suffix.sizes()));
+                    ", S, ", dims.d, ") to match prefix, got ", suffix.sizes());
   dims.n_ctx = g.size(-2);
-  TORCH_CHECK_VALUE(g.size(-1) == dims.d, "g must have width ", dims.d, " to match prefix, got ",
-                    pyfmt::shape(g.sizes()));
+  TORCH_CHECK_VALUE(g.size(-1) == dims.d, "g must have width ", dims.d, " to match prefix, got ", g.sizes());
   TORCH_CHECK_VALUE(u.has_value() == v.has_value(), "u and v must be given together or not at all");
   detail::check_same(prefix, suffix, "suffix");
   detail::check_same(prefix, g, "g");
@@ -227,29 +106,30 @@ inline LowrankPromptDims check_lowrank_prompt(const at::Tensor& prefix, const at
     check_dim(*v, "v", {2, 3}, "2-D (r, d) or 3-D (K, r, d)");
     dims.r = u->size(-1);
     TORCH_CHECK_VALUE(u->size(-2) == dims.n_ctx, "u must have ", dims.n_ctx, " rows (n_ctx), got ",
-                      pyfmt::shape(u->sizes()));
+                      u->sizes());
     TORCH_CHECK_VALUE(v->size(-2) == dims.r && v->size(-1) == dims.d, "v must be (", dims.r, ", ", dims.d,
-                      ") per client, got ", pyfmt::shape(v->sizes()));
+                      ") per client, got ", v->sizes());
   }
   dims.has_residual = residual.has_value();
   if (dims.has_residual) {
     check_dim(*residual, "residual", {2, 3}, "2-D (n_ctx, d) or 3-D (K, n_ctx, d)");
     TORCH_CHECK_VALUE(residual->size(-2) == dims.n_ctx && residual->size(-1) == dims.d, "residual must be (",
-                      dims.n_ctx, ", ", dims.d, ") per client, got ", pyfmt::shape(residual->sizes()));
+                      dims.n_ctx, ", ", dims.d, ") per client, got ", residual->sizes());
   }
   dims.g_batched = g.dim() == 3;
   dims.u_batched = dims.has_uv && u->dim() == 3;
   dims.v_batched = dims.has_uv && v->dim() == 3;
   dims.residual_batched = dims.has_residual && residual->dim() == 3;
-  std::set<int64_t> leading;
-  if (dims.g_batched) leading.insert(g.size(0));
-  if (dims.u_batched) leading.insert(u->size(0));
-  if (dims.v_batched) leading.insert(v->size(0));
-  if (dims.residual_batched) leading.insert(residual->size(0));
-  TORCH_CHECK_VALUE(leading.size() <= 1,
-                    "client dimensions K disagree across g, u, v, residual: ", pyfmt::int_list(leading));
-  dims.batched = leading.size() == 1;
-  dims.K = dims.batched ? *leading.begin() : 1;
+  std::vector<int64_t> leading;  // in argument order, as the reference lists them
+  if (dims.g_batched) leading.push_back(g.size(0));
+  if (dims.u_batched) leading.push_back(u->size(0));
+  if (dims.v_batched) leading.push_back(v->size(0));
+  if (dims.residual_batched) leading.push_back(residual->size(0));
+  const bool agree = std::all_of(leading.begin(), leading.end(), [&](int64_t k) { return k == leading[0]; });
+  TORCH_CHECK_VALUE(agree,
+                    "client dimensions K disagree across g, u, v, residual: ", c10::IntArrayRef(leading));
+  dims.batched = !leading.empty();
+  dims.K = dims.batched ? leading[0] : 1;
   dims.S = suffix.size(1);
   // Not in the reference (which would also assemble integer prompts): the kernels are floating point only.
   detail::check_floating(prefix, "prefix");
@@ -286,18 +166,16 @@ inline LowrankPromptBackwardDims check_lowrank_prompt_backward(const at::Tensor&
     detail::check_dim(*u, "u", {2, 3}, "2-D (n_ctx, r) or 3-D (K, n_ctx, r)");
     detail::check_dim(*v, "v", {2, 3}, "2-D (r, d) or 3-D (K, r, d)");
     for (const auto& [t, name] : {std::make_pair(&*u, "u"), std::make_pair(&*v, "v")}) {
-      TORCH_CHECK_VALUE(t->device() == grad_out.device(), name, " must be on ",
-                        pyfmt::device(grad_out.device()), ", got ", pyfmt::device(t->device()));
+      TORCH_CHECK_VALUE(t->device() == grad_out.device(), name, " must be on ", grad_out.device(), ", got ",
+                        t->device());
       detail::check_floating(*t, name);
       TORCH_CHECK_VALUE(t->dim() == 2 || t->size(0) == dims.K, name,
-                        " must have grad_out's client dimension ", dims.K, ", got shape ",
-                        pyfmt::shape(t->sizes()));
+                        " must have grad_out's client dimension ", dims.K, ", got shape ", t->sizes());
     }
     dims.r = u->size(-1);
-    TORCH_CHECK_VALUE(u->size(-2) == n_ctx, "u must have ", n_ctx, " rows (n_ctx), got ",
-                      pyfmt::shape(u->sizes()));
+    TORCH_CHECK_VALUE(u->size(-2) == n_ctx, "u must have ", n_ctx, " rows (n_ctx), got ", u->sizes());
     TORCH_CHECK_VALUE(v->size(-2) == dims.r && v->size(-1) == dims.d, "v must be (", dims.r, ", ", dims.d,
-                      ") per client, got ", pyfmt::shape(v->sizes()));
+                      ") per client, got ", v->sizes());
     dims.u_batched = u->dim() == 3;
     dims.v_batched = v->dim() == 3;
   }
@@ -323,8 +201,7 @@ inline DpClipNoiseDims check_dp_lowrank_clip_noise(const at::Tensor& grad, const
                                                    bool sum_classes) {
   detail::check_hyper(clip_norm, noise_multiplier);
   TORCH_CHECK_VALUE(std::isfinite(expected_batch_size) && expected_batch_size >= 0,
-                    "expected_batch_size must be finite and >= 0 (0: use b), got ",
-                    pyfmt::py_float(expected_batch_size));
+                    "expected_batch_size must be finite and >= 0 (0: use b), got ", expected_batch_size);
   const int64_t plain = sum_classes ? 4 : 3;
   const std::string what =
       sum_classes ? "(b, n_cls, n_ctx, d) or (K, b, n_cls, n_ctx, d)" : "(b, n_ctx, d) or (K, b, n_ctx, d)";
@@ -352,10 +229,10 @@ inline DpClipNoiseDims check_dp_lowrank_clip_noise(const at::Tensor& grad, const
     dims.r = u->size(-1);
     const int64_t uk = dims.batched ? u->size(0) : 1;
     TORCH_CHECK_VALUE(uk == dims.K && u->size(-2) == dims.n_ctx, "u must be (", dims.K, ", ", dims.n_ctx,
-                      ", r) to match grad, got ", pyfmt::shape(u->sizes()));
+                      ", r) to match grad, got ", u->sizes());
     const int64_t vk = dims.batched ? v->size(0) : 1;
     TORCH_CHECK_VALUE(vk == dims.K && v->size(-2) == dims.r && v->size(-1) == dims.d, "v must be (", dims.K,
-                      ", ", dims.r, ", ", dims.d, ") to match grad and u, got ", pyfmt::shape(v->sizes()));
+                      ", ", dims.r, ", ", dims.d, ") to match grad and u, got ", v->sizes());
   }
   dims.denom =
       expected_batch_size > 0 ? expected_batch_size : static_cast<double>(std::max<int64_t>(dims.b, 1));
@@ -372,7 +249,7 @@ struct FullGradDims {
 
 inline FullGradDims check_lowrank_full_grad(const at::Tensor& grad_u, const at::Tensor& grad_v,
                                             const at::Tensor& u, const at::Tensor& v, double scale) {
-  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", pyfmt::py_float(scale));
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
   detail::check_dim(u, "u", {2, 3}, "2-D (n_ctx, r) or 3-D (K, n_ctx, r)");
   const std::string like_u = std::to_string(u.dim()) + "-D like u";
   for (const auto& [t, name] :
@@ -380,15 +257,15 @@ inline FullGradDims check_lowrank_full_grad(const at::Tensor& grad_u, const at::
     detail::check_dim(*t, name, {u.dim()}, like_u);
     detail::check_same(u, *t, name);
   }
-  TORCH_CHECK_VALUE(grad_u.sizes() == u.sizes(), "grad_u must have u's shape ", pyfmt::shape(u.sizes()),
-                    ", got ", pyfmt::shape(grad_u.sizes()));
+  TORCH_CHECK_VALUE(grad_u.sizes() == u.sizes(), "grad_u must have u's shape ", u.sizes(), ", got ",
+                    grad_u.sizes());
   const int64_t r = u.size(-1);
-  TORCH_CHECK_VALUE(v.size(-2) == r, "v must have ", r, " rows (rank of u), got ", pyfmt::shape(v.sizes()));
+  TORCH_CHECK_VALUE(v.size(-2) == r, "v must have ", r, " rows (rank of u), got ", v.sizes());
   TORCH_CHECK_VALUE(v.sizes().slice(0, v.dim() - 2) == u.sizes().slice(0, u.dim() - 2),
-                    "v must have u's client dimension ", pyfmt::shape(u.sizes().slice(0, u.dim() - 2)),
-                    ", got ", pyfmt::shape(v.sizes()));
-  TORCH_CHECK_VALUE(grad_v.sizes() == v.sizes(), "grad_v must have v's shape ", pyfmt::shape(v.sizes()),
-                    ", got ", pyfmt::shape(grad_v.sizes()));
+                    "v must have u's client dimension ", u.sizes().slice(0, u.dim() - 2), ", got ",
+                    v.sizes());
+  TORCH_CHECK_VALUE(grad_v.sizes() == v.sizes(), "grad_v must have v's shape ", v.sizes(), ", got ",
+                    grad_v.sizes());
   // Not in the reference: the kernels are floating point only.
   detail::check_floating(u, "u");
   FullGradDims dims{};
@@ -443,15 +320,15 @@ inline NnMapDims check_nn_map(const at::Tensor& y, const at::Tensor& emb,
   detail::check_floating(y, "y");
   detail::check_same(y, emb, "emb");
   TORCH_CHECK_VALUE(emb.size(1) == y.size(1), "emb must have width ", y.size(1), " to match y, got shape ",
-                    pyfmt::shape(emb.sizes()));
+                    emb.sizes());
   NnMapDims dims{y.size(0), emb.size(0), y.size(1), allowed.has_value()};
   if (allowed.has_value()) {
     TORCH_CHECK_VALUE(allowed->dim() == 1 && allowed->size(0) == dims.V, "allowed must be 1-D (", dims.V,
-                      ",) like emb's rows, got shape ", pyfmt::shape(allowed->sizes()));
-    TORCH_CHECK_VALUE(allowed->scalar_type() == c10::ScalarType::Bool,
-                      "allowed must have dtype torch.bool, got ", pyfmt::dtype(allowed->scalar_type()));
-    TORCH_CHECK_VALUE(allowed->device() == y.device(), "allowed must be on ", pyfmt::device(y.device()),
-                      ", got ", pyfmt::device(allowed->device()));
+                      ",) like emb's rows, got shape ", allowed->sizes());
+    TORCH_CHECK_VALUE(allowed->scalar_type() == c10::ScalarType::Bool, "allowed must have dtype ",
+                      c10::ScalarType::Bool, ", got ", allowed->scalar_type());
+    TORCH_CHECK_VALUE(allowed->device() == y.device(), "allowed must be on ", y.device(), ", got ",
+                      allowed->device());
   }
   return dims;
 }
@@ -464,19 +341,6 @@ struct OutputDpDims {
   bool has_mask;
 };
 
-namespace pyfmt {
-// Python's repr(t.tolist()) of a 1-D float32 tensor on the CPU: "[1.0, inf]".
-inline std::string float_list(const at::Tensor& t) {
-  std::string s = "[";
-  const float* p = t.data_ptr<float>();
-  for (int64_t i = 0; i < t.numel(); ++i) {
-    if (i > 0) s += ", ";
-    s += py_float(static_cast<double>(p[i]));
-  }
-  return s + "]";
-}
-}  // namespace pyfmt
-
 // All checks of reference.py's dp_output_clip_noise, in its order. The last ones (label range, clip norm
 // values) read the data: on CUDA they synchronise, as the reference's bool() does.
 inline OutputDpDims check_dp_output_clip_noise(const at::Tensor& image_feats, const at::Tensor& text_feats,
@@ -486,11 +350,11 @@ inline OutputDpDims check_dp_output_clip_noise(const at::Tensor& image_feats, co
                                                c10::IntArrayRef seed, c10::IntArrayRef offset,
                                                double denominator) {
   TORCH_CHECK_VALUE(std::isfinite(noise_multiplier) && noise_multiplier >= 0,
-                    "noise_multiplier must be finite and >= 0, got ", pyfmt::py_float(noise_multiplier));
+                    "noise_multiplier must be finite and >= 0, got ", noise_multiplier);
   TORCH_CHECK_VALUE(std::isfinite(logit_scale) && logit_scale > 0, "logit_scale must be finite and > 0, got ",
-                    pyfmt::py_float(logit_scale));
+                    logit_scale);
   TORCH_CHECK_VALUE(std::isfinite(denominator) && denominator > 0, "denominator must be finite and > 0, got ",
-                    pyfmt::py_float(denominator));
+                    denominator);
   detail::check_dim(image_feats, "image_feats", {3}, "3-D (K, b, D)");
   detail::check_dim(text_feats, "text_feats", {3}, "3-D (K, n_cls, D)");
   detail::check_floating(text_feats, "text_feats");
@@ -499,26 +363,26 @@ inline OutputDpDims check_dp_output_clip_noise(const at::Tensor& image_feats, co
                     mask.has_value()};
   const int64_t K = dims.K, b = dims.b;
   TORCH_CHECK_VALUE(text_feats.size(0) == K && text_feats.size(2) == dims.D, "text_feats must be (", K,
-                    ", n_cls, ", dims.D, ") to match image_feats, got ", pyfmt::shape(text_feats.sizes()));
+                    ", n_cls, ", dims.D, ") to match image_feats, got ", text_feats.sizes());
   TORCH_CHECK_VALUE(dims.n_cls >= 1, "text_feats must hold at least one class, got n_cls=0");
-  TORCH_CHECK_VALUE(labels.scalar_type() == c10::ScalarType::Long, "labels must have dtype torch.int64, got ",
-                    pyfmt::dtype(labels.scalar_type()));
-  TORCH_CHECK_VALUE(labels.device() == text_feats.device(), "labels must be on ",
-                    pyfmt::device(text_feats.device()), ", got ", pyfmt::device(labels.device()));
+  TORCH_CHECK_VALUE(labels.scalar_type() == c10::ScalarType::Long, "labels must have dtype ",
+                    c10::ScalarType::Long, ", got ", labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.device() == text_feats.device(), "labels must be on ", text_feats.device(),
+                    ", got ", labels.device());
   const std::vector<int64_t> kb{K, b};
   TORCH_CHECK_VALUE(labels.sizes() == c10::IntArrayRef(kb), "labels must have shape (", K, ", ", b,
-                    ") to match image_feats, got ", pyfmt::shape(labels.sizes()));
+                    ") to match image_feats, got ", labels.sizes());
   if (mask.has_value()) {
     detail::check_same(text_feats, *mask, "mask");
     TORCH_CHECK_VALUE(mask->sizes() == c10::IntArrayRef(kb), "mask must have shape (", K, ", ", b,
-                      ") to match image_feats, got ", pyfmt::shape(mask->sizes()));
+                      ") to match image_feats, got ", mask->sizes());
   }
-  TORCH_CHECK_VALUE(clip_norm.scalar_type() == c10::ScalarType::Float,
-                    "clip_norm must have dtype torch.float32, got ", pyfmt::dtype(clip_norm.scalar_type()));
-  TORCH_CHECK_VALUE(clip_norm.device() == text_feats.device(), "clip_norm must be on ",
-                    pyfmt::device(text_feats.device()), ", got ", pyfmt::device(clip_norm.device()));
+  TORCH_CHECK_VALUE(clip_norm.scalar_type() == c10::ScalarType::Float, "clip_norm must have dtype ",
+                    c10::ScalarType::Float, ", got ", clip_norm.scalar_type());
+  TORCH_CHECK_VALUE(clip_norm.device() == text_feats.device(), "clip_norm must be on ", text_feats.device(),
+                    ", got ", clip_norm.device());
   TORCH_CHECK_VALUE(clip_norm.dim() == 1 && clip_norm.size(0) == K, "clip_norm must have shape (", K,
-                    ",) (one per client), got ", pyfmt::shape(clip_norm.sizes()));
+                    ",) (one per client), got ", clip_norm.sizes());
   detail::check_streams(seed, offset, K);
   if (K > 0 && b > 0) {
     TORCH_CHECK_VALUE(labels.ge(0).logical_and(labels.lt(dims.n_cls)).all().item<bool>(),
@@ -527,17 +391,17 @@ inline OutputDpDims check_dp_output_clip_noise(const at::Tensor& image_feats, co
   if (K > 0) {
     const at::Tensor c = clip_norm.cpu().contiguous();
     const float* cp = c.data_ptr<float>();
+    const c10::ArrayRef<float> values(cp, static_cast<size_t>(K));
     bool positive = true, finite = true;
     for (int64_t k = 0; k < K; ++k) {
       positive = positive && !std::isnan(cp[k]) && cp[k] > 0;
       finite = finite && std::isfinite(cp[k]);
     }
-    TORCH_CHECK_VALUE(positive, "clip_norm entries must be > 0 (inf disables clipping), got ",
-                      pyfmt::float_list(c));
+    TORCH_CHECK_VALUE(positive, "clip_norm entries must be > 0 (inf disables clipping), got ", values);
     TORCH_CHECK_VALUE(
         noise_multiplier == 0 || finite,
         "clip_norm entries must be finite when noise_multiplier > 0 (the noise std is sigma C), got ",
-        pyfmt::float_list(c));
+        values);
   }
   return dims;
 }

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fpl_fast.prompts import factorization_names, get_factorization
+from fpl_fast.validation import ConfigError, check_choice, check_finite, check_int
 
 __all__ = ["RunConfig", "RunSettings", "PAPER", "CHOICES", "DEFAULT_LR", "load_config_file"]
 
@@ -87,47 +88,48 @@ class RunConfig:
         if self.lr is None and self.clip_mode in DEFAULT_LR:
             object.__setattr__(self, "lr", DEFAULT_LR[self.clip_mode])
         for name, allowed in {"factorization": factorization_names(), **CHOICES}.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"--{_flag(name)} must be one of {', '.join(allowed)}, got {value!r}")
-        _positive_int(self, "rank", "n_ctx", "num_users", "rounds", "local_epochs", "batch_size", "eval_every")
+            check_choice(self, name, allowed)
+        check_int(self, "rank", "n_ctx", "num_users", "rounds", "local_epochs", "batch_size", "eval_every")
         if self.num_shots is not None and self.num_shots < 1:
-            raise ValueError(f"--num-shots must be >= 1, got {self.num_shots}")
-        if self.noise_seed is not None and (
-            not isinstance(self.noise_seed, int) or isinstance(self.noise_seed, bool) or self.noise_seed < 0
-        ):
-            raise ValueError(
-                f"--noise-seed must be an integer >= 0 (leave it out for secret noise), got {self.noise_seed!r}"
-            )
+            raise ConfigError("num_shots", f"num_shots must be >= 1, got {self.num_shots}")
+        if self.noise_seed is not None:
+            check_int(self, "noise_seed", low=0, note=" (leave it out for secret noise)")
         if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"--chunk-size must be >= 1, got {self.chunk_size}")
+            raise ConfigError("chunk_size", f"chunk_size must be >= 1, got {self.chunk_size}")
         for name in ("noise", "noise_local", "noise_global"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"--{_flag(name)} must be a finite number >= 0, got {value}")
-        if self.epsilon is not None and not (math.isfinite(self.epsilon) and self.epsilon > 0):
-            raise ValueError(f"--epsilon must be a finite number > 0, got {self.epsilon}")
+            if getattr(self, name) is not None:
+                check_finite(self, name, positive=False)
+        if self.epsilon is not None:
+            check_finite(self, "epsilon")
         if not 0 < self.delta < 1:
-            raise ValueError(f"--delta must be in (0, 1), got {self.delta}")
+            raise ConfigError("delta", f"delta must be in (0, 1), got {self.delta}")
         if not (self.norm_thresh > 0):  # inf allowed: no clipping (only meaningful without noise)
-            raise ValueError(f"--norm-thresh must be > 0 (inf: no clipping), got {self.norm_thresh}")
+            raise ConfigError("norm_thresh", f"norm_thresh must be > 0 (inf: no clipping), got {self.norm_thresh}")
         if not 0 < self.client_fraction <= 1:
-            raise ValueError(f"--client-fraction must be in (0, 1], got {self.client_fraction}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
+            raise ConfigError("client_fraction", f"client_fraction must be in (0, 1], got {self.client_fraction}")
+        check_finite(self, "lr")
         if not 0 <= self.momentum < 1:
-            raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"--beta must be a finite number > 0, got {self.beta}")
-        if self.full_grad_scale <= 0 or not math.isfinite(self.full_grad_scale):
-            raise ValueError(f"--full-grad-scale must be a finite number > 0, got {self.full_grad_scale}")
+            raise ConfigError("momentum", f"momentum must be in [0, 1), got {self.momentum}")
+        check_finite(self, "beta", "full_grad_scale")
         if self.calibration == "paper" and self.epsilon is None:
-            raise ValueError("--calibration paper needs --epsilon (the authors' formula maps epsilon to sigma)")
+            raise ConfigError(
+                "calibration",
+                "calibration='paper' needs epsilon (the authors' formula maps the target to sigma)",
+                others=("epsilon",),
+            )
         if get_factorization(self.factorization).uses_rank and self.rank > self.n_ctx:
-            raise ValueError(f"--rank must be <= --n-ctx ({self.n_ctx}) for {self.factorization}, got {self.rank}")
+            raise ConfigError(
+                "rank",
+                f"rank must be <= n_ctx ({self.n_ctx}) for {self.factorization}, got {self.rank}",
+                others=("n_ctx",),
+            )
         _check_output_clip(self)
         if self.sampling == "poisson" and self.clip_mode == "batch":
-            raise ValueError("--sampling poisson needs --clip-mode sample (batch-mean clipping has no Poisson account)")
+            raise ConfigError(
+                "sampling",
+                "sampling='poisson' needs clip_mode='sample' (batch-mean clipping has no Poisson account)",
+                others=("clip_mode",),
+            )
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -164,10 +166,9 @@ class RunSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.mia, int) or isinstance(self.mia, bool) or self.mia < 0:
-            raise ValueError(f"--mia must be an integer >= 0 (shadow models; 0: no attack), got {self.mia!r}")
+        check_int(self, "mia", low=0, note=" (shadow models; 0: no attack)")
         if self.resume and not self.out:
-            raise ValueError("--resume needs --out FOLDER (the run to continue)")
+            raise ConfigError("resume", "resume needs out, the folder of the run to continue", others=("out",))
 
 
 # Learning rates by clip mode for the embedded model, tuned on the public digits-tune split at epsilon_total 3
@@ -181,36 +182,28 @@ def _default_sampling(clip_mode: str) -> str:
 
 
 def _check_output_clip(cfg: RunConfig) -> None:
-    """--output-clip is a number > 0 or auto; --clip-mode output has one release per step (one noise, no U/V split)."""
+    """output_clip is a number > 0 or auto; clip_mode output has one release per step (one noise, no U/V split)."""
     value = cfg.output_clip
     if isinstance(value, str):
         if value != "auto":
-            raise ValueError(f"--output-clip must be a number > 0 or auto, got {value!r}")
+            raise ConfigError("output_clip", f"output_clip must be a number > 0 or auto, got {value!r}")
     elif isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"--output-clip must be a finite number > 0 or auto, got {value!r}")
+        raise ConfigError("output_clip", f"output_clip must be a finite number > 0 or auto, got {value!r}")
     if cfg.clip_mode != "output":
         return
     for name in ("noise_local", "noise_global"):
         if getattr(cfg, name) is not None:
-            raise ValueError(
-                f"--{_flag(name)} does not apply to --clip-mode output (one release per step protects both prompts); "
-                "use --noise"
+            raise ConfigError(
+                name,
+                f"{name} does not apply to clip_mode='output' (one release per step protects both prompts); use noise",
+                others=("clip_mode", "noise"),
             )
     if cfg.clip_uv != "joint":
-        raise ValueError(
-            "--clip-uv applies to the parameter clip modes; --clip-mode output clips the head's cotangents"
+        raise ConfigError(
+            "clip_uv",
+            "clip_uv applies to the parameter clip modes; clip_mode='output' clips the head's cotangents",
+            others=("clip_mode",),
         )
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def _positive_int(cfg: RunConfig, *names: str) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"--{_flag(name)} must be an integer >= 1, got {value!r}")
 
 
 # The DP-FPL authors' run settings (DESIGN.md): use with real weights and data.

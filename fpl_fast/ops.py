@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fpl_fast import reference, selfcheck
+from fpl_fast.validation import check
 
 __all__ = [
     "has_cpp_ops",
@@ -155,7 +156,7 @@ if _HAS_C:
     def _factorize_fake(l, rank, seed, offset):  # noqa: E741
         x = l if l.dim() == 3 else l.unsqueeze(0)
         top = min(x.shape[1], x.shape[2])
-        reference._check(1 <= rank <= top, f"rank must be in [1, {top}] (min(n_ctx, d)), got {rank}")
+        check(1 <= rank <= top, f"rank must be in [1, {top}] (min(n_ctx, d)), got {rank}")
         u = l.new_empty(*l.shape[:-1], rank)
         v = l.new_empty(*l.shape[:-2], rank, l.shape[-1])
         return u, v, torch.empty_like(l, memory_format=torch.contiguous_format)
@@ -393,7 +394,7 @@ if _HAS_NN_MAP:
 
     @torch.library.register_fake("fpl_fast::nn_map")
     def _nn_map_fake(y, emb, allowed, chunk):
-        reference._check(chunk >= 1, f"chunk must be >= 1 (vocabulary rows per block), got {chunk}")
+        check(chunk >= 1, f"chunk must be >= 1 (vocabulary rows per block), got {chunk}")
         reference._check_dim(y, "y", (2,), "2-D (B, d)")
         return y.new_empty(y.shape[0], dtype=torch.int64)
 

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fpl_fast.validation import check
+
 __all__ = [
     "CLIP_EPS",
     "philox_normal",
@@ -82,17 +84,17 @@ def philox_normal(seed: int, offset: int, numel: int, device: torch.device | str
 
 
 # ----------------------------------------------------------------------------------------------
-# Input checks (the C++ kernels raise the same messages)
+# Input checks (the C++ kernels check the same preconditions, in the same order: csrc/checks.h)
 # ----------------------------------------------------------------------------------------------
 def _check_streams(seed: Sequence[int], offset: Sequence[int], K: int) -> None:
     """One (seed, offset) per client, each in [0, 2^63)."""
     for name, xs in (("seed", seed), ("offset", offset)):
-        _check(
+        check(
             isinstance(xs, (list, tuple)) and len(xs) == K,
             f"{name} must be a list of {K} integers (one stream per client), got {xs!r}",
         )
         for x in xs:
-            _check(
+            check(
                 isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63,
                 f"{name} entries must be integers in [0, 2^63), got {x!r}",
             )
@@ -105,28 +107,23 @@ def _client_normals(seed: Sequence[int], offset: Sequence[int], per_client: int,
     return torch.stack([philox_normal(s, o, per_client, device) for s, o in zip(seed, offset, strict=True)])
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
 def _check_dim(t: Tensor, name: str, dims: tuple[int, ...], what: str) -> None:
-    _check(t.dim() in dims, f"{name} must be {what}, got shape {tuple(t.shape)}")
+    check(t.dim() in dims, f"{name} must be {what}, got shape {tuple(t.shape)}")
 
 
 def _check_same(ref: Tensor, t: Tensor | None, name: str) -> None:
     if t is None:
         return
-    _check(t.device == ref.device, f"{name} must be on {ref.device}, got {t.device}")
-    _check(t.dtype == ref.dtype, f"{name} must have dtype {ref.dtype}, got {t.dtype}")
+    check(t.device == ref.device, f"{name} must be on {ref.device}, got {t.device}")
+    check(t.dtype == ref.dtype, f"{name} must have dtype {ref.dtype}, got {t.dtype}")
 
 
 def _check_hyper(clip_norm: float, noise_multiplier: float) -> None:
-    _check(
+    check(
         not math.isnan(clip_norm) and clip_norm > 0,
         f"clip_norm must be > 0 (inf disables clipping), got {clip_norm}",
     )
-    _check(
+    check(
         math.isfinite(noise_multiplier) and noise_multiplier >= 0,
         f"noise_multiplier must be finite and >= 0, got {noise_multiplier}",
     )
@@ -169,31 +166,31 @@ def lowrank_prompt(
     _check_dim(suffix, "suffix", (3,), "3-D (n_cls, S, d)")
     _check_dim(g, "g", (2, 3), "2-D (n_ctx, d) or 3-D (K, n_ctx, d)")
     n_cls, one, d = prefix.shape
-    _check(one == 1, f"prefix must have one token per class (n_cls, 1, d), got {tuple(prefix.shape)}")
-    _check(
+    check(one == 1, f"prefix must have one token per class (n_cls, 1, d), got {tuple(prefix.shape)}")
+    check(
         suffix.shape[0] == n_cls and suffix.shape[2] == d,
         f"suffix must be ({n_cls}, S, {d}) to match prefix, got {tuple(suffix.shape)}",
     )
     n_ctx = g.shape[-2]
-    _check(g.shape[-1] == d, f"g must have width {d} to match prefix, got {tuple(g.shape)}")
-    _check((u is None) == (v is None), "u and v must be given together or not at all")
+    check(g.shape[-1] == d, f"g must have width {d} to match prefix, got {tuple(g.shape)}")
+    check((u is None) == (v is None), "u and v must be given together or not at all")
     for t, name in ((suffix, "suffix"), (g, "g"), (u, "u"), (v, "v"), (residual, "residual")):
         _check_same(prefix, t, name)
     if u is not None and v is not None:
         _check_dim(u, "u", (2, 3), "2-D (n_ctx, r) or 3-D (K, n_ctx, r)")
         _check_dim(v, "v", (2, 3), "2-D (r, d) or 3-D (K, r, d)")
         r = u.shape[-1]
-        _check(u.shape[-2] == n_ctx, f"u must have {n_ctx} rows (n_ctx), got {tuple(u.shape)}")
-        _check(v.shape[-2:] == (r, d), f"v must be ({r}, {d}) per client, got {tuple(v.shape)}")
+        check(u.shape[-2] == n_ctx, f"u must have {n_ctx} rows (n_ctx), got {tuple(u.shape)}")
+        check(v.shape[-2:] == (r, d), f"v must be ({r}, {d}) per client, got {tuple(v.shape)}")
     if residual is not None:
         _check_dim(residual, "residual", (2, 3), "2-D (n_ctx, d) or 3-D (K, n_ctx, d)")
-        _check(
+        check(
             residual.shape[-2:] == (n_ctx, d),
             f"residual must be ({n_ctx}, {d}) per client, got {tuple(residual.shape)}",
         )
     # A list, not a set: under dynamic shapes the sizes are SymInts, which do not hash.
     leading = [t.shape[0] for t, nd in ((g, 2), (u, 2), (v, 2), (residual, 2)) if _batched(t, nd)]
-    _check(all(k == leading[0] for k in leading), f"client dimensions K disagree across g, u, v, residual: {leading}")
+    check(all(k == leading[0] for k in leading), f"client dimensions K disagree across g, u, v, residual: {leading}")
     batched = len(leading) > 0
     K = leading[0] if batched else 1
 
@@ -233,7 +230,7 @@ def lowrank_prompt_backward(
     """
     _check_dim(grad_out, "grad_out", (3, 4), "3-D (n_cls, L, d) or 4-D (K, n_cls, L, d)")
     go = grad_out if grad_out.dim() == 4 else grad_out.unsqueeze(0)
-    _check(0 <= n_ctx and 1 + n_ctx <= go.shape[2], f"n_ctx must be in [0, {go.shape[2] - 1}], got {n_ctx}")
+    check(0 <= n_ctx and 1 + n_ctx <= go.shape[2], f"n_ctx must be in [0, {go.shape[2] - 1}], got {n_ctx}")
     acc = torch.float64 if go.dtype == torch.float64 else torch.float32
     grad_ctx = go[:, :, 1 : 1 + n_ctx, :].to(acc).sum(dim=1)  # (K, n_ctx, d)
     K = go.shape[0]
@@ -300,20 +297,20 @@ def dp_lowrank_clip_noise(
         ((K, 1, 3) of the batch mean when ``per_sample=False``). K is absent when grad has none.
     """
     _check_hyper(clip_norm, noise_multiplier)
-    _check(
+    check(
         math.isfinite(expected_batch_size) and expected_batch_size >= 0,
         f"expected_batch_size must be finite and >= 0 (0: use b), got {expected_batch_size}",
     )
     plain = 4 if sum_classes else 3
     what = "(b, n_cls, n_ctx, d) or (K, b, n_cls, n_ctx, d)" if sum_classes else "(b, n_ctx, d) or (K, b, n_ctx, d)"
     _check_dim(grad, "grad", (plain, plain + 1), f"{plain}-D or {plain + 1}-D {what}")
-    _check(grad.is_floating_point(), f"grad must be floating point, got {grad.dtype}")
+    check(grad.is_floating_point(), f"grad must be floating point, got {grad.dtype}")
     batched = grad.dim() == plain + 1
     x = grad if batched else grad.unsqueeze(0)
     K, b = x.shape[0], x.shape[1]
     n_ctx, d = x.shape[-2], x.shape[-1]
     _check_streams(seed, offset, K)
-    _check((u is None) == (v is None), "u and v must be given together or not at all")
+    check((u is None) == (v is None), "u and v must be given together or not at all")
     if u is not None and v is not None:
         kd = 3 if batched else 2
         _check_dim(u, "u", (kd,), "3-D (K, n_ctx, r) like grad" if batched else "2-D (n_ctx, r) like grad")
@@ -323,8 +320,8 @@ def dp_lowrank_clip_noise(
         uu = u if batched else u.unsqueeze(0)
         vv = v if batched else v.unsqueeze(0)
         r = uu.shape[-1]
-        _check(uu.shape == (K, n_ctx, r), f"u must be ({K}, {n_ctx}, r) to match grad, got {tuple(u.shape)}")
-        _check(vv.shape == (K, r, d), f"v must be ({K}, {r}, {d}) to match grad and u, got {tuple(v.shape)}")
+        check(uu.shape == (K, n_ctx, r), f"u must be ({K}, {n_ctx}, r) to match grad, got {tuple(u.shape)}")
+        check(vv.shape == (K, r, d), f"v must be ({K}, {r}, {d}) to match grad and u, got {tuple(v.shape)}")
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
     xs = x.to(acc)
     if sum_classes:
@@ -433,44 +430,44 @@ def dp_output_clip_noise(
         release Z (K, n_cls, D) in text_feats' dtype, the unclipped per-example norms ||c_i|| (K, b) float32 and
         the per-example losses l_i (K, b) float32.
     """
-    _check(
+    check(
         math.isfinite(noise_multiplier) and noise_multiplier >= 0,
         f"noise_multiplier must be finite and >= 0, got {noise_multiplier}",
     )
-    _check(math.isfinite(logit_scale) and logit_scale > 0, f"logit_scale must be finite and > 0, got {logit_scale}")
-    _check(math.isfinite(denominator) and denominator > 0, f"denominator must be finite and > 0, got {denominator}")
+    check(math.isfinite(logit_scale) and logit_scale > 0, f"logit_scale must be finite and > 0, got {logit_scale}")
+    check(math.isfinite(denominator) and denominator > 0, f"denominator must be finite and > 0, got {denominator}")
     _check_dim(image_feats, "image_feats", (3,), "3-D (K, b, D)")
     _check_dim(text_feats, "text_feats", (3,), "3-D (K, n_cls, D)")
-    _check(text_feats.is_floating_point(), f"text_feats must be floating point, got {text_feats.dtype}")
+    check(text_feats.is_floating_point(), f"text_feats must be floating point, got {text_feats.dtype}")
     _check_same(text_feats, image_feats, "image_feats")
     K, b, D = image_feats.shape
     n_cls = text_feats.shape[1]
-    _check(
+    check(
         text_feats.shape[0] == K and text_feats.shape[2] == D,
         f"text_feats must be ({K}, n_cls, {D}) to match image_feats, got {tuple(text_feats.shape)}",
     )
-    _check(n_cls >= 1, "text_feats must hold at least one class, got n_cls=0")
-    _check(labels.dtype == torch.int64, f"labels must have dtype torch.int64, got {labels.dtype}")
-    _check(labels.device == text_feats.device, f"labels must be on {text_feats.device}, got {labels.device}")
-    _check(labels.shape == (K, b), f"labels must have shape ({K}, {b}) to match image_feats, got {tuple(labels.shape)}")
+    check(n_cls >= 1, "text_feats must hold at least one class, got n_cls=0")
+    check(labels.dtype == torch.int64, f"labels must have dtype torch.int64, got {labels.dtype}")
+    check(labels.device == text_feats.device, f"labels must be on {text_feats.device}, got {labels.device}")
+    check(labels.shape == (K, b), f"labels must have shape ({K}, {b}) to match image_feats, got {tuple(labels.shape)}")
     if mask is not None:
         _check_same(text_feats, mask, "mask")
-        _check(mask.shape == (K, b), f"mask must have shape ({K}, {b}) to match image_feats, got {tuple(mask.shape)}")
-    _check(clip_norm.dtype == torch.float32, f"clip_norm must have dtype torch.float32, got {clip_norm.dtype}")
-    _check(clip_norm.device == text_feats.device, f"clip_norm must be on {text_feats.device}, got {clip_norm.device}")
-    _check(clip_norm.shape == (K,), f"clip_norm must have shape ({K},) (one per client), got {tuple(clip_norm.shape)}")
+        check(mask.shape == (K, b), f"mask must have shape ({K}, {b}) to match image_feats, got {tuple(mask.shape)}")
+    check(clip_norm.dtype == torch.float32, f"clip_norm must have dtype torch.float32, got {clip_norm.dtype}")
+    check(clip_norm.device == text_feats.device, f"clip_norm must be on {text_feats.device}, got {clip_norm.device}")
+    check(clip_norm.shape == (K,), f"clip_norm must have shape ({K},) (one per client), got {tuple(clip_norm.shape)}")
     _check_streams(seed, offset, K)
     if K and b:
-        _check(
+        check(
             bool(((labels >= 0) & (labels < n_cls)).all()),
             f"labels must lie in [0, {n_cls}) (the classes of text_feats)",
         )
     if K:
-        _check(
+        check(
             bool((~torch.isnan(clip_norm) & (clip_norm > 0)).all()),
             f"clip_norm entries must be > 0 (inf disables clipping), got {clip_norm.tolist()}",
         )
-        _check(
+        check(
             noise_multiplier == 0 or bool(torch.isfinite(clip_norm).all()),
             f"clip_norm entries must be finite when noise_multiplier > 0 (the noise std is sigma C), "
             f"got {clip_norm.tolist()}",
@@ -519,16 +516,16 @@ def lowrank_full_grad(grad_u: Tensor, grad_v: Tensor, u: Tensor, v: Tensor, scal
     Returns:
         (K, n_ctx, d) or (n_ctx, d).
     """
-    _check(math.isfinite(scale), f"scale must be finite, got {scale}")
+    check(math.isfinite(scale), f"scale must be finite, got {scale}")
     _check_dim(u, "u", (2, 3), "2-D (n_ctx, r) or 3-D (K, n_ctx, r)")
     for t, name in ((grad_u, "grad_u"), (grad_v, "grad_v"), (v, "v")):
         _check_dim(t, name, (u.dim(),), f"{u.dim()}-D like u")
         _check_same(u, t, name)
-    _check(grad_u.shape == u.shape, f"grad_u must have u's shape {tuple(u.shape)}, got {tuple(grad_u.shape)}")
+    check(grad_u.shape == u.shape, f"grad_u must have u's shape {tuple(u.shape)}, got {tuple(grad_u.shape)}")
     r = u.shape[-1]
-    _check(v.shape[-2] == r, f"v must have {r} rows (rank of u), got {tuple(v.shape)}")
-    _check(v.shape[:-2] == u.shape[:-2], f"v must have u's client dimension {tuple(u.shape[:-2])}, got {v.shape}")
-    _check(grad_v.shape == v.shape, f"grad_v must have v's shape {tuple(v.shape)}, got {tuple(grad_v.shape)}")
+    check(v.shape[-2] == r, f"v must have {r} rows (rank of u), got {tuple(v.shape)}")
+    check(v.shape[:-2] == u.shape[:-2], f"v must have u's client dimension {tuple(u.shape[:-2])}, got {v.shape}")
+    check(grad_v.shape == v.shape, f"grad_v must have v's shape {tuple(v.shape)}, got {tuple(grad_v.shape)}")
     ut = u.transpose(-1, -2)
     inner = torch.matmul(ut, grad_u)  # (K, r, r)
     out = torch.matmul(grad_u, v) + torch.matmul(u, grad_v) + torch.matmul(u, torch.matmul(inner, v))
@@ -577,11 +574,11 @@ def lowrank_factorize(
         u (K, n_ctx, r), v (K, r, d), residual (K, n_ctx, d), or without K like l.
     """
     _check_dim(l, "l", (2, 3), "2-D (n_ctx, d) or 3-D (K, n_ctx, d)")
-    _check(l.is_floating_point(), f"l must be floating point, got {l.dtype}")
+    check(l.is_floating_point(), f"l must be floating point, got {l.dtype}")
     batched = l.dim() == 3
     x = l if batched else l.unsqueeze(0)
     K, n_ctx, d = x.shape
-    _check(1 <= rank <= min(n_ctx, d), f"rank must be in [1, {min(n_ctx, d)}] (min(n_ctx, d)), got {rank}")
+    check(1 <= rank <= min(n_ctx, d), f"rank must be in [1, {min(n_ctx, d)}] (min(n_ctx, d)), got {rank}")
     _check_streams(seed, offset, K)
     acc = torch.float64 if l.dtype == torch.float64 else torch.float32
     xa = x.to(acc)
@@ -622,22 +619,22 @@ def nn_map(y: Tensor, emb: Tensor, allowed: Tensor | None = None, chunk: int = N
     Raises:
         ValueError: bad shapes, dtypes or devices, chunk < 1, or no allowed id.
     """
-    _check(chunk >= 1, f"chunk must be >= 1 (vocabulary rows per block), got {chunk}")
+    check(chunk >= 1, f"chunk must be >= 1 (vocabulary rows per block), got {chunk}")
     _check_dim(y, "y", (2,), "2-D (B, d)")
     _check_dim(emb, "emb", (2,), "2-D (V, d)")
-    _check(y.is_floating_point(), f"y must be floating point, got {y.dtype}")
+    check(y.is_floating_point(), f"y must be floating point, got {y.dtype}")
     _check_same(y, emb, "emb")
-    _check(emb.shape[1] == y.shape[1], f"emb must have width {y.shape[1]} to match y, got shape {tuple(emb.shape)}")
+    check(emb.shape[1] == y.shape[1], f"emb must have width {y.shape[1]} to match y, got shape {tuple(emb.shape)}")
     V = emb.shape[0]
     if allowed is not None:
-        _check(
+        check(
             allowed.dim() == 1 and allowed.shape[0] == V,
             f"allowed must be 1-D ({V},) like emb's rows, got shape {tuple(allowed.shape)}",
         )
-        _check(allowed.dtype == torch.bool, f"allowed must have dtype torch.bool, got {allowed.dtype}")
-        _check(allowed.device == y.device, f"allowed must be on {y.device}, got {allowed.device}")
+        check(allowed.dtype == torch.bool, f"allowed must have dtype torch.bool, got {allowed.dtype}")
+        check(allowed.device == y.device, f"allowed must be on {y.device}, got {allowed.device}")
     n_allowed = V if allowed is None else int(allowed.sum())
-    _check(n_allowed > 0, f"nn_map needs at least one allowed id, got none of {V}")
+    check(n_allowed > 0, f"nn_map needs at least one allowed id, got none of {V}")
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
     B = y.shape[0]
     ya = y.to(acc)

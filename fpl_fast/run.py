@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from fpl_fast.config import CHOICES, PAPER, RunConfig, RunSettings, load_config_file
+from fpl_fast.validation import ConfigError, flag_message
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
@@ -207,7 +208,7 @@ def method_config_from_args(args: argparse.Namespace):
         raise ValueError(f"--paper and --resume apply to --method dpfpl only, not {args.method}")
     if isinstance(settings.get("pretrained"), str) and settings["pretrained"].lower() == "none":
         settings["pretrained"] = None
-    return mod, mod.Config(**settings)
+    return mod, _build(mod.Config, settings)
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, RunSettings]:
@@ -236,8 +237,16 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, RunSettings]:
     if "norm_thresh" in settings and isinstance(settings["norm_thresh"], str):
         settings["norm_thresh"] = math.inf if settings["norm_thresh"] == "inf" else float(settings["norm_thresh"])
     run_names = {f.name for f in dataclasses.fields(RunSettings)}
-    run = RunSettings(**{k: v for k, v in settings.items() if k in run_names})
-    return RunConfig(**{k: v for k, v in settings.items() if k not in run_names}), run
+    run = _build(RunSettings, {k: v for k, v in settings.items() if k in run_names})
+    return _build(RunConfig, {k: v for k, v in settings.items() if k not in run_names}), run
+
+
+def _build(cls: type, settings: dict[str, Any]):
+    """cls(**settings), its ConfigError worded with flags ("rank must be ..." -> "--rank must be ...")."""
+    try:
+        return cls(**settings)
+    except ConfigError as exc:
+        raise ConfigError(exc.field, flag_message(exc), exc.others) from None
 
 
 def _fail(exc: BaseException) -> int:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from fpl_fast.run import build_parser, config_from_args
+from fpl_fast.config import RunConfig
+from fpl_fast.run import build_parser, config_from_args, method_config_from_args
+from fpl_fast.validation import ConfigError
+
+FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -56,6 +62,47 @@ def test_config_file_then_flags_override(tmp_path: Path) -> None:
     args = build_parser().parse_args(["--config", str(cfg_file), "--rounds", "9"])
     cfg, _ = config_from_args(args)
     assert (cfg.rank, cfg.rounds, cfg.factorization) == (4, 9, "fedpgp")
+
+
+@pytest.mark.parametrize(
+    ("argv", "field", "message"),
+    [
+        (["--rank", "0"], "rank", "--rank must be an integer >= 1, got 0"),
+        (["--rank", "17"], "rank", "--rank must be <= --n-ctx (16) for dpfpl, got 17"),
+        (["--noise-seed", "-1"], "noise_seed", "--noise-seed must be an integer >= 0 (leave it out for secret noise)"),
+        (["--calibration", "paper"], "calibration", "--calibration paper needs --epsilon (the authors' formula"),
+        (["--clip-mode", "batch", "--sampling", "poisson"], "sampling", "--sampling poisson needs --clip-mode sample"),
+        (
+            ["--clip-mode", "output", "--noise-global", "1"],
+            "noise_global",
+            "--noise-global does not apply to --clip-mode output (one release per step protects both prompts); "
+            "use --noise",
+        ),
+        (["--clip-mode", "output", "--clip-uv", "separate"], "clip_uv", "--clip-uv applies to the parameter clip"),
+    ],
+)
+def test_config_errors_name_fields_and_the_cli_names_flags(argv: list[str], field: str, message: str) -> None:
+    """RunConfig's ConfigError names the field; config_from_args rewords the same error with flags."""
+    with pytest.raises(ConfigError) as api:
+        RunConfig(**{k: v for k, v in vars(build_parser().parse_args(argv)).items() if k in FIELDS and v is not None})
+    assert api.value.field == field and str(api.value).startswith(field) and "--" not in str(api.value)
+    with pytest.raises(ConfigError) as cli:
+        config_from_args(build_parser().parse_args(argv))
+    assert cli.value.field == field and str(cli.value).startswith(message), str(cli.value)
+
+
+@pytest.mark.parametrize(
+    ("method", "config", "message"),
+    [
+        ("feddtpt", {"iterations": 0}, "--iterations must be an integer >= 1, got 0"),
+        ("rapt", {"rec_weight": 1.0, "n_plain": 0}, "--n-plain must be >= 1 when --rec-weight > 0"),
+    ],
+)
+def test_method_config_errors_name_flags(tmp_path: Path, method: str, config: dict, message: str) -> None:
+    cfg_file = tmp_path / "method.json"
+    cfg_file.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        method_config_from_args(build_parser().parse_args(["--method", method, "--config", str(cfg_file)]))
 
 
 def test_epsilon_without_noise_flag_calibrates() -> None:

@@ -317,13 +317,13 @@ def test_aggregation_is_deterministic() -> None:
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        ({"rounds": 0}, "--rounds must be an integer >= 1"),
-        ({"server": "avg"}, "--server must be one of"),
-        ({"proposer": "mlm"}, "--proposer must be one of neighbor, random"),
-        ({"partition": "shards"}, "--partition must be one of iid, pathological, dirichlet"),
-        ({"explore": 1.5}, r"--explore must be in \[0, 1\]"),
-        ({"seed_prompt": " "}, "--seed-prompt must be one of"),
-        ({"temperature": 0.0}, "--temperature must be a finite number > 0"),
+        ({"rounds": 0}, "rounds must be an integer >= 1"),
+        ({"server": "avg"}, "server must be one of"),
+        ({"proposer": "mlm"}, "proposer must be one of neighbor, random"),
+        ({"partition": "shards"}, "partition must be one of iid, pathological, dirichlet"),
+        ({"explore": 1.5}, r"explore must be in \[0, 1\]"),
+        ({"seed_prompt": " "}, "seed_prompt must be one of"),
+        ({"temperature": 0.0}, "temperature must be a finite number > 0"),
     ],
 )
 def test_config_rejects_bad_values(changes: dict, match: str) -> None:

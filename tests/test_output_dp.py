@@ -229,7 +229,7 @@ def test_auto_refuses_a_head_it_does_not_hold_for() -> None:
 
 @pytest.mark.parametrize("value", [0.0, -1.0, math.nan, math.inf, "sometimes"])
 def test_bad_output_clip_is_one_clear_error(value) -> None:
-    with pytest.raises(ValueError, match="--output-clip must be"):
+    with pytest.raises(ValueError, match="^output_clip must be"):
         RunConfig(clip_mode="output", output_clip=value)
     if not isinstance(value, str):
         with pytest.raises(ValueError, match="output clip norm must be"):
@@ -237,7 +237,7 @@ def test_bad_output_clip_is_one_clear_error(value) -> None:
 
 
 def test_output_mode_refuses_split_noise_flags() -> None:
-    with pytest.raises(ValueError, match="--noise-local does not apply to --clip-mode output"):
+    with pytest.raises(ValueError, match="^noise_local does not apply to clip_mode='output'"):
         RunConfig(clip_mode="output", noise_local=2.0)
 
 

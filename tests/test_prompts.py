@@ -91,7 +91,7 @@ def test_clients_start_with_the_same_global_prompt_and_different_local_ones() ->
 def test_state_dict_round_trip() -> None:
     a, b = make("fedpgp", seed=1), make("fedpgp", seed=2)
     b.load_state_dict(a.state_dict())
-    assert torch.equal(a.local["u"], b.local["u"]) and torch.equal(a.global_ctx, b.global_ctx)
+    assert torch.equal(a.local["u"], b.local["u"]) and torch.equal(a.client_global, b.client_global)
 
 
 @pytest.mark.parametrize(

@@ -177,8 +177,8 @@ def test_sampling_is_poisson_by_default_and_shuffled_for_batch_clipping():
     assert RunConfig().sampling == "poisson"
     assert RunConfig(clip_mode="batch").sampling == "shuffle"
     assert RunConfig(sampling="shuffle").sampling == "shuffle"
-    with pytest.raises(ValueError, match="--sampling poisson needs --clip-mode sample"):
+    with pytest.raises(ValueError, match="^sampling='poisson' needs clip_mode='sample'"):
         RunConfig(clip_mode="batch", sampling="poisson")
-    with pytest.raises(ValueError, match="--noise-seed must be an integer >= 0"):
+    with pytest.raises(ValueError, match="^noise_seed must be an integer >= 0"):
         RunConfig(noise_seed=-1)
     assert json.loads(json.dumps(RunConfig().to_dict()))["noise_seed"] is None

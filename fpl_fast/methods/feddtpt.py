@@ -42,6 +42,7 @@ from fpl_fast.data.clients import client_split
 from fpl_fast.methods.feddtpt_server import ELBOW_METHODS, SERVER_MODES, aggregate
 from fpl_fast.methods.metrics import local_neighbor
 from fpl_fast.methods.skeleton import run_method
+from fpl_fast.validation import ConfigError, check_choice, check_finite, check_int
 
 __all__ = [
     "CLIENT_MODES",
@@ -162,24 +163,18 @@ class Config:
             "vocab": VOCABS,
         }
         for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{_flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("num_users", "rounds", "batch_size", "iterations", "candidates", "n_max", "min_samples"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"--{_flag(name)} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.public_per_class, int) or self.public_per_class < 0:
-            raise ValueError(f"--public-per-class must be an integer >= 0, got {self.public_per_class!r}")
-        if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"--beta must be a finite number > 0, got {self.beta}")
+            check_choice(self, name, allowed)
+        check_int(self, "num_users", "rounds", "batch_size", "iterations", "candidates", "n_max", "min_samples")
+        check_int(self, "public_per_class", low=0)
+        check_finite(self, "beta")
         if not 0 <= self.explore <= 1:
-            raise ValueError(f"--explore must be in [0, 1], got {self.explore}")
-        if not (math.isfinite(self.position_beta) and self.position_beta >= 0):
-            raise ValueError(f"--position-beta must be a finite number >= 0, got {self.position_beta}")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"--temperature must be a finite number > 0, got {self.temperature}")
+            raise ConfigError("explore", f"explore must be in [0, 1], got {self.explore}")
+        check_finite(self, "position_beta", positive=False)
+        check_finite(self, "temperature")
         if not self.seed_prompt.strip():
-            raise ValueError(f"--seed-prompt must be one of {', '.join(SEED_PROMPTS)} or a non-empty text, got ''")
+            raise ConfigError(
+                "seed_prompt", f"seed_prompt must be one of {', '.join(SEED_PROMPTS)} or a non-empty text, got ''"
+            )
 
     @property
     def seed_text(self) -> str:
@@ -189,10 +184,6 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict."""
         return dataclasses.asdict(self)
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
 
 
 # --------------------------------------------------------------------------------------------------------------

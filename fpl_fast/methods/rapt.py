@@ -40,6 +40,7 @@ from fpl_fast.methods.metrics import local_neighbor
 from fpl_fast.methods.skeleton import run_method
 from fpl_fast.privacy import dchi
 from fpl_fast.privacy.randomness import party_key, randomness_statement
+from fpl_fast.validation import ConfigError, check_choice, check_finite, check_int
 
 __all__ = [
     "Config",
@@ -134,50 +135,36 @@ class Config:
     bayes_mc: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("num_users", "rounds", "local_epochs", "batch_size", "n_prompt", "rec_dim", "calibration_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{_flag(name)} must be an int >= 1, got {value!r}")
-        for name in ("train_size", "test_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < len(TEXT_CLASSNAMES):
-                raise ValueError(
-                    f"--{_flag(name)} must be an int >= {len(TEXT_CLASSNAMES)} (the classes), got {value!r}"
-                )
-        for name in ("n_plain", "rec_vocab", "bayes_mc"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"--{_flag(name)} must be an int >= 0, got {value!r}")
-        if self.partition not in PARTITIONS:
-            raise ValueError(f"--partition must be one of {', '.join(PARTITIONS)}, got {self.partition!r}")
-        if self.task_head not in TASK_HEADS:
-            raise ValueError(f"--task-head must be one of {', '.join(TASK_HEADS)}, got {self.task_head!r}")
+        check_int(
+            self, "num_users", "rounds", "local_epochs", "batch_size", "n_prompt", "rec_dim", "calibration_tokens"
+        )
+        check_int(self, "train_size", "test_size", low=len(TEXT_CLASSNAMES), note=" (the classes)")
+        check_int(self, "n_plain", "rec_vocab", "bayes_mc", low=0)
+        check_choice(self, "partition", PARTITIONS)
+        check_choice(self, "task_head", TASK_HEADS)
         if self.dataset != "topics":
-            raise ValueError(f"--dataset must be topics (the offline text set) for rapt, got {self.dataset!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"--precision must be one of fp32, bf16, got {self.precision!r}")
-        if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"--beta must be a finite number > 0, got {self.beta}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
-        if not (math.isfinite(self.rec_weight) and self.rec_weight >= 0):
-            raise ValueError(f"--rec-weight must be a finite number >= 0, got {self.rec_weight}")
+            raise ConfigError(
+                "dataset", f"dataset must be topics (the offline text set) for rapt, got {self.dataset!r}"
+            )
+        check_choice(self, "precision", ("fp32", "bf16"))
+        check_finite(self, "beta", "lr")
+        check_finite(self, "weight_decay", "rec_weight", positive=False)
         if self.eta is not None and not (self.eta > 0):
-            raise ValueError(f"--eta must be a number > 0 (inf: no noise), got {self.eta}")
+            raise ConfigError("eta", f"eta must be a number > 0 (inf: no noise), got {self.eta}")
         if not 0 < self.target_preservation < 1:
-            raise ValueError(f"--target-preservation must be in (0, 1), got {self.target_preservation}")
+            raise ConfigError(
+                "target_preservation", f"target_preservation must be in (0, 1), got {self.target_preservation}"
+            )
         if self.rec_weight > 0 and self.n_plain == 0:
-            raise ValueError("--n-plain must be >= 1 when --rec-weight > 0 (the reconstruction needs plain tokens)")
+            raise ConfigError(
+                "n_plain",
+                "n_plain must be >= 1 when rec_weight > 0 (the reconstruction needs plain tokens)",
+                others=("rec_weight",),
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict."""
         return dataclasses.asdict(self)
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.privacy_accountant import NeighboringRelation
 from dp_accounting.rdp import RdpAccountant
 
+from fpl_fast.validation import check
+
 __all__ = [
     "AccountantKind",
     "Sampling",
@@ -60,42 +62,37 @@ _NAMES = {"rdp": "dp_accounting.rdp (RDP)", "pld": "dp_accounting.pld (PLD)"}
 PLD_DISCRETIZATION = 1e-4
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
 def _check_kind(kind: str, sampling: str) -> None:
-    _check(kind in _NAMES, f"kind must be 'rdp' or 'pld', got {kind!r}")
+    check(kind in _NAMES, f"kind must be 'rdp' or 'pld', got {kind!r}")
     _check_sampling(sampling)
 
 
 def _check_sampling(sampling: str) -> None:
-    _check(sampling in ("poisson", "shuffle"), f"sampling must be 'poisson' or 'shuffle', got {sampling!r}")
+    check(sampling in ("poisson", "shuffle"), f"sampling must be 'poisson' or 'shuffle', got {sampling!r}")
 
 
 def _check_rate(sample_rate: float) -> None:
-    _check(0 < sample_rate <= 1, f"sample_rate must be in (0, 1], got {sample_rate}")
+    check(0 < sample_rate <= 1, f"sample_rate must be in (0, 1], got {sample_rate}")
 
 
 def _check_delta(delta: float) -> None:
-    _check(0 < delta < 1, f"delta must be in (0, 1), got {delta}")
+    check(0 < delta < 1, f"delta must be in (0, 1), got {delta}")
 
 
 def _check_sigma(noise_multiplier: float) -> None:
-    _check(
+    check(
         math.isfinite(noise_multiplier) and noise_multiplier >= 0,
         f"noise_multiplier must be finite and >= 0, got {noise_multiplier}",
     )
 
 
 def _check_steps(steps: int) -> None:
-    _check(isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps!r}")
+    check(isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps!r}")
 
 
 def make_dp_accountant(kind: AccountantKind) -> RdpAccountant | PLDAccountant:
     """A fresh dp-accounting accountant of the given kind, add/remove-one neighbouring."""
-    _check(kind in _NAMES, f"kind must be 'rdp' or 'pld', got {kind!r}")
+    check(kind in _NAMES, f"kind must be 'rdp' or 'pld', got {kind!r}")
     if kind == "rdp":
         return RdpAccountant(neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
     return PLDAccountant(
@@ -218,7 +215,7 @@ class PrivacyAccountant:
 
     def step(self, n: int = 1) -> None:
         """Count ``n`` more noised steps."""
-        _check(isinstance(n, int) and n >= 0, f"n must be an integer >= 0, got {n!r}")
+        check(isinstance(n, int) and n >= 0, f"n must be an integer >= 0, got {n!r}")
         self._steps += n
 
     def epsilon(self) -> float:
@@ -306,11 +303,11 @@ def calibrate_noise(
             smaller than what the RDP orders can certify at this delta).
     """
     _check_kind(kind, sampling)
-    _check(not math.isnan(target_epsilon) and target_epsilon > 0, f"target_epsilon must be > 0, got {target_epsilon}")
+    check(not math.isnan(target_epsilon) and target_epsilon > 0, f"target_epsilon must be > 0, got {target_epsilon}")
     _check_delta(delta)
     _check_rate(sample_rate)
     _check_steps(steps)
-    _check(math.isfinite(tol) and tol > 0, f"tol must be finite and > 0, got {tol}")
+    check(math.isfinite(tol) and tol > 0, f"tol must be finite and > 0, got {tol}")
     if math.isinf(target_epsilon):
         return 0.0
 
@@ -371,7 +368,7 @@ def paper_noise_multiplier(epsilon: float, delta: float, rounds: int) -> float:
         delta: in (0, 1).
         rounds: >= 1.
     """
-    _check(math.isfinite(epsilon) and epsilon > 0, f"epsilon must be finite and > 0, got {epsilon}")
+    check(math.isfinite(epsilon) and epsilon > 0, f"epsilon must be finite and > 0, got {epsilon}")
     _check_delta(delta)
-    _check(isinstance(rounds, int) and rounds >= 1, f"rounds must be an integer >= 1, got {rounds!r}")
+    check(isinstance(rounds, int) and rounds >= 1, f"rounds must be an integer >= 1, got {rounds!r}")
     return math.sqrt(rounds * math.log(1 / delta)) / epsilon

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from fpl_fast import ops
+from fpl_fast.validation import check
 
 __all__ = [
     "ClipMode",
@@ -50,11 +51,6 @@ __all__ = [
 ClipMode = Literal["sample", "batch"]
 
 _SEED_BOUND = 2**63 - 1  # the ops take int64 seeds and offsets
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,8 +76,8 @@ class NoiseStream:
             seed = generator
         else:
             raise ValueError(f"generator must be a torch.Generator or an int seed, got {type(generator).__name__}")
-        _check(0 <= seed < _SEED_BOUND, f"seed must be in [0, 2^63), got {seed}")
-        _check(isinstance(offset, int) and 0 <= offset < _SEED_BOUND, f"offset must be in [0, 2^63), got {offset}")
+        check(0 <= seed < _SEED_BOUND, f"seed must be in [0, 2^63), got {seed}")
+        check(isinstance(offset, int) and 0 <= offset < _SEED_BOUND, f"offset must be in [0, 2^63), got {offset}")
         self._seed = seed
         self._offset = offset
 
@@ -107,10 +103,10 @@ class NoiseStream:
             numel: normals the next op call draws (``reference.dp_noise_numel`` /
                 ``reference.factorize_noise_numel``; 0 when it draws none).
         """
-        _check(isinstance(numel, int) and numel >= 0, f"numel must be an integer >= 0, got {numel!r}")
+        check(isinstance(numel, int) and numel >= 0, f"numel must be an integer >= 0, got {numel!r}")
         out = (self._seed, self._offset)
         self._offset += self.counters(numel)
-        _check(self._offset < _SEED_BOUND, f"noise stream exhausted at offset {self._offset}")
+        check(self._offset < _SEED_BOUND, f"noise stream exhausted at offset {self._offset}")
         return out
 
     def normal(self, numel: int, device: torch.device | str = "cpu") -> Tensor:
@@ -171,20 +167,20 @@ class LocalDP:
     expected_batch_size: float | None = None
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             not math.isnan(self.clip_norm) and self.clip_norm > 0,
             f"clip_norm must be > 0 (inf disables clipping), got {self.clip_norm}",
         )
-        _check(
+        check(
             math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0,
             f"noise_multiplier must be finite and >= 0, got {self.noise_multiplier}",
         )
-        _check(
+        check(
             self.noise_multiplier == 0 or math.isfinite(self.clip_norm),
             f"clip_norm must be finite when noise_multiplier > 0 (the noise std is sigma C), got {self.clip_norm}",
         )
-        _check(self.clip_mode in ("sample", "batch"), f"clip_mode must be 'sample' or 'batch', got {self.clip_mode!r}")
-        _check(
+        check(self.clip_mode in ("sample", "batch"), f"clip_mode must be 'sample' or 'batch', got {self.clip_mode!r}")
+        check(
             self.expected_batch_size is None
             or (math.isfinite(self.expected_batch_size) and self.expected_batch_size > 0),
             f"expected_batch_size must be None or finite and > 0, got {self.expected_batch_size}",
@@ -252,9 +248,9 @@ def privatize_local(
     Returns:
         A :class:`LocalDPResult` (without K when grad_ctx has none).
     """
-    _check((u is None) == (v is None), "u and v must be given together or not at all")
+    check((u is None) == (v is None), "u and v must be given together or not at all")
     plain = 4 if sum_classes else 3
-    _check(
+    check(
         grad_ctx.dim() in (plain, plain + 1),
         f"grad_ctx must be {plain}-D or {plain + 1}-D (K first) with sum_classes={sum_classes}, "
         f"got shape {tuple(grad_ctx.shape)}",
@@ -266,13 +262,13 @@ def privatize_local(
     if cfg.expected_batch_size is not None:
         denom = float(cfg.expected_batch_size)
     elif batch_size is not None:
-        _check(math.isfinite(batch_size) and batch_size > 0, f"batch_size must be finite and > 0, got {batch_size}")
+        check(math.isfinite(batch_size) and batch_size > 0, f"batch_size must be finite and > 0, got {batch_size}")
         denom = float(batch_size)
     else:
         denom = float(max(b_dim, 1))
     if isinstance(streams, NoiseStream):
         streams = [streams]
-    _check(
+    check(
         len(streams) == K,
         f"streams must hold one noise stream per client ({K}), got {len(streams)}",
     )
@@ -315,10 +311,10 @@ def privatize_local(
 
 def _sensitivity_factor(clip_mode: str, batch_size: float | None) -> float:
     """How many C's one example can move the clipped release, in units of the noise's b."""
-    _check(clip_mode in ("sample", "batch"), f"clip_mode must be 'sample' or 'batch', got {clip_mode!r}")
+    check(clip_mode in ("sample", "batch"), f"clip_mode must be 'sample' or 'batch', got {clip_mode!r}")
     if clip_mode == "sample":
         return 1.0
-    _check(
+    check(
         batch_size is not None and math.isfinite(batch_size) and batch_size > 0,
         f"batch clip_mode needs the batch size (finite and > 0) to state its guarantee, got {batch_size}",
     )
@@ -361,7 +357,7 @@ def global_accountant_noise_multiplier(
     Per-sample mode: one example moves the server's mean by <= C / (b K) and the noise std is
     sigma_g C / (b K): sigma_g. Batch mode: it moves it by <= 2 C / K: sigma_g / (2 b).
     """
-    _check(
+    check(
         math.isfinite(noise_multiplier) and noise_multiplier >= 0,
         f"noise_multiplier must be finite and >= 0, got {noise_multiplier}",
     )
@@ -377,9 +373,9 @@ def combined_noise_multiplier(*multipliers: float) -> float:
     observer of both the local and the global prompt learns: composing them as two independently sampled event
     sequences would understate epsilon.
     """
-    _check(len(multipliers) >= 1, "combined_noise_multiplier needs at least one multiplier")
+    check(len(multipliers) >= 1, "combined_noise_multiplier needs at least one multiplier")
     for m in multipliers:
-        _check(math.isfinite(m) and m >= 0, f"noise multipliers must be finite and >= 0, got {m}")
+        check(math.isfinite(m) and m >= 0, f"noise multipliers must be finite and >= 0, got {m}")
     if any(m == 0 for m in multipliers):
         return 0.0
     return sum(m**-2 for m in multipliers) ** -0.5
@@ -413,17 +409,17 @@ def server_aggregate_global(
     Returns:
         (n_ctx, d) noisy average, in client_grads' dtype.
     """
-    _check(client_grads.dim() == 3, f"client_grads must be 3-D (K, n_ctx, d), got shape {tuple(client_grads.shape)}")
-    _check(client_grads.shape[0] >= 1, "client_grads must hold at least one client, got K=0")
-    _check(
+    check(client_grads.dim() == 3, f"client_grads must be 3-D (K, n_ctx, d), got shape {tuple(client_grads.shape)}")
+    check(client_grads.shape[0] >= 1, "client_grads must hold at least one client, got K=0")
+    check(
         math.isfinite(clip_norm) and clip_norm > 0,
         f"clip_norm must be finite and > 0 for server noise, got {clip_norm}",
     )
-    _check(
+    check(
         math.isfinite(noise_multiplier) and noise_multiplier >= 0,
         f"noise_multiplier must be finite and >= 0, got {noise_multiplier}",
     )
-    _check(math.isfinite(batch_size) and batch_size > 0, f"batch_size must be finite and > 0, got {batch_size}")
+    check(math.isfinite(batch_size) and batch_size > 0, f"batch_size must be finite and > 0, got {batch_size}")
     K = client_grads.shape[0]
     mean = client_grads.mean(dim=0)  # (n_ctx, d)
     if noise_multiplier == 0:
@@ -441,7 +437,7 @@ OUTPUT_HEADS = ("cosine",)
 
 
 def _check_auto_head(head: str) -> None:
-    _check(
+    check(
         head in OUTPUT_HEADS,
         f"--output-clip auto holds only for the cosine-similarity cross-entropy head with normalised image "
         f"features (bound sqrt(2) s / min_c ||T_c||), got head {head!r}; give a number for --output-clip",
@@ -465,9 +461,9 @@ def output_clip_bound(text_feats: Tensor, logit_scale: float, *, head: str = "co
         (K,) float32 bounds.
     """
     _check_auto_head(head)
-    _check(text_feats.dim() == 3, f"text_feats must be 3-D (K, n_cls, D), got shape {tuple(text_feats.shape)}")
+    check(text_feats.dim() == 3, f"text_feats must be 3-D (K, n_cls, D), got shape {tuple(text_feats.shape)}")
     smallest = text_feats.float().norm(dim=-1).amin(dim=-1)  # (K,)
-    _check(
+    check(
         bool((smallest > ops.NORM_EPS).all()) and bool(torch.isfinite(smallest).all()),
         "--output-clip auto needs every class text feature to have a finite, non-zero norm; give a number",
     )
@@ -492,18 +488,18 @@ class OutputDP:
 
     def __post_init__(self) -> None:
         if isinstance(self.clip_norm, str):
-            _check(self.clip_norm == "auto", f"output clip norm must be a number > 0 or 'auto', got {self.clip_norm!r}")
+            check(self.clip_norm == "auto", f"output clip norm must be a number > 0 or 'auto', got {self.clip_norm!r}")
             _check_auto_head(self.head)
         else:
-            _check(
+            check(
                 math.isfinite(self.clip_norm) and self.clip_norm > 0,
                 f"output clip norm must be a finite number > 0 or 'auto', got {self.clip_norm}",
             )
-        _check(
+        check(
             math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0,
             f"noise_multiplier must be finite and >= 0, got {self.noise_multiplier}",
         )
-        _check(
+        check(
             math.isfinite(self.denominator) and self.denominator > 0,
             f"denominator must be finite and > 0, got {self.denominator}",
         )
@@ -553,7 +549,7 @@ def privatize_output(
         streams: one noise stream per client.
     """
     K, n_cls, D = text_feats.shape
-    _check(len(streams) == K, f"streams must hold one noise stream per client ({K}), got {len(streams)}")
+    check(len(streams) == K, f"streams must hold one noise stream per client ({K}), got {len(streams)}")
     if cfg.clip_norm == "auto":
         clip = output_clip_bound(text_feats, logit_scale, head=cfg.head).to(text_feats.device)
     else:

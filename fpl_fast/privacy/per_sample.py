@@ -24,14 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad_and_value, vjp, vmap
 
+from fpl_fast.validation import check
+
 __all__ = ["per_sample_prompt_grads", "per_sample_prompt_grads_from", "logit_cotangents", "batch_prompt_grad"]
 
 TextFn = Callable[[Tensor], Tensor]
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
 
 
 def per_sample_prompt_grads(
@@ -73,8 +70,8 @@ def per_sample_prompt_grads(
         (b, N, L, d) per-sample gradients (L replaced by the length of ``positions`` when given),
         in the dtype of ``prompts``.
     """
-    _check(prompts.dim() == 3, f"prompts must be 3-D (N, L, d), got shape {tuple(prompts.shape)}")
-    _check(cotangents.dim() == 3, f"cotangents must be 3-D (b, N, D), got shape {tuple(cotangents.shape)}")
+    check(prompts.dim() == 3, f"prompts must be 3-D (N, L, d), got shape {tuple(prompts.shape)}")
+    check(cotangents.dim() == 3, f"cotangents must be 3-D (b, N, D), got shape {tuple(cotangents.shape)}")
     grads, _ = per_sample_prompt_grads_from(
         text_fn, prompts, lambda feats: (cotangents, None), chunk_size=chunk_size, positions=positions
     )
@@ -95,12 +92,12 @@ def per_sample_prompt_grads_from(
     typically via :func:`logit_cotangents`; the encoder then runs forward once per step instead of
     twice (once to get T for the cotangents, once inside the vjp). Returns ``(grads, aux)``.
     """
-    _check(prompts.dim() == 3, f"prompts must be 3-D (N, L, d), got shape {tuple(prompts.shape)}")
-    _check(chunk_size is None or chunk_size >= 1, f"chunk_size must be None (all samples) or >= 1, got {chunk_size}")
+    check(prompts.dim() == 3, f"prompts must be 3-D (N, L, d), got shape {tuple(prompts.shape)}")
+    check(chunk_size is None or chunk_size >= 1, f"chunk_size must be None (all samples) or >= 1, got {chunk_size}")
     feats, vjp_fn = vjp(text_fn, prompts)  # feats (N, D)
     cotangents, aux = head(feats)
-    _check(cotangents.dim() == 3, f"cotangents must be 3-D (b, N, D), got shape {tuple(cotangents.shape)}")
-    _check(
+    check(cotangents.dim() == 3, f"cotangents must be 3-D (b, N, D), got shape {tuple(cotangents.shape)}")
+    check(
         cotangents.shape[1:] == feats.shape,
         f"cotangents must be (b, {feats.shape[0]}, {feats.shape[1]}) to match text_fn(prompts), "
         f"got {tuple(cotangents.shape)}",
@@ -124,22 +121,22 @@ def _ce_cosine(text: Tensor, img: Tensor, label: Tensor, logit_scale: Tensor) ->
 
 def _check_head(image_feats: Tensor, text_feats: Tensor, labels: Tensor) -> bool:
     """Validate the logit-head inputs; True for the client-batched form."""
-    _check(text_feats.dim() in (2, 3), f"text_feats must be (n_cls, D) or (K, n_cls, D), got {tuple(text_feats.shape)}")
+    check(text_feats.dim() in (2, 3), f"text_feats must be (n_cls, D) or (K, n_cls, D), got {tuple(text_feats.shape)}")
     batched = text_feats.dim() == 3
     want = 3 if batched else 2
     what = "(K, b, D) like text_feats (K, n_cls, D)" if batched else "(b, D) like text_feats (n_cls, D)"
-    _check(image_feats.dim() == want, f"image_feats must be {what}, got shape {tuple(image_feats.shape)}")
-    _check(
+    check(image_feats.dim() == want, f"image_feats must be {what}, got shape {tuple(image_feats.shape)}")
+    check(
         labels.shape == image_feats.shape[:-1],
         f"labels must have shape {tuple(image_feats.shape[:-1])} to match image_feats, got {tuple(labels.shape)}",
     )
-    _check(
+    check(
         image_feats.shape[-1] == text_feats.shape[-1],
         f"image_feats and text_feats must share the feature width, got {image_feats.shape[-1]} "
         f"and {text_feats.shape[-1]}",
     )
     if batched:
-        _check(
+        check(
             image_feats.shape[0] == text_feats.shape[0],
             f"image_feats and text_feats must have the same K, got {image_feats.shape[0]} and {text_feats.shape[0]}",
         )
@@ -212,13 +209,13 @@ def batch_prompt_grad(
         the gradient (N, L, d) (L replaced by the length of ``positions`` when given) and the
         detached per-sample losses (b,) or (K, b).
     """
-    _check(prompts.dim() == 3, f"prompts must be 3-D (N, L, d), got shape {tuple(prompts.shape)}")
+    check(prompts.dim() == 3, f"prompts must be 3-D (N, L, d), got shape {tuple(prompts.shape)}")
     with torch.enable_grad():
         x = prompts.detach().requires_grad_(True)
         feats = text_fn(x)  # (N, D)
         if image_feats.dim() == 3:
             K = image_feats.shape[0]
-            _check(
+            check(
                 feats.shape[0] % K == 0,
                 f"prompts must stack K={K} clients' class prompts (N divisible by K), got N={feats.shape[0]}",
             )

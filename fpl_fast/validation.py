@@ -1,0 +1,89 @@
+"""Input validation shared by the package: one ``check``, the config checks, and the CLI's flag wording.
+
+``check(cond, msg)`` raises ValueError (the ops, the privacy code). Config dataclasses raise :class:`ConfigError`,
+a ValueError that names the field it is about (``"rank must be an integer >= 1, got 0"``); the CLI rewords it with
+:func:`flag_message` (``"--rank must be an integer >= 1, got 0"``).
+
+The wording rule: a ConfigError's message starts with its field, and every other field it names is listed in
+``others``. The CLI turns each of those names, where it stands as a word, into its flag (``n_ctx`` -> ``--n-ctx``)
+and ``name='value'`` into ``--flag value``; nothing else in the message changes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "check",
+    "check_choice",
+    "check_finite",
+    "check_int",
+    "flag",
+    "flag_message",
+    "is_int",
+]
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. ``field``: the field the message starts with (or None); ``others``: the other
+    fields the message names."""
+
+    def __init__(self, field: str | None, msg: str, others: Iterable[str] = ()) -> None:
+        super().__init__(msg)
+        self.field = field
+        self.others = tuple(others)
+
+
+def check(cond: bool, msg: str) -> None:
+    """Raise ValueError(msg) unless cond."""
+    if not cond:
+        raise ValueError(msg)
+
+
+def is_int(value: Any) -> bool:
+    """An int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(cfg: Any, *names: str, low: int = 1, note: str = "") -> None:
+    """Each field is an integer >= low (``note``: an explanation after the bound)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not is_int(value) or value < low:
+            raise ConfigError(name, f"{name} must be an integer >= {low}{note}, got {value!r}")
+
+
+def check_choice(cfg: Any, name: str, allowed: Iterable[str]) -> None:
+    """The field is one of allowed."""
+    allowed = tuple(allowed)
+    value = getattr(cfg, name)
+    if value not in allowed:
+        raise ConfigError(name, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def check_finite(cfg: Any, *names: str, positive: bool = True) -> None:
+    """Each field is a finite number > 0 (positive) or >= 0."""
+    for name in names:
+        value = getattr(cfg, name)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not (ok and (value > 0 if positive else value >= 0)):
+            raise ConfigError(name, f"{name} must be a finite number {'>' if positive else '>='} 0, got {value}")
+
+
+def flag(name: str) -> str:
+    """The CLI flag of a field: n_ctx -> --n-ctx."""
+    return "--" + name.replace("_", "-")
+
+
+def flag_message(exc: ConfigError) -> str:
+    """The message of exc with its fields spelled as CLI flags (see the module docstring)."""
+    msg = str(exc)
+    names = [n for n in (exc.field, *exc.others) if n]
+    for name in sorted(set(names), key=len, reverse=True):  # longest first: noise_local before noise
+        pattern = rf"(?<![\w\-']){re.escape(name)}(?:='([^']*)')?(?![\w\-])"
+        msg = re.sub(pattern, lambda m, n=name: flag(n) + (f" {m.group(1)}" if m.group(1) is not None else ""), msg)
+    return msg
