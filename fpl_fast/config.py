@@ -11,20 +11,24 @@ import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from fpl_fast.prompts import factorization_names, get_factorization
 from fpl_fast.validation import ConfigError, check_choice, check_finite, check_int
 
 __all__ = ["RunConfig", "RunSettings", "PAPER", "CHOICES", "DEFAULT_LR", "load_config_file"]
 
+ClipModeName = Literal["sample", "batch", "output"]
+AccountantName = Literal["rdp", "pld"]
+SamplingName = Literal["poisson", "shuffle"]
+
 # Fixed choices of the enumerated settings (the factorisation's are the registry's: factorization_names()).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "clip_mode": ("sample", "batch", "output"),
+    "clip_mode": get_args(ClipModeName),
     "clip_uv": ("joint", "separate"),
     "calibration": ("accountant", "paper"),
-    "accountant": ("rdp", "pld"),
-    "sampling": ("poisson", "shuffle"),
+    "accountant": get_args(AccountantName),
+    "sampling": get_args(SamplingName),
     "calibrate_for": ("total", "each"),
     "sync": ("step", "round"),
     "partition": ("iid", "pathological", "dirichlet"),
@@ -49,13 +53,13 @@ class RunConfig:
     epsilon: float | None = None  # target epsilon: calibrate sigma instead of --noise
     delta: float = 1e-5
     norm_thresh: float = 0.3  # clip norm C (tuned for the embedded model, bench/study_output_dp.py; authors: 10)
-    clip_mode: str = "sample"
+    clip_mode: ClipModeName = "sample"
     output_clip: float | str = 0.1  # --clip-mode output: C_o on each example's cotangent dl/dT (tuned), or "auto"
     clip_uv: str = "joint"
     calibration: str = "accountant"
     calibrate_for: str = "total"  # --epsilon bounds epsilon_total (both releases) or each release on its own
-    accountant: str = "rdp"
-    sampling: str | None = None  # None: poisson, or shuffle with --clip-mode batch (no Poisson account there)
+    accountant: AccountantName = "rdp"
+    sampling: SamplingName | None = None  # None: poisson, or shuffle with --clip-mode batch (no Poisson account there)
     # federation
     num_users: int = 10
     rounds: int = 20
@@ -133,6 +137,18 @@ class RunConfig:
 
     # ------------------------------------------------------------------------------------------
     @property
+    def sampling_scheme(self) -> SamplingName:
+        """The sampling in force (a ``sampling`` left None is filled from the clip mode)."""
+        assert self.sampling is not None
+        return self.sampling
+
+    @property
+    def learning_rate(self) -> float:
+        """The SGD learning rate in force (an ``lr`` left None is the clip mode's default)."""
+        assert self.lr is not None
+        return float(self.lr)
+
+    @property
     def dp_enabled(self) -> bool:
         """Whether any noise is added (calibrated or given)."""
         return self.epsilon is not None or any((x or 0) > 0 for x in (self.noise, self.noise_local, self.noise_global))
@@ -176,7 +192,7 @@ class RunSettings:
 DEFAULT_LR = {"sample": 0.03, "output": 3.0, "batch": 0.1}
 
 
-def _default_sampling(clip_mode: str) -> str:
+def _default_sampling(clip_mode: str) -> SamplingName:
     """Poisson sampling (what the accountant assumes), except for batch-mean clipping, which has no Poisson account."""
     return "shuffle" if clip_mode == "batch" else "poisson"
 

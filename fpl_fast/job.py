@@ -65,7 +65,7 @@ class Result:
         return float(self.final["epsilon_total"])
 
 
-def _as_config(config: RunConfig | dict[str, Any] | None, cls: type) -> Any:
+def _as_config(config: Any, cls: type) -> Any:
     if config is None:
         return cls()
     if isinstance(config, cls):
@@ -138,7 +138,7 @@ def _run(
         if classnames is None:
             raise ValueError("features needs classnames (class names in label order)")
         data, names = features, list(classnames)
-        _check_clients(data.train_idx, cfg)
+        _check_clients(data, cfg)
     else:
         names, data = _encode(cfg, backbone, dataset)
     pool = shadow_pool(cfg, backbone) if run.mia else None  # before training: a missing val split fails at once
@@ -178,10 +178,12 @@ def dataset_labels(dataset: Any) -> np.ndarray:
     return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])
 
 
-def _check_clients(train_idx: list[np.ndarray], cfg: RunConfig) -> None:
-    if len(train_idx) != cfg.num_users:
-        raise ValueError(f"the client split has {len(train_idx)} clients but num_users is {cfg.num_users}")
-    for k, ix in enumerate(train_idx):
+def _check_clients(data: ClientData, cfg: RunConfig) -> None:
+    for name in ("train_idx", "test_idx"):
+        n = len(getattr(data, name))
+        if n != cfg.num_users:
+            raise ValueError(f"the client split has {n} clients in {name} but num_users is {cfg.num_users}")
+    for k, ix in enumerate(data.train_idx):
         if len(ix) == 0:
             raise ValueError(
                 f"client {k} received no training examples with --partition {cfg.partition}"
@@ -220,5 +222,5 @@ def _encode(cfg: RunConfig, backbone: Backbone, dataset: DatasetBundle | None) -
         test_idx=[np.asarray(ix) for ix in split.test],
         augment_fn=augment_fn,
     )
-    _check_clients(data.train_idx, cfg)
+    _check_clients(data, cfg)
     return list(ds.classnames), data

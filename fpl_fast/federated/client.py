@@ -169,9 +169,9 @@ class Clients:
             for ix, r in zip(data.train_idx, self.rand, strict=True)
         ]
         self.accountants = [ClientAccountant(cfg, plan, s.sample_rate) for s in self.samplers]
-        self.opt_local = ClientSGD(learner.local, lr=cfg.lr, momentum=cfg.momentum)
+        self.opt_local = ClientSGD(learner.local, lr=cfg.learning_rate, momentum=cfg.momentum)
         # sync="round": each client runs DP-SGD on its own copy of G.
-        self.opt_global = ClientSGD({"g": learner.client_global}, lr=cfg.lr, momentum=cfg.momentum)
+        self.opt_global = ClientSGD({"g": learner.client_global}, lr=cfg.learning_rate, momentum=cfg.momentum)
 
     # ------------------------------------------------------------------------------------------
     @property

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fpl_fast import results as io
+from fpl_fast.backbone_protocol import Backbone
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.client import sample_rates, steps_per_round
 from fpl_fast.federated.simulation import ClientData, Federation, StepStats
@@ -50,7 +51,7 @@ def default_out_dir() -> Path:
 
 
 def build_federation(
-    cfg: RunConfig, backbone, classnames: list[str], data: ClientData
+    cfg: RunConfig, backbone: Backbone, classnames: list[str], data: ClientData
 ) -> tuple[Federation, NoisePlan, list[float]]:
     """A fresh Federation with its noise in force, the noise plan and each client's sampling rate.
 
@@ -84,7 +85,13 @@ def progress_bar(total: int, *, desc: str, enabled: bool) -> tqdm:
 
 
 def train_federation(
-    cfg: RunConfig, backbone, classnames: list[str], data: ClientData, *, progress: bool = True, desc: str = "fpl_fast"
+    cfg: RunConfig,
+    backbone: Backbone,
+    classnames: list[str],
+    data: ClientData,
+    *,
+    progress: bool = True,
+    desc: str = "fpl_fast",
 ) -> Federation:
     """Train ``cfg.rounds`` rounds exactly as :func:`run_job` does, without evaluating or writing anything
     (shadow models of the membership-inference attack)."""
@@ -96,7 +103,9 @@ def train_federation(
     return fed
 
 
-def load_federation(cfg: RunConfig, backbone, classnames: list[str], data: ClientData, out: Path) -> Federation:
+def load_federation(
+    cfg: RunConfig, backbone: Backbone, classnames: list[str], data: ClientData, out: Path
+) -> Federation:
     """The Federation of the run in ``out`` in the state of its last checkpoint (a finished run: the final one)."""
     ckpt = io.load_checkpoint(out)
     if ckpt is None:
@@ -113,7 +122,7 @@ def _training_config(cfg: RunConfig) -> dict[str, Any]:
     return cfg.to_dict()
 
 
-def _zero_shot(backbone, classnames: list[str], data: ClientData) -> float:
+def _zero_shot(backbone: Backbone, classnames: list[str], data: ClientData) -> float:
     with torch.no_grad():
         w = backbone.zero_shot_weights(classnames, ZERO_SHOT_TEMPLATE).float()
         x = F.normalize(data.test_feats, dim=-1).to(w.device)
@@ -160,14 +169,16 @@ def divergence_guard(fed: Federation, start_round: int, out: Path, *, bar: tqdm 
     return check
 
 
-def run_job(cfg: RunConfig, backbone, classnames: list[str], data: ClientData, **kwargs: Any) -> dict[str, Any]:
+def run_job(
+    cfg: RunConfig, backbone: Backbone, classnames: list[str], data: ClientData, **kwargs: Any
+) -> dict[str, Any]:
     """:func:`run_federation` without the trained federation: the results dict."""
     return run_federation(cfg, backbone, classnames, data, **kwargs)[0]
 
 
 def run_federation(
     cfg: RunConfig,
-    backbone,
+    backbone: Backbone,
     classnames: list[str],
     data: ClientData,
     *,
@@ -258,7 +269,7 @@ def run_federation(
         noise_multiplier=max(plan.accountant_global, 1e-9),
         sample_rate=max(qs),
         delta=cfg.delta,
-        sampling=cfg.sampling,
+        sampling=cfg.sampling_scheme,
     )  # only for its name and its statement of the sampling approximation
     final = {
         "local_acc": last_eval["local_acc"],

@@ -33,7 +33,7 @@ class Server:
         self.noise_multiplier = noise_multiplier
         self.rand = PartyRandomness.create("server", cfg.noise_seed)  # secret unless --noise-seed
         self._g = global_ctx[None].clone()  # one row: the server is a client-indexed SGD of one
-        self.opt = ClientSGD({"g": self._g}, lr=cfg.lr, momentum=cfg.momentum)
+        self.opt = ClientSGD({"g": self._g}, lr=cfg.learning_rate, momentum=cfg.momentum)
         self._row = torch.zeros(1, dtype=torch.long, device=global_ctx.device)
 
     @property

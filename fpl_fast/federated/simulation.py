@@ -9,21 +9,17 @@ Local prompts never leave their client's rows; only G (or its gradient) is aggre
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 from torch import Tensor
 
+from fpl_fast.backbone_protocol import Backbone
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.client import ClientData, Clients, StepStats, sample_rates, steps_per_round
 from fpl_fast.federated.server import Server
 from fpl_fast.federated.text import ClassPrompts
 from fpl_fast.privacy.plan import NoisePlan
 from fpl_fast.prompts import PromptConfig, PromptLearner
-
-if TYPE_CHECKING:
-    from fpl_fast.backbone import Backbone
 
 __all__ = ["ClientData", "Federation", "StepStats"]
 

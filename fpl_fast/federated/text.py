@@ -6,15 +6,11 @@ causal tower reads, and every client's prompts go through the encoder in one cal
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch.nn.functional as F
 from torch import Tensor
 
 from fpl_fast import ops
-
-if TYPE_CHECKING:
-    from fpl_fast.backbone import Backbone
+from fpl_fast.backbone_protocol import Backbone
 
 __all__ = ["ClassPrompts"]
 

@@ -12,7 +12,7 @@ import functools
 import math
 from dataclasses import dataclass
 
-from fpl_fast.config import RunConfig
+from fpl_fast.config import AccountantName, RunConfig, SamplingName
 from fpl_fast.privacy.accountant import calibrate_noise, epsilon_for, paper_noise_multiplier
 from fpl_fast.privacy.mechanism import (
     LocalDP,
@@ -103,7 +103,7 @@ def plan_noise(cfg: RunConfig, *, sample_rate: float, steps: int) -> NoisePlan:
             "the epsilon reported is the accountant's for that sigma"
         )
     else:
-        need = calibrate_noise(cfg.epsilon, cfg.delta, sample_rate, steps, cfg.accountant, cfg.sampling)
+        need = calibrate_noise(cfg.epsilon, cfg.delta, sample_rate, steps, cfg.accountant, cfg.sampling_scheme)
         # Invert the sensitivity mapping: the accountant needs multiplier `need` after it. All multipliers
         # scale linearly with sigma, so for the total one sigma = need / (the total at sigma 1).
         scale_l, scale_g = _accountant_multipliers(cfg, 1.0, 1.0)
@@ -138,7 +138,9 @@ class Epsilons:
 
 
 @functools.lru_cache(maxsize=4096)
-def _epsilon(multiplier: float, q: float, steps: int, delta: float, accountant: str, sampling: str) -> float:
+def _epsilon(
+    multiplier: float, q: float, steps: int, delta: float, accountant: AccountantName, sampling: SamplingName
+) -> float:
     if steps == 0:
         return 0.0
     if multiplier <= 0:
@@ -153,7 +155,7 @@ class ClientAccountant:
     def __init__(self, cfg: RunConfig, plan: NoisePlan, sample_rate: float) -> None:
         self.plan = plan
         self.sample_rate = sample_rate
-        self.delta, self.accountant, self.sampling = cfg.delta, cfg.accountant, str(cfg.sampling)
+        self.delta, self.accountant, self.sampling = cfg.delta, cfg.accountant, cfg.sampling_scheme
         self.has_local = get_factorization(cfg.factorization).has_local
         self.steps = 0
 

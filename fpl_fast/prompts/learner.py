@@ -125,7 +125,9 @@ class PromptLearner:
         cast = lambda t: None if t is None else t.to(prefix.dtype)  # noqa: E731
         return ops.lowrank_prompt(prefix, suffix, g, cast(factors.u), cast(factors.v), cast(factors.residual))
 
-    def local_update_direction(self, factors: StepFactors, grad_local_a: Tensor, grad_local_b: Tensor) -> dict:
+    def local_update_direction(
+        self, factors: StepFactors, grad_local_a: Tensor | None, grad_local_b: Tensor | None
+    ) -> dict[str, Tensor]:
         """Map the privatised local gradients (the first two outputs of the privatisation: (g_U, g_V), or
         (g_L, empty) without u, v) to gradients of the stored local parameters."""
         return self.scheme.local_update(factors, grad_local_a, grad_local_b, full_grad_scale=self.cfg.full_grad_scale)

@@ -59,10 +59,13 @@ class Factorization:
         """This step's factors of the given clients (random ones draw from client j's stream seed[j], offset[j])."""
         return StepFactors(None, None, None)
 
-    def local_update(self, factors: StepFactors, grad_a: Tensor, grad_b: Tensor, *, full_grad_scale: float) -> dict:
+    def local_update(
+        self, factors: StepFactors, grad_a: Tensor | None, grad_b: Tensor | None, *, full_grad_scale: float
+    ) -> dict[str, Tensor]:
         """Map the privatised local gradients to gradients of the stored parameters (name -> (K_a, ...)).
 
-        grad_a / grad_b: (g_U, g_V) when ``clips_factors``, else (g_ctx_local, empty).
+        grad_a / grad_b: (g_U, g_V) when ``clips_factors``, else (g_ctx_local, None); both None without a local
+        release.
         """
         return {}
 

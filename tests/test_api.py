@@ -1,0 +1,127 @@
+"""The public Python API: the README's example runs as written; the data seams; the registry; errors name fields."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fpl_fast
+from fpl_fast.prompts import Factorization, StepFactors, factorization_names, get_factorization, register
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_example() -> str:
+    text = README.read_text()
+    section = text[text.index("## Python API") :]
+    return re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs_with_its_own_dataset_and_factorization(tmp_path, monkeypatch, capsys) -> None:
+    code = _readme_example()
+    assert len([line for line in code.splitlines() if line.strip()]) < 30  # "in under 30 lines"
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md (Python API)", "exec"), scope)
+    result = scope["result"]
+    assert result.method == "dpfpl" and result.config["factorization"] == "halved"
+    assert 0.1 < result.local_acc <= 1 and 0 <= result.neighbor_acc <= 1  # above chance (0.1) on 10 classes
+    assert math.isfinite(result.epsilon) and result.epsilon > 0 and len(result.rounds) == 3
+    assert set(result.federation.learner.local) == {"l"}  # the custom factorisation's parameters were trained
+    assert (tmp_path / "runs" / "api-demo" / "results.json").is_file()
+    assert "local " in capsys.readouterr().out
+
+
+class _Frozen(Factorization):
+    """A toy whose local prompt is a fixed offset that never trains (nothing local is released)."""
+
+    name = "frozen-offset"
+    has_local = False
+
+    def init_local(self, normal, K, n_ctx, d, rank):
+        return {"off": normal(K, n_ctx, d)}
+
+    def factors(self, local, clients, *, rank, seed, offset):
+        return StepFactors(None, None, local["off"][clients])
+
+
+def test_a_registered_factorization_is_a_config_choice_and_trains_through_the_learner() -> None:
+    register(_Frozen())
+    assert "frozen-offset" in factorization_names() and get_factorization("frozen-offset").name == "frozen-offset"
+    cfg = fpl_fast.RunConfig(factorization="frozen-offset", rank=99)  # no rank: 99 > n_ctx is fine
+    assert cfg.factorization == "frozen-offset"
+    from fpl_fast.prompts import PromptConfig, PromptLearner
+
+    pl = PromptLearner(PromptConfig("frozen-offset", 4, 2), 3, 6, generator=torch.Generator().manual_seed(0))
+    f = pl.factors(torch.tensor([0, 2]), seed=[1, 2], offset=[0, 0])
+    ctx = pl.context(torch.tensor([0, 2]), f)
+    torch.testing.assert_close(ctx, pl.client_global[[0, 2]] + pl.local["off"][[0, 2]])
+    assert pl.local_update_direction(f, torch.zeros(2, 4, 6), torch.zeros(0)) == {}
+
+
+def test_register_refuses_a_name_taken_by_another_class_and_a_missing_name() -> None:
+    class Other(Factorization):
+        name = "dpfpl"
+
+    with pytest.raises(ValueError, match="already registered"):
+        register(Other())
+    with pytest.raises(ValueError, match="non-empty string name"):
+        register(Factorization())
+    with pytest.raises(ValueError, match="factorization must be one of"):
+        fpl_fast.RunConfig(factorization="nope")
+
+
+def test_api_errors_name_fields_not_flags() -> None:
+    with pytest.raises(ValueError, match=r"^rank must be an integer >= 1, got 0"):
+        fpl_fast.train({"rank": 0})
+    with pytest.raises(ValueError, match=r"unknown RunConfig settings \['rnak'\]"):
+        fpl_fast.train({"rnak": 3})
+    with pytest.raises(ValueError, match=r"^resume needs out"):
+        fpl_fast.train(settings={"resume": True})
+    with pytest.raises(TypeError, match="RunConfig or a dict"):
+        fpl_fast.train(3)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    from fpl_fast.job import prepare
+
+    return prepare(fpl_fast.RunConfig(num_users=3, rounds=1))
+
+
+def test_precomputed_features_give_the_same_run_as_the_dataset(prepared, tmp_path) -> None:
+    """The features seam: the same features and split as the built-in dataset give the same numbers."""
+    backbone, classnames, data = prepared
+    cfg = {"num_users": 3, "rounds": 1, "noise_seed": 3}
+    ours = fpl_fast.train(cfg, settings={"out": str(tmp_path / "a"), "progress": False}, backbone=backbone)
+    theirs = fpl_fast.train(
+        cfg,
+        settings={"out": str(tmp_path / "b"), "progress": False},
+        features=data,
+        classnames=classnames,
+        backbone=backbone,
+    )
+    assert theirs.final["local_acc_per_client"] == ours.final["local_acc_per_client"]
+    assert theirs.final["epsilon_total"] == ours.final["epsilon_total"]
+    with pytest.raises(ValueError, match="features needs classnames"):
+        fpl_fast.train(cfg, settings={"out": str(tmp_path / "c")}, features=data, backbone=backbone)
+    short = fpl_fast.ClientData(**{**data.__dict__, "train_idx": data.train_idx[:2], "test_idx": data.test_idx[:2]})
+    with pytest.raises(ValueError, match="has 2 clients in train_idx but num_users is 3"):
+        fpl_fast.train(
+            cfg, settings={"out": str(tmp_path / "d")}, features=short, classnames=classnames, backbone=backbone
+        )
+    empty = [np.array([], dtype=np.int64), *data.train_idx[1:]]
+    with pytest.raises(ValueError, match="client 0 received no training examples"):
+        fpl_fast.train(
+            cfg,
+            settings={"out": str(tmp_path / "e")},
+            features=fpl_fast.ClientData(**{**data.__dict__, "train_idx": empty}),
+            classnames=classnames,
+            backbone=backbone,
+        )
