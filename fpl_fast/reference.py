@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypeGuard
 
 import torch
 from torch import Tensor
@@ -133,7 +134,7 @@ def _clip_factor(norm: Tensor, clip_norm: float) -> Tensor:
     return torch.clamp(clip_norm / (norm + CLIP_EPS), max=1.0)
 
 
-def _batched(t: Tensor | None, plain_dims: int) -> bool:
+def _batched(t: Tensor | None, plain_dims: int) -> TypeGuard[Tensor]:
     return t is not None and t.dim() == plain_dims + 1
 
 

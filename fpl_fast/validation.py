@@ -85,5 +85,9 @@ def flag_message(exc: ConfigError) -> str:
     names = [n for n in (exc.field, *exc.others) if n]
     for name in sorted(set(names), key=len, reverse=True):  # longest first: noise_local before noise
         pattern = rf"(?<![\w\-']){re.escape(name)}(?:='([^']*)')?(?![\w\-])"
-        msg = re.sub(pattern, lambda m, n=name: flag(n) + (f" {m.group(1)}" if m.group(1) is not None else ""), msg)
+
+        def repl(m: re.Match[str], n: str = name) -> str:
+            return flag(n) + (f" {m.group(1)}" if m.group(1) is not None else "")
+
+        msg = re.sub(pattern, repl, msg)
     return msg

@@ -149,10 +149,12 @@ def shadow_pool(cfg: RunConfig, backbone) -> ShadowPool:
     Raises:
         ValueError: a dataset without a part disjoint from the federated data (see :func:`check_pool`).
     """
-    from fpl_fast.data.coop import load_coop
+    from fpl_fast.data.coop import CoOpSplitDataset, load_coop
     from fpl_fast.data.digits import PART_SIZES, DigitsDataset
 
     check_pool(cfg.dataset)
+    ds: DigitsDataset | CoOpSplitDataset
+    ids: list[int] | list[str]
     if cfg.dataset == "digits":
         ds = DigitsDataset("pretrain", image_size=backbone.image_size[0])
         ids = [int(i) for i in ds.indices]
@@ -325,6 +327,8 @@ def membership_scores(models: AttackModels, records: Records) -> np.ndarray:
     for c in np.unique(records.labels):
         sel = records.labels == c
         model = models.per_class.get(int(c), models.fallback)
+        if model is None:  # fit_attack_models leaves fallback None only when every class has its own model
+            raise ValueError(f"no attack model for class {int(c)}: the shadow records have no such class")
         proba = model.predict_proba(records.probs[sel])
         scores[sel] = proba[:, list(model.classes_).index(True)]
     return scores

@@ -1,4 +1,5 @@
-"""A whole federated DP-FPL job: build, calibrate the noise, train round by round, account, write, resume."""
+"""A whole federated DP-FPL job over the in-process simulation: the noise plan, rounds, evaluation, checkpoints and
+results (results.json, rounds.csv, accuracy.png), resume."""
 
 from __future__ import annotations
 

@@ -315,7 +315,9 @@ class Oracle:
             self._text.popitem(last=False)
 
     @torch.no_grad()
-    def predict_many(self, prompts: Sequence[Sequence[int]], split: str, indices: Sequence[int] | Tensor) -> Tensor:
+    def predict_many(
+        self, prompts: Sequence[Sequence[int]], split: str, indices: Sequence[int] | np.ndarray | Tensor
+    ) -> Tensor:
         """Predicted labels of images ``indices`` of ``split`` under each prompt.
 
         Args:
@@ -340,7 +342,9 @@ class Oracle:
         self.queries += len(keys) * idx.numel()
         return pred.to(device="cpu", dtype=torch.long)
 
-    def predict(self, prompt_ids: Sequence[int] | Tensor, split: str, indices: Sequence[int] | Tensor) -> Tensor:
+    def predict(
+        self, prompt_ids: Sequence[int] | Tensor, split: str, indices: Sequence[int] | np.ndarray | Tensor
+    ) -> Tensor:
         """Predicted labels (B,) ``torch.long`` of images ``indices`` of ``split`` under one prompt."""
         ids = prompt_ids.tolist() if isinstance(prompt_ids, Tensor) else prompt_ids
         return self.predict_many([ids], split, indices)[0]
@@ -584,6 +588,8 @@ def _transfer(
     """F8: score the final prompt ids (and the seed prompt) on a second open_clip model sharing the tokenizer."""
     from fpl_fast.backbone import load_backbone
 
+    if cfg.transfer_model is None:
+        raise ValueError("_transfer needs cfg.transfer_model (None skips the transfer evaluation)")
     torch.manual_seed(cfg.seed)
     other = load_backbone(cfg.transfer_model, cfg.transfer_pretrained, precision=cfg.precision, device=cfg.device)
     if not _same_tokenizer(backbone.tokenizer, other.tokenizer):
@@ -639,7 +645,7 @@ class FedDTPT:
     """FedDTPT on the method skeleton (:mod:`fpl_fast.methods.skeleton`)."""
 
     name = "feddtpt"
-    postfix = ("test_acc", "prompt_len", "queries")
+    postfix: tuple[str, ...] = ("test_acc", "prompt_len", "queries")
 
     def setup(self, cfg: Config) -> _State:
         """Oracle, public set D_g, client split, proposer and the zero-shot / seed-prompt baselines."""

@@ -23,7 +23,9 @@ implemented.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -247,6 +249,8 @@ class RaptModel(nn.Module):
         generator: seeds the prompt and head initialisation.
     """
 
+    label_features: Tensor  # buffer (n_cls, embed_dim), registered for task_head='cosine' only
+
     def __init__(
         self,
         backbone: FrozenCLIP,
@@ -467,7 +471,7 @@ class Rapt:
     """Federated RAPT on the method skeleton (:mod:`fpl_fast.methods.skeleton`)."""
 
     name = "rapt"
-    postfix = ("test_acc",)
+    postfix: tuple[str, ...] = ("test_acc",)
 
     def setup(self, cfg: Config) -> _State:
         """Backbone, text data and client split, eta, the privatised client and test texts, the model."""
@@ -564,7 +568,8 @@ class Rapt:
     def round(self, st: _State, rnd: int) -> dict[str, Any]:
         """Local AdamW epochs on every client from the global state, FedAvg, evaluation on the privatised test."""
         cfg, model, gen = st.cfg, st.model, st.gen
-        assert model is not None and st.test_priv is not None
+        weights = st.weights
+        assert model is not None and st.test_priv is not None and weights is not None
         states, stats = [], []
         for k in range(cfg.num_users):
             model.load_trainable_state(st.global_state)
@@ -587,7 +592,10 @@ class Rapt:
                     opt.step()
                     stats.append((l_task.item(), l_rec.item(), rec_acc.item()))
             states.append(model.trainable_state())
-        st.global_state = {n: sum(w * s[n] for w, s in zip(st.weights, states, strict=True)) for n in st.global_state}
+        st.global_state = {
+            n: functools.reduce(operator.add, (w * s[n] for w, s in zip(weights, states, strict=True)))
+            for n in st.global_state
+        }
         model.load_trainable_state(st.global_state)
         correct = _predict(model, st.test_priv.body) == st.y_test
         local_acc, neighbor_acc = local_neighbor(correct, st.test_idx)

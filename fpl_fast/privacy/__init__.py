@@ -1,5 +1,8 @@
-"""fpl_fast.privacy: per-sample prompt gradients, clipping + noise, and privacy accounting.
+"""fpl_fast.privacy: per-sample prompt gradients, clipping + noise, the noise plan and privacy accounting.
 
+per_sample.py (per-example gradients and cotangents), mechanism.py (clipping and noise of each release, the
+sensitivity of what is clipped), plan.py (the noise plan of a run and each client's ledger), accountant.py
+(dp_accounting's RDP / PLD), randomness.py (each party's secret keys), dchi.py (RAPT's d_chi privatisation).
 Knows nothing about CLIP: it gets a differentiable text function, tensors and configs.
 """
 

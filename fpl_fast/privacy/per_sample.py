@@ -94,7 +94,8 @@ def per_sample_prompt_grads_from(
     """
     check(prompts.dim() == 3, f"prompts must be 3-D (N, L, d), got shape {tuple(prompts.shape)}")
     check(chunk_size is None or chunk_size >= 1, f"chunk_size must be None (all samples) or >= 1, got {chunk_size}")
-    feats, vjp_fn = vjp(text_fn, prompts)  # feats (N, D)
+    out = vjp(text_fn, prompts)  # (output, vjp_fn): no has_aux
+    feats, vjp_fn = out[0], out[1]  # feats (N, D)
     cotangents, aux = head(feats)
     check(cotangents.dim() == 3, f"cotangents must be 3-D (b, N, D), got shape {tuple(cotangents.shape)}")
     check(
