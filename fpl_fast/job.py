@@ -27,7 +27,7 @@ from fpl_fast.backbone import load_backbone
 from fpl_fast.backbone_protocol import Backbone
 from fpl_fast.config import RunConfig, RunSettings
 from fpl_fast.data import DatasetBundle, load_dataset
-from fpl_fast.data.splits import partition
+from fpl_fast.data.clients import client_split
 from fpl_fast.federated.client import ClientData
 from fpl_fast.federated.runner import default_out_dir, run_federation
 from fpl_fast.federated.simulation import Federation
@@ -179,23 +179,21 @@ def dataset_labels(dataset: Any) -> np.ndarray:
 
 
 def _check_clients(data: ClientData, cfg: RunConfig) -> None:
+    """A split given with ``features``: one entry per client, every client with training data."""
     for name in ("train_idx", "test_idx"):
         n = len(getattr(data, name))
         if n != cfg.num_users:
             raise ValueError(f"the client split has {n} clients in {name} but num_users is {cfg.num_users}")
-    for k, ix in enumerate(data.train_idx):
-        if len(ix) == 0:
-            raise ValueError(
-                f"client {k} received no training examples with --partition {cfg.partition}"
-                f" (beta={cfg.beta}, {cfg.num_users} clients); use fewer clients or a larger --beta"
-            )
+    empty = [k for k, ix in enumerate(data.train_idx) if len(ix) == 0]
+    if empty:
+        raise ValueError(f"clients {empty} of the given split have no training examples")
 
 
 def _encode(cfg: RunConfig, backbone: Backbone, dataset: DatasetBundle | None) -> tuple[list[str], ClientData]:
     """Split the dataset over the clients and encode its images once (cached by the backbone)."""
     ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_root, image_size=backbone.image_size[0])
     train_labels, test_labels = dataset_labels(ds.train), dataset_labels(ds.test)
-    split = partition(
+    split = client_split(
         train_labels,
         cfg.num_users,
         cfg.partition,
@@ -222,5 +220,4 @@ def _encode(cfg: RunConfig, backbone: Backbone, dataset: DatasetBundle | None) -
         test_idx=[np.asarray(ix) for ix in split.test],
         augment_fn=augment_fn,
     )
-    _check_clients(data, cfg)
     return list(ds.classnames), data

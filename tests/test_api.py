@@ -117,7 +117,7 @@ def test_precomputed_features_give_the_same_run_as_the_dataset(prepared, tmp_pat
             cfg, settings={"out": str(tmp_path / "d")}, features=short, classnames=classnames, backbone=backbone
         )
     empty = [np.array([], dtype=np.int64), *data.train_idx[1:]]
-    with pytest.raises(ValueError, match="client 0 received no training examples"):
+    with pytest.raises(ValueError, match=r"clients \[0\] of the given split have no training examples"):
         fpl_fast.train(
             cfg,
             settings={"out": str(tmp_path / "e")},
