@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
-from fpl_fast.backbone_protocol import Backbone, FeatureIndices
+from fpl_fast.backbone_protocol import Backbone, FeatureIndices, PromptParts
 
 __all__ = [
     "Backbone",
@@ -401,43 +401,6 @@ def load_backbone(
 # --------------------------------------------------------------------------------------------------------------
 # The frozen model
 # --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PromptParts:
-    """Frozen pieces of the CoOp prompts of a list of classes.
-
-    The full prompt of class k is ``cat([prefix[k], ctx, suffix[k]])`` of length ``1 + n_ctx + S``.
-
-    Attributes:
-        prefix: (n_cls, 1, d) SOT embedding.
-        suffix: (n_cls, S, d) embeddings of ``"classname ."``, EOT and padding; S = context_length - 1 - n_ctx.
-        eot_index: (n_cls,) long, position of EOT in the full sequence.
-        n_ctx: number of context vectors.
-        tokens: (n_cls, context_length) the token ids of ``"X X ... X classname."``.
-        seq_len: max(eot_index) + 1, the exact truncation length for causal towers.
-    """
-
-    prefix: Tensor
-    suffix: Tensor
-    eot_index: Tensor
-    n_ctx: int
-    tokens: Tensor
-    seq_len: int
-
-    def assemble(self, ctx: Tensor) -> Tensor:
-        """Build ``[prefix | ctx | suffix]``.
-
-        Args:
-            ctx: (n_ctx, d) shared or (n_cls, n_ctx, d) per-class context.
-
-        Returns:
-            (n_cls, 1 + n_ctx + S, d) prompts.
-        """
-        n_cls = self.prefix.shape[0]
-        if ctx.dim() == 2:
-            ctx = ctx.unsqueeze(0).expand(n_cls, -1, -1)
-        return torch.cat([self.prefix.to(ctx.dtype), ctx, self.suffix.to(ctx.dtype)], dim=1)
 
 
 class FrozenCLIP(nn.Module):

@@ -36,6 +36,7 @@ __all__ = [
     "factorize_noise_numel",
     "output_noise_numel",
     "NORM_EPS",
+    "NN_MAP_CHUNK",
     "CLIP_EPS",
 ]
 
@@ -46,6 +47,7 @@ dp_noise_numel = reference.dp_noise_numel
 factorize_noise_numel = reference.factorize_noise_numel
 output_noise_numel = reference.output_noise_numel
 NORM_EPS = reference.NORM_EPS
+NN_MAP_CHUNK = reference.NN_MAP_CHUNK
 CLIP_EPS = reference.CLIP_EPS
 # The prompt assembly in plain PyTorch: torch.func.vmap over the per-sample pull-back cannot see through a
 # custom op's autograd, so the per-sample path assembles the prompt with ordinary tensor ops.

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from fpl_fast import ops
-from fpl_fast.reference import NN_MAP_CHUNK
+from fpl_fast.ops import NN_MAP_CHUNK
 
 __all__ = [
     "EXACT_DIAMETER_MAX_V",
