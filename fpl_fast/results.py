@@ -125,7 +125,7 @@ def load_checkpoint(out: Path) -> dict[str, Any] | None:
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or not {"config", "federation", "rounds", "next_round"} <= state.keys():
+        if not isinstance(state, dict) or not {"config", "rounds", "next_round"} <= state.keys():
             raise ValueError("not a fpl_fast checkpoint")
     except Exception as exc:  # torch.load fails with many types (zip, pickle, EOF, runtime) on a damaged file
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,10 +1,10 @@
-"""A whole federated DP-FPL job over the in-process simulation: the noise plan, rounds, evaluation, checkpoints and
-results (results.json, rounds.csv, accuracy.png), resume."""
+"""A whole federated DP-FPL job: build, calibrate the noise, train round by round, account; the method
+:class:`DPFPL` on the skeleton of :mod:`fpl_fast.methods.skeleton`, whose driver writes, checkpoints and resumes."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from fpl_fast.backbone_protocol import Backbone
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.client import sample_rates, steps_per_round
 from fpl_fast.federated.simulation import ClientData, Federation, StepStats
+from fpl_fast.methods.skeleton import run_method
 from fpl_fast.privacy.accountant import PrivacyAccountant
 from fpl_fast.privacy.plan import NoisePlan, plan_noise, trust_model
 from fpl_fast.privacy.randomness import randomness_statement
@@ -36,6 +37,7 @@ __all__ = [
     "default_out_dir",
     "TrainingDiverged",
     "divergence_guard",
+    "DPFPL",
 ]
 
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
@@ -135,24 +137,23 @@ class TrainingDiverged(ValueError):
     """The prompts stopped being finite: the run stops (its last good checkpoint stays) and says where."""
 
 
-def divergence_guard(fed: Federation, start_round: int, out: Path, *, bar: tqdm | None = None) -> Callable[[], None]:
-    """An ``on_step`` callback for :func:`train_rounds` from ``start_round`` on that, after every local step,
+def divergence_guard(fed: Federation, rnd: int, out: Path, *, bar: tqdm | None = None) -> Callable[[], None]:
+    """An ``on_step`` callback for ``fed.train_round`` in round ``rnd`` (1-based) that, after every local step,
     checks what the step made public (the global prompt, each client's copy of it, the local prompts; each is
     a function of the noised, released gradients) and raises :class:`TrainingDiverged` at the first
-    non-finite value, naming the round and the step (both 1-based). It never reads the private loss.
+    non-finite value, naming the round and the step (1-based). It never reads the private loss.
     ``bar``: ticked after each good step, closed before raising."""
-    steps = 0
+    step = 0
     per_round = fed.steps_per_round
 
     def check() -> None:
-        nonlocal steps
-        steps += 1
+        nonlocal step
+        step += 1
         L = fed.learner
         named = {"global prompt": fed.server.global_ctx, "clients' global prompts": L.client_global}
         named.update({f"local prompt {k}": t for k, t in L.local.items()})
         bad = [name for name, t in named.items() if not bool(torch.isfinite(t).all())]
         if bad:
-            rnd, step = start_round + (steps - 1) // per_round + 1, (steps - 1) % per_round + 1
             kept = (
                 f"the checkpoint of round {rnd - 1} in {out} is kept"
                 if rnd > 1
@@ -168,6 +169,124 @@ def divergence_guard(fed: Federation, start_round: int, out: Path, *, bar: tqdm 
             bar.update()
 
     return check
+
+
+@dataclass
+class _State:
+    """A DP-FPL run between rounds: the federation, its noise plan, and what the records and summary need."""
+
+    cfg: RunConfig
+    fed: Federation
+    plan: NoisePlan
+    qs: list[float]  # each client's sampling rate
+    zero_shot: float
+    bar: tqdm | None = None
+    last_eval: dict[str, Any] | None = None
+
+    def epsilons(self) -> tuple[list[float], list[float], list[float]]:
+        """Local, global and total (both releases together) epsilon each client's ledger has spent so far."""
+        spent = [a.epsilons() for a in self.fed.clients.accountants]
+        return [e.local for e in spent], [e.global_ for e in spent], [e.total for e in spent]
+
+
+class DPFPL:
+    """DP-FPL on the method skeleton (:mod:`fpl_fast.methods.skeleton`), resumable and with a bar per local step.
+
+    The backbone, class names and encoded data come in from outside (fpl_fast.job loads them once, the tests and
+    the attack hand in their own), so the method is built per run; ``out`` is only named in divergence messages
+    (the driver writes the checkpoints there). After a run, ``fed`` is its trained federation.
+    """
+
+    name = "dpfpl"
+    postfix = ("local_acc", "neighbor_acc", "epsilon_total")  # unused: DP-FPL sets its own bar's postfix
+
+    def __init__(self, backbone: Backbone, classnames: list[str], data: ClientData, *, out: Path) -> None:
+        self.backbone, self.classnames, self.data, self.out = backbone, classnames, data, out
+        self.fed: Federation | None = None
+
+    def setup(self, cfg: RunConfig) -> _State:
+        """The federation with its noise calibrated, and the zero-shot accuracy of the hand-written prompt."""
+        fed, plan, qs = build_federation(cfg, self.backbone, self.classnames, self.data)
+        self.fed = fed
+        return _State(cfg, fed, plan, qs, _zero_shot(self.backbone, self.classnames, self.data))
+
+    def state_dict(self, st: _State) -> dict[str, Any]:
+        return {"federation": st.fed.state_dict()}
+
+    def load_state_dict(self, st: _State, saved: dict[str, Any]) -> None:
+        st.fed.load_state_dict(saved["federation"])
+
+    def progress(self, st: _State, rounds: range, *, enabled: bool) -> tqdm:
+        """One tick per local step: a DP-FPL round is many steps of every sampled client."""
+        st.bar = progress_bar(len(rounds) * st.fed.steps_per_round, desc="fpl_fast", enabled=enabled)
+        return st.bar
+
+    def round(self, st: _State, rnd: int) -> dict[str, Any] | None:
+        """Sample clients, train them (the divergence guard after every step); every ``eval_every`` rounds and on
+        the last, evaluate and record accuracies, the epsilons spent so far and the mean loss, else None."""
+        cfg, fed = st.cfg, st.fed
+        stats = fed.train_round(fed.sample_clients(), on_step=divergence_guard(fed, rnd, self.out, bar=st.bar))
+        if rnd % cfg.eval_every != 0 and rnd != cfg.rounds:
+            return None
+        ev = st.last_eval = fed.evaluate(eval_seed(cfg, rnd - 1))
+        eps_l, eps_g, eps_t = st.epsilons()
+        if st.bar is not None:
+            st.bar.set_postfix(acc=f"{ev['local_acc']:.3f}", nb=f"{ev['neighbor_acc']:.3f}", eps=f"{max(eps_t):.3g}")
+        return {
+            "local_acc": ev["local_acc"],
+            "neighbor_acc": ev["neighbor_acc"],
+            "epsilon_local": max(eps_l),
+            "epsilon_global": max(eps_g),
+            "epsilon_total": max(eps_t),
+            "loss": float(np.mean([s.loss for s in stats])),
+        }
+
+    def final(self, st: _State) -> dict[str, Any]:
+        """Accuracies, the privacy guarantee and what it rests on (accountant, noise plan, sampling, randomness)."""
+        cfg, fed, plan, qs = st.cfg, st.fed, st.plan, st.qs
+        last_eval = st.last_eval
+        if last_eval is None:  # resumed a finished run: evaluate the final state again
+            last_eval = fed.evaluate(eval_seed(cfg, cfg.rounds - 1))
+        has_local_mech = get_factorization(cfg.factorization).has_local
+        eps_l, eps_g, eps_t = st.epsilons()
+        accountant = PrivacyAccountant(
+            cfg.accountant,
+            noise_multiplier=max(plan.accountant_global, 1e-9),
+            sample_rate=max(qs),
+            delta=cfg.delta,
+            sampling=cfg.sampling_scheme,
+        )  # only for its name and its statement of the sampling approximation
+        return {
+            "local_acc": last_eval["local_acc"],
+            "neighbor_acc": last_eval["neighbor_acc"],
+            "zero_shot_acc": st.zero_shot,
+            "epsilon_local": max(eps_l) if has_local_mech else None,
+            "epsilon_global": max(eps_g),
+            "epsilon_total": max(eps_t),
+            "delta": cfg.delta,
+            "accountant": accountant.name,
+            "accountant_approximation": accountant.approximation,
+            "unit_of_privacy": "one example of one client (add/remove neighbouring)",
+            "per_example_guarantee": cfg.clip_mode in ("sample", "output"),
+            "clip_mode": cfg.clip_mode,
+            "output_clip": cfg.output_clip if cfg.clip_mode == "output" else None,
+            "trust_model": trust_model(cfg),
+            "noise_multiplier_local": plan.sigma_local,
+            "noise_multiplier_global": plan.sigma_global,
+            "accountant_multiplier_local": plan.accountant_local,
+            "accountant_multiplier_global": plan.accountant_global,
+            "accountant_multiplier_total": plan.accountant_total,
+            "sampling": cfg.sampling,
+            "randomness": randomness_statement(cfg.noise_seed),
+            "noise_note": plan.note,
+            "steps_per_client": [int(s) for s in fed.steps_taken],
+            "sample_rate_per_client": qs,
+            "epsilon_local_per_client": eps_l if has_local_mech else None,
+            "epsilon_global_per_client": eps_g,
+            "epsilon_total_per_client": eps_t,
+            "local_acc_per_client": last_eval["local_acc_per_client"],
+            "neighbor_acc_per_client": last_eval["neighbor_acc_per_client"],
+        }
 
 
 def run_job(
@@ -188,7 +307,8 @@ def run_federation(
     progress: bool = True,
     stop_after_round: int | None = None,
 ) -> tuple[dict[str, Any], Federation]:
-    """Train and evaluate; write results.json, rounds.csv, accuracy.png and a checkpoint each round.
+    """Train and evaluate (:class:`DPFPL` through :func:`run_method`); write results.json, rounds.csv,
+    accuracy.png and a checkpoint each round.
 
     Args:
         out: the run's folder.
@@ -197,113 +317,7 @@ def run_federation(
 
     Returns the results dict (what results.json holds) and the trained federation.
     """
-    t_start = time.perf_counter()
-    io.check_out_dir(out, resume=resume)  # never over a previous run's files; --resume needs a checkpoint
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = io.load_checkpoint(out) if resume else None
-    if ckpt is not None and ckpt["config"] != _training_config(cfg):
-        raise ValueError(f"--resume: the checkpoint in {out} was written with a different configuration")
-
-    fed, plan, qs = build_federation(cfg, backbone, classnames, data)
-
-    rounds: list[dict[str, Any]] = []
-    start_round = 0
-    elapsed_before = 0.0
-    if ckpt is not None:
-        fed.load_state_dict(ckpt["federation"])
-        rounds = ckpt["rounds"]
-        start_round = ckpt["next_round"]
-        elapsed_before = ckpt["elapsed"]
-
-    zero_shot = _zero_shot(backbone, classnames, data)
-    has_local_mech = get_factorization(cfg.factorization).has_local
-
-    def epsilons() -> tuple[list[float], list[float], list[float]]:
-        """Local, global and total (both releases together) epsilon each client's ledger has spent so far."""
-        spent = [a.epsilons() for a in fed.clients.accountants]
-        return [e.local for e in spent], [e.global_ for e in spent], [e.total for e in spent]
-
-    bar = progress_bar((cfg.rounds - start_round) * fed.steps_per_round, desc="fpl_fast", enabled=progress)
-    t_round0 = time.perf_counter()
-    last_eval: dict[str, Any] | None = None
-    guard = divergence_guard(fed, start_round, out, bar=bar)
-    for rnd, stats in train_rounds(fed, start_round, cfg.rounds, on_step=guard):
-        is_last = rnd == cfg.rounds - 1
-        if (rnd + 1) % cfg.eval_every == 0 or is_last:
-            last_eval = fed.evaluate(eval_seed(cfg, rnd))
-            eps_l, eps_g, eps_t = epsilons()
-            seconds = elapsed_before + time.perf_counter() - t_round0
-            rounds.append(
-                {
-                    "round": rnd + 1,
-                    "local_acc": last_eval["local_acc"],
-                    "neighbor_acc": last_eval["neighbor_acc"],
-                    "epsilon_local": max(eps_l),
-                    "epsilon_global": max(eps_g),
-                    "epsilon_total": max(eps_t),
-                    "seconds": round(seconds, 3),
-                    "loss": float(np.mean([s.loss for s in stats])),
-                }
-            )
-            bar.set_postfix(
-                acc=f"{last_eval['local_acc']:.3f}", nb=f"{last_eval['neighbor_acc']:.3f}", eps=f"{max(eps_t):.3g}"
-            )
-        state = {
-            "config": _training_config(cfg),
-            "federation": fed.state_dict(),
-            "rounds": rounds,
-            "next_round": rnd + 1,
-            "elapsed": elapsed_before + time.perf_counter() - t_round0,
-        }
-        io.save_checkpoint(out, state)
-        if stop_after_round is not None and rnd + 1 >= stop_after_round and not is_last:
-            bar.close()
-            stopped = {"method": "dpfpl", "config": cfg.to_dict(), "rounds": rounds, "final": None}
-            return {**stopped, "stopped_after": rnd + 1}, fed
-    bar.close()
-
-    if last_eval is None:  # resumed a finished run: evaluate the final state again
-        last_eval = fed.evaluate(eval_seed(cfg, cfg.rounds - 1))
-    eps_l, eps_g, eps_t = epsilons()
-    accountant = PrivacyAccountant(
-        cfg.accountant,
-        noise_multiplier=max(plan.accountant_global, 1e-9),
-        sample_rate=max(qs),
-        delta=cfg.delta,
-        sampling=cfg.sampling_scheme,
-    )  # only for its name and its statement of the sampling approximation
-    final = {
-        "local_acc": last_eval["local_acc"],
-        "neighbor_acc": last_eval["neighbor_acc"],
-        "zero_shot_acc": zero_shot,
-        "epsilon_local": max(eps_l) if has_local_mech else None,
-        "epsilon_global": max(eps_g),
-        "epsilon_total": max(eps_t),
-        "delta": cfg.delta,
-        "accountant": accountant.name,
-        "accountant_approximation": accountant.approximation,
-        "unit_of_privacy": "one example of one client (add/remove neighbouring)",
-        "per_example_guarantee": cfg.clip_mode in ("sample", "output"),
-        "clip_mode": cfg.clip_mode,
-        "output_clip": cfg.output_clip if cfg.clip_mode == "output" else None,
-        "trust_model": trust_model(cfg),
-        "noise_multiplier_local": plan.sigma_local,
-        "noise_multiplier_global": plan.sigma_global,
-        "accountant_multiplier_local": plan.accountant_local,
-        "accountant_multiplier_global": plan.accountant_global,
-        "accountant_multiplier_total": plan.accountant_total,
-        "sampling": cfg.sampling,
-        "randomness": randomness_statement(cfg.noise_seed),
-        "noise_note": plan.note,
-        "steps_per_client": [int(s) for s in fed.steps_taken],
-        "sample_rate_per_client": qs,
-        "epsilon_local_per_client": eps_l if has_local_mech else None,
-        "epsilon_global_per_client": eps_g,
-        "epsilon_total_per_client": eps_t,
-        "local_acc_per_client": last_eval["local_acc_per_client"],
-        "neighbor_acc_per_client": last_eval["neighbor_acc_per_client"],
-        "seconds": round(elapsed_before + time.perf_counter() - t_round0 + (t_round0 - t_start), 3),
-    }
-    result = {"method": "dpfpl", "config": cfg.to_dict(), "rounds": rounds, "final": final}
-    io.write_outputs(out, result)
-    return result, fed
+    method = DPFPL(backbone, classnames, data, out=out)
+    result = run_method(method, cfg, out=out, progress=progress, resume=resume, stop_after_round=stop_after_round)
+    assert method.fed is not None  # set up by run_method
+    return result, method.fed

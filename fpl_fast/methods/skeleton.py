@@ -1,25 +1,30 @@
 """The one skeleton every federated method follows: ``setup(cfg) -> state``, ``round(state, rnd) -> record`` per
 round, ``final(state) -> summary``, driven by :func:`run_method`.
 
-The driver owns what used to be re-done per method: the round loop, the progress bar, the timing and the outputs
-(results.json, rounds.csv, accuracy.png through :func:`fpl_fast.results.write_outputs`). Every method's
-results.json therefore has one shape, ``{"method", "config", "rounds", "final"}`` with ``method`` first.
+The driver owns what used to be re-done per method: the round loop, the progress bar, the timing, the checkpoints
+and the outputs (results.json, rounds.csv, accuracy.png through :func:`fpl_fast.results.write_outputs`). Every
+method's results.json therefore has one shape, ``{"method", "config", "rounds", "final"}`` with ``method`` first.
 A method's state is its own business (a dataclass of whatever its rounds need); the driver never looks inside.
+
+Two optional protocols serve methods with longer runs (DP-FPL): :class:`Resumable` (a checkpoint after every round,
+``resume`` and ``stop_after_round``) and :class:`OwnsProgress` (a bar that ticks inside a round, not per round).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from tqdm.auto import tqdm
 
+from fpl_fast import results as io
 from fpl_fast.results import ROUND_FIELDS, results_dict, write_outputs
 
-__all__ = ["Method", "MethodConfig", "run_method"]
+__all__ = ["Method", "MethodConfig", "OwnsProgress", "Resumable", "run_method"]
 
 S = TypeVar("S")
+S_in = TypeVar("S_in", contravariant=True)  # the optional protocols only take a state
 
 
 class MethodConfig(Protocol):
@@ -36,22 +41,56 @@ class Method(Protocol[S]):
 
     Attributes:
         name: the ``--method`` name, written first in results.json.
-        postfix: keys of a round record shown on the progress bar.
+        postfix: keys of a round record shown on the driver's progress bar.
     """
 
-    name: str
-    postfix: tuple[str, ...]
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def postfix(self) -> tuple[str, ...]: ...
 
     def setup(self, cfg: Any) -> S:
         """Load the backbone and data, split them over the clients, build the initial global state."""
         ...
 
-    def round(self, state: S, rnd: int) -> dict[str, Any]:
-        """Run round ``rnd`` (1-based), updating ``state``; return its record (accuracies, epsilons, losses...)."""
+    def round(self, state: S, rnd: int) -> dict[str, Any] | None:
+        """Run round ``rnd`` (1-based), updating ``state``; return its record (accuracies, epsilons, losses...),
+        or None for a round that records nothing (one that is not evaluated)."""
         ...
 
     def final(self, state: S) -> dict[str, Any]:
         """The run's summary after the last round (``local_acc``, ``neighbor_acc``, epsilons, ...)."""
+        ...
+
+
+@runtime_checkable
+class Resumable(Protocol[S_in]):
+    """A method whose state the driver checkpoints after every round (``out/checkpoint.pt``), so that a run cut
+    short continues with ``resume=True`` to exactly the results of an uninterrupted one.
+
+    The checkpoint holds ``config`` (a resumed run must agree on it), ``rounds`` (the records so far),
+    ``next_round`` (the number of rounds done), ``elapsed`` (the run's seconds so far) and the method's own keys.
+    Because such a run may span processes, its ``seconds`` (each record's and the final one) are the run's clock:
+    cumulative since its start, resumes included, to the millisecond.
+    """
+
+    def state_dict(self, state: S_in) -> dict[str, Any]:
+        """The keys that restore ``state`` (with the RNGs) in :meth:`load_state_dict`, added to the checkpoint."""
+        ...
+
+    def load_state_dict(self, state: S_in, saved: dict[str, Any]) -> None:
+        """Bring a freshly set-up ``state`` to the checkpoint ``saved``."""
+        ...
+
+
+@runtime_checkable
+class OwnsProgress(Protocol[S_in]):
+    """A method whose rounds are long: it opens the progress bar, ticks it inside a round (per local step) and
+    sets its postfix itself; the driver only closes it."""
+
+    def progress(self, state: S_in, rounds: range, *, enabled: bool) -> tqdm:
+        """The run's bar for ``rounds`` (those left to run); ``enabled=False`` shows nothing."""
         ...
 
 
@@ -71,27 +110,73 @@ def _show(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def run_method(method: Method[Any], cfg: MethodConfig, *, out: Path, progress: bool = True) -> dict[str, Any]:
+def run_method(
+    method: Method[Any],
+    cfg: MethodConfig,
+    *,
+    out: Path,
+    progress: bool = True,
+    resume: bool = False,
+    stop_after_round: int | None = None,
+) -> dict[str, Any]:
     """Run ``method`` for ``cfg.rounds`` rounds and write its outputs to ``out`` (created).
+
+    Args:
+        resume: continue from the checkpoint in ``out`` (a :class:`Resumable` method only).
+        stop_after_round: end early after this round, as if interrupted, writing no outputs (tests resume).
 
     Returns:
         The results dict ``{"method", "config", "rounds", "final"}``; ``final["seconds"]`` is the whole run's
-        wall time, each round's ``seconds`` that round's.
+        wall time, each round's ``seconds`` that round's (a :class:`Resumable` method's: the run's so far).
+        A stopped run has ``final`` None and ``stopped_after`` the last round run.
     """
     t_start = time.perf_counter()
     out = Path(out)
+    resumable = isinstance(method, Resumable)
+    if resumable:
+        io.check_out_dir(out, resume=resume)  # never over a previous run's files; resume needs a checkpoint
+    elif resume:
+        raise ValueError(f"--resume: {method.name} writes no checkpoints, so it cannot be resumed")
     out.mkdir(parents=True, exist_ok=True)
+    saved = io.load_checkpoint(out) if resume else None
+    if saved is not None and saved["config"] != cfg.to_dict():
+        raise ValueError(f"--resume: the checkpoint in {out} was written with a different configuration")
+
     state = method.setup(cfg)
     rounds: list[dict[str, Any]] = []
-    bar = tqdm(range(1, cfg.rounds + 1), desc=method.name, unit="round", disable=not progress, dynamic_ncols=True)
-    for rnd in bar:
-        t_round = time.perf_counter()
-        record = method.round(state, rnd)
-        rounds.append(_row(rnd, record, time.perf_counter() - t_round))
-        bar.set_postfix({k: _show(record[k]) for k in method.postfix if k in record})
-    bar.close()
+    done, elapsed_before = 0, 0.0
+    if saved is not None and isinstance(method, Resumable):
+        method.load_state_dict(state, saved)
+        rounds, done, elapsed_before = saved["rounds"], saved["next_round"], saved["elapsed"]
+
+    def clock() -> float:
+        return round(elapsed_before + time.perf_counter() - t_start, 3)
+
+    todo = range(done + 1, cfg.rounds + 1)
+    own_bar = isinstance(method, OwnsProgress)
+    if isinstance(method, OwnsProgress):
+        bar = method.progress(state, todo, enabled=progress)
+    else:
+        bar = tqdm(total=len(todo), desc=method.name, unit="round", disable=not progress, dynamic_ncols=True)
+    try:
+        for rnd in todo:
+            t_round = time.perf_counter()
+            record = method.round(state, rnd)
+            if record is not None:
+                rounds.append(_row(rnd, record, clock() if resumable else time.perf_counter() - t_round))
+                if not own_bar:
+                    bar.set_postfix({k: _show(record[k]) for k in method.postfix if k in record})
+            if not own_bar:
+                bar.update()
+            if isinstance(method, Resumable):
+                ckpt = {"config": cfg.to_dict(), **method.state_dict(state), "rounds": rounds, "next_round": rnd}
+                io.save_checkpoint(out, {**ckpt, "elapsed": elapsed_before + time.perf_counter() - t_start})
+            if stop_after_round is not None and stop_after_round <= rnd < cfg.rounds:
+                return results_dict(method.name, cfg.to_dict(), rounds, None, stopped_after=rnd)
+    finally:
+        bar.close()
     final = method.final(state)
-    final["seconds"] = time.perf_counter() - t_start
+    final["seconds"] = clock() if resumable else time.perf_counter() - t_start
     results = results_dict(method.name, cfg.to_dict(), rounds, final)
     write_outputs(out, results)
     return results
