@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
-from fpl_fast.backbone_protocol import Backbone, FeatureIndices, PromptParts
+from fpl_fast.backbone_protocol import Backbone, FeatureDisk, FeatureIndices, PromptParts
 
 __all__ = [
     "Backbone",
@@ -664,17 +664,35 @@ class FeatureCache:
     :meth:`FrozenCLIP.train_transform` ``(augment=True)`` (fresh random crops/flips from the global torch RNG) and
     nothing is cached.
 
+    With a :class:`~fpl_fast.data.feature_store.FeatureStore` as ``disk``, a split's features are also read from and
+    written to disk, keyed by the image encoder's weights, the eval transform, the dataset key, the split and its
+    size: a split is then encoded whole, once across processes and runs.
+
     Args:
         backbone: the frozen model.
         batch_size: images encoded per forward pass.
+        disk: an on-disk store shared across processes (None: memory only).
     """
 
-    def __init__(self, backbone: FrozenCLIP, *, batch_size: int = 256) -> None:
+    def __init__(self, backbone: FrozenCLIP, *, batch_size: int = 256, disk: FeatureDisk | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.backbone = backbone
         self.batch_size = batch_size
+        self.disk = disk
+        self.encoded_images = 0  # images run through the encoder by this cache (0 when everything came from disk)
         self._store: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
+
+    def _disk_key(self, dataset_key: str, split: str, n: int) -> str:
+        assert self.disk is not None
+        # The visual tower and the eval transform alone decide the image features.
+        return self.disk.entry_key(
+            self.backbone.model.visual,
+            transform=repr(self.backbone.eval_transform()),
+            dataset=dataset_key,
+            split=split,
+            rows=n,
+        )
 
     def clear(self) -> None:
         """Drop every cached feature."""
@@ -689,6 +707,7 @@ class FeatureCache:
             chunk = idx[start : start + self.batch_size]
             images = torch.stack([transform(dataset[i][0]) for i in chunk])
             out.append(self.backbone.encode_images(images).float())
+            self.encoded_images += len(chunk)
         if not out:
             return torch.empty(0, self.backbone.embed_dim, device=self.backbone.device)
         return torch.cat(out)
@@ -718,14 +737,23 @@ class FeatureCache:
         if augment:
             return self._encode(dataset, idx, self.backbone.train_transform(augment=True))
         key = (dataset_key, split)
+        disk_key = self._disk_key(dataset_key, split, n) if self.disk is not None else None
         if key not in self._store:
             feats = torch.zeros(n, self.backbone.embed_dim, device=self.backbone.device)
-            self._store[key] = (feats, torch.zeros(n, dtype=torch.bool))
+            done = torch.zeros(n, dtype=torch.bool)
+            saved = self.disk.load(disk_key, rows=n) if self.disk is not None and disk_key else None
+            if saved is not None and saved.shape[1] == feats.shape[1]:
+                feats, done = saved.to(feats.device), torch.ones(n, dtype=torch.bool)
+            self._store[key] = (feats, done)
         feats, done = self._store[key]
-        missing = sorted({i for i in idx if not done[i]})
+        wanted = range(n) if self.disk is not None else idx  # with a disk store: the whole split, to save it
+        missing = sorted({i for i in wanted if not done[i]})
         if missing:
             feats[missing] = self._encode(dataset, missing, self.backbone.eval_transform())
             done[missing] = True
+            if self.disk is not None and disk_key:
+                meta = {"dataset": dataset_key, "split": split, "model": self.backbone.model_name}
+                self.disk.save(disk_key, feats, meta)
         return feats[idx]
 
 

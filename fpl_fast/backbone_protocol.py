@@ -20,7 +20,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Backbone", "FeatureIndices", "PromptParts"]
+__all__ = ["Backbone", "FeatureDisk", "FeatureIndices", "ImageFeatureCache", "PromptParts"]
 
 FeatureIndices: TypeAlias = Sequence[int] | Tensor | npt.NDArray[np.integer[Any]]
 """Dataset indices accepted by :meth:`Backbone.image_features`: a sequence of ints, a tensor or an integer array."""
@@ -63,6 +63,23 @@ class PromptParts:
         return torch.cat([self.prefix.to(ctx.dtype), ctx, self.suffix.to(ctx.dtype)], dim=1)
 
 
+class FeatureDisk(Protocol):
+    """An on-disk feature store as the image-feature cache sees it (``fpl_fast.data.feature_store.FeatureStore``)."""
+
+    def entry_key(self, encoder: nn.Module, **parts: Any) -> str: ...
+
+    def load(self, key: str, *, rows: int) -> Tensor | None: ...
+
+    def save(self, key: str, feats: Tensor, meta: dict[str, Any] | None = None) -> Any: ...
+
+
+class ImageFeatureCache(Protocol):
+    """What the application layer sets on a backbone's feature cache: its disk store; and what it counts."""
+
+    disk: FeatureDisk | None
+    encoded_images: int
+
+
 class Backbone(Protocol):
     """A frozen CLIP-like model with a prompt-injected text encoder and cached image features.
 
@@ -73,6 +90,11 @@ class Backbone(Protocol):
     @property
     def model(self) -> nn.Module:
         """The wrapped open_clip model (its text tower is read with :func:`fpl_fast.backbone.text_tower`)."""
+        ...
+
+    @property
+    def feature_cache(self) -> ImageFeatureCache:
+        """The image-feature cache behind :meth:`image_features` (its ``disk`` store may be set)."""
         ...
 
     @property

@@ -174,12 +174,14 @@ class RunSettings:
         resume: continue the stopped run in ``out`` from its checkpoint.
         mia: shadow models of the membership-inference attack run after training (0: no attack).
         progress: show a progress bar.
+        feature_cache: a folder of image features on disk, shared across runs (None: encode in memory only).
     """
 
     out: str | None = None
     resume: bool = False
     mia: int = 0
     progress: bool = True
+    feature_cache: str | None = None
 
     def __post_init__(self) -> None:
         check_int(self, "mia", low=0, note=" (shadow models; 0: no attack)")

@@ -28,6 +28,7 @@ from fpl_fast.backbone_protocol import Backbone
 from fpl_fast.config import RunConfig, RunSettings
 from fpl_fast.data import DatasetBundle, load_dataset
 from fpl_fast.data.clients import client_split
+from fpl_fast.data.feature_store import FeatureStore
 from fpl_fast.federated.client import ClientData
 from fpl_fast.federated.runner import default_out_dir, run_federation
 from fpl_fast.federated.simulation import Federation
@@ -132,6 +133,8 @@ def _run(
         check_pool(cfg.dataset)  # before anything is loaded or trained
     if backbone is None:
         backbone = _load_backbone(cfg)
+    if run.feature_cache:
+        backbone.feature_cache.disk = FeatureStore(run.feature_cache)
     else:
         torch.manual_seed(cfg.seed)  # as _load_backbone: augmentation draws from torch's global generator
     if features is not None:

@@ -151,6 +151,11 @@ _FLAGS: list[tuple[str, Any, str]] = [
     ),
     ("--out", str, "output folder (default runs/<timestamp>)"),
     (
+        "--feature-cache",
+        str,
+        "folder of image features cached on disk across runs (keyed by encoder weights, transform, dataset, split)",
+    ),
+    (
         "--mia",
         int,
         "membership-inference attack after training with N shadow models (writes mia.json; default 0: off)",
