@@ -737,23 +737,22 @@ class FeatureCache:
         if augment:
             return self._encode(dataset, idx, self.backbone.train_transform(augment=True))
         key = (dataset_key, split)
-        disk_key = self._disk_key(dataset_key, split, n) if self.disk is not None else None
         if key not in self._store:
             feats = torch.zeros(n, self.backbone.embed_dim, device=self.backbone.device)
             done = torch.zeros(n, dtype=torch.bool)
-            saved = self.disk.load(disk_key, rows=n) if self.disk is not None and disk_key else None
+            saved = self.disk.load(self._disk_key(dataset_key, split, n), rows=n) if self.disk is not None else None
             if saved is not None and saved.shape[1] == feats.shape[1]:
                 feats, done = saved.to(feats.device), torch.ones(n, dtype=torch.bool)
             self._store[key] = (feats, done)
         feats, done = self._store[key]
         wanted = range(n) if self.disk is not None else idx  # with a disk store: the whole split, to save it
-        missing = sorted({i for i in wanted if not done[i]})
+        missing = [] if bool(done.all()) else sorted({i for i in wanted if not done[i]})
         if missing:
             feats[missing] = self._encode(dataset, missing, self.backbone.eval_transform())
             done[missing] = True
-            if self.disk is not None and disk_key:
+            if self.disk is not None:
                 meta = {"dataset": dataset_key, "split": split, "model": self.backbone.model_name}
-                self.disk.save(disk_key, feats, meta)
+                self.disk.save(self._disk_key(dataset_key, split, n), feats, meta)
         return feats[idx]
 
 

@@ -82,9 +82,14 @@ _CHUNK_FLOATS = {"cpu": 2**20, "cuda": 2**27}
 _NO_CLIP = LocalDP(clip_norm=math.inf, noise_multiplier=0.0, clip_mode="batch")
 
 
+def sample_rate(batch_size: int, size: int) -> float:
+    """A client's sampling rate q = min(1, b / n) (a client with fewer than b examples uses all of them)."""
+    return min(1.0, float(batch_size) / size)
+
+
 def sample_rates(cfg: RunConfig, sizes: list[int]) -> list[float]:
-    """Each client's sampling rate q_k = min(1, b / n_k) (a client with fewer than b examples uses all of them)."""
-    return [min(1.0, float(cfg.batch_size) / n) for n in sizes]
+    """Each client's sampling rate, from its number of training examples."""
+    return [sample_rate(cfg.batch_size, n) for n in sizes]
 
 
 def steps_per_round(cfg: RunConfig, sizes: list[int]) -> int:
@@ -112,7 +117,7 @@ class BatchSampler:
 
     @property
     def sample_rate(self) -> float:
-        return min(1.0, float(self.batch_size) / self.size)
+        return sample_rate(self.batch_size, self.size)
 
     def next(self) -> np.ndarray:
         n = self.size

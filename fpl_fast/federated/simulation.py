@@ -15,7 +15,7 @@ from torch import Tensor
 
 from fpl_fast.backbone_protocol import Backbone
 from fpl_fast.config import RunConfig
-from fpl_fast.federated.client import ClientData, Clients, StepStats, sample_rates, steps_per_round
+from fpl_fast.federated.client import ClientData, Clients, StepStats, steps_per_round
 from fpl_fast.federated.server import Server
 from fpl_fast.federated.text import ClassPrompts
 from fpl_fast.privacy.plan import NoisePlan
@@ -68,10 +68,6 @@ class Federation:
     @property
     def steps_per_round(self) -> int:
         return steps_per_round(self.cfg, self.sizes)
-
-    @property
-    def sample_rates(self) -> list[float]:
-        return sample_rates(self.cfg, self.sizes)
 
     @property
     def steps_taken(self) -> np.ndarray:
