@@ -175,6 +175,8 @@ class RunSettings:
         mia: shadow models of the membership-inference attack run after training (0: no attack).
         progress: show a progress bar.
         feature_cache: a folder of image features on disk, shared across runs (None: encode in memory only).
+        engine: "inprocess" (all clients in this process) or "flower-sim" (Flower's simulation runtime, one
+            SuperNode per client, over the same client and server objects).
     """
 
     out: str | None = None
@@ -182,12 +184,18 @@ class RunSettings:
     mia: int = 0
     progress: bool = True
     feature_cache: str | None = None
+    engine: str = "inprocess"
 
     def __post_init__(self) -> None:
         check_int(self, "mia", low=0, note=" (shadow models; 0: no attack)")
+        check_choice(self, "engine", ENGINES)
+        if self.engine != "inprocess" and self.mia:
+            raise ConfigError("mia", f"mia needs engine='inprocess' (engine={self.engine!r})", others=("engine",))
         if self.resume and not self.out:
             raise ConfigError("resume", "resume needs out, the folder of the run to continue", others=("out",))
 
+
+ENGINES = ("inprocess", "flower-sim")
 
 # Learning rates by clip mode for the embedded model, tuned on the public digits-tune split at epsilon_total 3
 # (bench/study_output_dp.py; README "Output-space DP: the utility study"). Batch mode keeps its earlier 0.1.

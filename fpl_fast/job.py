@@ -166,10 +166,15 @@ def _load_backbone(cfg: RunConfig) -> Backbone:
         raise ValueError(f"--pretrained: {exc}") from None
 
 
-def prepare(cfg: RunConfig) -> tuple[Backbone, list[str], ClientData]:
-    """Backbone, class names and the federation's data (image features encoded once, cached)."""
+def prepare(
+    cfg: RunConfig, *, feature_cache: str | Path | None = None, whole: bool = False
+) -> tuple[Backbone, list[str], ClientData]:
+    """Backbone, class names and the federation's data (image features encoded once, cached; on disk too with
+    ``feature_cache``). ``whole``: the dataset is one client's own (a Flower node's data folder), not split."""
     backbone = _load_backbone(cfg)
-    classnames, data = _encode(cfg, backbone, None)
+    if feature_cache is not None:
+        backbone.feature_cache.disk = FeatureStore(feature_cache)
+    classnames, data = _encode(cfg, backbone, None, whole=whole)
     return backbone, classnames, data
 
 
@@ -192,19 +197,26 @@ def _check_clients(data: ClientData, cfg: RunConfig) -> None:
         raise ValueError(f"clients {empty} of the given split have no training examples")
 
 
-def _encode(cfg: RunConfig, backbone: Backbone, dataset: DatasetBundle | None) -> tuple[list[str], ClientData]:
-    """Split the dataset over the clients and encode its images once (cached by the backbone)."""
+def _encode(
+    cfg: RunConfig, backbone: Backbone, dataset: DatasetBundle | None, *, whole: bool = False
+) -> tuple[list[str], ClientData]:
+    """Split the dataset over the clients (``whole``: one client holds all of it) and encode its images once
+    (cached by the backbone)."""
     ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_root, image_size=backbone.image_size[0])
     train_labels, test_labels = dataset_labels(ds.train), dataset_labels(ds.test)
-    split = client_split(
-        train_labels,
-        cfg.num_users,
-        cfg.partition,
-        beta=cfg.beta,
-        seed=cfg.seed,
-        num_shots=cfg.num_shots,
-        test_labels=test_labels,
-    )
+    if whole:
+        train_idx, test_idx = [np.arange(len(train_labels))], [np.arange(len(test_labels))]
+    else:
+        split = client_split(
+            train_labels,
+            cfg.num_users,
+            cfg.partition,
+            beta=cfg.beta,
+            seed=cfg.seed,
+            num_shots=cfg.num_shots,
+            test_labels=test_labels,
+        )
+        train_idx, test_idx = [np.asarray(ix) for ix in split.train], [np.asarray(ix) for ix in split.test]
     key = f"{cfg.dataset}:{cfg.data_root}" if dataset is None else f"{ds.name}:user:{id(ds)}"
     train_feats = backbone.image_features(key, "train", ds.train)
     test_feats = backbone.image_features(key, "test", ds.test)
@@ -219,8 +231,8 @@ def _encode(cfg: RunConfig, backbone: Backbone, dataset: DatasetBundle | None) -
         train_labels=torch.as_tensor(train_labels, dtype=torch.long),
         test_feats=test_feats.float().cpu(),
         test_labels=torch.as_tensor(test_labels, dtype=torch.long),
-        train_idx=[np.asarray(ix) for ix in split.train],
-        test_idx=[np.asarray(ix) for ix in split.test],
+        train_idx=train_idx,
+        test_idx=test_idx,
         augment_fn=augment_fn,
     )
     return list(ds.classnames), data

@@ -207,7 +207,8 @@ def _plot(path: Path, rows: list[dict[str, Any]], final: dict[str, Any]) -> None
     fig, ax = plt.subplots(figsize=(6, 4))
     r = [row["round"] for row in rows]
     ax.plot(r, [row["local_acc"] for row in rows], marker="o", label="local (own classes)")
-    ax.plot(r, [row["neighbor_acc"] for row in rows], marker="s", label="neighbour (others' splits)")
+    if any(row.get("neighbor_acc") is not None for row in rows):  # a Flower node with its own data has none
+        ax.plot(r, [row["neighbor_acc"] for row in rows], marker="s", label="neighbour (others' splits)")
     if final.get("zero_shot_acc") is not None:
         ax.axhline(final["zero_shot_acc"], color="grey", ls="--", label="hand-written prompt (zero-shot)")
     ax.set_xlabel("round")

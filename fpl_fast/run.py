@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fpl_fast.config import CHOICES, PAPER, RunConfig, RunSettings, load_config_file
+from fpl_fast.config import CHOICES, ENGINES, PAPER, RunConfig, RunSettings, load_config_file
 from fpl_fast.validation import ConfigError, flag_message
 
 __all__ = ["build_parser", "config_from_args", "main"]
@@ -160,6 +160,12 @@ _FLAGS: list[tuple[str, Any, str]] = [
         int,
         "membership-inference attack after training with N shadow models (writes mia.json; default 0: off)",
     ),
+    (
+        "--engine",
+        str,
+        "inprocess: every client in this process (default) | flower-sim: Flower's simulation runtime, one "
+        "SuperNode per client (needs pip install .[flower])",
+    ),
 ]
 
 
@@ -180,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper", action="store_true", help="start from the DP-FPL authors' settings (ViT-B-16, openai)")
     for flag, typ, text in _FLAGS:
         name = flag[2:].replace("-", "_")
-        choices = CHOICES.get(name)
+        choices = CHOICES.get(name) or (ENGINES if name == "engine" else None)
         p.add_argument(flag, type=typ, default=None, choices=choices, help=text)
     p.add_argument("--resume", action="store_true", help="continue the stopped run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -267,9 +273,12 @@ def main(argv: list[str] | None = None) -> int:
         return _run_method(args)
     try:
         cfg, run = config_from_args(args)
-        from fpl_fast.job import prepare_and_run  # heavy imports after the flags are known good
+        if run.engine == "flower-sim":
+            result, out = _run_flower(cfg, run)
+        else:
+            from fpl_fast.job import prepare_and_run  # heavy imports after the flags are known good
 
-        result, out = prepare_and_run(cfg, run)
+            result, out = prepare_and_run(cfg, run)
     except (ValueError, FileNotFoundError) as exc:
         return _fail(exc)
     from fpl_fast.results import summary_table
@@ -285,6 +294,21 @@ def main(argv: list[str] | None = None) -> int:
         files += ", mia.json"
     print(f"results written to {Path(out)}/ ({files})")
     return 0
+
+
+def _run_flower(cfg: RunConfig, run: RunSettings) -> tuple[dict[str, Any], Path]:
+    try:
+        from fpl_fast.flower.protocol import FederationError
+        from fpl_fast.flower.simulation import run_flower_simulation
+    except ImportError as exc:
+        raise ValueError(f"--engine flower-sim needs Flower: pip install '.[flower]' ({exc})") from None
+    from fpl_fast.federated.runner import default_out_dir
+
+    out = Path(run.out) if run.out else default_out_dir()
+    try:
+        return run_flower_simulation(cfg, run, out=out), out
+    except FederationError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _fmt3(x: float | None) -> str:

@@ -14,6 +14,8 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" torch==2.14.1 torchvision==0.29.1
 "${PIP[@]}" setuptools wheel ninja open_clip_torch ftfy numpy scikit-learn dp-accounting tqdm matplotlib \
   pytest ruff clang-format mypy==2.4.1
+# Flower, pinned to the version fpl_fast.flower is tested with (pyproject's [flower] extra); Ray for its simulation.
+"${PIP[@]}" "flwr[simulation]==1.42.0"
 
 stamp=.venv/.fpl_fast_build
 want=$( (cat setup.py pyproject.toml; find csrc -type f | sort | xargs cat) | sha256sum | cut -d' ' -f1)

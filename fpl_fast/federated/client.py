@@ -35,7 +35,7 @@ from fpl_fast.federated.optim import ClientSGD
 from fpl_fast.federated.text import ClassPrompts
 from fpl_fast.privacy.mechanism import LocalDP, NoiseStream, OutputDP, privatize_local, privatize_output, take_each
 from fpl_fast.privacy.per_sample import logit_cotangents, per_sample_prompt_grads_from
-from fpl_fast.privacy.plan import ClientAccountant, NoisePlan
+from fpl_fast.privacy.plan import ClientAccountant, NoisePlan, global_release_noise
 from fpl_fast.privacy.randomness import PartyRandomness, derive_key
 from fpl_fast.prompts import PromptLearner
 
@@ -196,7 +196,7 @@ class Clients:
     @property
     def global_noise(self) -> float:
         """sigma_g of the global release (none in output mode: the one release already covers G)."""
-        return self.plan.sigma_global if self.dp_active and not self.output_mode else 0.0
+        return global_release_noise(self.cfg, self.plan)
 
     def noise_streams(self, rows: Tensor) -> list[NoiseStream]:
         return [self.rand[k].noise for k in rows.tolist()]
@@ -340,6 +340,19 @@ class Clients:
             z = torch.stack([s.normal(g[0].numel(), g.device) for s in streams]).view_as(g)
             g = g + z * (sigma_g * self.cfg.norm_thresh / self.batch_denominator)
         self.opt_global.step(rows, {"g": g})
+
+    def local_round(self, rows: Tensor, global_ctx: Tensor, steps: int, on_step=None) -> list[StepStats]:
+        """sync="round": the clients ``rows`` start from the server's G and run ``steps`` DP-SGD steps on their own
+        copies of it (and on their local prompts); their copies are then what they send."""
+        self.learner.client_global[rows] = global_ctx
+        stats = []
+        for _ in range(steps):
+            grad_global, st = self.local_step(rows)
+            self.own_global_step(rows, grad_global)
+            stats.append(st)
+            if on_step is not None:
+                on_step()
+        return stats
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()

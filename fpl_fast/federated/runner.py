@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +21,7 @@ from fpl_fast.federated.client import sample_rates, steps_per_round
 from fpl_fast.federated.simulation import ClientData, Federation, StepStats
 from fpl_fast.methods.skeleton import run_method
 from fpl_fast.privacy.accountant import PrivacyAccountant
-from fpl_fast.privacy.plan import NoisePlan, plan_noise, trust_model
+from fpl_fast.privacy.plan import ClientAccountant, NoisePlan, plan_noise, trust_model
 from fpl_fast.privacy.randomness import randomness_statement
 from fpl_fast.prompts import get_factorization
 
@@ -38,6 +38,9 @@ __all__ = [
     "TrainingDiverged",
     "divergence_guard",
     "DPFPL",
+    "epsilons_spent",
+    "eval_record",
+    "privacy_summary",
 ]
 
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
@@ -183,10 +186,66 @@ class _State:
     bar: tqdm | None = None
     last_eval: dict[str, Any] | None = None
 
-    def epsilons(self) -> tuple[list[float], list[float], list[float]]:
-        """Local, global and total (both releases together) epsilon each client's ledger has spent so far."""
-        spent = [a.epsilons() for a in self.fed.clients.accountants]
-        return [e.local for e in spent], [e.global_ for e in spent], [e.total for e in spent]
+
+def epsilons_spent(accountants: Sequence[ClientAccountant]) -> tuple[list[float], list[float], list[float]]:
+    """Local, global and total (both releases together) epsilon each client's ledger has spent so far."""
+    spent = [a.epsilons() for a in accountants]
+    return [e.local for e in spent], [e.global_ for e in spent], [e.total for e in spent]
+
+
+def eval_record(ev: dict[str, Any], accountants: Sequence[ClientAccountant], loss: float | None) -> dict[str, Any]:
+    """A round's record: the evaluation's mean accuracies, the worst client's epsilons so far and the mean loss."""
+    eps_l, eps_g, eps_t = epsilons_spent(accountants)
+    return {
+        "local_acc": ev["local_acc"],
+        "neighbor_acc": ev["neighbor_acc"],
+        "epsilon_local": max(eps_l),
+        "epsilon_global": max(eps_g),
+        "epsilon_total": max(eps_t),
+        "loss": loss,
+    }
+
+
+def privacy_summary(
+    cfg: RunConfig, plan: NoisePlan, qs: list[float], accountants: Sequence[ClientAccountant]
+) -> dict[str, Any]:
+    """The privacy part of results.json: the worst client's epsilons, what they rest on (accountant, noise plan,
+    sampling, randomness, trust) and every client's steps, sampling rate and epsilons."""
+    has_local_mech = get_factorization(cfg.factorization).has_local
+    eps_l, eps_g, eps_t = epsilons_spent(accountants)
+    accountant = PrivacyAccountant(
+        cfg.accountant,
+        noise_multiplier=max(plan.accountant_global, 1e-9),
+        sample_rate=max(qs),
+        delta=cfg.delta,
+        sampling=cfg.sampling_scheme,
+    )  # only for its name and its statement of the sampling approximation
+    return {
+        "epsilon_local": max(eps_l) if has_local_mech else None,
+        "epsilon_global": max(eps_g),
+        "epsilon_total": max(eps_t),
+        "delta": cfg.delta,
+        "accountant": accountant.name,
+        "accountant_approximation": accountant.approximation,
+        "unit_of_privacy": "one example of one client (add/remove neighbouring)",
+        "per_example_guarantee": cfg.clip_mode in ("sample", "output"),
+        "clip_mode": cfg.clip_mode,
+        "output_clip": cfg.output_clip if cfg.clip_mode == "output" else None,
+        "trust_model": trust_model(cfg),
+        "noise_multiplier_local": plan.sigma_local,
+        "noise_multiplier_global": plan.sigma_global,
+        "accountant_multiplier_local": plan.accountant_local,
+        "accountant_multiplier_global": plan.accountant_global,
+        "accountant_multiplier_total": plan.accountant_total,
+        "sampling": cfg.sampling,
+        "randomness": randomness_statement(cfg.noise_seed),
+        "noise_note": plan.note,
+        "steps_per_client": [int(a.steps) for a in accountants],
+        "sample_rate_per_client": qs,
+        "epsilon_local_per_client": eps_l if has_local_mech else None,
+        "epsilon_global_per_client": eps_g,
+        "epsilon_total_per_client": eps_t,
+    }
 
 
 class DPFPL:
@@ -229,61 +288,24 @@ class DPFPL:
         if rnd % cfg.eval_every != 0 and rnd != cfg.rounds:
             return None
         ev = st.last_eval = fed.evaluate(eval_seed(cfg, rnd - 1))
-        eps_l, eps_g, eps_t = st.epsilons()
+        record = eval_record(ev, fed.clients.accountants, float(np.mean([s.loss for s in stats])))
         if st.bar is not None:
-            st.bar.set_postfix(acc=f"{ev['local_acc']:.3f}", nb=f"{ev['neighbor_acc']:.3f}", eps=f"{max(eps_t):.3g}")
-        return {
-            "local_acc": ev["local_acc"],
-            "neighbor_acc": ev["neighbor_acc"],
-            "epsilon_local": max(eps_l),
-            "epsilon_global": max(eps_g),
-            "epsilon_total": max(eps_t),
-            "loss": float(np.mean([s.loss for s in stats])),
-        }
+            st.bar.set_postfix(
+                acc=f"{ev['local_acc']:.3f}", nb=f"{ev['neighbor_acc']:.3f}", eps=f"{record['epsilon_total']:.3g}"
+            )
+        return record
 
     def final(self, st: _State) -> dict[str, Any]:
         """Accuracies, the privacy guarantee and what it rests on (accountant, noise plan, sampling, randomness)."""
-        cfg, fed, plan, qs = st.cfg, st.fed, st.plan, st.qs
+        cfg, fed = st.cfg, st.fed
         last_eval = st.last_eval
         if last_eval is None:  # resumed a finished run: evaluate the final state again
             last_eval = fed.evaluate(eval_seed(cfg, cfg.rounds - 1))
-        has_local_mech = get_factorization(cfg.factorization).has_local
-        eps_l, eps_g, eps_t = st.epsilons()
-        accountant = PrivacyAccountant(
-            cfg.accountant,
-            noise_multiplier=max(plan.accountant_global, 1e-9),
-            sample_rate=max(qs),
-            delta=cfg.delta,
-            sampling=cfg.sampling_scheme,
-        )  # only for its name and its statement of the sampling approximation
         return {
             "local_acc": last_eval["local_acc"],
             "neighbor_acc": last_eval["neighbor_acc"],
             "zero_shot_acc": st.zero_shot,
-            "epsilon_local": max(eps_l) if has_local_mech else None,
-            "epsilon_global": max(eps_g),
-            "epsilon_total": max(eps_t),
-            "delta": cfg.delta,
-            "accountant": accountant.name,
-            "accountant_approximation": accountant.approximation,
-            "unit_of_privacy": "one example of one client (add/remove neighbouring)",
-            "per_example_guarantee": cfg.clip_mode in ("sample", "output"),
-            "clip_mode": cfg.clip_mode,
-            "output_clip": cfg.output_clip if cfg.clip_mode == "output" else None,
-            "trust_model": trust_model(cfg),
-            "noise_multiplier_local": plan.sigma_local,
-            "noise_multiplier_global": plan.sigma_global,
-            "accountant_multiplier_local": plan.accountant_local,
-            "accountant_multiplier_global": plan.accountant_global,
-            "accountant_multiplier_total": plan.accountant_total,
-            "sampling": cfg.sampling,
-            "randomness": randomness_statement(cfg.noise_seed),
-            "noise_note": plan.note,
-            "steps_per_client": [int(s) for s in fed.steps_taken],
-            "sample_rate_per_client": qs,
-            "epsilon_local_per_client": eps_l if has_local_mech else None,
-            "epsilon_global_per_client": eps_g,
-            "epsilon_total_per_client": eps_t,
+            **privacy_summary(cfg, st.plan, st.qs, fed.clients.accountants),
             "local_acc_per_client": last_eval["local_acc_per_client"],
             "neighbor_acc_per_client": last_eval["neighbor_acc_per_client"],
         }

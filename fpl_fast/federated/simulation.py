@@ -21,7 +21,23 @@ from fpl_fast.federated.text import ClassPrompts
 from fpl_fast.privacy.plan import NoisePlan
 from fpl_fast.prompts import PromptConfig, PromptLearner
 
-__all__ = ["ClientData", "Federation", "StepStats"]
+__all__ = ["ClientData", "Federation", "StepStats", "client_accuracies"]
+
+
+@torch.no_grad()
+def client_accuracies(text: Tensor, data: ClientData, clients: list[int]) -> tuple[list[float], list[float]]:
+    """Accuracy of each prompt ``text[j]`` (normalised text features (n_cls, D)) on client ``clients[j]``'s own test
+    split (local) and on every other client's test split in ``data`` (neighbour; nan where there is none)."""
+    x = torch.nn.functional.normalize(data.test_feats.to(text.device), dim=-1)
+    correct = torch.einsum("nd,kcd->knc", x, text).argmax(-1).cpu() == data.test_labels.cpu()[None]
+    local, neighbor = [], []
+    for j, k in enumerate(clients):
+        own = torch.as_tensor(data.test_idx[k], dtype=torch.long)
+        others = [torch.as_tensor(ix, dtype=torch.long) for i, ix in enumerate(data.test_idx) if i != k]
+        oth = torch.cat(others) if others else own.new_zeros(0)
+        local.append(float(correct[j, own].float().mean()) if len(own) else float("nan"))
+        neighbor.append(float(correct[j, oth].float().mean()) if len(oth) else float("nan"))
+    return local, neighbor
 
 
 class Federation:
@@ -90,18 +106,16 @@ class Federation:
 
     def train_round(self, clients: Tensor, on_step=None) -> list[StepStats]:
         """One round: E local epochs of the active clients (G synchronised per step or at the end)."""
-        L = self.learner
-        sync_step = self.cfg.sync == "step"
-        if not sync_step:
-            L.client_global[clients] = self.server.global_ctx  # broadcast the server's prompt
+        if self.cfg.sync == "round":
+            stats = self.clients.local_round(clients, self.server.global_ctx, self.steps_per_round, on_step)
+            self.server.average(self.learner.client_global[clients])  # FedAvg of the (DP-SGD trained) copies
+            self.learner.client_global[:] = self.server.global_ctx
+            return stats
         stats = []
         for _ in range(self.steps_per_round):
-            stats.append(self.train_step(clients, server_average=sync_step))
+            stats.append(self.train_step(clients, server_average=True))
             if on_step is not None:
                 on_step()
-        if not sync_step:
-            self.server.average(L.client_global[clients])  # FedAvg of the (DP-SGD trained) copies
-            L.client_global[:] = self.server.global_ctx
         return stats
 
     # ------------------------------------------------------------------------------------------
@@ -112,18 +126,9 @@ class Federation:
     @torch.no_grad()
     def evaluate(self, eval_seed: int) -> dict:
         """Per-client local accuracy (own test split) and neighbour accuracy (the others' test splits)."""
-        text = self.client_text_features(eval_seed)  # (K, n_cls, D)
-        x = torch.nn.functional.normalize(self.data.test_feats.to(self.device), dim=-1)
-        preds = torch.einsum("nd,kcd->knc", x, text).argmax(-1).cpu()  # (K, N_test)
-        correct = preds == self.data.test_labels.cpu()[None]
-        K = self.cfg.num_users
-        local, neighbor = [], []
-        for k in range(K):
-            own = torch.as_tensor(self.data.test_idx[k], dtype=torch.long)
-            others = [torch.as_tensor(self.data.test_idx[j], dtype=torch.long) for j in range(K) if j != k]
-            oth = torch.cat(others) if others else own.new_zeros(0)
-            local.append(float(correct[k, own].float().mean()) if len(own) else float("nan"))
-            neighbor.append(float(correct[k, oth].float().mean()) if len(oth) else float("nan"))
+        local, neighbor = client_accuracies(
+            self.client_text_features(eval_seed), self.data, list(range(self.cfg.num_users))
+        )
         return {
             "local_acc": float(np.nanmean(local)),
             "neighbor_acc": float(np.nanmean(neighbor)),

@@ -22,7 +22,7 @@ from fpl_fast.privacy.mechanism import (
 )
 from fpl_fast.prompts import get_factorization
 
-__all__ = ["NoisePlan", "plan_noise", "trust_model", "ClientAccountant", "Epsilons"]
+__all__ = ["NoisePlan", "plan_noise", "global_release_noise", "trust_model", "ClientAccountant", "Epsilons"]
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,12 @@ def plan_noise(cfg: RunConfig, *, sample_rate: float, steps: int) -> NoisePlan:
             f"delta={cfg.delta}, q={sample_rate:.4g}, steps={steps}"
         )
     return NoisePlan.from_sigmas(cfg, s_l, s_g, "; ".join(notes))
+
+
+def global_release_noise(cfg: RunConfig, plan: NoisePlan) -> float:
+    """sigma_g of the global prompt's release (by the server with sync="step", by each client with sync="round");
+    none in output mode, where the one release of the step already covers G."""
+    return 0.0 if cfg.clip_mode == "output" else plan.sigma_global
 
 
 def trust_model(cfg: RunConfig) -> str:

@@ -132,6 +132,16 @@ class PromptLearner:
         (g_L, empty) without u, v) to gradients of the stored local parameters."""
         return self.scheme.local_update(factors, grad_local_a, grad_local_b, full_grad_scale=self.cfg.full_grad_scale)
 
+    def select(self, rows: list[int]) -> PromptLearner:
+        """A learner of these clients' rows only (a federation node holding some clients of a K-client init)."""
+        out = object.__new__(PromptLearner)
+        out.cfg, out.scheme, out.ctx_dim, out.num_clients = self.cfg, self.scheme, self.ctx_dim, len(rows)
+        ix = torch.as_tensor(rows, dtype=torch.long, device=self.global_ctx.device)
+        out.global_ctx = self.global_ctx.clone()
+        out.client_global = self.client_global[ix].clone()
+        out.local = {k: t[ix].clone() for k, t in self.local.items()}
+        return out
+
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {

@@ -1,0 +1,206 @@
+"""The ServerApp: DP-FPL's server over Flower, on the method skeleton (:func:`fpl_fast.methods.skeleton.run_method`),
+so its results.json, rounds.csv, accuracy.png, checkpoints and resume are the in-process runner's.
+
+Set-up: wait (``node-timeout``) for one SuperNode per client, ask each for its partition id, training-set size and
+the text encoder's width (refusing another fpl_fast version or configuration), compute the sampling rates and steps
+per round exactly as the in-process runner does, plan the noise, and build the server's G from the public
+initialisation. Each round: sample clients (:class:`~fpl_fast.flower.strategy.GlobalPromptStrategy`), send G, take the
+releases that come back, aggregate; on evaluated rounds, ask every client for its accuracies. Each client's ledger
+counts the steps the client reports it took (a client that missed a round is accounted for what it did).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fpl_fast.config import RunConfig
+from fpl_fast.federated.client import sample_rates, steps_per_round
+from fpl_fast.federated.runner import eval_record, eval_seed, privacy_summary
+from fpl_fast.federated.server import Server
+from fpl_fast.flower.node import initial_learner
+from fpl_fast.flower.protocol import INFO, AppSettings, FederationError, from_run_config, header
+from fpl_fast.flower.strategy import GlobalPromptStrategy, replies_by_partition
+from fpl_fast.methods.skeleton import run_method
+from fpl_fast.privacy.plan import ClientAccountant, NoisePlan, global_release_noise, plan_noise
+
+__all__ = ["FlowerDPFPL", "make_server_app", "app", "wait_for_nodes"]
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
+    """The connected node ids once ``count`` are there; a one-line error after ``timeout`` seconds (not a hang)."""
+    t0 = time.monotonic()
+    while len(nodes := sorted(grid.get_node_ids())) < count:
+        if time.monotonic() - t0 > timeout:
+            raise FederationError(
+                f"only {len(nodes)} of {count} SuperNodes connected within {timeout:g} s (num_users={count}): start "
+                "one SuperNode per client, or raise node-timeout"
+            )
+        time.sleep(0.2)
+    return nodes
+
+
+@dataclass
+class _State:
+    cfg: RunConfig
+    server: Server
+    strategy: GlobalPromptStrategy
+    plan: NoisePlan
+    qs: list[float]
+    steps_per_round: int
+    neighbours: bool
+    nonce: str
+    last_eval: dict[str, Any] | None = None
+
+
+class FlowerDPFPL:
+    """DP-FPL's server side on Flower, as a :class:`~fpl_fast.methods.skeleton.Method` (resumable)."""
+
+    name = "dpfpl"
+    postfix = ("local_acc", "neighbor_acc", "epsilon_total")
+
+    def __init__(self, grid: Grid, settings: AppSettings) -> None:
+        self.grid, self.settings = grid, settings
+
+    def _send(self, messages: Iterable[Message]) -> Iterable[Message]:
+        return self.grid.send_and_receive(list(messages), timeout=self.settings.reply_timeout)
+
+    def _header(self, st_cfg: RunConfig, nonce: str, plan: NoisePlan | None = None, **fields: Any) -> ConfigRecord:
+        sigmas = {"sigma-local": plan.sigma_local, "sigma-global": plan.sigma_global} if plan else {}
+        return ConfigRecord(header(st_cfg, self.settings.run_name, nonce, **sigmas, **fields))
+
+    def setup(self, cfg: RunConfig) -> _State:
+        K = cfg.num_users
+        nodes = wait_for_nodes(self.grid, K, self.settings.node_timeout)
+        nonce = secrets.token_hex(8)  # names this run's node state (a resumed run takes the checkpoint's)
+        ask = RecordDict({"header": self._header(cfg, nonce)})
+        replies = self._send(Message(ask, dst_node_id=n, message_type=INFO) for n in nodes)
+        infos: dict[int, Any] = {}
+        node_of: dict[int, int] = {}
+        for msg in replies:
+            got = replies_by_partition([msg], "info", [])
+            (k,) = got
+            if k in node_of:
+                raise FederationError(f"nodes {node_of[k]} and {msg.metadata.src_node_id} both hold partition-id {k}")
+            infos[k], node_of[k] = got[k]["info"], msg.metadata.src_node_id
+        missing = sorted(set(range(K)) - set(node_of))
+        if missing:
+            raise FederationError(f"no SuperNode answered for partitions {missing} of 0 .. {K - 1}")
+        sizes = [int(infos[k]["n-train"]) for k in range(K)]
+        qs, spr = sample_rates(cfg, sizes), steps_per_round(cfg, sizes)
+        plan = plan_noise(cfg, sample_rate=max(qs), steps=cfg.rounds * spr)
+        g0 = initial_learner(cfg, int(infos[0]["ctx-dim"])).global_ctx
+        server = Server(cfg, g0, noise_multiplier=global_release_noise(cfg, plan))
+        accountants = [ClientAccountant(cfg, plan, q) for q in qs]
+        strategy = GlobalPromptStrategy(server, accountants, node_of, sync=cfg.sync)
+        neighbours = all(bool(infos[k]["neighbours"]) for k in range(K))
+        return _State(cfg, server, strategy, plan, qs, spr, neighbours, nonce)
+
+    def state_dict(self, st: _State) -> dict[str, Any]:
+        return {
+            "server": st.server.state_dict(),
+            "steps": [a.steps for a in st.strategy.accountants],
+            "nonce": st.nonce,
+        }
+
+    def load_state_dict(self, st: _State, saved: dict[str, Any]) -> None:
+        st.server.load_state_dict(saved["server"])
+        for a, n in zip(st.strategy.accountants, saved["steps"], strict=True):
+            a.steps = int(n)
+        st.nonce = saved["nonce"]
+
+    def round(self, st: _State, rnd: int) -> dict[str, Any] | None:
+        """Sample, train (one message round per round, or per step with sync="step"), aggregate; evaluate every
+        ``eval_every`` rounds and on the last."""
+        cfg, strategy = st.cfg, st.strategy
+        strategy.sample()
+        units = (
+            [(rnd, st.steps_per_round)]
+            if cfg.sync == "round"
+            else [((rnd - 1) * st.steps_per_round + s + 1, 1) for s in range(st.steps_per_round)]
+        )
+        for tag, steps in units:
+            arrays = ArrayRecord({"global": st.server.global_ctx.clone()})
+            config = self._header(cfg, st.nonce, st.plan, tag=tag, steps=steps)
+            strategy.aggregate_train(rnd, self._send(strategy.configure_train(rnd, arrays, config, self.grid)))
+        if rnd % cfg.eval_every != 0 and rnd != cfg.rounds:
+            return None
+        st.last_eval = self._evaluate(st, rnd, units[-1][0])
+        return eval_record(st.last_eval, strategy.accountants, None)
+
+    def _evaluate(self, st: _State, rnd: int, tag: int) -> dict[str, Any]:
+        cfg, strategy = st.cfg, st.strategy
+        arrays = ArrayRecord({"global": st.server.global_ctx.clone()})
+        config = self._header(cfg, st.nonce, st.plan, tag=tag, **{"eval-seed": eval_seed(cfg, rnd - 1)})
+        metrics = strategy.aggregate_evaluate(
+            rnd, self._send(strategy.configure_evaluate(rnd, arrays, config, self.grid))
+        )
+        assert metrics is not None
+        K = cfg.num_users
+        got: dict[str, Any] = dict(metrics)
+        local = [float(got.get(f"local-acc-{k}", math.nan)) for k in range(K)]
+        neighbor = [float(got.get(f"neighbor-acc-{k}", math.nan)) for k in range(K)]
+        return {
+            "local_acc": float(np.nanmean(local)),
+            "neighbor_acc": float(np.nanmean(neighbor)) if st.neighbours else None,
+            "local_acc_per_client": local,
+            "neighbor_acc_per_client": neighbor if st.neighbours else None,
+        }
+
+    def final(self, st: _State) -> dict[str, Any]:
+        cfg = st.cfg
+        ev = (
+            st.last_eval
+            if st.last_eval is not None
+            else self._evaluate(st, cfg.rounds, cfg.rounds * st.steps_per_round)
+        )
+        return {
+            "engine": "flower",
+            "local_acc": ev["local_acc"],
+            "neighbor_acc": ev["neighbor_acc"],
+            "neighbor_note": (
+                "the other partitions' test splits, which every node holds (it partitions the shared dataset)"
+                if st.neighbours
+                else "not available: a node with its own data folder holds no other client's test data"
+            ),
+            "zero_shot_acc": None,  # the server holds no test data
+            **privacy_summary(cfg, st.plan, st.qs, st.strategy.accountants),
+            "local_acc_per_client": ev["local_acc_per_client"],
+            "neighbor_acc_per_client": ev["neighbor_acc_per_client"],
+            "run_name": self.settings.run_name,
+        }
+
+
+def make_server_app(
+    cfg: RunConfig | None = None, settings: AppSettings | None = None, *, errors: list[BaseException] | None = None
+) -> ServerApp:
+    """A ServerApp for ``cfg`` and ``settings`` (None: read both from the run config); an exception that ends the
+    run is also appended to ``errors`` (the simulation runtime only logs it)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            run_cfg, app_settings = from_run_config(context.run_config) if cfg is None else (cfg, settings)
+            assert app_settings is not None
+            method = FlowerDPFPL(grid, app_settings)
+            out = app_settings.out_dir
+            run_method(method, run_cfg, out=out, progress=app_settings.progress, resume=app_settings.resume)
+        except BaseException as exc:
+            if errors is not None:
+                errors.append(exc)
+            raise
+
+    return server_app
+
+
+# `flwr run`: the algorithm's and the app's settings come from the run config.
+app = make_server_app()

@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# shellcheck disable=SC2317  # cleanup and its helpers run from traps
+# Run a Flower app as a real deployment on loopback (flwr 1.42): one SuperLink,
+# NUM_NODES SuperNodes, then `flwr run`; exits with the run's status.
+#
+# usage: scripts/flower_loopback.sh APP_DIR NUM_NODES [--run-config "k=v ..."]...
+#                                   [--node-config-extra "k=v ..."]
+# env:   VENV (default: <repo>/.venv), LOG_DIR (default: a new temp dir),
+#        READY_TIMEOUT (s, default 60), RUN_TIMEOUT (s, default 600)
+# exit:  0 run finished:completed, 1 run failed/stopped, 2 usage, 124 timeout
+set -euo pipefail
+
+usage() { sed -n '6,10p' "$0" >&2; exit 2; }
+[[ $# -ge 2 ]] || usage
+APP_DIR=$(cd "$1" && pwd) || usage
+NUM_NODES=$2
+shift 2
+[[ $NUM_NODES =~ ^[1-9][0-9]*$ ]] || usage
+RUN_CONFIG=()
+NODE_EXTRA=""
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --run-config) [[ $# -ge 2 ]] || usage; RUN_CONFIG+=(--run-config "$2"); shift 2 ;;
+    --node-config-extra) [[ $# -ge 2 ]] || usage; NODE_EXTRA=$2; shift 2 ;;
+    *) usage ;;
+  esac
+done
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${VENV:-$REPO/.venv}
+READY_TIMEOUT=${READY_TIMEOUT:-60}
+RUN_TIMEOUT=${RUN_TIMEOUT:-600}
+LOG_DIR=${LOG_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/flwr-loopback-logs.XXXXXX")}
+mkdir -p "$LOG_DIR"
+echo "flower_loopback: logs in $LOG_DIR" >&2
+
+# A private FLWR_HOME keeps the user's ~/.flwr untouched and holds our own
+# config.toml, so flwr never falls back to its default ":local:" connection
+# (which would spawn a detached simulation SuperLink).
+FLWR_HOME=$(mktemp -d "${TMPDIR:-/tmp}/flwr-home.XXXXXX")
+export FLWR_HOME
+export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
+# The control/fleet/runtime APIs are HTTP (httpx honours proxy variables).
+export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
+# SuperLink/SuperNode start `flower-superexec` (and it `flwr-serverapp` /
+# `flwr-clientapp`) by bare name, so the venv must come first on PATH.
+export PATH="$VENV/bin:$PATH"
+FLWR=$VENV/bin/flwr
+PY=$VENV/bin/python
+now_ms() { echo $((${EPOCHREALTIME/./} / 1000)); }
+since() { local d=$(($(now_ms) - $1)); printf '%d.%ds' $((d / 1000)) $((d % 1000 / 100)); }
+
+PGIDS=()   # the processes we started, each the leader of its own group
+STREAM=""  # the background `flwr log` follower
+descendants() {
+  local c
+  for c in $(pgrep -P "$1" || true); do echo "$c"; descendants "$c"; done
+}
+gone() {  # a zombie counts as gone; reap it if it is ours
+  local st
+  st=$(ps -o stat= -p "$1" 2>/dev/null) || return 0
+  [[ $st == Z* ]] || return 1
+  wait "$1" 2>/dev/null || true
+}
+cleanup() {
+  local rc=$? pid kids=() alive
+  trap - EXIT INT TERM
+  [[ -z $STREAM ]] || kill -TERM "$STREAM" 2>/dev/null || true
+  # flower-superexec runs in a session of its own (start_new_session), out of
+  # reach of the group kill; note all descendants now so they can be checked.
+  for pid in "${PGIDS[@]}"; do
+    mapfile -t -O "${#kids[@]}" kids < <(descendants "$pid")
+  done
+  for pid in "${PGIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+  # superexec exits when its parent does, but a zombie parent still looks
+  # alive to it: so `gone` reaps ours promptly.
+  for _ in $(seq 50); do
+    alive=0
+    for pid in "${PGIDS[@]}" "${kids[@]}"; do gone "$pid" || alive=1; done
+    ((alive)) || break
+    sleep 0.2
+  done
+  for pid in "${PGIDS[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+  for pid in "${kids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$FLWR_HOME"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Start "$@" in a new session (own process group, out of reach of the
+# terminal's Ctrl-C) so cleanup can kill it and all its children by group.
+start() {
+  local log=$1; shift
+  setsid "$@" >"$log" 2>&1 </dev/null &
+  PGIDS+=("$!")
+}
+
+# One loopback port for the SuperLink (Control + Fleet + ServerApp runtime API
+# all share it in 1.42) and one per SuperNode (its ClientApp runtime API).
+mapfile -t PORTS < <("$PY" - "$((NUM_NODES + 1))" <<'EOF'
+import random, socket, sys
+n, ports = int(sys.argv[1]), []
+while len(ports) < n:
+    p = random.randint(20000, 40000)
+    if p in ports:
+        continue
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+    ports.append(p)
+print(*ports, sep="\n")
+EOF
+)
+LINK=127.0.0.1:${PORTS[0]}
+echo "flower_loopback: SuperLink $LINK, SuperNode ports ${PORTS[*]:1}" >&2
+
+cat >"$FLWR_HOME/config.toml" <<EOF
+[superlink]
+default = "loopback"
+
+[superlink.loopback]
+address = "$LINK"
+insecure = true
+EOF
+
+T0=$SECONDS T0MS=$(now_ms)
+# No runtime `uv sync`: apps must run from the venv as installed (and offline).
+start "$LOG_DIR/superlink.log" "$VENV/bin/flower-superlink" --insecure \
+  --host 127.0.0.1 --port "${PORTS[0]}" --disable-runtime-dependency-installation
+for ((i = 0; i < NUM_NODES; i++)); do
+  start "$LOG_DIR/supernode-$i.log" "$VENV/bin/flower-supernode" --insecure \
+    --superlink "$LINK" --host 127.0.0.1 --port "${PORTS[i + 1]}" \
+    --node-config "partition-id=$i num-partitions=$NUM_NODES${NODE_EXTRA:+ $NODE_EXTRA}"
+done
+
+# Ready = the Control API answers and lists NUM_NODES online SuperNodes.
+online=0
+while ((SECONDS - T0 < READY_TIMEOUT)); do
+  online=$("$FLWR" supernode list loopback --format json 2>/dev/null | "$PY" -c '
+import json, sys
+try:
+    nodes = json.load(sys.stdin).get("nodes", [])
+except ValueError:
+    nodes = []
+print(sum(n.get("status") == "online" for n in nodes))') || true
+  ((${online:-0} >= NUM_NODES)) && break
+  sleep 0.5
+done
+if ((${online:-0} < NUM_NODES)); then
+  echo "flower_loopback: only $online/$NUM_NODES SuperNodes online after ${READY_TIMEOUT}s" >&2
+  exit 124
+fi
+echo "flower_loopback: $NUM_NODES SuperNodes online after $(since "$T0MS")" >&2
+
+T1=$SECONDS T1MS=$(now_ms)
+RUN_ID=$(timeout 120 "$FLWR" run "$APP_DIR" loopback --format json "${RUN_CONFIG[@]}" |
+  tee "$LOG_DIR/flwr-run.json" | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["run-id"])') || {
+  echo "flower_loopback: flwr run failed to start a run:" >&2; cat "$LOG_DIR/flwr-run.json" >&2; exit 1; }
+echo "flower_loopback: run $RUN_ID started; ServerApp log: $LOG_DIR/serverapp.log" >&2
+# The log stream (the ServerApp's stdout) ends when the run finishes. In the
+# background, so that a TERM to this script is handled at once.
+timeout "$RUN_TIMEOUT" "$FLWR" log "$RUN_ID" loopback --stream >"$LOG_DIR/serverapp.log" 2>&1 &
+STREAM=$!
+wait "$STREAM" || true
+STREAM=""
+cat "$LOG_DIR/serverapp.log" >&2
+
+# `flwr run` and `flwr log` exit 0 even when the ServerApp fails: ask for the status.
+status=""
+while ((SECONDS - T1 < RUN_TIMEOUT)); do
+  status=$("$FLWR" ls loopback --run-id "$RUN_ID" --format json 2>/dev/null | "$PY" -c '
+import json, sys
+r = json.load(sys.stdin)["runs"][0]
+print(r["status"], "|", r.get("status-details", ""))' || true)
+  [[ $status == finished* ]] && break
+  sleep 1
+done
+echo "flower_loopback: run $RUN_ID: ${status:-unknown} (run $(since "$T1MS"), total $(since "$T0MS"))" >&2
+[[ $status == finished:completed* ]] && exit 0
+[[ $status == finished* ]] && exit 1
+exit 124
