@@ -1,0 +1,245 @@
+"""fpl_fast.flower: the ServerApp's method and the ClientApp's handlers against the in-process simulation.
+
+Most tests run the real ServerApp method (:class:`FlowerDPFPL`) and the real ClientApp handlers in this process over
+:class:`LocalGrid`, a Grid that hands each message to the addressed node's ClientApp with that node's Context (what
+a SuperNode does, without processes or sockets), so every message and every reply can be inspected. The Flower
+runtimes themselves run in ``test_flower_runtimes.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr")  # the [flower] extra (CI installs it)
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from fpl_fast import results as io  # noqa: E402
+from fpl_fast.config import RunConfig  # noqa: E402
+from fpl_fast.federated.runner import run_federation  # noqa: E402
+from fpl_fast.flower import protocol  # noqa: E402
+from fpl_fast.flower.client_app import make_client_app  # noqa: E402
+from fpl_fast.flower.protocol import REPLY_KEYS, AppSettings, FederationError, from_run_config  # noqa: E402
+from fpl_fast.flower.server_app import FlowerDPFPL  # noqa: E402
+from fpl_fast.job import prepare  # noqa: E402
+from fpl_fast.methods.skeleton import run_method  # noqa: E402
+
+CFG = RunConfig(num_users=3, rounds=2, noise_seed=7, seed=3)
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """A message is stamped with the sending task's identity (set by Flower's runtimes; here by hand)."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+class LocalGrid:
+    """A Grid whose nodes are ClientApps in this process: node ``100 + k`` holds partition k (its node config),
+    each with its own Context (``context.state`` persists across messages, as on a SuperNode)."""
+
+    def __init__(self, apps: list[Any], node_configs: list[dict[str, Any]]) -> None:
+        self.apps = apps
+        self.contexts = [
+            Context(run_id=1, node_id=100 + i, node_config=nc, state=RecordDict(), run_config={})
+            for i, nc in enumerate(node_configs)
+        ]
+        self.sent: list[Message] = []
+        self.replies: list[Message] = []
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [c.node_id for c in self.contexts]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        out = []
+        for msg in messages:
+            i = msg.metadata.dst_node_id - 100
+            self.sent.append(msg)
+            reply = self.apps[i](msg, self.contexts[i])
+            self.replies.append(reply)
+            out.append(reply)
+        return out
+
+    def forget_state(self) -> None:
+        """What a new ``flwr run`` (new run id) or restarted SuperNodes see: empty context.state."""
+        for c in self.contexts:
+            c.state = RecordDict()
+
+
+def _grid(cfg: RunConfig, tmp_path: Path, *, app_cfg: RunConfig | None = None, n: int | None = None) -> LocalGrid:
+    n = cfg.num_users if n is None else n
+    apps = [make_client_app(app_cfg or cfg, state_dir=tmp_path / "nodes") for _ in range(n)]
+    return LocalGrid(apps, [{"partition-id": k, "num-partitions": cfg.num_users} for k in range(n)])
+
+
+def _run(grid: Any, cfg: RunConfig, out: Path, **kwargs: Any) -> dict[str, Any]:
+    settings = AppSettings(run_name="t", out=str(out), node_timeout=kwargs.pop("node_timeout", 5.0), progress=False)
+    return run_method(FlowerDPFPL(grid, settings), cfg, out=out, progress=False, **kwargs)
+
+
+def _in_process(cfg: RunConfig, out: Path) -> tuple[dict[str, Any], Any]:
+    backbone, names, data = prepare(cfg)
+    return run_federation(cfg, backbone, names, data, out=out, progress=False)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"sync": "round", "client_fraction": 0.34}, {"clip_mode": "output"}],
+    ids=["step", "round-one-client-a-round", "output"],
+)
+def test_the_flower_apps_give_the_in_process_federation(tmp_path: Path, changes: dict[str, Any]) -> None:
+    """Same G, per-client accuracies up to float tolerance; the same steps and epsilons exactly (fixed noise seeds).
+    The clients that are sampled are the server generator's, so a client that missed rounds is accounted for the
+    steps it took."""
+    cfg = CFG.replace(**changes)
+    ip, fed = _in_process(cfg, tmp_path / "ip")
+    fl = _run(_grid(cfg, tmp_path), cfg, tmp_path / "fl")
+    a, b = ip["final"], fl["final"]
+    assert b["steps_per_client"] == a["steps_per_client"]
+    for key in ("epsilon_local_per_client", "epsilon_global_per_client", "epsilon_total_per_client"):
+        assert b[key] == a[key], key
+    assert b["epsilon_total"] == a["epsilon_total"]
+    np.testing.assert_allclose(b["local_acc_per_client"], a["local_acc_per_client"], atol=0.02)
+    np.testing.assert_allclose(b["neighbor_acc_per_client"], a["neighbor_acc_per_client"], atol=0.02)
+    g_flower = io.load_checkpoint(tmp_path / "fl")["server"]["g"][0]
+    torch.testing.assert_close(g_flower, fed.server.global_ctx, atol=1e-4, rtol=1e-4)
+    if changes.get("client_fraction"):
+        assert 0 in a["steps_per_client"]  # one client a round for 2 rounds: a client took no step, and is not charged
+        assert b["epsilon_total_per_client"][a["steps_per_client"].index(0)] == 0.0
+    assert [r["round"] for r in fl["rounds"]] == [r["round"] for r in ip["rounds"]]
+    assert fl["final"]["engine"] == "flower" and fl["method"] == ip["method"]
+
+
+def test_only_the_listed_releases_leave_a_client(tmp_path: Path) -> None:
+    """Every reply holds only the records and keys of protocol.REPLY_KEYS; its one array is (n_ctx, d) and equals
+    none of the client's local parameters; no bytes leave (the state blob stays in context.state)."""
+    cfg = CFG.replace(sync="round")
+    grid = _grid(cfg, tmp_path)
+    _run(grid, cfg, tmp_path / "fl")
+    assert {m.metadata.message_type for m in grid.replies} == {"query.info", "train", "evaluate"}
+    local = [
+        t
+        for k in range(cfg.num_users)
+        for t in torch.load(
+            sorted((tmp_path / "nodes" / "t" / f"client-{k}").glob("state-*.pt"))[-1], weights_only=False
+        )["clients"]["learner"]["local"].values()
+    ]
+    assert local
+    for reply in grid.replies:
+        allowed = REPLY_KEYS[reply.metadata.message_type]
+        content = reply.content
+        assert set(content.keys()) <= set(allowed), content.keys()
+        for name, rec in content.items():
+            assert set(rec.keys()) <= allowed[name], (name, rec.keys())
+            if isinstance(rec, ArrayRecord):
+                (arr,) = rec.to_torch_state_dict().values()
+                assert arr.shape == (cfg.n_ctx, 64)  # the tiny CLIP's token width
+                assert not any(t[0].shape == arr.shape and torch.allclose(t[0], arr) for t in local)
+            else:
+                assert isinstance(rec, (ConfigRecord, MetricRecord))
+                assert not any(isinstance(v, bytes) for v in rec.values())
+
+
+def test_a_resumed_server_and_restarted_nodes_continue_the_run(tmp_path: Path, monkeypatch) -> None:
+    """The server dies in round 2 after the clients trained (their tag-2 state is on disk, the server's checkpoint
+    is of round 1); a new run of the same name resumes: the nodes (empty context.state, as after a new flwr run)
+    roll back to round 1 from their folders and the run ends exactly as an uninterrupted one."""
+    cfg = CFG.replace(sync="round", rounds=3)
+    whole = _run(_grid(cfg, tmp_path / "a"), cfg, tmp_path / "a" / "out")
+
+    from fpl_fast.flower import strategy
+
+    calls = {"n": 0}
+    real = strategy.GlobalPromptStrategy.aggregate_train
+
+    def dies_in_round_2(self, server_round, replies):
+        calls["n"] += 1
+        if server_round == 2:
+            list(replies)  # the clients ran round 2 and saved its state
+            raise KeyboardInterrupt("server killed")
+        return real(self, server_round, replies)
+
+    grid = _grid(cfg, tmp_path / "b")
+    out = tmp_path / "b" / "out"
+    monkeypatch.setattr(strategy.GlobalPromptStrategy, "aggregate_train", dies_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(grid, cfg, out)
+    assert io.load_checkpoint(out)["next_round"] == 1
+    assert (tmp_path / "b" / "nodes" / "t" / "client-0" / "state-2.pt").is_file()
+    monkeypatch.setattr(strategy.GlobalPromptStrategy, "aggregate_train", real)
+    grid.forget_state()
+    resumed = _run(grid, cfg, out, resume=True)
+    for key in ("local_acc_per_client", "epsilon_total_per_client", "steps_per_client"):
+        assert resumed["final"][key] == whole["final"][key], key
+    g_whole = io.load_checkpoint(tmp_path / "a" / "out")["server"]["g"]
+    assert torch.equal(io.load_checkpoint(out)["server"]["g"], g_whole)
+
+
+# ------------------------------------------------------------------------------------------
+# Bad setups: one line each
+# ------------------------------------------------------------------------------------------
+def test_a_supernode_without_its_partition_is_named(tmp_path: Path) -> None:
+    grid = _grid(CFG, tmp_path)
+    grid.contexts[1].node_config = {}
+    with pytest.raises(FederationError, match=r"node 101: this SuperNode has no partition-id: start it with"):
+        _run(grid, CFG, tmp_path / "out")
+
+
+def test_another_fpl_fast_version_or_config_is_refused(tmp_path: Path, monkeypatch) -> None:
+    grid = _grid(CFG, tmp_path, app_cfg=CFG.replace(rank=4))
+    with pytest.raises(FederationError, match=r"configuration differs: the ServerApp's hash is \w+, this ClientApp's"):
+        _run(grid, CFG, tmp_path / "a")
+    from fpl_fast.flower import server_app
+
+    other = lambda *a, **k: {**protocol.header(*a, **k), "version": "0.0.1-other"}  # noqa: E731
+    monkeypatch.setattr(server_app, "header", other)  # the ServerApp's side only
+    with pytest.raises(FederationError, match=r"fpl_fast version differs: the ServerApp runs 0.0.1-other"):
+        _run(_grid(CFG, tmp_path), CFG, tmp_path / "b")
+
+
+def test_too_few_supernodes_time_out_with_one_line(tmp_path: Path) -> None:
+    grid = _grid(CFG, tmp_path, n=2)
+    with pytest.raises(FederationError, match=r"only 2 of 3 SuperNodes connected within 0.3 s \(num_users=3\)"):
+        _run(grid, CFG, tmp_path / "out", node_timeout=0.3)
+
+
+def test_wrong_num_partitions_and_duplicate_partitions_are_named(tmp_path: Path) -> None:
+    grid = _grid(CFG, tmp_path)
+    grid.contexts[2].node_config = {"partition-id": 2, "num-partitions": 5}
+    with pytest.raises(FederationError, match=r"num-partitions=5 but the run has num_users=3"):
+        _run(grid, CFG, tmp_path / "a")
+    grid = _grid(CFG, tmp_path)
+    grid.contexts[2].node_config = {"partition-id": 1, "num-partitions": 3}
+    with pytest.raises(FederationError, match=r"nodes 101 and 102 both hold partition-id 1"):
+        _run(grid, CFG, tmp_path / "b")
+
+
+def test_run_config_keys_map_to_the_settings() -> None:
+    cfg, app = from_run_config({"num-users": 2, "rounds": 1, "sync": "round", "run-name": "x", "noise-seed": "none"})
+    assert (cfg.num_users, cfg.rounds, cfg.sync, cfg.noise_seed, app.run_name) == (2, 1, "round", None, "x")
+    with pytest.raises(ValueError, match=r"unknown run config key 'rnds'; allowed: .*rounds"):
+        from_run_config({"rnds": 1})
+
+
+def test_a_node_with_its_own_data_folder_reports_no_neighbour_accuracy(tmp_path: Path) -> None:
+    """data-dir: the node's whole dataset is its client's; neighbour accuracy is not faked (None, and said why).
+    (digits has no folder, so every node's "own folder" is all of digits here: the whole-dataset path is tested.)"""
+    cfg = CFG.replace(sync="round", rounds=1)
+    grid = _grid(cfg, tmp_path)
+    for k, c in enumerate(grid.contexts):
+        c.node_config = {"partition-id": k, "num-partitions": 3, "data-dir": "data"}
+    res = _run(grid, cfg, tmp_path / "out")["final"]
+    assert res["neighbor_acc"] is None and res["neighbor_acc_per_client"] is None
+    assert "not available" in res["neighbor_note"]
+    assert math.isfinite(res["local_acc"])
+    assert res["sample_rate_per_client"] == [8 / 600] * 3  # each node's client holds all 600 training images
