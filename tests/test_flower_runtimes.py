@@ -1,0 +1,50 @@
+"""Flower's own runtimes: ``--engine flower-sim`` (the simulation, Ray) and a real deployment on loopback
+(SuperLink + one SuperNode per client + ``flwr run``, scripts/flower_loopback.sh), each in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr")  # the [flower] extra (CI installs it)
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+
+
+def _run(args: list[str], out: Path, timeout: float = 600) -> dict:
+    cmd = [sys.executable, "-m", "fpl_fast.run", *args, "--quiet", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=out.parent, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_engine_flower_sim_matches_the_in_process_run_of_the_embedded_default(tmp_path: Path) -> None:
+    """The embedded default for 2 rounds on Flower's simulation runtime: accuracies within 0.02 of the in-process
+    run's (float rounding of one client per encoder call against all at once), the same epsilons exactly."""
+    args = ["--rounds", "2", "--noise-seed", "7"]
+    ip = _run(args, tmp_path / "inprocess")["final"]
+    fl = _run([*args, "--engine", "flower-sim"], tmp_path / "flower")
+    final = fl["final"]
+    assert final["engine"] == "flower" and [r["round"] for r in fl["rounds"]] == [1, 2]
+    assert abs(final["local_acc"] - ip["local_acc"]) <= 0.02
+    assert abs(final["neighbor_acc"] - ip["neighbor_acc"]) <= 0.02
+    assert final["epsilon_total_per_client"] == ip["epsilon_total_per_client"]
+    assert final["steps_per_client"] == ip["steps_per_client"]
+    assert (tmp_path / "flower" / "rounds.csv").is_file() and (tmp_path / "flower" / "accuracy.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "flower" / "nodes" / "flower").iterdir()) == [
+        f"client-{k}" for k in range(10)
+    ]
+
+
+def test_engine_flower_sim_refuses_the_membership_attack(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "fpl_fast.run", "--engine", "flower-sim", "--mia", "2", "--out", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith("error: --mia needs --engine inprocess (--engine flower-sim)")
