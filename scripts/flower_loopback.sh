@@ -5,12 +5,13 @@
 #
 # usage: scripts/flower_loopback.sh APP_DIR NUM_NODES [--run-config "k=v ..."]...
 #                                   [--node-config-extra "k=v ..."]
+#        ("{i}" in --node-config-extra becomes the node's partition id)
 # env:   VENV (default: <repo>/.venv), LOG_DIR (default: a new temp dir),
 #        READY_TIMEOUT (s, default 60), RUN_TIMEOUT (s, default 600)
 # exit:  0 run finished:completed, 1 run failed/stopped, 2 usage, 124 timeout
 set -euo pipefail
 
-usage() { sed -n '6,10p' "$0" >&2; exit 2; }
+usage() { sed -n '6,11p' "$0" >&2; exit 2; }
 [[ $# -ge 2 ]] || usage
 APP_DIR=$(cd "$1" && pwd) || usage
 NUM_NODES=$2
@@ -66,12 +67,14 @@ cleanup() {
   local rc=$? pid kids=() alive
   trap - EXIT INT TERM
   [[ -z $STREAM ]] || kill -TERM "$STREAM" 2>/dev/null || true
-  # flower-superexec runs in a session of its own (start_new_session), out of
-  # reach of the group kill; note all descendants now so they can be checked.
+  # The SuperLink's flower-superexec (and the flwr-serverapp under it) run in a
+  # session of their own, out of reach of the group kill: so signal every
+  # descendant too, else a live ServerApp lingers for seconds after its parents.
   for pid in "${PGIDS[@]}"; do
     mapfile -t -O "${#kids[@]}" kids < <(descendants "$pid")
   done
   for pid in "${PGIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+  for pid in "${kids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   # superexec exits when its parent does, but a zombie parent still looks
   # alive to it: so `gone` reaps ours promptly.
   for _ in $(seq 50); do
@@ -133,9 +136,10 @@ T0=$SECONDS T0MS=$(now_ms)
 start "$LOG_DIR/superlink.log" "$VENV/bin/flower-superlink" --insecure \
   --host 127.0.0.1 --port "${PORTS[0]}" --disable-runtime-dependency-installation
 for ((i = 0; i < NUM_NODES; i++)); do
+  extra=${NODE_EXTRA//\{i\}/$i}
   start "$LOG_DIR/supernode-$i.log" "$VENV/bin/flower-supernode" --insecure \
     --superlink "$LINK" --host 127.0.0.1 --port "${PORTS[i + 1]}" \
-    --node-config "partition-id=$i num-partitions=$NUM_NODES${NODE_EXTRA:+ $NODE_EXTRA}"
+    --node-config "partition-id=$i num-partitions=$NUM_NODES${extra:+ $extra}"
 done
 
 # Ready = the Control API answers and lists NUM_NODES online SuperNodes.
