@@ -54,6 +54,7 @@ class LocalGrid:
             Context(run_id=1, node_id=100 + i, node_config=nc, state=RecordDict(), run_config={})
             for i, nc in enumerate(node_configs)
         ]
+        self.index = {100 + i: i for i in range(len(node_configs))}
         self.sent: list[Message] = []
         self.replies: list[Message] = []
 
@@ -63,12 +64,21 @@ class LocalGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         out = []
         for msg in messages:
-            i = msg.metadata.dst_node_id - 100
+            i = self.index[msg.metadata.dst_node_id]
             self.sent.append(msg)
             reply = self.apps[i](msg, self.contexts[i])
             self.replies.append(reply)
             out.append(reply)
         return out
+
+    def restart(self, i: int) -> None:
+        """Node i's SuperNode restarts: it registers under a new node id, with an empty context.state."""
+        old = self.contexts[i]
+        del self.index[old.node_id]
+        self.contexts[i] = Context(
+            run_id=1, node_id=old.node_id + 1000, node_config=old.node_config, state=RecordDict(), run_config={}
+        )
+        self.index[old.node_id + 1000] = i
 
     def forget_state(self) -> None:
         """What a new ``flwr run`` (new run id) or restarted SuperNodes see: empty context.state."""
@@ -183,6 +193,41 @@ def test_a_resumed_server_and_restarted_nodes_continue_the_run(tmp_path: Path, m
         assert resumed["final"][key] == whole["final"][key], key
     g_whole = io.load_checkpoint(tmp_path / "a" / "out")["server"]["g"]
     assert torch.equal(io.load_checkpoint(out)["server"]["g"], g_whole)
+
+
+def test_a_restarted_supernode_rejoins_under_its_new_node_id(tmp_path: Path, monkeypatch) -> None:
+    """Client 1's SuperNode restarts after round 1 (new node id, empty context.state): the server maps partition 1
+    to the new node and the client continues from its node-local state; the run ends as an uninterrupted one."""
+    cfg = CFG.replace(sync="round", rounds=2)
+    whole = _run(_grid(cfg, tmp_path / "a"), cfg, tmp_path / "a" / "out")
+    grid = _grid(cfg, tmp_path / "b")
+    real = FlowerDPFPL.round
+
+    def restart_after_round_1(self, st, rnd):
+        if rnd == 2:
+            grid.restart(1)
+        return real(self, st, rnd)
+
+    monkeypatch.setattr(FlowerDPFPL, "round", restart_after_round_1)
+    res = _run(grid, cfg, tmp_path / "b" / "out")
+    assert 1100 + 1 in {m.metadata.dst_node_id for m in grid.sent}  # round 2 went to the new node
+    for key in ("local_acc_per_client", "epsilon_total_per_client", "steps_per_client"):
+        assert res["final"][key] == whole["final"][key], key
+
+
+def test_a_second_process_on_a_node_encodes_no_image(tmp_path: Path) -> None:
+    """Every message may start a fresh ClientApp process: the node's disk cache serves its image features."""
+    from fpl_fast.flower import node as node_mod
+
+    settings = node_mod.NodeSettings(0, CFG.num_users, state_dir=tmp_path)
+    node_mod._PREPARED.clear()
+    first, _, _ = node_mod.prepared_data(CFG, settings)
+    assert first.feature_cache.encoded_images > 0
+    node_mod._PREPARED.clear()  # what a new process starts with
+    second, _, data = node_mod.prepared_data(CFG, settings)
+    assert second is not first and second.feature_cache.encoded_images == 0
+    assert len(data.train_idx) == CFG.num_users
+    node_mod._PREPARED.clear()
 
 
 # ------------------------------------------------------------------------------------------

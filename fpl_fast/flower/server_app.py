@@ -55,6 +55,7 @@ class _State:
     strategy: GlobalPromptStrategy
     plan: NoisePlan
     qs: list[float]
+    sizes: list[int]
     steps_per_round: int
     neighbours: bool
     nonce: str
@@ -77,23 +78,41 @@ class FlowerDPFPL:
         sigmas = {"sigma-local": plan.sigma_local, "sigma-global": plan.sigma_global} if plan else {}
         return ConfigRecord(header(st_cfg, self.settings.run_name, nonce, **sigmas, **fields))
 
+    def _ask_info(self, cfg: RunConfig, nonce: str, nodes: Iterable[int]) -> dict[int, tuple[Any, int]]:
+        """partition id -> (its info record, its node id), from the nodes asked; two nodes of one partition fail."""
+        ask = RecordDict({"header": self._header(cfg, nonce)})
+        got: dict[int, tuple[Any, int]] = {}
+        for msg in self._send(Message(ask, dst_node_id=n, message_type=INFO) for n in nodes):
+            ((k, content),) = replies_by_partition([msg], "info", []).items()
+            if k in got:
+                raise FederationError(f"nodes {got[k][1]} and {msg.metadata.src_node_id} both hold partition-id {k}")
+            got[k] = (content["info"], msg.metadata.src_node_id)
+        return got
+
+    def _rejoin(self, st: _State) -> None:
+        """A restarted SuperNode comes back under a new node id: map its partition to it (same data required)."""
+        node_of = st.strategy.node_of
+        new = sorted(set(self.grid.get_node_ids()) - set(node_of.values()))
+        if not new:
+            return
+        for k, (info, node) in self._ask_info(st.cfg, st.nonce, new).items():
+            if int(info["n-train"]) != st.sizes[k]:
+                raise FederationError(
+                    f"node {node} rejoined as partition {k} with {info['n-train']} training examples, not "
+                    f"{st.sizes[k]}: it must hold the same data"
+                )
+            node_of[k] = node
+
     def setup(self, cfg: RunConfig) -> _State:
         K = cfg.num_users
         nodes = wait_for_nodes(self.grid, K, self.settings.node_timeout)
         nonce = secrets.token_hex(8)  # names this run's node state (a resumed run takes the checkpoint's)
-        ask = RecordDict({"header": self._header(cfg, nonce)})
-        replies = self._send(Message(ask, dst_node_id=n, message_type=INFO) for n in nodes)
-        infos: dict[int, Any] = {}
-        node_of: dict[int, int] = {}
-        for msg in replies:
-            got = replies_by_partition([msg], "info", [])
-            (k,) = got
-            if k in node_of:
-                raise FederationError(f"nodes {node_of[k]} and {msg.metadata.src_node_id} both hold partition-id {k}")
-            infos[k], node_of[k] = got[k]["info"], msg.metadata.src_node_id
-        missing = sorted(set(range(K)) - set(node_of))
+        got = self._ask_info(cfg, nonce, nodes)
+        missing = sorted(set(range(K)) - set(got))
         if missing:
             raise FederationError(f"no SuperNode answered for partitions {missing} of 0 .. {K - 1}")
+        infos = {k: info for k, (info, _) in got.items()}
+        node_of = {k: node for k, (_, node) in got.items()}
         sizes = [int(infos[k]["n-train"]) for k in range(K)]
         qs, spr = sample_rates(cfg, sizes), steps_per_round(cfg, sizes)
         plan = plan_noise(cfg, sample_rate=max(qs), steps=cfg.rounds * spr)
@@ -102,7 +121,7 @@ class FlowerDPFPL:
         accountants = [ClientAccountant(cfg, plan, q) for q in qs]
         strategy = GlobalPromptStrategy(server, accountants, node_of, sync=cfg.sync)
         neighbours = all(bool(infos[k]["neighbours"]) for k in range(K))
-        return _State(cfg, server, strategy, plan, qs, spr, neighbours, nonce)
+        return _State(cfg, server, strategy, plan, qs, sizes, spr, neighbours, nonce)
 
     def state_dict(self, st: _State) -> dict[str, Any]:
         return {
@@ -121,6 +140,7 @@ class FlowerDPFPL:
         """Sample, train (one message round per round, or per step with sync="step"), aggregate; evaluate every
         ``eval_every`` rounds and on the last."""
         cfg, strategy = st.cfg, st.strategy
+        self._rejoin(st)
         strategy.sample()
         units = (
             [(rnd, st.steps_per_round)]
