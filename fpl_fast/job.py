@@ -124,6 +124,11 @@ def _run(
     backbone: Backbone | None = None,
     stop_after_round: int | None = None,
 ) -> tuple[dict[str, Any], Path, Federation]:
+    if run.engine != "inprocess":  # the Flower engine returns no in-process federation to hand back
+        raise ValueError(
+            f"engine={run.engine!r} runs through fpl_fast.flower.simulation.run_flower_simulation or "
+            "python -m fpl_fast.run --engine flower-sim; train() and prepare_and_run() run in process"
+        )
     out = Path(run.out) if run.out else default_out_dir()
     # Before the backbone loads (the runner checks again): a previous run's files, no or a damaged checkpoint.
     io.check_out_dir(out, resume=run.resume)

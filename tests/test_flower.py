@@ -288,3 +288,10 @@ def test_a_node_with_its_own_data_folder_reports_no_neighbour_accuracy(tmp_path:
     assert "not available" in res["neighbor_note"]
     assert math.isfinite(res["local_acc"])
     assert res["sample_rate_per_client"] == [8 / 600] * 3  # each node's client holds all 600 training images
+
+
+def test_the_python_api_points_the_flower_engine_elsewhere() -> None:
+    import fpl_fast
+
+    with pytest.raises(ValueError, match=r"engine='flower-sim' runs through fpl_fast.flower.simulation"):
+        fpl_fast.train(CFG, settings={"engine": "flower-sim", "out": "unused"})
