@@ -4,7 +4,9 @@
 # NUM_NODES SuperNodes, then `flwr run`; exits with the run's status.
 #
 # usage: scripts/flower_loopback.sh APP_DIR NUM_NODES [--run-config "k=v ..."]...
-#                                   [--node-config-extra "k=v ..."]
+#                                   [--node-config-extra "k=v ..."] [--kill-server-when FILE]
+#        --kill-server-when FILE: once FILE exists (e.g. the run's checkpoint), SIGKILL the ServerApp, then start
+#        the run again with resume=true (a killed server resumed); the status is the second run's
 #        ("{i}" in --node-config-extra becomes the node's partition id)
 # env:   VENV (default: <repo>/.venv), LOG_DIR (default: a new temp dir),
 #        READY_TIMEOUT (s, default 60), RUN_TIMEOUT (s, default 600)
@@ -19,10 +21,12 @@ shift 2
 [[ $NUM_NODES =~ ^[1-9][0-9]*$ ]] || usage
 RUN_CONFIG=()
 NODE_EXTRA=""
+KILL_WHEN=""
 while [[ $# -gt 0 ]]; do
   case $1 in
     --run-config) [[ $# -ge 2 ]] || usage; RUN_CONFIG+=(--run-config "$2"); shift 2 ;;
     --node-config-extra) [[ $# -ge 2 ]] || usage; NODE_EXTRA=$2; shift 2 ;;
+    --kill-server-when) [[ $# -ge 2 ]] || usage; KILL_WHEN=$2; shift 2 ;;
     *) usage ;;
   esac
 done
@@ -162,9 +166,25 @@ fi
 echo "flower_loopback: $NUM_NODES SuperNodes online after $(since "$T0MS")" >&2
 
 T1=$SECONDS T1MS=$(now_ms)
-RUN_ID=$(timeout 120 "$FLWR" run "$APP_DIR" loopback --format json "${RUN_CONFIG[@]}" |
-  tee "$LOG_DIR/flwr-run.json" | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["run-id"])') || {
-  echo "flower_loopback: flwr run failed to start a run:" >&2; cat "$LOG_DIR/flwr-run.json" >&2; exit 1; }
+start_run() {  # prints the new run's id
+  timeout 120 "$FLWR" run "$APP_DIR" loopback --format json "${RUN_CONFIG[@]}" "$@" |
+    tee -a "$LOG_DIR/flwr-run.json" | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["run-id"])' || {
+    echo "flower_loopback: flwr run failed to start a run:" >&2; cat "$LOG_DIR/flwr-run.json" >&2; exit 1; }
+}
+RUN_ID=$(start_run)
+if [[ -n $KILL_WHEN ]]; then
+  until [[ -f $KILL_WHEN ]]; do
+    ((SECONDS - T1 < RUN_TIMEOUT)) || { echo "flower_loopback: $KILL_WHEN never appeared" >&2; exit 124; }
+    sleep 0.5
+  done
+  # The ServerApp runs under our SuperLink's superexec: kill exactly that process.
+  for pid in $(descendants "${PGIDS[0]}"); do
+    if [[ $(ps -o args= -p "$pid" 2>/dev/null) == *flwr-serverapp* ]]; then
+      kill -KILL "$pid" && echo "flower_loopback: run $RUN_ID: ServerApp (pid $pid) killed after $(since "$T1MS")" >&2
+    fi
+  done
+  RUN_ID=$(start_run --run-config "resume=true")
+fi
 echo "flower_loopback: run $RUN_ID started; ServerApp log: $LOG_DIR/serverapp.log" >&2
 # The log stream (the ServerApp's stdout) ends when the run finishes. In the
 # background, so that a TERM to this script is handled at once.

@@ -52,34 +52,36 @@ def test_engine_flower_sim_refuses_the_membership_attack(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_a_loopback_deployment_runs_one_round_and_leaves_nothing_running(tmp_path: Path) -> None:
+def test_a_loopback_deployment_survives_a_killed_server_and_leaves_nothing_running(tmp_path: Path) -> None:
     """SuperLink + 2 SuperNodes on their own loopback ports + ``flwr run`` of the app folder that
-    ``python -m fpl_fast.flower.deploy`` writes (scripts/flower_loopback.sh, which stops its processes by PID): one
-    round of sync="round"; the results are the in-process run's (same steps and epsilons, accuracies to 0.02)."""
+    ``python -m fpl_fast.flower.deploy`` writes (scripts/flower_loopback.sh, which stops its processes by PID), 2
+    rounds of sync="round". The ServerApp is SIGKILLed once its round-1 checkpoint exists (the clients are in round
+    2) and a new ``flwr run`` with resume=true continues: the results are the uninterrupted in-process run's (same
+    steps and epsilons, accuracies to 0.02), and every process the script started has stopped."""
     from fpl_fast.flower.deploy import write_app
 
     app = tmp_path / "app"
     write_app(app)
     out, state = tmp_path / "out", tmp_path / "nodes"
-    run_config = f"num-users=2 rounds=1 sync='round' noise-seed=7 run-name='lb' out='{out}' progress=false"
+    run_config = f"num-users=2 rounds=2 sync='round' noise-seed=7 run-name='lb' out='{out}' progress=false"
     script = REPO / "scripts" / "flower_loopback.sh"
-    proc = subprocess.run(
-        ["bash", str(script), str(app), "2", "--run-config", run_config, "--node-config-extra", f"state-dir='{state}'"],
-        env={**ENV, "VENV": str(Path(sys.executable).parent.parent), "LOG_DIR": str(tmp_path / "logs")},
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    cmd = ["bash", str(script), str(app), "2", "--run-config", run_config]
+    cmd += ["--node-config-extra", f"state-dir='{state}'", "--kill-server-when", str(out / "checkpoint.pt")]
+    env = {**ENV, "VENV": str(Path(sys.executable).parent.parent), "LOG_DIR": str(tmp_path / "logs")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"ServerApp \(pid \d+\) killed", proc.stderr), proc.stderr[-3000:]
     ports = re.search(r"SuperLink 127\.0\.0\.1:(\d+), SuperNode ports ([\d ]+)", proc.stderr)
     assert ports is not None, proc.stderr
     for port in [ports.group(1), *ports.group(2).split()]:  # every process the script started has stopped
         left = subprocess.run(["pgrep", "-f", f"127.0.0.1 --port {port}|127.0.0.1:{port}"], capture_output=True)
         assert left.returncode == 1, f"still running on port {port}: {left.stdout!r}"
-    final = json.loads((out / "results.json").read_text())["final"]
-    ip = _run(["--num-users", "2", "--rounds", "1", "--sync", "round", "--noise-seed", "7"], tmp_path / "ip")["final"]
+    fl = json.loads((out / "results.json").read_text())
+    assert [r["round"] for r in fl["rounds"]] == [1, 2]
+    ip = _run(["--num-users", "2", "--rounds", "2", "--sync", "round", "--noise-seed", "7"], tmp_path / "ip")["final"]
+    final = fl["final"]
     assert final["steps_per_client"] == ip["steps_per_client"]
     assert final["epsilon_total_per_client"] == ip["epsilon_total_per_client"]
     assert abs(final["local_acc"] - ip["local_acc"]) <= 0.02
     assert sorted(p.name for p in (state / "lb").iterdir()) == ["client-0", "client-1"]
-    assert (state / "lb" / "client-0" / "state-1.pt").is_file()
+    assert (state / "lb" / "client-0" / "state-2.pt").is_file()
