@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper", action="store_true", help="start from the DP-FPL authors' settings (ViT-B-16, openai)")
     for flag, typ, text in _FLAGS:
         name = flag[2:].replace("-", "_")
-        choices = CHOICES.get(name) or (ENGINES if name == "engine" else None)
+        choices = {**CHOICES, "engine": ENGINES}.get(name)
         p.add_argument(flag, type=typ, default=None, choices=choices, help=text)
     p.add_argument("--resume", action="store_true", help="continue the stopped run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -8,6 +8,7 @@ runtimes themselves run in ``test_flower_runtimes.py``.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -127,6 +128,10 @@ def test_the_flower_apps_give_the_in_process_federation(tmp_path: Path, changes:
         assert 0 in a["steps_per_client"]  # one client a round for 2 rounds: a client took no step, and is not charged
         assert b["epsilon_total_per_client"][a["steps_per_client"].index(0)] == 0.0
     assert [r["round"] for r in fl["rounds"]] == [r["round"] for r in ip["rounds"]]
+    for k, steps in enumerate(a["steps_per_client"]):  # each node's own accountant agrees with the server's report
+        ledger = tmp_path / "nodes" / "t" / f"client-{k}" / "ledger.json"
+        if steps:
+            assert json.loads(ledger.read_text())["epsilon_total"] == a["epsilon_total_per_client"][k]
     assert fl["final"]["engine"] == "flower" and fl["method"] == ip["method"]
 
 

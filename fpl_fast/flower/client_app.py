@@ -121,6 +121,7 @@ def make_client_app(
             out, stats = c.train_round(g, int(head["steps"]))
         _save(c, store, context, tag, nonce)
         store.log(tag, stats)  # loss and clipped fraction stay on the node
+        store.write_ledger(c)
         return _reply(
             msg,
             **{

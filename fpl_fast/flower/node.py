@@ -31,7 +31,7 @@ from fpl_fast.config import RunConfig
 from fpl_fast.federated.client import ClientData, Clients, StepStats
 from fpl_fast.federated.simulation import client_accuracies
 from fpl_fast.federated.text import ClassPrompts
-from fpl_fast.flower.protocol import NodeSetupError
+from fpl_fast.flower.protocol import NodeSetupError, config_hash
 from fpl_fast.privacy.plan import NoisePlan
 from fpl_fast.prompts import PromptConfig, PromptLearner
 
@@ -136,6 +136,14 @@ class NodeStore:
         for t in [t for t in tags if t > tag] + [t for t in tags if t < tag][: -(_KEEP - 1)]:
             (self.folder / f"state-{t}.pt").unlink(missing_ok=True)
 
+    def write_ledger(self, node: ClientNode) -> None:
+        """The client's own account of what it has spent (its accountant, on its node), beside its state."""
+        a = node.clients.accountants[0]
+        e = a.epsilons()
+        ledger = {"steps": a.steps, "sample_rate": a.sample_rate, "delta": a.delta}
+        ledger.update(epsilon_local=e.local, epsilon_global=e.global_, epsilon_total=e.total)
+        io_results.write_json(self.folder / "ledger.json", ledger)
+
     def log(self, tag: int, stats: list[StepStats]) -> None:
         """The client's own training log (loss, clipped fraction: private, never sent)."""
         path = self.folder / "train_log.csv"
@@ -148,7 +156,7 @@ class NodeStore:
                 w.writerow([tag, i + 1, f"{s.loss:.6g}", f"{s.clipped_fraction:.4g}", sum(s.batch_sizes)])
 
 
-_PREPARED: dict[tuple, tuple[Backbone, list[str], ClientData]] = {}
+_PREPARED: dict[tuple, tuple[Backbone, list[str], ClientData]] = {}  # per process: a Ray worker serves many
 
 
 def prepared_data(cfg: RunConfig, node: NodeSettings) -> tuple[Backbone, list[str], ClientData]:
@@ -160,7 +168,7 @@ def prepared_data(cfg: RunConfig, node: NodeSettings) -> tuple[Backbone, list[st
     """
     from fpl_fast.job import prepare  # the application layer's data path, shared with the in-process runner
 
-    key = (cfg.to_dict().__repr__(), node.data_dir, str(node.cache_dir))
+    key = (config_hash(cfg), cfg.device, node.data_dir, str(node.cache_dir))
     if key not in _PREPARED:
         run_cfg = cfg.replace(data_root=node.data_dir) if node.data_dir else cfg
         _PREPARED[key] = prepare(run_cfg, feature_cache=node.cache_dir, whole=node.data_dir is not None)

@@ -7,7 +7,8 @@ Up (client -> server), and nothing else (tests/test_flower.py inspects every rep
   in-process runner), the text encoder's width, whether neighbour data is on the node;
 - "train" (sync="round"): the client's DP-SGD-trained copy of G; "train.step" (sync="step", simulation): its clipped
   mean gradient of G (the server adds the noise); with either, the noised steps its ledger has counted;
-- "evaluate": test accuracies of the released prompts (own test split; others' where the node holds them).
+- "evaluate": test accuracies of the released prompts (own test split; others' where the node holds them);
+- or, in place of any of these, "error" with one line: a node that cannot take part as set up.
 Training loss and clipped fraction are functions of the private data: they stay in the node's own log.
 """
 
@@ -52,7 +53,6 @@ REPLY_KEYS: dict[str, dict[str, set[str]]] = {
     TRAIN_STEP: {"global": {"global"}, "ledger": {"partition-id", "steps"}},
     EVALUATE: {"accuracy": {"partition-id", "local-acc", "neighbor-acc"}},
 }
-ERROR_KEYS = {"error": {"message"}}  # a node's setup error, one line, in place of any of the above
 
 
 class NodeSetupError(ValueError):
