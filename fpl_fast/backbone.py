@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -259,12 +261,70 @@ def save_compact_checkpoint(
     )
 
 
-def _is_compact(path: str | os.PathLike[str]) -> bool:
+_OPENAI_MARKERS = ("input_resolution", "context_length", "vocab_size")
+"""Entries of OpenAI's CLIP archives that no open_clip model has (OpenAI's and open_clip's loaders drop them)."""
+
+_OPENAI_LAYOUT = (
+    "visual.conv1.weight",
+    "token_embedding.weight",
+    "positional_embedding",
+    "ln_final.weight",
+    "text_projection",
+)
+"""Keys that ``open_clip.build_model_from_openai_state_dict`` reads to infer the architecture."""
+
+
+def _is_torchscript_archive(path: str | os.PathLike[str]) -> bool:
+    """True for a TorchScript (``torch.jit.save``) archive: a zip with ``constants.pkl`` (as ``torch.load`` tests)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.split("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _checkpoint_kind(path: str | os.PathLike[str]) -> str:
+    """Classify a local checkpoint file (see :func:`load_backbone` for the rule).
+
+    Returns:
+        ``"compact"`` (:func:`save_compact_checkpoint`), ``"openai"`` (a TorchScript archive, or a bare state dict
+        in OpenAI's CLIP key layout carrying OpenAI's ``input_resolution``/``context_length``/``vocab_size``
+        entries), ``"clip-layout"`` (a bare state dict in that key layout without them: open_clip writes the same
+        keys for its own ``CLIP`` models, so the weights' activation cannot be told) or ``"other"`` (anything
+        else, left to open_clip's loader).
+    """
+    if _is_torchscript_archive(path):
+        return "openai"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - any non-compact or unreadable file is handled by open_clip's loader
-        return False
-    return isinstance(ckpt, dict) and ckpt.get("format") == COMPACT_FORMAT
+    except Exception:  # noqa: BLE001 - unreadable here (safetensors, numpy, ...): handled by open_clip's loader
+        return "other"
+    if not isinstance(ckpt, dict):
+        return "other"
+    if ckpt.get("format") == COMPACT_FORMAT:
+        return "compact"
+    if all(k in ckpt for k in _OPENAI_LAYOUT):
+        return "openai" if all(k in ckpt for k in _OPENAI_MARKERS) else "clip-layout"
+    return "other"
+
+
+def _load_openai_file(
+    model: str, path: str | os.PathLike[str], *, precision: str, device: str | torch.device
+) -> nn.Module:
+    """Build ``model`` with QuickGELU and load OpenAI-format weights into it with open_clip's OpenAI loader.
+
+    ``open_clip.load_openai_model`` reads the file (TorchScript archive or state dict) and builds an OpenAI CLIP
+    from it (``build_model_from_openai_state_dict``, QuickGELU); its weights are loaded strictly into the named
+    config built by ``open_clip.create_model(..., force_quick_gelu=True)``, so the preprocessing config, the
+    precision handling and the architecture check are those of open_clip's ``openai`` tag path.
+    """
+    with _quiet_open_clip("initialized randomly"):
+        clip = open_clip.create_model(model, None, force_quick_gelu=True, precision=precision, device=device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load. is deprecated", category=FutureWarning)
+        weights = open_clip.load_openai_model(os.fspath(path), precision="fp32", device="cpu")
+    clip.load_state_dict(weights.state_dict(), strict=True)
+    return clip
 
 
 def load_compact_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -323,6 +383,22 @@ def _first_line(err: BaseException) -> str:
     return text[0][:300] if text else type(err).__name__
 
 
+def _warn_if_openai_architecture(model: str, path: str) -> None:
+    """Warn when a bare state dict in OpenAI's key layout is loaded into a GELU config of an OpenAI architecture."""
+    tag_cfg = open_clip.get_pretrained_cfg(model, "openai")
+    model_cfg = open_clip.get_model_config(model) or {}
+    if tag_cfg and tag_cfg.get("quick_gelu", False) and not model_cfg.get("quick_gelu", False):
+        quick = f"{model}-quickgelu"
+        instead = f"model {quick!r}" if quick in open_clip.list_models() else "a QuickGELU model config"
+        warnings.warn(
+            f"{path} is a state dict in the key layout shared by OpenAI's and open_clip's CLIP, without OpenAI's "
+            f"archive entries: loading it with the GELU of {model!r}'s config. If these are OpenAI's weights "
+            f"(trained with QuickGELU), load them with {instead} or from OpenAI's .pt archive",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def load_backbone(
     model: str,
     pretrained: str | None = None,
@@ -336,10 +412,20 @@ def load_backbone(
         model: an open_clip model name (``open_clip.list_models()``, e.g. ``"ViT-B-16"``), the name of a JSON config
             shipped in ``fpl_fast/configs`` (e.g. ``"tiny-digits-clip"``), or an ``hf-hub:``/``local-dir:`` name.
         pretrained: an open_clip pretrained tag (e.g. ``"openai"``; downloaded by open_clip, needs a network), a
-            local checkpoint file (open_clip format, or a compact file written by
+            local checkpoint file (open_clip format, OpenAI format, or a compact file written by
             ``fpl_fast.data.pretrain_tiny_clip``), ``None`` for random initialisation, or ``"embedded"`` for the
             shipped tiny digits CLIP weights (only with ``model="tiny-digits-clip"``). For tags trained with
             QuickGELU (the OpenAI weights) QuickGELU is switched on automatically, as open_clip requires.
+
+            OpenAI-format files also get QuickGELU. A file counts as OpenAI's when it is a TorchScript archive (how
+            OpenAI distributes CLIP, e.g. ``ViT-B-16.pt``; open_clip publishes none), or a bare state dict in
+            OpenAI's CLIP key layout that also carries OpenAI's ``input_resolution``, ``context_length`` and
+            ``vocab_size`` entries (e.g. the ``state_dict()`` of such an archive). It is read by open_clip's
+            ``load_openai_model`` and loaded strictly into ``model`` built with QuickGELU. Any other file keeps the
+            activation of ``model``'s config: a bare state dict with OpenAI's key layout but without those entries
+            is exactly what open_clip saves for its own ``CLIP`` models (e.g. LAION's GELU ViT-B-16), so the key
+            layout alone cannot tell OpenAI's weights; name the QuickGELU config (``"ViT-B-16-quickgelu"``) for
+            OpenAI weights saved that way. A warning says so when ``model`` has an ``openai`` tag and uses GELU.
         precision: ``"fp32"`` or ``"bf16"`` (open_clip's mixed bf16: bf16 weights, fp32 layer norms).
         device: where the model lives.
 
@@ -361,6 +447,7 @@ def load_backbone(
         )
     kwargs: dict[str, Any] = {"precision": precision, "device": device}
     compact_path: str | os.PathLike[str] | None = None
+    openai_path: str | None = None
     if pretrained == "embedded":
         if model != EMBEDDED_MODEL:
             raise ValueError(f"pretrained='embedded' is only available for model {EMBEDDED_MODEL!r}, got {model!r}")
@@ -370,8 +457,14 @@ def load_backbone(
                 f"`python -m fpl_fast.data.pretrain_tiny_clip --out {EMBEDDED_WEIGHTS}`"
             )
         compact_path, pretrained = EMBEDDED_WEIGHTS, None
-    elif pretrained is not None and os.path.isfile(pretrained) and _is_compact(pretrained):
-        compact_path, pretrained = pretrained, None
+    elif pretrained is not None and os.path.isfile(pretrained):
+        kind = _checkpoint_kind(pretrained)
+        if kind == "compact":
+            compact_path, pretrained = pretrained, None
+        elif kind == "openai" and not has_schema:
+            openai_path, pretrained = pretrained, None
+        elif kind == "clip-layout" and not has_schema:
+            _warn_if_openai_architecture(model, pretrained)
     elif pretrained is not None and not has_schema and not os.path.isfile(pretrained):
         tag_cfg = open_clip.get_pretrained_cfg(model, pretrained)
         if not tag_cfg:
@@ -384,13 +477,16 @@ def load_backbone(
         if tag_cfg.get("quick_gelu", False):
             kwargs["force_quick_gelu"] = True
     try:
-        with _quiet_open_clip("initialized randomly") if compact_path is not None else nullcontext():
-            clip = open_clip.create_model(model, pretrained, **kwargs)
+        if openai_path is not None:
+            clip = _load_openai_file(model, openai_path, precision=precision, device=device)
+        else:
+            with _quiet_open_clip("initialized randomly") if compact_path is not None else nullcontext():
+                clip = open_clip.create_model(model, pretrained, **kwargs)
         meta = load_compact_checkpoint(clip, compact_path) if compact_path is not None else {}
     except (ValueError, TypeError):
         raise
     except Exception as err:  # noqa: BLE001 - download/IO errors from open_clip, re-raised as one clear line
-        what = pretrained if pretrained is not None else compact_path
+        what = next((w for w in (pretrained, compact_path, openai_path) if w is not None), None)
         raise RuntimeError(
             f"could not load weights {what!r} for model {model!r}: {_first_line(err)} "
             "(downloads need a network; pass a local checkpoint file as pretrained= instead)"
