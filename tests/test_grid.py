@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+import fpl_fast
 from fpl_fast.config import RunConfig, RunSettings
-from fpl_fast.grid import SpecError, parse_spec
+from fpl_fast.grid import SpecError, load_spec, parse_spec
 from fpl_fast.grid.__main__ import main
-from fpl_fast.grid.runner import run_grid
+from fpl_fast.grid.runner import _WORKER, _init_worker, run_grid, worker_threads
 from fpl_fast.grid.table import write_plot, write_tables
 
 # A few seconds a cell: 3 clients, 2 shots per class each, 2 rounds.
@@ -92,6 +93,35 @@ def test_axes_make_the_cartesian_product_and_flags_add_axes() -> None:
     assert eps.columns == "epsilon" and [c.config.noise for c in eps.cells] == [None, None]
     with pytest.raises(SpecError, match="unknown field 'nosie'"):
         parse_spec({}, [("nosie", [1])])
+
+
+def test_the_shipped_paper_grid_is_five_factorisations_by_three_noise_levels_by_three_seeds() -> None:
+    spec = parse_spec(load_spec(Path(fpl_fast.__file__).parent / "configs" / "grid-paper-table.json"))
+    assert len(spec.cells) == 45 and (spec.rows, spec.columns) == ("factorization", "noise")
+    assert spec.axes["factorization"] == ["promptfl", "fedotp", "fedpgp", "dplora", "dpfpl"]
+    assert len(spec.axes["noise"]) == 3 and spec.axes["seed"] == [1, 2, 3]
+    default = RunConfig()
+    changed = {k for k, v in spec.cells[0].config.to_dict().items() if v != getattr(default, k)} - set(spec.axes)
+    assert changed == {"rounds"} and str(spec.cells[0].config.rounds) in spec.description
+
+
+def test_worker_i_runs_on_device_i_mod_len_devices_with_its_share_of_the_cores() -> None:
+    import multiprocessing as mp
+
+    import torch
+
+    threads = torch.get_num_threads()
+    counter = mp.get_context("spawn").Value("i", 0)
+    try:
+        got = []
+        for _ in range(3):
+            _init_worker(counter, ["cuda:0", "cuda:1"], 1)
+            got.append(_WORKER["device"])
+        assert got == ["cuda:0", "cuda:1", "cuda:0"] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+        _WORKER["device"] = None
+    assert worker_threads(1) >= worker_threads(2) >= 1 and worker_threads(10**6) == 1
 
 
 @pytest.mark.slow
