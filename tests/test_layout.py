@@ -62,3 +62,6 @@ def test_the_layers_point_one_way() -> None:
     for unit in ("fpl_fast.privacy", "fpl_fast.prompts", "fpl_fast.federated", "fpl_fast.job"):
         assert "fpl_fast.reference" not in graph[unit], f"{unit} imports the test oracle"  # training goes via ops
         assert "fpl_fast.backbone" not in graph[unit] or unit == "fpl_fast.job", f"{unit} needs only the protocol"
+    # The grid runs jobs: it sits on the application level, above job.py, and nothing imports it.
+    assert "fpl_fast.job" in graph["fpl_fast.grid"]
+    assert not [unit for unit, deps in graph.items() if "fpl_fast.grid" in deps and unit != "fpl_fast.grid"]
