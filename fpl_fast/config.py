@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 from fpl_fast.prompts import factorization_names, get_factorization
 from fpl_fast.validation import ConfigError, check_choice, check_finite, check_int
 
-__all__ = ["RunConfig", "RunSettings", "PAPER", "CHOICES", "DEFAULT_LR", "load_config_file"]
+__all__ = ["RunConfig", "RunSettings", "PAPER", "CHOICES", "DEFAULT_LR", "clients_per_round", "load_config_file"]
 
 ClipModeName = Literal["sample", "batch", "output"]
 AccountantName = Literal["rdp", "pld"]
@@ -32,6 +32,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "calibrate_for": ("total", "each"),
     "sync": ("step", "round"),
     "partition": ("iid", "pathological", "dirichlet"),
+    "pathological_split": ("balanced", "authors"),  # fpl_fast.data.splits.PATHOLOGICAL_SPLITS
+    "steps_per_round": ("mean", "authors"),
     "precision": ("fp32", "bf16"),
 }
 
@@ -60,10 +62,12 @@ class RunConfig:
     calibrate_for: str = "total"  # --epsilon bounds epsilon_total (both releases) or each release on its own
     accountant: AccountantName = "rdp"
     sampling: SamplingName | None = None  # None: poisson, or shuffle with --clip-mode batch (no Poisson account there)
+    promptfl_client_noise: bool = False  # the authors' promptfl: clients noise G's gradient too (sigma_g C / b)
     # federation
     num_users: int = 10
     rounds: int = 20
     local_epochs: int = 1
+    steps_per_round: str = "mean"  # the rule: E ceil(mean client size / b), or "authors": E floor(min size / b)
     sync: str = "step"
     client_fraction: float = 1.0
     lr: float | None = None  # None: the clip mode's default (DEFAULT_LR, tuned for the embedded model)
@@ -76,6 +80,7 @@ class RunConfig:
     pretrained: str | None = "embedded"
     precision: str = "fp32"
     partition: str = "dirichlet"
+    pathological_split: str = "balanced"  # every class to some client, or "authors": their fixed-seed shares
     beta: float = 0.5
     num_shots: int | None = None
     augment: bool = False
@@ -128,6 +133,7 @@ class RunConfig:
                 others=("n_ctx",),
             )
         _check_output_clip(self)
+        _check_promptfl_client_noise(self)
         if self.sampling == "poisson" and self.clip_mode == "batch":
             raise ConfigError(
                 "sampling",
@@ -202,6 +208,11 @@ ENGINES = ("inprocess", "flower-sim")
 DEFAULT_LR = {"sample": 0.03, "output": 3.0, "batch": 0.1}
 
 
+def clients_per_round(client_fraction: float, num_clients: int) -> int:
+    """Clients the server samples each round: round(fraction K), at least one (the privacy plan relies on it)."""
+    return max(1, round(client_fraction * num_clients))
+
+
 def _default_sampling(clip_mode: str) -> SamplingName:
     """Poisson sampling (what the accountant assumes), except for batch-mean clipping, which has no Poisson account."""
     return "shuffle" if clip_mode == "batch" else "poisson"
@@ -229,6 +240,22 @@ def _check_output_clip(cfg: RunConfig) -> None:
             "clip_uv",
             "clip_uv applies to the parameter clip modes; clip_mode='output' clips the head's cotangents",
             others=("clip_mode",),
+        )
+
+
+def _check_promptfl_client_noise(cfg: RunConfig) -> None:
+    """The authors' extra client noise exists only in their promptfl with per-step averaging by a noising server
+    (their DP_FPL.py); anywhere else it would be a mechanism nobody asked for, accounted for nowhere."""
+    value = cfg.promptfl_client_noise
+    if not isinstance(value, bool):
+        raise ConfigError("promptfl_client_noise", f"promptfl_client_noise must be true or false, got {value!r}")
+    if value and (cfg.factorization != "promptfl" or cfg.sync != "step" or cfg.clip_mode == "output"):
+        raise ConfigError(
+            "promptfl_client_noise",
+            "promptfl_client_noise needs factorization='promptfl', sync='step' and a parameter clip mode (the "
+            f"authors' promptfl), got factorization={cfg.factorization!r}, sync={cfg.sync!r}, "
+            f"clip_mode={cfg.clip_mode!r}",
+            others=("factorization", "sync", "clip_mode"),
         )
 
 

@@ -220,6 +220,7 @@ def _encode(
             seed=cfg.seed,
             num_shots=cfg.num_shots,
             test_labels=test_labels,
+            pathological_split=cfg.pathological_split,
         )
         train_idx, test_idx = [np.asarray(ix) for ix in split.train], [np.asarray(ix) for ix in split.test]
     key = f"{cfg.dataset}:{cfg.data_root}" if dataset is None else f"{ds.name}:user:{id(ds)}"

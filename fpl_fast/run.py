@@ -108,9 +108,22 @@ _FLAGS: list[tuple[str, Any, str]] = [
         "poisson: Poisson sampling (default; the accountant's bound is then proven) | shuffle: fixed-size shuffled "
         "batches (accounted as Poisson, an approximation; the default with --clip-mode batch)",
     ),
+    (
+        "--promptfl-client-noise",
+        _bool,
+        "with --factorization promptfl --sync step: each client also adds N(0, (sigma C / b)^2) to its clipped "
+        "gradient of G, as the DP-FPL authors' promptfl does (with --clip-mode batch --clip-uv separate); accounted "
+        "with the server's noise as one Gaussian; true/false (default false)",
+    ),
     ("--num-users", int, "number of clients K (default 10)"),
     ("--rounds", int, "communication rounds (default 20)"),
     ("--local-epochs", int, "local epochs per round (default 1)"),
+    (
+        "--steps-per-round",
+        str,
+        "local steps per round: mean: E ceil(mean client size / b) (default) | authors: E floor(smallest client's "
+        "size / b), the DP-FPL authors' count (an error where that is 0)",
+    ),
     ("--sync", str, "step: average the global gradient every local step (authors, default) | round: FedAvg"),
     ("--client-fraction", _float, "fraction of clients sampled per round (default 1)"),
     (
@@ -132,6 +145,13 @@ _FLAGS: list[tuple[str, Any, str]] = [
     ("--pretrained", str, "open_clip tag (openai), a local checkpoint file, 'embedded', or 'none' (random init)"),
     ("--precision", str, "fp32 | bf16 compute in the frozen encoders"),
     ("--partition", str, "client split: iid | pathological | dirichlet (default dirichlet)"),
+    (
+        "--pathological-split",
+        str,
+        "with --partition pathological: balanced: every class to some client, shares differing by at most one "
+        "class (default) | authors: the DP-FPL authors' shares (classes shuffled with seed 2023 whatever --seed, "
+        "round(n_cls / K) each, the last client the rest)",
+    ),
     ("--beta", _float, "Dirichlet concentration for --partition dirichlet (default 0.5)"),
     ("--num-shots", int, "few-shot: examples per class per client"),
     ("--augment", _bool, "random resized crop + flip in training (recomputes image features); true/false"),
@@ -261,8 +281,10 @@ def _build(cls: type, settings: dict[str, Any]):
 
 
 def _fail(exc: BaseException) -> int:
-    """A user error: its first line on stderr, exit code 2, no traceback."""
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    """A user error: its first line on stderr, exit code 2, no traceback (a config error found after the flags were
+    read, e.g. from the data's sizes, worded with flags too)."""
+    text = flag_message(exc) if isinstance(exc, ConfigError) else str(exc)
+    msg = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     print(f"python -m fpl_fast.run: error: {msg}", file=sys.stderr)
     return 2
 

@@ -79,6 +79,16 @@ def test_config_file_then_flags_override(tmp_path: Path) -> None:
             "use --noise",
         ),
         (["--clip-mode", "output", "--clip-uv", "separate"], "clip_uv", "--clip-uv applies to the parameter clip"),
+        (
+            ["--promptfl-client-noise", "true"],
+            "promptfl_client_noise",
+            "--promptfl-client-noise needs --factorization promptfl, --sync step and a parameter clip mode",
+        ),
+        (
+            ["--promptfl-client-noise", "true", "--factorization", "promptfl", "--sync", "round"],
+            "promptfl_client_noise",
+            "--promptfl-client-noise needs --factorization promptfl, --sync step",
+        ),
     ],
 )
 def test_config_errors_name_fields_and_the_cli_names_flags(argv: list[str], field: str, message: str) -> None:
@@ -103,6 +113,55 @@ def test_method_config_errors_name_flags(tmp_path: Path, method: str, config: di
     cfg_file.write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="^" + re.escape(message)):
         method_config_from_args(build_parser().parse_args(["--method", method, "--config", str(cfg_file)]))
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--pathological-split", "even"], "--pathological-split: invalid choice: 'even'"),
+        (["--steps-per-round", "min"], "--steps-per-round: invalid choice: 'min'"),
+    ],
+)
+def test_new_choice_flags_refuse_other_values(argv: list[str], needle: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_authors_options_parse_into_the_config() -> None:
+    argv = ["--factorization", "promptfl", "--clip-mode", "batch", "--clip-uv", "separate"]
+    argv += ["--promptfl-client-noise", "true", "--steps-per-round", "authors", "--pathological-split", "authors"]
+    cfg, _ = config_from_args(build_parser().parse_args(argv))
+    assert (cfg.promptfl_client_noise, cfg.steps_per_round, cfg.pathological_split) == (True, "authors", "authors")
+    default = RunConfig()
+    assert (default.promptfl_client_noise, default.steps_per_round, default.pathological_split) == (
+        False,
+        "mean",
+        "balanced",
+    )
+
+
+def test_a_config_error_found_after_the_flags_is_worded_with_flags(capsys) -> None:
+    """E.g. --steps-per-round authors with a client smaller than a batch is only known once the data is split."""
+    from fpl_fast.run import _fail
+
+    exc = ConfigError("steps_per_round", "steps_per_round='authors' gives 0 local steps", others=("batch_size",))
+    assert _fail(exc) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == "python -m fpl_fast.run: error: --steps-per-round authors gives 0 local steps"
+    )
+
+
+def test_every_flag_has_a_row_in_the_readme_table() -> None:
+    from fpl_fast.run import _FLAGS
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = text[text.index("## Every flag") :].split("\n## ", 1)[0]
+    rows = set(re.findall(r"^\| `(--[a-z0-9-]+)", table, flags=re.M))
+    flags = {flag for flag, _, _ in _FLAGS}
+    assert flags - rows == set(), "flags missing from the README table"
+    assert rows - flags - {"--method", "--config", "--paper", "--resume", "--quiet"} == set(), "rows of no flag"
 
 
 def test_epsilon_without_noise_flag_calibrates() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from fpl_fast.config import CHOICES
 from fpl_fast.data import DATASETS, load_dataset, partition, sample_shots
 from fpl_fast.data.cifar import load_cifar
 from fpl_fast.data.coop import load_coop
 from fpl_fast.data.digits import PART_SIZES, TUNE_SIZES, DigitsDataset, digits_indices
+from fpl_fast.data.splits import AUTHORS_CLASS_SEED, PATHOLOGICAL_SPLITS
 
 LABELS = np.repeat(np.arange(10), 30)  # 300 samples, 10 classes
 TEST_LABELS = np.repeat(np.arange(10), 7)
@@ -79,6 +82,90 @@ def test_pathological_classes_disjoint_and_test_matches() -> None:
         assert set(np.unique(LABELS[train])) == set(classes) == set(np.unique(TEST_LABELS[test]))
     fewer = partition(LABELS, 3, "pathological", test_labels=TEST_LABELS, classes_per_user=2, seed=3)
     assert sum(len(p) for p in fewer.train) == 6 * 30  # 4 classes belong to no client
+
+
+def _class_labels(n_cls: int, per_class: int = 3) -> np.ndarray:
+    return np.repeat(np.arange(n_cls), per_class)
+
+
+def _check_class_shares(split, labels: np.ndarray, test_labels: np.ndarray, n_cls: int) -> list[int]:
+    """Every class goes to exactly one client, train and test by the same classes; returns the share sizes."""
+    shares = [set(c.tolist()) for c in split.classes]
+    assert sorted(k for s in shares for k in s) == list(range(n_cls))  # disjoint and covering every class
+    _check_disjoint_cover(split.train, len(labels))
+    _check_disjoint_cover(split.test, len(test_labels))
+    for train, test, share in zip(split.train, split.test, shares, strict=True):
+        assert set(np.unique(labels[train]).tolist()) == share == set(np.unique(test_labels[test]).tolist())
+    return [len(s) for s in shares]
+
+
+@pytest.mark.parametrize(("n_cls", "users"), [(37, 10), (102, 10), (10, 3), (11, 4), (7, 7), (100, 10), (13, 5)])
+@pytest.mark.parametrize("seed", [0, 4])
+def test_balanced_pathological_split_gives_every_class_to_a_client(n_cls: int, users: int, seed: int) -> None:
+    labels, test_labels = _class_labels(n_cls), _class_labels(n_cls, 2)
+    split = partition(labels, users, "pathological", test_labels=test_labels, seed=seed)
+    sizes = _check_class_shares(split, labels, test_labels, n_cls)
+    assert max(sizes) - min(sizes) <= 1  # balanced: at most one class apart
+    assert sizes == sorted(sizes, reverse=True) and sizes.count(n_cls // users + 1) == n_cls % users  # first ones
+
+
+def _authors_order(n_cls: int) -> list[int]:
+    """Their shuffle as their code runs it: the global generator seeded with 2023 (restored afterwards)."""
+    saved = random.getstate()
+    try:
+        random.seed(AUTHORS_CLASS_SEED)
+        classes = list(range(n_cls))
+        random.shuffle(classes)
+    finally:
+        random.setstate(saved)
+    return classes
+
+
+@pytest.mark.parametrize(
+    ("n_cls", "users", "sizes"), [(37, 10, [4] * 9 + [1]), (102, 10, [10] * 9 + [12]), (10, 3, [3, 3, 4])]
+)
+def test_authors_pathological_split_is_their_fixed_seed_shares(n_cls: int, users: int, sizes: list[int]) -> None:
+    labels, test_labels = _class_labels(n_cls), _class_labels(n_cls, 2)
+    runs = [
+        partition(labels, users, "pathological", test_labels=test_labels, seed=s, pathological_split="authors")
+        for s in (0, 1, 77)
+    ]
+    for split in runs[1:]:  # independent of the run's seed
+        assert all(
+            np.array_equal(a, b) for a, b in zip(runs[0].train + runs[0].test, split.train + split.test, strict=True)
+        )
+    assert _check_class_shares(runs[0], labels, test_labels, n_cls) == sizes  # round(n / K) each, the last the rest
+    order = _authors_order(n_cls)
+    per = round(n_cls / users)
+    for c, classes in enumerate(runs[0].classes):
+        want = order[c * per : (c + 1) * per] if c < users - 1 else order[(users - 1) * per :]
+        assert classes.tolist() == sorted(want)
+    state = random.getstate()
+    partition(labels, users, "pathological", seed=0, pathological_split="authors")
+    assert random.getstate() == state  # the global generator is left alone
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"num_users": 10, "labels": _class_labels(15)},
+            r"leaves a client without classes: 9 clients take round\(15 / 10\)",
+        ),
+        ({"classes_per_user": 2}, "classes_per_user applies to pathological_split 'balanced' only"),
+        ({"pathological_split": "shuffled"}, r"pathological_split must be one of \('balanced', 'authors'\)"),
+    ],
+)
+def test_authors_pathological_split_refusals(kwargs: dict, match: str) -> None:
+    args = {"labels": LABELS, "num_users": 3, "pathological_split": "authors", "seed": 0} | kwargs
+    with pytest.raises(ValueError, match=match):
+        partition(args.pop("labels"), args.pop("num_users"), "pathological", **args)
+
+
+def test_balanced_pathological_split_needs_a_class_per_client() -> None:
+    with pytest.raises(ValueError, match="at least one class per client: 10 classes for 11 users"):
+        partition(LABELS, 11, "pathological", seed=0)
+    assert CHOICES["pathological_split"] == PATHOLOGICAL_SPLITS  # the config's choices are the splitter's
 
 
 def test_dirichlet_reproducible_and_skewed() -> None:

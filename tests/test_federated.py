@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -162,3 +163,35 @@ def test_resume_refuses_a_different_configuration(job, tmp_path) -> None:
     run_job(BASE.replace(rounds=2), backbone, classnames, data, out=tmp_path, progress=False, stop_after_round=1)
     with pytest.raises(ValueError, match="different configuration"):
         run_job(BASE.replace(rounds=2, lr=0.5), backbone, classnames, data, out=tmp_path, resume=True, progress=False)
+
+
+def test_final_reports_the_means_of_the_last_5_and_10_evaluated_rounds_also_after_resume(job, tmp_path) -> None:
+    backbone, classnames, data = job
+    cfg = BASE.replace(rounds=6, eval_every=1, noise=1.0, clip_mode="batch")  # one backward per step: quick
+    run_job(cfg, backbone, classnames, data, out=tmp_path / "full", progress=False)
+    saved = json.loads((tmp_path / "full" / "results.json").read_text())
+    rounds, final = saved["rounds"], saved["final"]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
+    for key in ("local_acc", "neighbor_acc"):
+        last5 = [r[key] for r in rounds if 2 <= r["round"] <= 6]
+        assert final[f"{key}_mean_last5"] == pytest.approx(sum(last5) / 5, abs=1e-12)
+        assert final[f"{key}_mean_last10"] == pytest.approx(sum(r[key] for r in rounds) / 6, abs=1e-12)  # all 6
+        assert final[key] == rounds[-1][key]  # the last round's stays as it was
+    assert final["acc_mean_last5_rounds"] == [2, 3, 4, 5, 6] and final["acc_mean_last10_rounds"] == [1, 2, 3, 4, 5, 6]
+    run_job(cfg, backbone, classnames, data, out=tmp_path / "part", progress=False, stop_after_round=3)
+    resumed = run_job(cfg, backbone, classnames, data, out=tmp_path / "part", resume=True, progress=False)["final"]
+    for key in ("local_acc_mean_last5", "neighbor_acc_mean_last5", "local_acc_mean_last10", "acc_mean_last5_rounds"):
+        assert resumed[key] == final[key], key
+
+
+def test_accuracy_means_window_shorter_runs_and_missing_neighbour_accuracy() -> None:
+    from fpl_fast.federated.runner import recent_accuracy_means
+    from fpl_fast.results import summary_table
+
+    rows = [{"round": 2 * r, "local_acc": 0.1 * r, "neighbor_acc": None} for r in range(1, 4)]  # eval_every 2
+    got = recent_accuracy_means(rows)
+    assert got["local_acc_mean_last5"] == got["local_acc_mean_last10"] == pytest.approx(0.2)
+    assert got["neighbor_acc_mean_last5"] is None and got["acc_mean_last5_rounds"] == [2, 4, 6]
+    assert recent_accuracy_means([])["local_acc_mean_last5"] is None
+    table = summary_table({"local_acc": 0.3, **got})
+    assert re.search(r"mean local accuracy, last 5 evaluations +0\.2\n", table), table

@@ -105,8 +105,13 @@ def _in_process(cfg: RunConfig, out: Path) -> tuple[dict[str, Any], Any]:
 
 @pytest.mark.parametrize(
     "changes",
-    [{}, {"sync": "round", "client_fraction": 0.34}, {"clip_mode": "output"}],
-    ids=["step", "round-one-client-a-round", "output"],
+    [
+        {},
+        {"sync": "round", "client_fraction": 0.34},
+        {"clip_mode": "output"},
+        {"factorization": "promptfl", "clip_mode": "batch", "clip_uv": "separate", "promptfl_client_noise": True},
+    ],
+    ids=["step", "round-one-client-a-round", "output", "authors-promptfl-client-noise"],
 )
 def test_the_flower_apps_give_the_in_process_federation(tmp_path: Path, changes: dict[str, Any]) -> None:
     """Same G, per-client accuracies up to float tolerance; the same steps and epsilons exactly (fixed noise seeds).
@@ -128,6 +133,9 @@ def test_the_flower_apps_give_the_in_process_federation(tmp_path: Path, changes:
         assert 0 in a["steps_per_client"]  # one client a round for 2 rounds: a client took no step, and is not charged
         assert b["epsilon_total_per_client"][a["steps_per_client"].index(0)] == 0.0
     assert [r["round"] for r in fl["rounds"]] == [r["round"] for r in ip["rounds"]]
+    assert b["acc_mean_last5_rounds"] == a["acc_mean_last5_rounds"] == [1, 2]
+    assert b["local_acc_mean_last5"] == pytest.approx(np.mean([r["local_acc"] for r in fl["rounds"]]), abs=1e-12)
+    assert b["local_acc_mean_last5"] == pytest.approx(a["local_acc_mean_last5"], abs=0.02)
     for k, steps in enumerate(a["steps_per_client"]):  # each node's own accountant agrees with the server's report
         ledger = tmp_path / "nodes" / "t" / f"client-{k}" / "ledger.json"
         if steps:
@@ -290,6 +298,8 @@ def test_a_node_with_its_own_data_folder_reports_no_neighbour_accuracy(tmp_path:
         c.node_config = {"partition-id": k, "num-partitions": 3, "data-dir": "data"}
     res = _run(grid, cfg, tmp_path / "out")["final"]
     assert res["neighbor_acc"] is None and res["neighbor_acc_per_client"] is None
+    assert res["neighbor_acc_mean_last5"] is None and res["neighbor_acc_mean_last10"] is None
+    assert res["local_acc_mean_last5"] == res["local_acc"]  # one round: the mean of one
     assert "not available" in res["neighbor_note"]
     assert math.isfinite(res["local_acc"])
     assert res["sample_rate_per_client"] == [8 / 600] * 3  # each node's client holds all 600 training images

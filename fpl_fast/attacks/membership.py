@@ -258,6 +258,7 @@ def shadow_data(cfg: RunConfig, pool: ShadowPool, seed: int) -> ClientData:
         seed=seed,
         num_shots=cfg.num_shots,
         test_labels=pool.labels[out_ix],
+        pathological_split=cfg.pathological_split,
     )
     if min(len(ix) for ix in split.train) == 0:
         raise ValueError(

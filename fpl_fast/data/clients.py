@@ -21,6 +21,7 @@ def client_split(
     seed: int,
     num_shots: int | None = None,
     test_labels: Sequence[int] | np.ndarray | None = None,
+    pathological_split: str = "balanced",
 ) -> ClientSplit:
     """Split the training labels (and the test labels) over ``num_users`` clients, every client getting some.
 
@@ -32,6 +33,7 @@ def client_split(
         seed: seed of the split.
         num_shots: at most this many training examples per class per client (None: all).
         test_labels: (M,) test labels; each client gets a matching test split.
+        pathological_split: ``"balanced"`` or ``"authors"`` class shares (``"pathological"`` only).
 
     Returns:
         The split (indices into ``labels`` and ``test_labels``).
@@ -39,7 +41,16 @@ def client_split(
     Raises:
         ValueError: a bad argument (from ``partition``), or a client received no training examples.
     """
-    split = partition(labels, num_users, scheme, beta=beta, seed=seed, num_shots=num_shots, test_labels=test_labels)
+    split = partition(
+        labels,
+        num_users,
+        scheme,
+        beta=beta,
+        seed=seed,
+        num_shots=num_shots,
+        test_labels=test_labels,
+        pathological_split=pathological_split,
+    )
     for k, ix in enumerate(split.train):
         if len(ix) == 0:
             raise ValueError(

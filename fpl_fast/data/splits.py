@@ -3,28 +3,44 @@
 Every scheme returns, per client, indices into the training set and matching indices into the test set:
 
 * ``iid``: both sets shuffled and cut into ``num_users`` near-equal disjoint shares.
-* ``pathological``: the classes are shuffled and each client gets ``classes_per_user`` of them, disjoint across
-  clients; its train and test indices are all samples of its classes (classes left over when
-  ``num_users * classes_per_user < n_cls`` belong to no client).
+* ``pathological``: disjoint class shares; a client's train and test indices are all samples of its classes.
+  ``pathological_split="balanced"`` (default): the classes are shuffled with the run's seed and every class goes to
+  some client, the first ``n_cls mod num_users`` clients taking one class more than the others (so no data is
+  left unused: OxfordPets' 37 classes over 10 clients are shares of 4, 4, 4, 4, 4, 4, 4, 3, 3, 3). With an explicit
+  ``classes_per_user`` every client gets exactly that many and the classes left over belong to no client.
+  ``pathological_split="authors"``: the DP-FPL authors' scheme (their base_dataset.py), see :func:`authors_shares`.
 * ``dirichlet``: for every class, client proportions ``p ~ Dir(beta * 1)``; that class's train samples and its
   test samples are cut in those proportions (so each client's test labels follow its train labels). Smaller
   ``beta`` means more skew. Proportions are redrawn (up to 100 times) until every client has a train sample.
 
 ``num_shots`` then keeps at most that many train samples per class per client (few-shot, as CoOp).
-All randomness comes from ``numpy.random.default_rng(seed)``: the same seed gives the same split.
+All randomness comes from ``numpy.random.default_rng(seed)``: the same seed gives the same split (the authors'
+pathological shares use their fixed seed instead, whatever ``seed``).
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SCHEMES", "ClientSplit", "partition", "sample_shots"]
+__all__ = [
+    "SCHEMES",
+    "PATHOLOGICAL_SPLITS",
+    "AUTHORS_CLASS_SEED",
+    "ClientSplit",
+    "authors_shares",
+    "balanced_shares",
+    "partition",
+    "sample_shots",
+]
 
 SCHEMES = ("iid", "pathological", "dirichlet")
+PATHOLOGICAL_SPLITS = ("balanced", "authors")
+AUTHORS_CLASS_SEED = 2023  # the authors' fixed random.seed(2023), whatever the run's seed
 
 
 @dataclass(frozen=True)
@@ -84,6 +100,65 @@ def sample_shots(labels: Sequence[int] | np.ndarray, indices: np.ndarray, num_sh
     return np.sort(np.concatenate(kept)) if kept else np.zeros(0, dtype=np.int64)
 
 
+def balanced_shares(order: np.ndarray, num_users: int) -> list[np.ndarray]:
+    """Cut the shuffled classes ``order`` into ``num_users`` contiguous shares whose sizes differ by at most one
+    (the first ``len(order) mod num_users`` take one more): every class belongs to some client."""
+    if len(order) < num_users:
+        raise ValueError(
+            f"pathological split needs at least one class per client: {len(order)} classes for {num_users} users"
+        )
+    return np.array_split(order, num_users)
+
+
+def authors_shares(n_cls: int, num_users: int) -> list[np.ndarray]:
+    """The DP-FPL authors' class shares (base_dataset.py:345-390, as read in shared/notes/authors-code.md):
+    the class list is shuffled by Python's ``random`` seeded with 2023 whatever the run's seed, each of the first
+    ``num_users - 1`` clients takes the next ``round(n_cls / num_users)`` classes and the last client the rest.
+
+    Details the notes leave open, decided here: the list shuffled is the class ids ``0 .. n_cls - 1`` in label order;
+    ``round`` is Python's (half to even: 25 classes over 10 clients give nine shares of 2 and the last 7); a private
+    ``random.Random(2023)`` replays the same shuffle as their ``random.seed(2023); random.shuffle(...)`` without
+    touching the global generator; and a split where the last client would get no class
+    (``round(n / K) * (K - 1) >= n``, e.g. 15 classes over 10 clients) is refused rather than guessed at.
+    """
+    per = round(n_cls / num_users)
+    if per < 1 or per * (num_users - 1) >= n_cls:
+        raise ValueError(
+            f"pathological_split='authors' leaves a client without classes: {num_users - 1} clients take "
+            f"round({n_cls} / {num_users}) = {per} classes each of {n_cls}; use pathological_split='balanced' "
+            "or fewer users"
+        )
+    classes = list(range(n_cls))
+    random.Random(AUTHORS_CLASS_SEED).shuffle(classes)
+    order = np.asarray(classes, dtype=np.int64)
+    return [order[c * per : (c + 1) * per] for c in range(num_users - 1)] + [order[(num_users - 1) * per :]]
+
+
+def _pathological_shares(
+    n_cls: int, num_users: int, classes_per_user: int | None, split: str, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """The disjoint class shares of the pathological scheme (see the module docstring)."""
+    if split not in PATHOLOGICAL_SPLITS:
+        raise ValueError(f"pathological_split must be one of {PATHOLOGICAL_SPLITS}, got {split!r}")
+    if split == "authors":
+        if classes_per_user is not None:
+            raise ValueError(
+                f"classes_per_user applies to pathological_split 'balanced' only (the authors' scheme fixes the "
+                f"shares), got {classes_per_user!r}"
+            )
+        return authors_shares(n_cls, num_users)
+    order = rng.permutation(n_cls)
+    if classes_per_user is None:
+        return balanced_shares(order, num_users)
+    max_cpu = n_cls // num_users
+    if not isinstance(classes_per_user, int) or not 1 <= classes_per_user <= max(max_cpu, 0):
+        raise ValueError(
+            f"classes_per_user must be an int in [1, n_cls // num_users = {max_cpu}] so that class shares are "
+            f"disjoint ({n_cls} classes, {num_users} users), got {classes_per_user!r}"
+        )
+    return [order[c * classes_per_user : (c + 1) * classes_per_user] for c in range(num_users)]
+
+
 def partition(
     labels: Sequence[int] | np.ndarray,
     num_users: int,
@@ -92,6 +167,7 @@ def partition(
     test_labels: Sequence[int] | np.ndarray | None = None,
     beta: float = 0.5,
     classes_per_user: int | None = None,
+    pathological_split: str = "balanced",
     num_shots: int | None = None,
     seed: int,
 ) -> ClientSplit:
@@ -103,8 +179,10 @@ def partition(
         scheme: ``"iid"``, ``"pathological"`` or ``"dirichlet"``.
         test_labels: (M,) test labels; each client gets a matching test split.
         beta: Dirichlet concentration (> 0), only for ``"dirichlet"``.
-        classes_per_user: classes per client for ``"pathological"``, 1 <= value <= n_cls // num_users
-            (default n_cls // num_users).
+        classes_per_user: classes per client for ``"pathological"``, 1 <= value <= n_cls // num_users (default
+            None: every class goes to some client, shares differing by at most one class).
+        pathological_split: ``"balanced"`` (default) or ``"authors"`` (the DP-FPL authors' shares,
+            :func:`authors_shares`), for ``"pathological"`` only.
         num_shots: keep at most this many train samples per class per client (None: all).
         seed: RNG seed.
 
@@ -112,7 +190,8 @@ def partition(
         The per-client splits.
 
     Raises:
-        ValueError: for a bad scheme, num_users, beta, classes_per_user or num_shots, naming the value.
+        ValueError: for a bad scheme, num_users, beta, classes_per_user, pathological_split or num_shots, naming
+            the value.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
@@ -133,16 +212,7 @@ def partition(
         train_parts = np.array_split(rng.permutation(len(train)), num_users)
         test_parts = np.array_split(rng.permutation(len(test)), num_users)
     elif scheme == "pathological":
-        if classes_per_user is None:
-            classes_per_user = n_cls // num_users
-        max_cpu = n_cls // num_users
-        if not isinstance(classes_per_user, int) or not 1 <= classes_per_user <= max(max_cpu, 0):
-            raise ValueError(
-                f"classes_per_user must be an int in [1, n_cls // num_users = {max_cpu}] so that class shares are "
-                f"disjoint ({n_cls} classes, {num_users} users), got {classes_per_user!r}"
-            )
-        order = rng.permutation(n_cls)
-        shares = [order[c * classes_per_user : (c + 1) * classes_per_user] for c in range(num_users)]
+        shares = _pathological_shares(n_cls, num_users, classes_per_user, pathological_split, rng)
         train_parts = [np.flatnonzero(np.isin(train, s)) for s in shares]
         test_parts = [np.flatnonzero(np.isin(test, s)) for s in shares]
     else:

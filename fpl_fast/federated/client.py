@@ -33,11 +33,20 @@ from torch import Tensor
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.optim import ClientSGD
 from fpl_fast.federated.text import ClassPrompts
-from fpl_fast.privacy.mechanism import LocalDP, NoiseStream, OutputDP, privatize_local, privatize_output, take_each
+from fpl_fast.privacy.mechanism import (
+    LocalDP,
+    NoiseStream,
+    OutputDP,
+    client_noise_global,
+    privatize_local,
+    privatize_output,
+    take_each,
+)
 from fpl_fast.privacy.per_sample import logit_cotangents, per_sample_prompt_grads_from
 from fpl_fast.privacy.plan import ClientAccountant, NoisePlan, global_release_noise
 from fpl_fast.privacy.randomness import PartyRandomness, derive_key
 from fpl_fast.prompts import PromptLearner
+from fpl_fast.validation import ConfigError
 
 __all__ = ["ClientData", "StepStats", "BatchSampler", "Clients", "sample_rates", "steps_per_round"]
 
@@ -93,8 +102,31 @@ def sample_rates(cfg: RunConfig, sizes: list[int]) -> list[float]:
 
 
 def steps_per_round(cfg: RunConfig, sizes: list[int]) -> int:
-    """Local steps per round: E epochs of the average client (all clients step together, so a larger client sees
-    part of its data per epoch and a smaller one cycles; each client's accountant counts its real steps)."""
+    """Local steps per round, by ``cfg.steps_per_round``.
+
+    "mean" (default): E epochs of the average client, E ceil(mean size / b) (all clients step together, so a larger
+    client sees part of its data per epoch and a smaller one cycles; each client's accountant counts its real steps).
+    "authors": the DP-FPL authors' count, E floor(smallest client's size / b): their data_manager cuts every client to
+    the smallest client's size and drops the last partial batch. Only the count is theirs: every client here still
+    samples from all of its data (q = b / n_k, as its accountant is told).
+
+    Raises:
+        ConfigError: "authors" where the smallest client holds fewer than b examples: their drop_last loop would
+            take no step at all, so there is nothing of theirs to reproduce (rounding it up to 1 would be a rule of
+            neither); lower batch_size or use "mean".
+    """
+    if cfg.steps_per_round == "authors":
+        smallest = min(sizes)
+        batches = smallest // cfg.batch_size
+        if batches < 1:
+            raise ConfigError(
+                "steps_per_round",
+                f"steps_per_round='authors' gives 0 local steps: the smallest client holds {smallest} training "
+                f"examples, fewer than batch_size={cfg.batch_size} (the authors drop the last partial batch); lower "
+                "batch_size or use steps_per_round='mean'",
+                others=("batch_size",),
+            )
+        return cfg.local_epochs * batches
     return cfg.local_epochs * max(1, math.ceil(float(np.mean(sizes)) / float(cfg.batch_size)))
 
 
@@ -198,6 +230,12 @@ class Clients:
         """sigma_g of the global release (none in output mode: the one release already covers G)."""
         return global_release_noise(self.cfg, self.plan)
 
+    @property
+    def client_global_noise(self) -> float:
+        """sigma_g each client adds to its clipped gradient of G before sending it: the authors' promptfl noise
+        (--promptfl-client-noise), else none (the server's noise alone covers G)."""
+        return self.global_noise if self.cfg.promptfl_client_noise else 0.0
+
     def noise_streams(self, rows: Tensor) -> list[NoiseStream]:
         return [self.rand[k].noise for k in rows.tolist()]
 
@@ -287,7 +325,8 @@ class Clients:
 
     def local_step(self, rows: Tensor) -> tuple[Tensor, StepStats]:
         """One local step of the clients ``rows``: their local prompts are updated; returns the clipped mean
-        gradients of G (K_a, n_ctx, d) (output mode: already private) and the step's statistics."""
+        gradients of G (K_a, n_ctx, d) (output mode: already private; with --promptfl-client-noise each noised by
+        its client) and the step's statistics."""
         cfg, L = self.cfg, self.learner
         streams = self.noise_streams(rows)
         seed, off = take_each(streams, L.factorize_draws())
@@ -328,7 +367,14 @@ class Clients:
             clipped_fraction=float(clipped.mean()),
             batch_sizes=[int(x) for x in mask.sum(1).tolist()],
         )
-        return res.grad_global, stats
+        grad_global = client_noise_global(
+            res.grad_global,
+            clip_norm=cfg.norm_thresh,
+            noise_multiplier=self.client_global_noise,
+            batch_size=self.batch_denominator,
+            streams=streams,
+        )
+        return grad_global, stats
 
     @torch.no_grad()
     def own_global_step(self, rows: Tensor, grad_global: Tensor) -> None:

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ __all__ = [
     "epsilons_spent",
     "eval_record",
     "privacy_summary",
+    "MEAN_WINDOWS",
+    "recent_accuracy_means",
 ]
 
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
@@ -185,6 +188,7 @@ class _State:
     zero_shot: float
     bar: tqdm | None = None
     last_eval: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # the evaluated rounds' records, resumes included
 
 
 def epsilons_spent(accountants: Sequence[ClientAccountant]) -> tuple[list[float], list[float], list[float]]:
@@ -204,6 +208,35 @@ def eval_record(ev: dict[str, Any], accountants: Sequence[ClientAccountant], los
         "epsilon_total": max(eps_t),
         "loss": loss,
     }
+
+
+# Means over the last N evaluated rounds in results.json's final: the authors' training script prints the mean of
+# the last 5 rounds (federated_main.py:226), their table.py averages the last 10.
+MEAN_WINDOWS = (5, 10)
+
+
+def _mean_or_none(values: list[Any]) -> float | None:
+    """The mean, or None where any value is missing (a Flower run without neighbour accuracy) or there is none."""
+    if not values or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
+        return None
+    return float(np.mean(values))
+
+
+def recent_accuracy_means(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean local and neighbour accuracy over the last 5 and the last 10 evaluated rounds (as many as there are when
+    fewer), named by their window so no reader takes one for another or for the last round's accuracy, and the
+    rounds each mean covers (with --eval-every > 1 the last 5 evaluations span more than 5 rounds).
+
+    Args:
+        records: the run's round records in order (each with ``round``, ``local_acc``, ``neighbor_acc``).
+    """
+    out: dict[str, Any] = {}
+    for n in MEAN_WINDOWS:
+        last = list(records)[-n:]
+        out[f"local_acc_mean_last{n}"] = _mean_or_none([r.get("local_acc") for r in last])
+        out[f"neighbor_acc_mean_last{n}"] = _mean_or_none([r.get("neighbor_acc") for r in last])
+        out[f"acc_mean_last{n}_rounds"] = [int(r["round"]) for r in last]
+    return out
 
 
 def privacy_summary(
@@ -274,6 +307,7 @@ class DPFPL:
 
     def load_state_dict(self, st: _State, saved: dict[str, Any]) -> None:
         st.fed.load_state_dict(saved["federation"])
+        st.history = list(saved["rounds"])  # the driver's records of the rounds before the resume
 
     def progress(self, st: _State, rounds: range, *, enabled: bool) -> tqdm:
         """One tick per local step: a DP-FPL round is many steps of every sampled client."""
@@ -289,6 +323,7 @@ class DPFPL:
             return None
         ev = st.last_eval = fed.evaluate(eval_seed(cfg, rnd - 1))
         record = eval_record(ev, fed.clients.accountants, float(np.mean([s.loss for s in stats])))
+        st.history.append({"round": rnd, **record})
         if st.bar is not None:
             st.bar.set_postfix(
                 acc=f"{ev['local_acc']:.3f}", nb=f"{ev['neighbor_acc']:.3f}", eps=f"{record['epsilon_total']:.3g}"
@@ -296,7 +331,8 @@ class DPFPL:
         return record
 
     def final(self, st: _State) -> dict[str, Any]:
-        """Accuracies, the privacy guarantee and what it rests on (accountant, noise plan, sampling, randomness)."""
+        """Accuracies (the last round's and the means over the last evaluated rounds), the privacy guarantee and
+        what it rests on (accountant, noise plan, sampling, randomness)."""
         cfg, fed = st.cfg, st.fed
         last_eval = st.last_eval
         if last_eval is None:  # resumed a finished run: evaluate the final state again
@@ -304,6 +340,7 @@ class DPFPL:
         return {
             "local_acc": last_eval["local_acc"],
             "neighbor_acc": last_eval["neighbor_acc"],
+            **recent_accuracy_means(st.history),
             "zero_shot_acc": st.zero_shot,
             **privacy_summary(cfg, st.plan, st.qs, fed.clients.accountants),
             "local_acc_per_client": last_eval["local_acc_per_client"],

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fpl_fast.config import RunConfig
+from fpl_fast.config import RunConfig, clients_per_round
 from fpl_fast.federated.optim import ClientSGD
 from fpl_fast.privacy.mechanism import server_aggregate_global
 from fpl_fast.privacy.randomness import PartyRandomness
@@ -42,7 +42,7 @@ class Server:
 
     def sample_clients(self, num_clients: int) -> Tensor:
         """Clients taking part in this round (client fraction, at least one), from the server's generator."""
-        m = max(1, round(self.cfg.client_fraction * num_clients))
+        m = clients_per_round(self.cfg.client_fraction, num_clients)
         chosen = (
             np.sort(self.rand.sampling.choice(num_clients, size=m, replace=False))
             if m < num_clients

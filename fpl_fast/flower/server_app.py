@@ -15,7 +15,7 @@ import math
 import secrets
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.client import sample_rates, steps_per_round
-from fpl_fast.federated.runner import eval_record, eval_seed, privacy_summary
+from fpl_fast.federated.runner import eval_record, eval_seed, privacy_summary, recent_accuracy_means
 from fpl_fast.federated.server import Server
 from fpl_fast.flower.node import initial_learner
 from fpl_fast.flower.protocol import INFO, AppSettings, FederationError, from_run_config, header
@@ -60,6 +60,7 @@ class _State:
     neighbours: bool
     nonce: str
     last_eval: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # the evaluated rounds' records, resumes included
 
 
 class FlowerDPFPL:
@@ -135,6 +136,7 @@ class FlowerDPFPL:
         for a, n in zip(st.strategy.accountants, saved["steps"], strict=True):
             a.steps = int(n)
         st.nonce = saved["nonce"]
+        st.history = list(saved["rounds"])  # the driver's records of the rounds before the resume
 
     def round(self, st: _State, rnd: int) -> dict[str, Any] | None:
         """Sample, train (one message round per round, or per step with sync="step"), aggregate; evaluate every
@@ -154,7 +156,9 @@ class FlowerDPFPL:
         if rnd % cfg.eval_every != 0 and rnd != cfg.rounds:
             return None
         st.last_eval = self._evaluate(st, rnd, units[-1][0])
-        return eval_record(st.last_eval, strategy.accountants, None)
+        record = eval_record(st.last_eval, strategy.accountants, None)
+        st.history.append({"round": rnd, **record})
+        return record
 
     def _evaluate(self, st: _State, rnd: int, tag: int) -> dict[str, Any]:
         cfg, strategy = st.cfg, st.strategy
@@ -186,6 +190,7 @@ class FlowerDPFPL:
             "engine": "flower",
             "local_acc": ev["local_acc"],
             "neighbor_acc": ev["neighbor_acc"],
+            **recent_accuracy_means(st.history),
             "neighbor_note": (
                 "the other partitions' test splits, which every node holds (it partitions the shared dataset)"
                 if st.neighbours

@@ -11,6 +11,9 @@ Mechanisms per step (DESIGN.md section 1; unit of privacy: one example of one cl
 - Global DP: per-sample g_G,i clipped to C and averaged on the client (the fused op's third output);
   the server averages the K clients and adds N(0, (sigma_g C / (b K))^2)
   (:func:`server_aggregate_global`).
+- The DP-FPL authors' promptfl (``--promptfl-client-noise``): every client also adds N(0, (sigma_g C / b)^2) to its
+  clipped gradient of G before sending it (:func:`client_noise_global`); with the server's noise that is one
+  Gaussian on the mean (:func:`promptfl_accountant_noise_multiplier`).
 - Output-space DP (``--clip-mode output``, ../shared/specs/output-space-dp.md): each example's cotangent
   dl_i/dT w.r.t. the class text features is clipped to C_o, summed, noised once with N(0, (sigma C_o)^2) on the
   client and divided by b (:func:`privatize_output`); every prompt gradient is one vjp of that release, so the
@@ -28,7 +31,7 @@ import torch
 from torch import Tensor
 
 from fpl_fast import ops
-from fpl_fast.validation import check
+from fpl_fast.validation import check, is_int
 
 __all__ = [
     "ClipMode",
@@ -41,6 +44,9 @@ __all__ = [
     "global_accountant_noise_multiplier",
     "combined_noise_multiplier",
     "server_aggregate_global",
+    "client_noise_global",
+    "promptfl_noise_std",
+    "promptfl_accountant_noise_multiplier",
     "OUTPUT_HEADS",
     "OutputDP",
     "OutputDPResult",
@@ -427,6 +433,90 @@ def server_aggregate_global(
     std = noise_multiplier * clip_norm / (batch_size * K)
     z = stream.normal(mean.numel(), client_grads.device).view_as(mean)
     return mean + (std * z).to(mean.dtype)
+
+
+def client_noise_global(
+    client_grads: Tensor,
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    batch_size: float,
+    streams: Sequence[NoiseStream],
+) -> Tensor:
+    """The DP-FPL authors' promptfl client noise: client k adds N(0, (sigma_g C / b)^2) per entry to its clipped,
+    batch-averaged gradient of G before it leaves the client (their DP_FPL.py:282-284), from its own secret
+    ``streams[k]`` (never torch's global generator, so its noise is its own and checkpoints replay it).
+
+    Args:
+        client_grads: (K_a, n_ctx, d) the active clients' clipped gradients of G.
+        clip_norm: C (finite).
+        noise_multiplier: sigma_g >= 0 (0: returned unchanged, nothing drawn).
+        batch_size: b, the denominator of the clipped gradients.
+        streams: one noise stream per row.
+
+    Returns:
+        (K_a, n_ctx, d) the noised gradients, in client_grads' dtype.
+    """
+    check(client_grads.dim() == 3, f"client_grads must be 3-D (K, n_ctx, d), got shape {tuple(client_grads.shape)}")
+    check(
+        len(streams) == client_grads.shape[0],
+        f"streams must hold one noise stream per client ({client_grads.shape[0]}), got {len(streams)}",
+    )
+    check(
+        math.isfinite(noise_multiplier) and noise_multiplier >= 0,
+        f"noise_multiplier must be finite and >= 0, got {noise_multiplier}",
+    )
+    if noise_multiplier == 0:
+        return client_grads
+    check(math.isfinite(clip_norm) and clip_norm > 0, f"clip_norm must be finite and > 0 for noise, got {clip_norm}")
+    check(math.isfinite(batch_size) and batch_size > 0, f"batch_size must be finite and > 0, got {batch_size}")
+    numel = client_grads[0].numel()
+    z = torch.stack([s.normal(numel, client_grads.device) for s in streams]).view_as(client_grads)
+    return client_grads + (z * (noise_multiplier * clip_norm / batch_size)).to(client_grads.dtype)
+
+
+def promptfl_noise_std(noise_multiplier: float, *, clip_norm: float, batch_size: float, active_clients: int) -> float:
+    """Std per entry of all the noise on the server's mean with the authors' promptfl client noise.
+
+    mean_k (g_k + z_k) + z_s with z_k ~ N(0, (sigma C / b)^2) on each of the K_a clients and z_s ~
+    N(0, (sigma C / (b K_a))^2) from the server: the noise (1/K_a) sum_k z_k + z_s is one Gaussian of variance
+    (sigma C / b)^2 / K_a + (sigma C / (b K_a))^2, i.e. std (sigma C / b) sqrt(1/K_a + 1/K_a^2).
+    """
+    check(
+        is_int(active_clients) and active_clients >= 1,
+        f"active_clients must be an integer >= 1, got {active_clients!r}",
+    )
+    ka = float(active_clients)
+    return noise_multiplier * clip_norm / batch_size * math.sqrt(1.0 / ka + 1.0 / ka**2)
+
+
+def promptfl_accountant_noise_multiplier(
+    noise_multiplier: float, *, clip_mode: ClipMode = "batch", batch_size: float, active_clients: int
+) -> float:
+    """The multiplier the accountant is told for G's release with the authors' promptfl client noise.
+
+    It is the std of the one Gaussian on the mean (:func:`promptfl_noise_std`) over the sensitivity of that mean
+    to one example, which changes one client's clipped gradient g_k: by <= 2C in batch mode (g_k = clip(batch
+    mean), norm <= C on both sides), by <= C / b in sample mode (g_k = sum of clipped examples / b); the mean moves
+    by 1/K_a of that. So, in units where C = 1:
+
+        batch:  (sigma / b) sqrt(1/K_a + 1/K_a^2) / (2 / K_a) = sigma sqrt(K_a + 1) / (2 b)
+        sample: (sigma / b) sqrt(1/K_a + 1/K_a^2) / (1 / (b K_a)) = sigma sqrt(K_a + 1)
+
+    (without client noise: sigma / (2 b) and sigma, :func:`global_accountant_noise_multiplier`). It grows with K_a,
+    so the caller passes the fewest clients a step can average (the server samples max(1, round(fraction K)) each
+    round). This is the guarantee of G as released (trusted server); what the server itself sees of one client,
+    g_k + z_k, has the multiplier without client noise on its own.
+    """
+    check(
+        math.isfinite(noise_multiplier) and noise_multiplier >= 0,
+        f"noise_multiplier must be finite and >= 0, got {noise_multiplier}",
+    )
+    check(clip_mode in ("sample", "batch"), f"clip_mode must be 'sample' or 'batch', got {clip_mode!r}")
+    check(math.isfinite(batch_size) and batch_size > 0, f"batch_size must be finite and > 0, got {batch_size}")
+    std = promptfl_noise_std(noise_multiplier, clip_norm=1.0, batch_size=batch_size, active_clients=active_clients)
+    per_client = 1.0 / batch_size if clip_mode == "sample" else 2.0  # one example's move of g_k (C = 1)
+    return std / (per_client / active_clients)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,17 +12,26 @@ import functools
 import math
 from dataclasses import dataclass
 
-from fpl_fast.config import AccountantName, RunConfig, SamplingName
+from fpl_fast.config import AccountantName, RunConfig, SamplingName, clients_per_round
 from fpl_fast.privacy.accountant import calibrate_noise, epsilon_for, paper_noise_multiplier
 from fpl_fast.privacy.mechanism import (
     LocalDP,
     accountant_noise_multiplier,
     combined_noise_multiplier,
     global_accountant_noise_multiplier,
+    promptfl_accountant_noise_multiplier,
 )
 from fpl_fast.prompts import get_factorization
 
-__all__ = ["NoisePlan", "plan_noise", "global_release_noise", "trust_model", "ClientAccountant", "Epsilons"]
+__all__ = [
+    "NoisePlan",
+    "active_clients",
+    "plan_noise",
+    "global_release_noise",
+    "trust_model",
+    "ClientAccountant",
+    "Epsilons",
+]
 
 
 @dataclass(frozen=True)
@@ -64,8 +73,18 @@ def _accountant_multipliers(cfg: RunConfig, sigma_local: float, sigma_global: fl
     )
     lowrank = get_factorization(cfg.factorization).clips_factors
     local = accountant_noise_multiplier(local_cfg, lowrank=lowrank, batch_size=b)
-    glob = global_accountant_noise_multiplier(sigma_global, clip_mode=cfg.clip_mode, batch_size=b)
+    if cfg.promptfl_client_noise:  # the authors' client noise and the server's: one Gaussian on the mean
+        glob = promptfl_accountant_noise_multiplier(
+            sigma_global, clip_mode=cfg.clip_mode, batch_size=b, active_clients=active_clients(cfg)
+        )
+    else:
+        glob = global_accountant_noise_multiplier(sigma_global, clip_mode=cfg.clip_mode, batch_size=b)
     return local, glob
+
+
+def active_clients(cfg: RunConfig) -> int:
+    """K_a, the clients averaged in every step: the server samples exactly this many each round."""
+    return clients_per_round(cfg.client_fraction, cfg.num_users)
 
 
 def _total_multiplier(cfg: RunConfig, local: float, glob: float) -> float:
@@ -91,6 +110,14 @@ def plan_noise(cfg: RunConfig, *, sample_rate: float, steps: int) -> NoisePlan:
             f"clip-mode output: each example's cotangent dl/dT clipped to C_o = {clip}, one Gaussian "
             "N(0, (sigma C_o)^2) per client and step added on the client;"
             " both prompts are post-processing of it (no server noise)"
+        )
+    if cfg.promptfl_client_noise:
+        ka = active_clients(cfg)
+        notes.append(
+            "promptfl client noise (the authors'): each client adds N(0, (sigma C / b)^2) to its clipped gradient "
+            f"of G and the server N(0, (sigma C / (b K_a))^2) to their mean, K_a = {ka}: one Gaussian of std "
+            f"(sigma C / b) sqrt(1/K_a + 1/K_a^2), accounted as multiplier sigma sqrt(K_a + 1)"
+            + (" / (2b)" if cfg.clip_mode == "batch" else "")
         )
     if cfg.epsilon is None:
         base = cfg.noise or 0.0
