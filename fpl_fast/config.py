@@ -7,14 +7,13 @@ Defaults are the embedded offline job (tiny CLIP on scikit-learn's digits, 10 cl
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 from fpl_fast.prompts import factorization_names, get_factorization
-from fpl_fast.validation import ConfigError, check_choice, check_finite, check_int
+from fpl_fast.validation import ConfigError, check_choice, check_finite, check_int, read_json_object
 
 __all__ = ["RunConfig", "RunSettings", "PAPER", "CHOICES", "DEFAULT_LR", "clients_per_round", "load_config_file"]
 
@@ -283,14 +282,7 @@ PAPER: dict[str, Any] = {
 def load_config_file(path: str | Path, allowed: set[str] | None = None) -> dict[str, Any]:
     """Read a JSON config file into a dict of settings (keys outside ``allowed``, default RunConfig's, are an error)."""
     p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"--config file not found: {p}")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--config {p} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {p} must hold a JSON object of settings, got {type(data).__name__}")
+    data = read_json_object(p, "--config")
     known = (
         allowed if allowed is not None else {f.name for f in fields(RunConfig)} | {f.name for f in fields(RunSettings)}
     )

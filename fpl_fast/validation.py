@@ -11,9 +11,11 @@ and ``name='value'`` into ``--flag value``; nothing else in the message changes.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -91,3 +93,18 @@ def flag_message(exc: ConfigError) -> str:
 
         msg = re.sub(pattern, repl, msg)
     return msg
+
+
+def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path``; one-line ValueErrors for a missing file, bad JSON or another JSON type
+    (``what`` names the file in them, e.g. "--config" or "grid spec")."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{what} file not found: {p}")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} {p} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {p} must hold a JSON object, got {type(data).__name__}")
+    return data

@@ -67,7 +67,7 @@ def test_bad_flags_and_files_end_in_one_line(tmp_path: Path, capsys: pytest.Capt
     (tmp_path / "bad.json").write_text("[1, 2]")
     for argv, word in [
         ([str(tmp_path / "missing.json")], "not found"),
-        ([str(tmp_path / "bad.json")], "must be a JSON object"),
+        ([str(tmp_path / "bad.json")], "must hold a JSON object"),
         ([], "give a grid spec"),
         (["--axis", "noise"], "FIELD=V1,V2"),
         (["--axis", "seed=1", "--devices", ","], "--devices"),

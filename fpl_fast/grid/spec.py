@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fpl_fast.config import RunConfig, RunSettings
-from fpl_fast.validation import ConfigError
+from fpl_fast.validation import ConfigError, read_json_object
 
 __all__ = ["GridSpec", "Cell", "SpecError", "load_spec", "parse_spec", "parse_axis_flag", "cell_name"]
 
@@ -67,16 +67,10 @@ def cell_name(values: dict[str, Any]) -> str:
 
 
 def load_spec(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"grid spec not found: {p}")
     try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise SpecError(f"grid spec {p} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise SpecError(f"grid spec {p} must be a JSON object with keys {list(SPEC_KEYS)}, got {type(data).__name__}")
-    return data
+        return read_json_object(path, "grid spec")
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
 
 
 def parse_axis_flag(text: str) -> tuple[str, list[Any]]:

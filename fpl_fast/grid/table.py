@@ -191,26 +191,18 @@ def write_plot(spec: GridSpec, out: Path, metric: str = "last") -> Path:
         finite_x += xs
         colour = f"C{i % 10}"
         local, neigh = [p[1] for p in pts], [p[2] for p in pts]
-        ax.errorbar(
-            xs,
-            [m for m, _ in local],
-            yerr=[s for _, s in local],
-            color=colour,
-            marker="o",
-            capsize=3,
-            label=f"{r} local",
-        )
-        ax.errorbar(
-            xs,
-            [m for m, _ in neigh],
-            yerr=[s for _, s in neigh],
-            color=colour,
-            marker="s",
-            ls="--",
-            capsize=3,
-            alpha=0.7,
-            label=f"{r} neighbour",
-        )
+        for series, marker, ls, alpha, what in ((local, "o", "-", 1.0, "local"), (neigh, "s", "--", 0.7, "neighbour")):
+            ax.errorbar(
+                xs,
+                [m for m, _ in series],
+                yerr=[sd for _, sd in series],
+                color=colour,
+                marker=marker,
+                ls=ls,
+                capsize=3,
+                alpha=alpha,
+                label=f"{r} {what}",
+            )
     if finite_x and max(finite_x) / min(finite_x) > 10:
         ax.set_xscale("log")
     ax.set_xlabel("epsilon_total spent")
