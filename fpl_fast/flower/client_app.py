@@ -61,11 +61,8 @@ def _restore(node: ClientNode, store: NodeStore, context: Context, tag: int, non
 
 
 def _save(node: ClientNode, store: NodeStore, context: Context, tag: int, nonce: str) -> None:
-    state = node.state_dict(nonce)
-    store.save(tag, state)
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    context.state[_STATE_KEY] = ConfigRecord({"tag": tag, "nonce": nonce, "blob": buf.getvalue()})
+    blob = store.save(tag, node.state_dict(nonce))  # serialised once, for the folder and for context.state
+    context.state[_STATE_KEY] = ConfigRecord({"tag": tag, "nonce": nonce, "blob": blob})
 
 
 def make_client_app(

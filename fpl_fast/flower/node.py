@@ -127,14 +127,17 @@ class NodeStore:
                 return state
         return None
 
-    def save(self, tag: int, state: dict[str, Any]) -> None:
-        """Write the state after unit ``tag``; drop states of later units (a crashed attempt's) and old ones."""
+    def save(self, tag: int, state: dict[str, Any]) -> bytes:
+        """Write the state after unit ``tag``; drop states of later units (a crashed attempt's) and old ones.
+        Returns the serialised state (context.state keeps the same bytes)."""
         buf = io.BytesIO()
         torch.save(state, buf)
-        io_results.atomic_write_bytes(self.folder / f"state-{tag}.pt", buf.getvalue())
+        data = buf.getvalue()
+        io_results.atomic_write_bytes(self.folder / f"state-{tag}.pt", data)
         tags = self._tags()
         for t in [t for t in tags if t > tag] + [t for t in tags if t < tag][: -(_KEEP - 1)]:
             (self.folder / f"state-{t}.pt").unlink(missing_ok=True)
+        return data
 
     def write_ledger(self, node: ClientNode) -> None:
         """The client's own account of what it has spent (its accountant, on its node), beside its state."""
