@@ -280,12 +280,12 @@ def _build(cls: type, settings: dict[str, Any]):
         raise ConfigError(exc.field, flag_message(exc), exc.others) from None
 
 
-def _fail(exc: BaseException) -> int:
+def _fail(exc: BaseException, prog: str = "python -m fpl_fast.run") -> int:
     """A user error: its first line on stderr, exit code 2, no traceback (a config error found after the flags were
     read, e.g. from the data's sizes, worded with flags too)."""
     text = flag_message(exc) if isinstance(exc, ConfigError) else str(exc)
     msg = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    print(f"python -m fpl_fast.run: error: {msg}", file=sys.stderr)
+    print(f"{prog}: error: {msg}", file=sys.stderr)
     return 2
 
 

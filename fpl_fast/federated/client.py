@@ -37,6 +37,7 @@ from fpl_fast.privacy.mechanism import (
     LocalDP,
     NoiseStream,
     OutputDP,
+    OutputDPResult,
     client_noise_global,
     privatize_local,
     privatize_output,
@@ -139,17 +140,21 @@ class BatchSampler:
     accountant sees its sampling rate 1 (no amplification for it).
     """
 
-    def __init__(self, size: int, batch_size: int, *, poisson: bool, rng: np.random.Generator) -> None:
+    def __init__(
+        self, size: int, batch_size: int, *, poisson: bool, rng: np.random.Generator, rate: float | None = None
+    ) -> None:
         self.size = size
         self.batch_size = batch_size
         self.poisson = poisson
         self.rng = rng
+        # A fixed public rate (the privacy audit's client, whose data size depends on the secret canary draw).
+        self.rate = rate
         self.order = rng.permutation(size)
         self.pos = 0
 
     @property
     def sample_rate(self) -> float:
-        return sample_rate(self.batch_size, self.size)
+        return sample_rate(self.batch_size, self.size) if self.rate is None else self.rate
 
     def next(self) -> np.ndarray:
         n = self.size
@@ -265,18 +270,29 @@ class Clients:
     # ------------------------------------------------------------------------------------------
     def batch(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Padded features (K_a, B, D), labels (K_a, B), mask (K_a, B) of this step's batches."""
-        batches = [self.data.train_idx[k][self.samplers[k].next()] for k in rows.tolist()]
-        B = max(1, max(len(x) for x in batches))
+        return self.stack_batch([self.next_examples(k) for k in rows.tolist()])
+
+    def next_examples(self, k: int) -> tuple[Tensor, Tensor]:
+        """Features (n, D) and labels (n,) of client ``k``'s next batch, from its sampler."""
+        ix = self.data.train_idx[k][self.samplers[k].next()]
+        feats = (
+            self.data.train_features(ix)
+            if len(ix)
+            else self.data.train_feats.new_zeros(0, self.data.train_feats.shape[1])
+        )
+        return feats, self.data.train_labels[torch.as_tensor(ix, dtype=torch.long)]
+
+    def stack_batch(self, examples: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+        """Each row's examples padded to the largest batch: features, labels and the mask of real entries."""
+        B = max(1, max(len(y) for _, y in examples))
         D = self.data.train_feats.shape[1]
-        feats = torch.zeros(len(batches), B, D)
-        labels = torch.zeros(len(batches), B, dtype=torch.long)
-        mask = torch.zeros(len(batches), B)
-        for j, ix in enumerate(batches):
-            ix_t = torch.as_tensor(ix, dtype=torch.long)
-            if len(ix):
-                feats[j, : len(ix)] = self.data.train_features(ix)
-            labels[j, : len(ix)] = self.data.train_labels[ix_t]
-            mask[j, : len(ix)] = 1.0
+        feats = torch.zeros(len(examples), B, D)
+        labels = torch.zeros(len(examples), B, dtype=torch.long)
+        mask = torch.zeros(len(examples), B)
+        for j, (x, y) in enumerate(examples):
+            feats[j, : len(y)] = x
+            labels[j, : len(y)] = y
+            mask[j, : len(y)] = 1.0
         return feats.to(self.device), labels.to(self.device), mask.to(self.device)
 
     def per_sample_grads(self, ctx: Tensor, feats: Tensor, labels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -315,13 +331,16 @@ class Clients:
         ctx = ctx.detach().requires_grad_(True)
         with torch.enable_grad():
             text = self.text.features(ctx)
+        res = self.output_release(text.detach(), feats, labels, mask, streams)
+        (grad,) = torch.autograd.grad(text, ctx, grad_outputs=res.release)
+        return grad.unsqueeze(1), res
+
+    def output_release(self, text: Tensor, feats: Tensor, labels: Tensor, mask: Tensor, streams) -> OutputDPResult:
+        """The step's private release of each active client (:func:`privatize_output` at text features ``text``)."""
         out_cfg = OutputDP(
             clip_norm=self.cfg.output_clip, noise_multiplier=self.plan.sigma_local, denominator=self.batch_denominator
         )
-        logit_scale = self.text.backbone.logit_scale
-        res = privatize_output(feats, text.detach(), labels, mask, logit_scale, out_cfg, streams)
-        (grad,) = torch.autograd.grad(text, ctx, grad_outputs=res.release)
-        return grad.unsqueeze(1), res
+        return privatize_output(feats, text, labels, mask, self.text.backbone.logit_scale, out_cfg, streams)
 
     def local_step(self, rows: Tensor) -> tuple[Tensor, StepStats]:
         """One local step of the clients ``rows``: their local prompts are updated; returns the clipped mean
@@ -380,12 +399,18 @@ class Clients:
     def own_global_step(self, rows: Tensor, grad_global: Tensor) -> None:
         """sync="round": client-side DP-SGD on each client's own copy of G (std sigma_g C / b per step): the
         guarantee needs no trusted server, and averaging at the round's end is post-processing."""
+        self.opt_global.step(rows, {"g": self.global_release(rows, grad_global)})
+
+    @torch.no_grad()
+    def global_release(self, rows: Tensor, grad_global: Tensor) -> Tensor:
+        """sync="round": each client's clipped gradient of G plus its own N(0, (sigma_g C / b)^2): what its DP-SGD on
+        G releases per step (the copy it sends at the round's end is post-processing of these)."""
         g, sigma_g = grad_global, self.global_noise
         if sigma_g > 0:
             streams = self.noise_streams(rows)
             z = torch.stack([s.normal(g[0].numel(), g.device) for s in streams]).view_as(g)
             g = g + z * (sigma_g * self.cfg.norm_thresh / self.batch_denominator)
-        self.opt_global.step(rows, {"g": g})
+        return g
 
     def local_round(self, rows: Tensor, global_ctx: Tensor, steps: int, on_step=None) -> list[StepStats]:
         """sync="round": the clients ``rows`` start from the server's G and run ``steps`` DP-SGD steps on their own

@@ -60,16 +60,19 @@ def default_out_dir() -> Path:
 
 
 def build_federation(
-    cfg: RunConfig, backbone: Backbone, classnames: list[str], data: ClientData
+    cfg: RunConfig, backbone: Backbone, classnames: list[str], data: ClientData, **roles: Any
 ) -> tuple[Federation, NoisePlan, list[float]]:
-    """A fresh Federation with its noise in force, the noise plan and each client's sampling rate.
+    """A fresh Federation with its noise in force, the noise plan and each client's sampling rate (``roles``:
+    Federation's ``make_clients`` / ``make_server``).
 
     The sampling geometry comes first because calibrating sigma for --epsilon needs q and the number of steps.
     """
     sizes = [len(ix) for ix in data.train_idx]
     qs = sample_rates(cfg, sizes)
     plan = plan_noise(cfg, sample_rate=max(qs), steps=cfg.rounds * steps_per_round(cfg, sizes))
-    fed = Federation(cfg, backbone, classnames, data, noise_local=plan.sigma_local, noise_global=plan.sigma_global)
+    fed = Federation(
+        cfg, backbone, classnames, data, noise_local=plan.sigma_local, noise_global=plan.sigma_global, **roles
+    )
     return fed, plan, qs
 
 

@@ -9,6 +9,8 @@ Local prompts never leave their client's rows; only G (or its gradient) is aggre
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -49,6 +51,7 @@ class Federation:
         classnames: class names in label order.
         data: cached image features and client splits.
         noise_local, noise_global: the noise multipliers in force (already calibrated).
+        make_clients, make_server: the classes of the two roles (the privacy audit instruments them).
     """
 
     def __init__(
@@ -60,6 +63,8 @@ class Federation:
         *,
         noise_local: float,
         noise_global: float,
+        make_clients: Callable[..., Clients] = Clients,
+        make_server: Callable[..., Server] = Server,
     ) -> None:
         self.cfg, self.backbone, self.data = cfg, backbone, data
         self.device = torch.device(cfg.device)
@@ -73,8 +78,8 @@ class Federation:
             device=self.device,
         )
         self.plan = NoisePlan.from_sigmas(cfg, noise_local, noise_global)
-        self.clients = Clients(cfg, self.text, data, learner, self.plan, ids=list(range(K)))
-        self.server = Server(cfg, learner.global_ctx, noise_multiplier=self.clients.global_noise)
+        self.clients = make_clients(cfg, self.text, data, learner, self.plan, ids=list(range(K)))
+        self.server = make_server(cfg, learner.global_ctx, noise_multiplier=self.clients.global_noise)
         self.sizes = [len(ix) for ix in data.train_idx]
 
     @property
