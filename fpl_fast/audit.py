@@ -104,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         if run.engine != "inprocess":
             raise ValueError(f"the audit runs in process, not on --engine {run.engine}")
         from fpl_fast import results as io
+        from fpl_fast.attacks.canaries import run_audit
         from fpl_fast.federated.runner import default_out_dir
         from fpl_fast.job import prepare
-        from fpl_fast.privacy.audit import AuditConfig, run_audit
+        from fpl_fast.privacy.audit import AuditConfig
 
         audit = AuditConfig(
             auditor=args.auditor,
