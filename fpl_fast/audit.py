@@ -71,7 +71,7 @@ def plot_scores(report: dict[str, Any], path: Path) -> None:
 
     scores, inc = np.asarray(report["scores"]), np.asarray(report["included"], dtype=bool)
     fig, ax = plt.subplots(figsize=(6, 4))
-    bins = np.histogram_bin_edges(scores, bins=40)
+    bins = np.histogram_bin_edges(scores, bins=40).tolist()
     ax.hist(scores[inc], bins=bins, alpha=0.6, label=f"included ({inc.sum()})")
     ax.hist(scores[~inc], bins=bins, alpha=0.6, label=f"excluded ({(~inc).sum()})")
     ax.set_xlabel(

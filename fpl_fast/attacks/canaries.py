@@ -22,11 +22,13 @@ from fpl_fast.config import RunConfig
 from fpl_fast.federated.client import BatchSampler, ClientData, Clients
 from fpl_fast.federated.runner import build_federation, eval_seed, progress_bar, train_rounds
 from fpl_fast.federated.server import Server
+from fpl_fast.federated.simulation import Federation
 from fpl_fast.privacy.audit import CANARY_NORM, AuditConfig, Canaries, CanaryDesign, black_box_scores, one_run_bound
 from fpl_fast.privacy.mechanism import OutputDPResult
+from fpl_fast.privacy.plan import NoisePlan
 from fpl_fast.validation import check
 
-__all__ = ["AuditedClients", "AuditedServer", "observed_release", "run_audit"]
+__all__ = ["AuditedClients", "AuditedServer", "audited_federation", "observed_release", "run_audit"]
 
 
 class AuditedClients(Clients):
@@ -156,6 +158,25 @@ def observed_release(cfg: RunConfig, audit: AuditConfig, output_mode: bool) -> s
     return f"white-box: crafted gradients in the {what}, scored on the global prompt's release of every step ({where})"
 
 
+def audited_federation(
+    cfg: RunConfig, audit: AuditConfig, backbone: Any, classnames: list[str], data: ClientData
+) -> tuple[Federation, NoisePlan, list[float], Canaries]:
+    """The run's federation with the canaries drawn and its audited client and server instrumented."""
+    n_cls, width = len(classnames), data.train_feats.shape[1]
+    size = n_cls * width if cfg.clip_mode == "output" else cfg.n_ctx * backbone.ctx_dim
+    design = CanaryDesign.build(audit, cfg, data, observed_size=size, n_cls=n_cls)
+    canaries = Canaries(design, cfg.noise_seed)
+    fed, plan, qs = build_federation(
+        cfg,
+        backbone,
+        classnames,
+        data,
+        make_clients=partial(AuditedClients, canaries=canaries),
+        make_server=partial(AuditedServer, canaries=canaries),
+    )
+    return fed, plan, qs, canaries
+
+
 def run_audit(
     cfg: RunConfig,
     audit: AuditConfig,
@@ -167,18 +188,8 @@ def run_audit(
 ) -> dict[str, Any]:
     """Train once with the canaries, score them, and bound epsilon from below; the report (audit.json's content)."""
     output_mode = cfg.clip_mode == "output"
-    n_cls, width = len(classnames), data.train_feats.shape[1]
-    size = n_cls * width if output_mode else cfg.n_ctx * backbone.ctx_dim
-    design = CanaryDesign.build(audit, cfg, data, observed_size=size, n_cls=n_cls)
-    canaries = Canaries(design, cfg.noise_seed)
-    fed, plan, qs = build_federation(
-        cfg,
-        backbone,
-        classnames,
-        data,
-        make_clients=partial(AuditedClients, canaries=canaries),
-        make_server=partial(AuditedServer, canaries=canaries),
-    )
+    fed, plan, qs, canaries = audited_federation(cfg, audit, backbone, classnames, data)
+    design = canaries.design
     check(
         not design.white_box or canaries.output_mode == output_mode,
         "the white-box audit of --clip-mode output needs noise > 0 (without noise the run trains the plain "

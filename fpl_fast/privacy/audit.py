@@ -255,9 +255,15 @@ class Canaries:
         self.output_mode = False
         self.norm = 0.0
 
+    @property
+    def coords(self) -> np.ndarray:
+        """The white-box canaries' coordinates."""
+        assert self.design.coords is not None, "black-box canaries have no coordinates"
+        return self.design.coords
+
     def observe(self, release: Tensor, unit: float) -> None:
         """White-box: add this step's observed release (flattened) at each canary's coordinate, in canary units."""
-        values = release.detach().flatten().double().cpu().numpy()[self.design.coords]
+        values = release.detach().flatten().double().cpu().numpy()[self.coords]
         self.scores += values / unit
         self.observed_steps += 1
 
@@ -265,7 +271,7 @@ class Canaries:
         """The crafted vectors (len(ids), size) of canaries ``ids``: ``scale`` along each one's coordinate."""
         out = torch.zeros(len(ids), size, device=device)
         if len(ids):
-            out[torch.arange(len(ids)), torch.as_tensor(self.design.coords[ids], dtype=torch.long)] = scale
+            out[torch.arange(len(ids)), torch.as_tensor(self.coords[ids], dtype=torch.long)] = scale
         return out
 
 
