@@ -40,8 +40,8 @@ def _parser():
     a.add_argument(
         "--canary-norm",
         type=_float,
-        help="white-box canary norm over the clip norm (default 2; 1000 with --clip-mode batch, whose batch-mean "
-        "clip bounds no single example)",
+        help="white-box canary norm over the clip norm (default 2 where each example is clipped; 1000 where none is: "
+        "--clip-mode batch, whose batch-mean clip bounds no single example, or no noise)",
     )
     a.add_argument("--design-seed", type=int, default=0, help="seed of the public canary design (default 0)")
     return p
