@@ -9,7 +9,6 @@ ends with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -69,6 +68,8 @@ def plot_scores(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from fpl_fast.results import save_figure
+
     scores, inc = np.asarray(report["scores"]), np.asarray(report["included"], dtype=bool)
     fig, ax = plt.subplots(figsize=(6, 4))
     bins = np.histogram_bin_edges(scores, bins=40).tolist()
@@ -86,10 +87,7 @@ def plot_scores(report: dict[str, Any], path: Path) -> None:
     )
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import torch
 __all__ = [
     "ROUND_FIELDS",
     "atomic_write_bytes",
+    "save_figure",
     "check_out_dir",
     "save_checkpoint",
     "load_checkpoint",
@@ -77,6 +78,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 # write of this process, after the new file is written and the previous one kept, before the rename.
 _CRASH_ENV = "FPL_FAST_CRASH_IN_CHECKPOINT"
 _writes = 0
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """A matplotlib figure as a PNG (dpi 100), written atomically, and the figure closed."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def save_checkpoint(out: Path, state: dict[str, Any]) -> None:
@@ -219,10 +230,7 @@ def _plot(path: Path, rows: list[dict[str, Any]], final: dict[str, Any]) -> None
     ax.legend(loc="lower right")
     ax.set_title("fpl_fast: accuracy per round")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def _fmt(x: Any) -> str:

@@ -71,8 +71,7 @@ class AuditedClients(Clients):
         real = self.data.train_idx[k][pos[pos < self.n_real]]
         ids = self.canaries.members[pos[pos >= self.n_real] - self.n_real]
         self.canaries.sampled = ids
-        feats = self.data.train_features(real) if len(real) else self.data.train_feats[:0]
-        labels = self.data.train_labels[torch.as_tensor(real, dtype=torch.long)]
+        feats, labels = self.data.examples(real)
         design = self.canaries.design
         if design.white_box:  # their gradients are crafted, not computed from an example
             return feats, labels
@@ -91,7 +90,7 @@ class AuditedClients(Clients):
     def per_sample_grads(self, ctx, feats, labels, mask):
         grads, losses = super().per_sample_grads(ctx, feats, labels, mask)
         c = self.canaries
-        if not c.design.white_box or c.position is None or not len(c.sampled):
+        if not c.crafting:
             return grads, losses
         extra = grads.new_zeros(grads.shape[0], len(c.sampled), *grads.shape[2:])
         extra[c.position] = self._crafted_context(grads)
@@ -100,7 +99,7 @@ class AuditedClients(Clients):
     def batch_mean_grad(self, ctx, feats, labels, mask):
         grad, losses = super().batch_mean_grad(ctx, feats, labels, mask)
         c = self.canaries
-        if not c.design.white_box or c.position is None or not len(c.sampled):
+        if not c.crafting:
             return grad, losses
         p, n = c.position, float(mask[c.position].sum())
         crafted = self._crafted_context(grad).sum(0)
@@ -127,7 +126,7 @@ class AuditedClients(Clients):
     def global_release(self, rows, grad_global):
         out = super().global_release(rows, grad_global)
         c = self.canaries
-        if c.design.white_box and c.position is not None and not c.output_mode:
+        if c.observing_global:
             c.observe(out[c.position], self.cfg.norm_thresh / self.batch_denominator)
         return out
 
@@ -142,7 +141,7 @@ class AuditedServer(Server):
     def aggregate(self, grads: Tensor) -> Tensor:
         out = super().aggregate(grads)
         c = self.canaries
-        if c.design.white_box and c.position is not None and not c.output_mode:
+        if c.observing_global:
             c.observe(out, self.cfg.norm_thresh / (float(self.cfg.batch_size) * grads.shape[0]))
         return out
 

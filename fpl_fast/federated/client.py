@@ -74,6 +74,11 @@ class ClientData:
             return self.augment_fn(indices).float().cpu()
         return self.train_feats[torch.as_tensor(indices, dtype=torch.long)]
 
+    def examples(self, indices: np.ndarray) -> tuple[Tensor, Tensor]:
+        """Features (n, D) and labels (n,) of training examples ``indices`` (n may be 0)."""
+        feats = self.train_features(indices) if len(indices) else self.train_feats[:0]
+        return feats, self.train_labels[torch.as_tensor(indices, dtype=torch.long)]
+
 
 @dataclass
 class StepStats:
@@ -274,13 +279,7 @@ class Clients:
 
     def next_examples(self, k: int) -> tuple[Tensor, Tensor]:
         """Features (n, D) and labels (n,) of client ``k``'s next batch, from its sampler."""
-        ix = self.data.train_idx[k][self.samplers[k].next()]
-        feats = (
-            self.data.train_features(ix)
-            if len(ix)
-            else self.data.train_feats.new_zeros(0, self.data.train_feats.shape[1])
-        )
-        return feats, self.data.train_labels[torch.as_tensor(ix, dtype=torch.long)]
+        return self.data.examples(self.data.train_idx[k][self.samplers[k].next()])
 
     def stack_batch(self, examples: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
         """Each row's examples padded to the largest batch: features, labels and the mask of real entries."""

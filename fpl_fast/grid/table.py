@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from fpl_fast.grid.spec import GridSpec
-from fpl_fast.results import atomic_write_bytes
+from fpl_fast.results import atomic_write_bytes, save_figure
 
 __all__ = ["METRICS", "Entry", "collect", "write_tables", "write_plot"]
 
@@ -213,9 +213,6 @@ def write_plot(spec: GridSpec, out: Path, metric: str = "last") -> Path:
         ax.legend(loc="lower right", fontsize=7, ncol=2)
     ax.set_title(f"{spec.name}: accuracy against epsilon")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     path = out / "accuracy_vs_epsilon.png"
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
     return path

@@ -256,6 +256,16 @@ class Canaries:
         self.norm = 0.0
 
     @property
+    def crafting(self) -> bool:
+        """White-box canaries are in the audited client's batch of this step."""
+        return self.design.white_box and self.position is not None and len(self.sampled) > 0
+
+    @property
+    def observing_global(self) -> bool:
+        """The white-box auditor scores this step's global-prompt release (parameter modes, audited client active)."""
+        return self.design.white_box and self.position is not None and not self.output_mode
+
+    @property
     def coords(self) -> np.ndarray:
         """The white-box canaries' coordinates."""
         assert self.design.coords is not None, "black-box canaries have no coordinates"
@@ -263,7 +273,8 @@ class Canaries:
 
     def observe(self, release: Tensor, unit: float) -> None:
         """White-box: add this step's observed release (flattened) at each canary's coordinate, in canary units."""
-        values = release.detach().flatten().double().cpu().numpy()[self.coords]
+        at = torch.as_tensor(self.coords, dtype=torch.long, device=release.device)
+        values = release.detach().flatten()[at].double().cpu().numpy()
         self.scores += values / unit
         self.observed_steps += 1
 
