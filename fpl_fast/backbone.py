@@ -5,11 +5,9 @@ vectors can be spliced in (CoOp): for class k the input is ``[SOT] ctx_1..ctx_n 
 Everything here is frozen: parameters never require gradients and gradients only flow into the prompts passed to
 :meth:`FrozenCLIP.encode_prompts`.
 
-The forward pass of the standard open_clip text block is re-implemented with plain tensor ops (layer norm,
-linear, matmul attention with an additive mask) instead of ``nn.MultiheadAttention``: the result is the same
-(checked in tests against ``model.encode_text``), but it has no fused fast paths, no in-place updates of its
-inputs and no data-dependent Python control flow, so ``torch.func.vjp`` / ``torch.func.vmap`` batch it fully
-(PyTorch has no vmap batching rule for the backward of the fused CPU attention kernel).
+The text tower itself runs in :mod:`fpl_fast.text_encoder` (plain tensor ops that ``torch.func`` batches fully):
+:meth:`FrozenCLIP.encode_prompts` takes whole sequences (the full path), :meth:`FrozenCLIP.encode_shared` takes
+sequences that share their first rows, as the class prompts of one client do (the shared-prefix path).
 """
 
 from __future__ import annotations
@@ -31,6 +29,7 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from fpl_fast.backbone_protocol import Backbone, FeatureDisk, FeatureIndices, PromptParts
+from fpl_fast.text_encoder import SuffixPack, shared_prefix_forward, text_encoder_forward, text_tower
 
 __all__ = [
     "Backbone",
@@ -44,6 +43,7 @@ __all__ = [
     "load_backbone",
     "load_compact_checkpoint",
     "save_compact_checkpoint",
+    "SuffixPack",
     "text_encoder_forward",
     "text_tower",
 ]
@@ -66,125 +66,6 @@ open_clip.add_model_config(CONFIG_DIR)
 
 def _shipped_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Text tower: a uniform view of the open_clip text encoder, and its functional forward
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _TextTower:
-    """References to the modules of an open_clip text tower (``CLIP`` keeps them at top level,
-    ``CustomTextCLIP`` in ``.text``)."""
-
-    token_embedding: nn.Embedding
-    positional_embedding: Tensor
-    transformer: open_clip.transformer.Transformer
-    ln_final: nn.Module
-    text_projection: Tensor | nn.Linear | None
-    attn_mask: Tensor | None
-    pool_type: str
-
-
-def text_tower(model: nn.Module) -> _TextTower:
-    """Extract the text tower of an open_clip ``CLIP`` or ``CustomTextCLIP`` model.
-
-    Args:
-        model: an open_clip model.
-
-    Returns:
-        The tower's modules.
-
-    Raises:
-        ValueError: for text towers that cannot take prompt embeddings (Hugging Face text models, CoCa-style
-            towers with an appended class token).
-    """
-    if isinstance(model, open_clip.CLIP):
-        src: Any = model
-        pool_type = model.text_pool_type
-    else:
-        src = getattr(model, "text", None)
-        if not isinstance(src, open_clip.transformer.TextTransformer):
-            raise ValueError(
-                f"text tower {type(src).__name__} of {type(model).__name__} is not supported: prompt learning needs "
-                "an open_clip TextTransformer (Hugging Face text towers are not supported)"
-            )
-        if src.cls_emb is not None:
-            raise ValueError("text towers with an appended class token (CoCa, embed_cls=True) are not supported")
-        pool_type = src.pool_type
-    if pool_type not in ("argmax", "eos", "first", "last"):
-        raise ValueError(f"text pool_type {pool_type!r} is not supported; allowed: argmax, eos, first, last")
-    return _TextTower(
-        token_embedding=src.token_embedding,
-        positional_embedding=src.positional_embedding,
-        transformer=src.transformer,
-        ln_final=src.ln_final,
-        text_projection=src.text_projection,
-        attn_mask=src.attn_mask,
-        pool_type=pool_type,
-    )
-
-
-def _attention(mha: nn.MultiheadAttention, x: Tensor, mask: Tensor | None) -> Tensor:
-    """``nn.MultiheadAttention`` (batch_first, self-attention, eval mode) with plain tensor ops."""
-    n, length, width = x.shape
-    heads = mha.num_heads
-    head_dim = width // heads
-    qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)  # (N, L, 3 D)
-    q, k, v = qkv.reshape(n, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, L, hd)
-    scores = (q * head_dim**-0.5) @ k.transpose(-2, -1)  # (N, H, L, L)
-    if mask is not None:
-        scores = scores + mask
-    out = scores.softmax(dim=-1) @ v  # (N, H, L, hd)
-    out = out.transpose(1, 2).reshape(n, length, width)
-    return mha.out_proj(out)
-
-
-def _block_forward(block: nn.Module, x: Tensor, mask: Tensor | None, batch_first: bool) -> Tensor:
-    if (
-        isinstance(block, open_clip.transformer.ResidualAttentionBlock)
-        and block.attn._qkv_same_embed_dim
-        and not hasattr(block, "ln_1_kv")
-    ):
-        x = x + block.ls_1(_attention(block.attn, block.ln_1(x), mask))
-        return x + block.ls_2(block.mlp(block.ln_2(x)))
-    # Custom blocks (qk-norm, scaled cosine attention, ...) already use functional attention.
-    if not batch_first:
-        return block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
-    return block(x, attn_mask=mask)
-
-
-def text_encoder_forward(tower: _TextTower, prompts: Tensor, pool_index: Tensor) -> Tensor:
-    """Run a text tower on token embeddings (no truncation here; see :meth:`FrozenCLIP.encode_prompts`).
-
-    Math: ``x = prompts + pos[:L]``; ``x = blocks(x, mask[:L, :L])``; ``x = ln_final(x)``;
-    ``out = x[n, pool_index[n]] @ text_projection``.
-
-    Args:
-        tower: the text tower (:func:`text_tower`).
-        prompts: token embeddings, (N, L, d), L <= context_length.
-        pool_index: (N,) long, the position pooled for each sequence (the EOT token for CLIP).
-
-    Returns:
-        Unnormalised text features, (N, embed_dim) (or (N, d) for towers without projection).
-    """
-    cast_dtype = tower.transformer.get_cast_dtype()
-    length = prompts.shape[-2]
-    x = prompts.to(cast_dtype) + tower.positional_embedding[:length].to(cast_dtype)  # (N, L, d)
-    mask = None if tower.attn_mask is None else tower.attn_mask[:length, :length].to(cast_dtype)
-    batch_first = getattr(tower.transformer, "batch_first", True)
-    for block in tower.transformer.resblocks:
-        x = _block_forward(block, x, mask, batch_first)
-    x = tower.ln_final(x)
-    index = pool_index.to(device=x.device, dtype=torch.long).reshape(-1, 1, 1).expand(-1, 1, x.shape[-1])
-    pooled = x.gather(-2, index).squeeze(-2)  # (N, d)
-    proj = tower.text_projection
-    if proj is None:
-        return pooled
-    if isinstance(proj, nn.Linear):
-        return proj(pooled)
-    return pooled @ proj
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -555,8 +436,9 @@ class FrozenCLIP(nn.Module):
 
     @property
     def is_causal(self) -> bool:
-        """True if the text transformer uses a causal mask and pools at EOT (then truncation is exact)."""
-        return self._tower.attn_mask is not None and self._tower.pool_type in ("argmax", "eos")
+        """True if the text transformer uses a causal mask and pools at EOT (then truncation after EOT and the
+        shared-prefix path are exact)."""
+        return self._tower.is_causal
 
     @property
     def device(self) -> torch.device:
@@ -677,6 +559,34 @@ class FrozenCLIP(nn.Module):
         else:
             index = eot_index
         return text_encoder_forward(self._tower, prompts, index)
+
+    def suffix_pack(self, parts: PromptParts) -> SuffixPack:
+        """The class suffixes of ``parts`` (name tokens, '.', EOT: no padding), packed for :meth:`encode_shared`
+        behind the shared rows [SOS, ctx_1..ctx_n]."""
+        lengths = (parts.eot_index - parts.n_ctx).tolist()  # EOT sits at 1 + n_ctx + (S_c - 1)
+        return SuffixPack.build([parts.suffix[c, :S] for c, S in enumerate(lengths)], 1 + parts.n_ctx)
+
+    def encode_shared(self, prefix: Tensor, pack: SuffixPack, *, states: bool = False) -> Any:
+        """Text features of the sequences ``[prefix[j]; suffix_c]`` by the shared-prefix path (causal towers only).
+
+        The P prefix rows are computed once per prefix and each suffix only on its own rows
+        (:func:`fpl_fast.text_encoder.shared_prefix_forward`); equal to :meth:`encode_prompts` on the assembled
+        sequences up to floating-point summation order.
+
+        Args:
+            prefix: (N, P, d) shared rows, one set per prefix (e.g. SOS and one client's context).
+            pack: the suffixes, :meth:`suffix_pack` or :meth:`SuffixPack.build`.
+            states: also return the (N, P + T, width) states after ``ln_final`` of every row.
+
+        Returns:
+            (N, n_seq, embed_dim) unnormalised features in the model dtype (and the states with ``states``).
+
+        Raises:
+            ValueError: a tower that is not causal or does not pool at EOT; a prefix of the wrong length.
+        """
+        if prefix.dim() != 3 or prefix.shape[-1] != self.ctx_dim:
+            raise ValueError(f"prefix must be (N, P, {self.ctx_dim}), got {tuple(prefix.shape)}")
+        return shared_prefix_forward(self._tower, prefix, pack, states=states)
 
     def encode_text(self, texts: list[str]) -> Tensor:
         """Unnormalised features of plain texts through the same path as :meth:`encode_prompts`, (N, embed_dim)."""

@@ -149,6 +149,14 @@ class Backbone(Protocol):
         """Unnormalised text features of (N, L, d) prompt embeddings, (N, embed_dim); differentiable in prompts."""
         ...
 
+    def suffix_pack(self, parts: PromptParts) -> Any:
+        """The class suffixes of ``parts`` packed for :meth:`encode_shared` (a ``fpl_fast.text_encoder.SuffixPack``)."""
+        ...
+
+    def encode_shared(self, prefix: Tensor, pack: Any, *, states: bool = False) -> Any:
+        """Features (N, n_seq, embed_dim) of sequences sharing the (N, P, d) prefix rows; causal towers only."""
+        ...
+
     def encode_text(self, texts: list[str]) -> Tensor:
         """Unnormalised text features of plain texts, (N, embed_dim), no gradient."""
         ...

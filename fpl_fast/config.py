@@ -34,6 +34,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "pathological_split": ("balanced", "authors"),  # fpl_fast.data.splits.PATHOLOGICAL_SPLITS
     "steps_per_round": ("mean", "authors"),
     "precision": ("fp32", "bf16"),
+    "text_path": ("shared", "full"),  # fpl_fast.federated.text.TEXT_PATHS
 }
 
 
@@ -89,6 +90,7 @@ class RunConfig:
     noise_seed: int | None = None  # None: secret noise and sampling (OS CSPRNG keys); N: reproducible, not private
     device: str = "cpu"
     chunk_size: int | None = None  # per-sample gradient chunk (samples per vmap call); None = from activation size
+    text_path: str = "shared"  # class prompts through the text tower: shared prefix once per client, or each whole
 
     def __post_init__(self) -> None:
         if self.sampling is None:

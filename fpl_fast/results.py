@@ -260,12 +260,20 @@ def summary_table(final: dict[str, Any], *, extra: bool = False) -> str:
         ("delta", final.get("delta")),
         ("accountant", final.get("accountant")),
         ("noise and sampling", (final.get("randomness") or {}).get("noise_and_sampling")),
-        ("seconds", final.get("seconds")),
     ]
+    if "text_path" in final:  # DP-FPL: how the class prompts went through the text tower
+        rows.append(
+            (
+                "text path (token rows per client per layer)",
+                f"{final['text_path']} ({final['text_rows_per_client']}; full path "
+                f"{final['text_full_rows_per_client']})",
+            )
+        )
+    rows.append(("seconds", final.get("seconds")))
     if extra:
         shown = {"local_acc", "neighbor_acc", "zero_shot_acc", "epsilon_local", "epsilon_global", "epsilon_total"}
         shown |= {"local_acc_mean_last5", "neighbor_acc_mean_last5"}
-        shown |= {"delta", "accountant", "seconds"}
+        shown |= {"delta", "accountant", "seconds", "text_path", "text_rows_per_client", "text_full_rows_per_client"}
         rows += [
             (k.replace("_", " "), v)
             for k, v in final.items()

@@ -169,6 +169,13 @@ _FLAGS: list[tuple[str, Any, str]] = [
         int,
         "per-sample gradients: samples per vmapped backward (default: sized to the activations)",
     ),
+    (
+        "--text-path",
+        str,
+        "class prompts through the text tower: shared: the prompt prefix [SOS, context] once per client, each class "
+        "only on its own name tokens (default; exact, for causal towers pooling at EOT, others take full) | full: "
+        "every class prompt whole",
+    ),
     ("--out", str, "output folder (default runs/<timestamp>)"),
     (
         "--feature-cache",

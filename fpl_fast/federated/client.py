@@ -264,10 +264,10 @@ class Clients:
 
     def chunk_size(self, n_active: int) -> int:
         """Samples per vmapped backward: --chunk-size, else as many as keep one chunk's activations
-        (chunk x n_active x n_cls x seq_len x width floats) under the device's budget, at least 1."""
+        (chunk x n_active x token rows per client x width floats) under the device's budget, at least 1."""
         if self.cfg.chunk_size is not None:
             return self.cfg.chunk_size
-        lane = n_active * self.text.n_cls * self.text.seq_len * self.text.width
+        lane = n_active * self.text.rows_per_client * self.text.width
         return max(1, _CHUNK_FLOATS.get(self.device.type, _CHUNK_FLOATS["cuda"]) // lane)
 
     # ------------------------------------------------------------------------------------------

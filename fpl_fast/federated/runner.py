@@ -346,6 +346,7 @@ class DPFPL:
             **recent_accuracy_means(st.history),
             "zero_shot_acc": st.zero_shot,
             **privacy_summary(cfg, st.plan, st.qs, fed.clients.accountants),
+            **fed.text.summary(),
             "local_acc_per_client": last_eval["local_acc_per_client"],
             "neighbor_acc_per_client": last_eval["neighbor_acc_per_client"],
         }

@@ -69,7 +69,7 @@ class Federation:
         self.cfg, self.backbone, self.data = cfg, backbone, data
         self.device = torch.device(cfg.device)
         K = cfg.num_users
-        self.text = ClassPrompts(backbone, classnames, cfg.n_ctx)
+        self.text = ClassPrompts(backbone, classnames, cfg.n_ctx, cfg.text_path)
         learner = PromptLearner(
             PromptConfig(cfg.factorization, cfg.n_ctx, cfg.rank, full_grad_scale=cfg.full_grad_scale),
             K,

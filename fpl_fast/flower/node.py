@@ -221,7 +221,7 @@ class ClientNode:
             data.augment_fn,
         )
         self.row = row
-        self.text = ClassPrompts(backbone, classnames, cfg.n_ctx)
+        self.text = ClassPrompts(backbone, classnames, cfg.n_ctx, cfg.text_path)
         learner = initial_learner(cfg, backbone.ctx_dim, cfg.device).select([k])
         # Fresh secret keys (OS CSPRNG) unless --noise-seed; replaced by the saved ones when the client resumes.
         self.clients = Clients(cfg, self.text, own, learner, plan, ids=[k])
