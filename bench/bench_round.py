@@ -15,10 +15,13 @@ one is not mixed with another's):
     split and every neighbour's), as the authors' per-client test loaders do.
 ``fpl_fast_batch`` / ``fpl_fast_persample``
     :class:`fpl_fast.federated.simulation.Federation` (cached image features, all clients batched through one
-    text-encoder call, prompts truncated after EOT, fused ops) with ``clip_mode="batch"`` (the same privacy work
-    as the baseline) and ``clip_mode="sample"`` (per-sample clipping, the default). The per-sample worker also
-    times the b-backward floor: one vector-Jacobian product of the text encoder through the K * n_cls class
-    prompts at the truncated length, times b; and ``Federation.evaluate`` (cached test features).
+    text-encoder call, fused ops) with ``clip_mode="batch"`` (the same privacy work as the baseline) and
+    ``clip_mode="sample"`` (per-sample clipping, the default). The class prompts take the text path of
+    ``--text-path``: ``shared`` (the default: the prompt prefix [SOS, ctx] once per client, each class only on its
+    own name tokens) or ``full`` (every class prompt, truncated after EOT); ``both`` runs every fpl_fast
+    implementation on each path (the full path's records are named ``<impl>@full``). The per-sample worker also
+    times the b-backward floor: one vector-Jacobian product of the text encoder on the path in force, times b; and
+    ``Federation.evaluate`` (cached test features).
 ``fpl_fast_output``
     The same with ``clip_mode="output"``: each example's cotangent w.r.t. the class text features is clipped in
     closed form, noised once per client (``ops.dp_output_clip_noise``), and one backward gives every prompt
@@ -32,6 +35,10 @@ batch 32, 100 made-up classes, n_ctx 16, rank 8, random 224x224 images (``--trai
 weights, 32x32 images) as a stand-in to smoke-test the code path.
 ``tiny``: the embedded tiny CLIP (``tiny-digits-clip``, ``pretrained="embedded"``) on scikit-learn's digits,
 10 clients with an iid split of the 600 federated training images, batch 32, 10 classes, n_ctx 16, rank 8.
+
+Every record holds the token rows per client through each layer of the text tower (``rows_per_client``; the
+baseline's is n_cls x context_length). The fpl_fast workers of one run encode the images once (the first writes the
+features to a temporary file, the others read it): the feature cache is a one-off cost, timed once.
 
 Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the child process's ``resource.getrusage`` max RSS on
 the CPU (this includes the Python interpreter, torch and the model weights, not only the implementation's work).
@@ -93,6 +100,7 @@ __all__ = [
 
 IMPLS = ("baseline", "fpl_fast_batch", "fpl_fast_persample", "fpl_fast_output")
 CLIP_MODES = {"fpl_fast_batch": "batch", "fpl_fast_persample": "sample", "fpl_fast_output": "output"}
+TEXT_PATHS = ("shared", "full", "both")
 
 _ADJECTIVES = ("red", "small", "striped", "wild", "golden", "spotted", "northern", "tiny", "giant", "silver")
 _NOUNS = ("fox", "kettle", "tulip", "lighthouse", "beetle", "violin", "canoe", "owl", "cactus", "bridge")
@@ -371,6 +379,7 @@ def _federation(
     clip_mode: str,
     feats: tuple[Tensor, Tensor],
     chunk_size: int | None = None,
+    text_path: str = "shared",
 ) -> Federation:
     cfg = RunConfig(
         factorization="dpfpl",
@@ -390,6 +399,7 @@ def _federation(
         pretrained=s.pretrained,
         device=str(device),
         chunk_size=chunk_size,
+        text_path=text_path,
     )
     cdata = ClientData(
         train_feats=feats[0],
@@ -403,21 +413,12 @@ def _federation(
 
 
 def _floor_backward_s(fed: Federation, device: torch.device, reps: int) -> float:
-    """Median seconds of one text-encoder vjp through the K * n_cls class prompts at the truncated length."""
+    """Median seconds of one text-encoder vjp through the K clients' class prompts on the path in force."""
     K = fed.cfg.num_users
     clients = torch.arange(K, device=device)
     factors = fed.learner.factors(clients, seed=[123 + k for k in range(K)], offset=[0] * K)
     ctx = fed.learner.context(clients, factors).detach()
-
-    def text(c: Tensor) -> Tensor:
-        prompts = reference.lowrank_prompt(fed.text.prefix, fed.text.suffix, c)  # (K, n_cls, L, d)
-        L, d = prompts.shape[-2:]
-        out = fed.backbone.encode_prompts(
-            prompts.reshape(K * fed.text.n_cls, L, d), fed.text.eot_index.repeat(K), seq_len=fed.text.seq_len
-        )
-        return out.float()
-
-    feats, vjp_fn = torch.func.vjp(text, ctx)
+    feats, vjp_fn = torch.func.vjp(lambda c: fed.text.features(c, traceable=True), ctx)
     cot = torch.randn_like(feats)
     return _median_time(lambda: vjp_fn(cot), device, warmup=1, reps=reps)
 
@@ -461,6 +462,18 @@ def _profile_text(fn: Callable[[], Any], top: int = 25) -> str:
     return buf.getvalue()
 
 
+def _cached_features(backbone: FrozenCLIP, data: BenchData, path: Path | None) -> tuple[Tensor, Tensor]:
+    """The train and test image features: read from ``path`` if an earlier worker of this run wrote it, else
+    encoded (and written there)."""
+    if path is not None and path.is_file():
+        saved = torch.load(path, weights_only=True)
+        return saved["train"], saved["test"]
+    feats = (_encode_all(backbone, data.train_images), _encode_all(backbone, data.test_images))
+    if path is not None:
+        torch.save({"train": feats[0], "test": feats[1]}, path)
+    return feats
+
+
 def run_worker(impl: str, s: Setting, args: argparse.Namespace) -> dict[str, Any]:
     """Build one implementation in this process, time its steps and its evaluation, return the record."""
     device = torch.device(args.device)
@@ -470,7 +483,7 @@ def run_worker(impl: str, s: Setting, args: argparse.Namespace) -> dict[str, Any
     precision = "fp32" if impl == "baseline" else resolve_precision(args.precision, args.device)
     backbone = load_backbone(s.model, s.pretrained, precision=precision, device=device)
     data = build_data(s, backbone)
-    rec: dict[str, Any] = {"impl": impl, "setup_s": None}
+    rec: dict[str, Any] = {"impl": impl, "setup_s": None, "text_path": None}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if impl == "baseline":
@@ -480,13 +493,16 @@ def run_worker(impl: str, s: Setting, args: argparse.Namespace) -> dict[str, Any
         if not args.skip_eval:
             rec["eval_s"] = _median_time(base.evaluate, device, warmup=0, reps=args.eval_reps)
         rec["steps_per_round"] = max(1, math.ceil(float(np.mean([len(ix) for ix in data.train_idx])) / s.batch_size))
+        rec["rows_per_client"] = len(data.classnames) * backbone.context_length
     else:
         t_cache = time.perf_counter()
-        feats = (_encode_all(backbone, data.train_images), _encode_all(backbone, data.test_images))
+        cached = args.worker_features is not None and args.worker_features.is_file()
+        feats = _cached_features(backbone, data, args.worker_features)
         _sync(device)
-        rec["feature_cache_s"] = time.perf_counter() - t_cache
+        rec["feature_cache_s"] = None if cached else time.perf_counter() - t_cache
         mode = CLIP_MODES[impl]
-        fed = _federation(backbone, data, s, device, mode, feats, args.chunk_size)
+        fed = _federation(backbone, data, s, device, mode, feats, args.chunk_size, args.worker_text_path)
+        rec.update(text_path=fed.text.path, rows_per_client=fed.text.rows_per_client)
         clients = torch.arange(s.num_users, device=device)
         rec["setup_s"] = time.perf_counter() - t0
         step = lambda: fed.train_step(clients, server_average=True)  # noqa: E731
@@ -515,15 +531,29 @@ def resolve_precision(choice: str, device: str) -> str:
     return "bf16" if device == "cuda" else "fp32"
 
 
-def _run_child(impl: str, args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+def _run_child(impl: str, path: str, argv: list[str], features: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rec.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", impl, "--worker-out", str(out)]
+        cmd += ["--worker-text-path", path, "--worker-features", str(features)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
             return {"impl": impl, "error": " | ".join(tail)}
         return json.loads(out.read_text())
+
+
+def _runs(impls: list[str], text_path: str) -> list[tuple[str, str, str]]:
+    """(record name, implementation, text path) of every child to run: the baseline once, each fpl_fast
+    implementation on the chosen path, or on both (the full path's named ``<impl>@full``)."""
+    paths = ("shared", "full") if text_path == "both" else (text_path,)
+    out = []
+    for impl in impls:
+        if impl == "baseline":
+            out.append((impl, impl, "full"))
+            continue
+        out += [(impl if p == paths[0] else f"{impl}@{p}", impl, p) for p in paths]
+    return out
 
 
 def _fmt_s(x: float | None) -> str:
@@ -559,12 +589,21 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="fpl_fast's frozen-encoder precision (auto: bf16 on CUDA, fp32 on the CPU; the baseline is always fp32)",
     )
+    parser.add_argument(
+        "--text-path",
+        choices=TEXT_PATHS,
+        default="shared",
+        help="fpl_fast's text path: shared (prompt prefix once per client; default), full (every class prompt "
+        "whole), both (each fpl_fast implementation on both; the full path's records are named <impl>@full)",
+    )
     parser.add_argument("--skip-eval", action="store_true", help="do not time the evaluations (paper setting on a CPU)")
     parser.add_argument("--skip-floor", action="store_true", help="do not time the per-sample b-backward floor")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of one fpl_fast per-sample step")
     parser.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
     parser.add_argument("--worker", choices=IMPLS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-text-path", choices=("shared", "full"), default="shared", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-features", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ("steps", "warmup", "eval_reps", "num_users", "batch_size", "n_cls", "chunk_size"):
         value = getattr(args, name)
@@ -602,11 +641,16 @@ def main(argv: list[str] | None = None) -> int:
     precision = resolve_precision(args.precision, args.device)
     print(f"setting {s.name}: {asdict(s)}; fpl_fast precision {precision} (baseline fp32)")
     recs: dict[str, dict[str, Any]] = {}
-    for impl in impls:
-        t0 = time.perf_counter()
-        recs[impl] = _run_child(impl, args, argv)
-        err = recs[impl].get("error")
-        print(f"done {impl:20s} in {time.perf_counter() - t0:6.1f} s" + (f"  ERROR: {err}" if err else ""), flush=True)
+    runs = _runs(impls, args.text_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        features = Path(tmp) / "features.pt"  # written by the first fpl_fast child, read by the others
+        for name, impl, path in runs:
+            t0 = time.perf_counter()
+            recs[name] = _run_child(impl, path, argv, features)
+            err = recs[name].get("error")
+            took = time.perf_counter() - t0
+            print(f"done {name:24s} in {took:6.1f} s" + (f"  ERROR: {err}" if err else ""), flush=True)
+    names = [name for name, _, _ in runs]
 
     def get(impl: str, key: str) -> Any:
         return recs.get(impl, {}).get(key)
@@ -636,27 +680,36 @@ def main(argv: list[str] | None = None) -> int:
         "eval_baseline_s": get("baseline", "eval_s"),
         "eval_fpl_fast_s": get("fpl_fast_persample", "eval_s"),
         "steps_per_round": get("fpl_fast_persample", "steps_per_round") or get("baseline", "steps_per_round"),
+        "text_path": args.text_path,
+        "rows_per_client": {k: r.get("rows_per_client") for k, r in recs.items()},
+        "speedups": {k: base / r["s_per_step"] for k, r in recs.items() if base and r.get("s_per_step")},
         "peak_mem_bytes": {k: r.get("peak_mem_bytes") for k, r in recs.items()},
         "peak_mem_kind": next((r["peak_mem_kind"] for r in recs.values() if "peak_mem_kind" in r), None),
         "records": {k: {kk: vv for kk, vv in r.items() if kk != "profile"} for k, r in recs.items()},
     }
     spr = result["steps_per_round"] or 1
     print(
-        f"\n{'implementation':22s} {'ms/step':>10s} {'ms/round':>10s} {'eval ms':>10s} {'peak MiB':>9s} "
-        f"{'speed-up':>8s}"
+        f"\n{'implementation':27s} {'ms/step':>10s} {'ms/round':>10s} {'eval ms':>10s} {'peak MiB':>9s} "
+        f"{'speed-up':>8s} {'rows/client':>11s}"
     )
-    for impl in impls:
-        r = recs[impl]
+    for name in names:
+        r = recs[name]
         step = r.get("s_per_step")
         rnd = None if step is None else step * spr
         mem = r.get("peak_mem_bytes")
         speed = f"{base / step:8.2f}" if base and step else "       -"
         mem_s = f"{mem / 2**20:9.0f}" if mem else "        -"
-        print(f"{impl:22s} {_fmt_s(step):>10s} {_fmt_s(rnd):>10s} {_fmt_s(r.get('eval_s')):>10s} {mem_s} {speed}")
-    floor = result["fpl_fast_persample_floor_s_per_step"]
-    if floor is not None:
-        one = get("fpl_fast_persample", "floor_one_backward_s")
-        print(f"{'persample floor':22s} {_fmt_s(floor):>10s}   (b = {s.batch_size} x {one * 1e3:.2f} ms per backward)")
+        rows = r.get("rows_per_client")
+        print(
+            f"{name:27s} {_fmt_s(step):>10s} {_fmt_s(rnd):>10s} {_fmt_s(r.get('eval_s')):>10s} {mem_s} {speed} "
+            f"{rows if rows is not None else '-':>11}"
+        )
+    for name in names:
+        floor, one = get(name, "floor_s_per_step"), get(name, "floor_one_backward_s")
+        if floor is not None:
+            label = f"floor of {name}"
+            print(f"{label:27s} {_fmt_s(floor):>10s}   (b = {s.batch_size} x {one * 1e3:.2f} ms per backward)")
+    print("rows/client: token rows per client through each layer of the text tower")
     if fo and (fb or fs):
         ratios = [f"output/batch {fo / fb:.2f}x" if fb else "", f"per-sample/output {fs / fo:.2f}x" if fs else ""]
         print("step time ratios: " + ", ".join(r for r in ratios if r))

@@ -34,7 +34,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "pathological_split": ("balanced", "authors"),  # fpl_fast.data.splits.PATHOLOGICAL_SPLITS
     "steps_per_round": ("mean", "authors"),
     "precision": ("fp32", "bf16"),
-    "text_path": ("shared", "full"),  # fpl_fast.federated.text.TEXT_PATHS
+    "text_path": ("shared", "full"),  # fpl_fast.federated.text.ClassPrompts (also FedDTPT's and RAPT's)
 }
 
 

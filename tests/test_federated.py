@@ -62,8 +62,9 @@ def test_round_sync_averages_the_global_copies(job) -> None:
 
 def test_per_sample_chunk_is_sized_to_the_activations(job) -> None:
     fed = _federation(job, BASE)
-    lane = fed.text.n_cls * fed.text.seq_len * fed.text.width  # activation floats of one sample of one client
-    assert fed.clients.chunk_size(10) == (2**20) // (10 * lane) == 8  # the measured CPU optimum at the tiny default
+    lane = fed.text.rows_per_client * fed.text.width  # activation floats of one sample of one client
+    # The tiny default on the shared text path (47 rows a client): all of a b = 32 batch in one vmap.
+    assert fed.clients.chunk_size(10) == (2**20) // (10 * lane) == 34
     assert fed.clients.chunk_size(1) > fed.clients.chunk_size(10)  # fewer active clients: more samples per chunk
     assert fed.clients.chunk_size(10**6) == 1  # never below one sample
     assert _federation(job, BASE.replace(chunk_size=3)).clients.chunk_size(10) == 3  # --chunk-size wins

@@ -87,10 +87,11 @@ class StepStats:
     batch_sizes: list[int] = field(default_factory=list)
 
 
-# Activation floats one per-sample chunk may span (see Clients.chunk_size). CPU: measured, chunk 8 at the
-# tiny setting (bench/README.md: 394 -> 217 ms/step against the whole batch, less memory). CUDA: an estimate
-# (the paper setting gets ~10 samples per chunk, a few GiB of backward temporaries); sweep it on a GPU
-# with bench_round.py --chunk-size.
+# Activation floats one per-sample chunk may span (see Clients.chunk_size). CPU: measured. On the full text path
+# it gave chunk 8 at the tiny setting (394 -> 217 ms/step against the whole batch); on the shared path it gives the
+# whole batch at the tiny setting (chunks 4-32 all measured 63-80 ms/step) and chunk 1 at the paper setting, the
+# fastest there (2 clients of ViT-B-16: chunk 1 13.8, 4 19.4, 8 16.2, 32 23.1 s/step; bench/README.md). CUDA: an
+# estimate (a few GiB of backward temporaries); sweep it on a GPU with bench_round.py --chunk-size.
 _CHUNK_FLOATS = {"cpu": 2**20, "cuda": 2**27}
 
 # The factor products of an already private gradient (output mode): no clipping, no noise.
@@ -339,7 +340,9 @@ class Clients:
         out_cfg = OutputDP(
             clip_norm=self.cfg.output_clip, noise_multiplier=self.plan.sigma_local, denominator=self.batch_denominator
         )
-        return privatize_output(feats, text, labels, mask, self.text.backbone.logit_scale, out_cfg, streams)
+        dt = text.dtype  # float32, or float64 for a float64 backbone (tests)
+        scale = self.text.backbone.logit_scale
+        return privatize_output(feats.to(dt), text, labels, mask.to(dt), scale, out_cfg, streams)
 
     def local_step(self, rows: Tensor) -> tuple[Tensor, StepStats]:
         """One local step of the clients ``rows``: their local prompts are updated; returns the clipped mean

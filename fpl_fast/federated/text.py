@@ -16,15 +16,15 @@ in one call either way.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fpl_fast import ops
 from fpl_fast.backbone_protocol import Backbone
+from fpl_fast.config import CHOICES
 
-__all__ = ["ClassPrompts", "TEXT_PATHS"]
-
-TEXT_PATHS = ("shared", "full")
+__all__ = ["ClassPrompts"]
 
 
 class ClassPrompts:
@@ -44,8 +44,8 @@ class ClassPrompts:
     """
 
     def __init__(self, backbone: Backbone, classnames: list[str], n_ctx: int, text_path: str = "shared") -> None:
-        if text_path not in TEXT_PATHS:
-            raise ValueError(f"text_path must be one of {', '.join(TEXT_PATHS)}, got {text_path!r}")
+        if text_path not in CHOICES["text_path"]:
+            raise ValueError(f"text_path must be one of {', '.join(CHOICES['text_path'])}, got {text_path!r}")
         self.backbone = backbone
         parts = backbone.prompt_parts(classnames, n_ctx)
         self.n_cls = parts.prefix.shape[0]
@@ -79,14 +79,17 @@ class ClassPrompts:
         }
 
     def encode(self, prompts: Tensor) -> Tensor:
-        """Prompts assembled around ``prefix`` / ``suffix`` (K_a, n, L, d) -> text features (K_a, n_cls, D), float32."""
+        """Prompts assembled around ``prefix`` / ``suffix`` (K_a, n, L, d) -> text features (K_a, n_cls, D) in float32
+        (float64 for a float64 backbone)."""
         if self.path == "shared":
-            return self.backbone.encode_shared(prompts[:, 0], self.pack).float()
-        Ka, n_cls, L, d = prompts.shape
-        feats = self.backbone.encode_prompts(
-            prompts.reshape(Ka * n_cls, L, d), self.eot_index.repeat(Ka), seq_len=self.seq_len
-        )
-        return feats.reshape(Ka, n_cls, -1).float()
+            feats = self.backbone.encode_shared(prompts[:, 0], self.pack)
+        else:
+            Ka, n_cls, L, d = prompts.shape
+            flat = self.backbone.encode_prompts(
+                prompts.reshape(Ka * n_cls, L, d), self.eot_index.repeat(Ka), seq_len=self.seq_len
+            )
+            feats = flat.reshape(Ka, n_cls, -1)
+        return feats.to(torch.promote_types(feats.dtype, torch.float32))
 
     def features(self, ctx: Tensor, *, traceable: bool = False) -> Tensor:
         """(K_a, n_ctx, d) context -> (K_a, n_cls, D) text features, all clients in one encoder call.
@@ -100,5 +103,5 @@ class ClassPrompts:
     def logits(self, text: Tensor, img: Tensor) -> Tensor:
         """Cosine logits: text (K_a, n_cls, D), img (K_a, B, D) -> (K_a, B, n_cls)."""
         t = F.normalize(text, dim=-1)
-        x = F.normalize(img, dim=-1)
+        x = F.normalize(img.to(t.dtype), dim=-1)
         return self.backbone.logit_scale * (x @ t.transpose(-1, -2))

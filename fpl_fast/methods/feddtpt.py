@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fpl_fast.config import CHOICES
 from fpl_fast.data import SCHEMES, load_dataset
 from fpl_fast.data.clients import client_split
 from fpl_fast.methods.feddtpt_server import ELBOW_METHODS, SERVER_MODES, aggregate
@@ -121,6 +122,8 @@ class Config:
         transfer_model: second open_clip model for the transfer evaluation (None: skip). It must share the BPE
             tokenizer. Offline no second trained CLIP exists, so the default is a random-init tiny config.
         transfer_pretrained: its weights (None: random init, labelled as such in the results).
+        text_path: ``"shared"`` (default: [SOT, prompt] through the text tower once per prompt, each class only on
+            its own name tokens, where the tower is causal and pools at EOT) or ``"full"`` (each class text whole).
     """
 
     num_users: int = 10
@@ -151,9 +154,11 @@ class Config:
     vocab: str = "all"
     transfer_model: str | None = "tiny-bidir-clip"
     transfer_pretrained: str | None = None
+    text_path: str = "shared"
 
     def __post_init__(self) -> None:
         choices = {
+            "text_path": CHOICES["text_path"],
             "partition": SCHEMES,
             "precision": PRECISIONS,
             "proposer": PROPOSERS,
@@ -232,16 +237,31 @@ class Oracle:
     (``torch.long``) and nothing else: no scores, features or logits are reachable through the public interface.
 
     Query accounting: ``queries`` grows by 1 per (prompt, image) evaluation; ``text_encodings`` by C (the number of
-    classes) per prompt whose class texts were not encoded before (text features are cached per prompt).
+    classes) per prompt whose class texts were not encoded before (text features are cached per prompt), whichever
+    text path computes them.
+
+    The class texts of one prompt are ``[SOT, prompt, classname, '.', EOT]``: on a causal tower pooling at EOT the
+    shared-prefix path (``text_path="shared"``) encodes [SOT, prompt] once per prompt and each class only on its own
+    name tokens (:meth:`fpl_fast.backbone.FrozenCLIP.encode_shared`); other towers, or ``text_path="full"``, encode
+    each class text whole.
 
     Args:
         backbone: a :class:`fpl_fast.backbone.FrozenCLIP`.
         classnames: class names in label order (underscores become spaces).
         cache_size: prompts whose text features are kept (least recently used dropped first).
-        chunk: text sequences per encoder call.
+        chunk: text sequences (prompt x class pairs) per encoder call.
+        text_path: ``"shared"`` (where the tower allows it) or ``"full"``.
     """
 
-    def __init__(self, backbone: Any, classnames: Sequence[str], *, cache_size: int = 4096, chunk: int = 1024) -> None:
+    def __init__(
+        self,
+        backbone: Any,
+        classnames: Sequence[str],
+        *,
+        cache_size: int = 4096,
+        chunk: int = 1024,
+        text_path: str = "shared",
+    ) -> None:
         if not classnames:
             raise ValueError("classnames must be a non-empty list of class names")
         self._backbone = backbone
@@ -256,6 +276,8 @@ class Oracle:
         self._text: OrderedDict[tuple[int, ...], Tensor] = OrderedDict()
         self._cache_size = cache_size
         self._chunk = chunk
+        self.shared = text_path == "shared" and bool(backbone.is_causal)
+        self._packs: dict[int, Any] = {}  # shared path: the class suffixes packed behind prefixes of each length
         self.queries = 0
         self.text_encodings = 0
 
@@ -288,27 +310,54 @@ class Oracle:
             raise ValueError(f"prompt ids must lie in [0, {self._vocab}) without SOT/EOT, got {list(key)}")
         return key
 
-    @torch.no_grad()
-    def _encode(self, prompts: list[tuple[int, ...]]) -> None:
-        """Encode the class texts of prompts that are not cached, all in as few encoder calls as possible."""
-        new = [p for p in dict.fromkeys(prompts) if p not in self._text]
+    def _encode_full(self, prompts: list[tuple[int, ...]]) -> Tensor:
+        """(U, C, D) features of every class text of each prompt, each text whole."""
         rows, eots = [], []
-        for p in new:
+        for p in prompts:
             for cls in self._class_ids:
                 seq = [self._sot, *p, *cls, self._eot]
                 eots.append(len(seq) - 1)
                 rows.append(seq + [PAD_ID] * (self._context - len(seq)))
-        if rows:
-            tokens = torch.as_tensor(rows, dtype=torch.long)  # (U * C, context_length)
-            eot = torch.as_tensor(eots, dtype=torch.long)
-            feats = []
-            for s in range(0, len(rows), self._chunk):
-                emb = self._backbone.token_embeddings(tokens[s : s + self._chunk])
-                feats.append(self._backbone.encode_prompts(emb, eot[s : s + self._chunk].to(emb.device)).float())
-            text = F.normalize(torch.cat(feats), dim=-1).reshape(len(new), self.num_classes, -1)  # (U, C, D)
+        tokens = torch.as_tensor(rows, dtype=torch.long)  # (U * C, context_length)
+        eot = torch.as_tensor(eots, dtype=torch.long)
+        feats = []
+        for s in range(0, len(rows), self._chunk):
+            emb = self._backbone.token_embeddings(tokens[s : s + self._chunk])
+            feats.append(self._backbone.encode_prompts(emb, eot[s : s + self._chunk].to(emb.device)).float())
+        return torch.cat(feats).reshape(len(prompts), self.num_classes, -1)
+
+    def _encode_shared(self, prompts: list[tuple[int, ...]]) -> Tensor:
+        """(U, C, D) features of every class text of each prompt: [SOT, prompt] once per prompt (prompts of one
+        length in one call per chunk), the class suffixes packed behind it."""
+        out: list[Tensor | None] = [None] * len(prompts)
+        by_len: dict[int, list[int]] = {}
+        for j, p in enumerate(prompts):
+            by_len.setdefault(1 + len(p), []).append(j)
+        from fpl_fast.text_encoder import SuffixPack
+
+        step = max(1, self._chunk // self.num_classes)
+        for P, members in by_len.items():
+            if P not in self._packs:
+                suffixes = [self._backbone.token_embeddings(torch.as_tensor([*c, self._eot])) for c in self._class_ids]
+                self._packs[P] = SuffixPack.build(suffixes, P)
+            for s in range(0, len(members), step):
+                part = members[s : s + step]
+                prefix = torch.as_tensor([[self._sot, *prompts[j]] for j in part], dtype=torch.long)
+                feats = self._backbone.encode_shared(self._backbone.token_embeddings(prefix), self._packs[P]).float()
+                for j, f in zip(part, feats, strict=True):
+                    out[j] = f
+        return torch.stack(out)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[tuple[int, ...]]) -> None:
+        """Encode the class texts of prompts that are not cached, all in as few encoder calls as possible."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self._text]
+        if new:
+            feats = self._encode_shared(new) if self.shared else self._encode_full(new)
+            text = F.normalize(feats, dim=-1)  # (U, C, D)
             for p, t in zip(new, text, strict=True):
                 self._text[p] = t
-            self.text_encodings += len(rows)
+            self.text_encodings += len(new) * self.num_classes
         for p in prompts:
             self._text.move_to_end(p)
         while len(self._text) > max(self._cache_size, len(set(prompts))):
@@ -594,7 +643,7 @@ def _transfer(
     other = load_backbone(cfg.transfer_model, cfg.transfer_pretrained, precision=cfg.precision, device=cfg.device)
     if not _same_tokenizer(backbone.tokenizer, other.tokenizer):
         raise ValueError(f"--transfer-model must share the BPE tokenizer of {cfg.model!r}, got {cfg.transfer_model!r}")
-    oracle = Oracle(other, data.classnames)
+    oracle = Oracle(other, data.classnames, text_path=cfg.text_path)
     oracle.register("test", data.test, dataset_key=f"{cfg.dataset}:{cfg.data_root}")
     labels = test_labels
     every = np.arange(len(labels))
@@ -668,7 +717,7 @@ class FedDTPT:
         weights = np.asarray([len(ix) for ix in train_idx], dtype=np.float64)
         weights /= weights.sum()  # w_k = |D_k| / sum_j |D_j|
 
-        oracle = Oracle(backbone, data.classnames)
+        oracle = Oracle(backbone, data.classnames, text_path=cfg.text_path)
         key = f"{cfg.dataset}:{cfg.data_root}"
         oracle.register("train", data.train, dataset_key=key)
         oracle.register("test", data.test, dataset_key=key)

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fpl_fast.backbone import FrozenCLIP, load_backbone, text_tower
+from fpl_fast.backbone import FrozenCLIP, SuffixPack, load_backbone, text_tower
+from fpl_fast.config import CHOICES
 from fpl_fast.data.clients import client_split
 from fpl_fast.data.text import TEXT_CLASSNAMES, TEXT_SEED, make_text_dataset
 from fpl_fast.methods.metrics import local_neighbor
@@ -103,6 +104,8 @@ class Config:
         calibration_tokens: tokens sampled from T (public) for the calibration.
         compose: re-privatise every local epoch (fresh noise and k), reporting the composed E eta.
         bayes_mc: Monte-Carlo draws per candidate of the Bayes inversion attack (0 skips it).
+        text_path: ``"shared"`` (default: [SOT, P] through the text tower once per batch, each sentence only on its
+            own rows, where the tower is causal and pools at EOT) or ``"full"`` (each sequence whole).
     """
 
     num_users: int = 4
@@ -135,6 +138,7 @@ class Config:
     calibration_tokens: int = 256
     compose: bool = False
     bayes_mc: int = 16
+    text_path: str = "shared"
 
     def __post_init__(self) -> None:
         check_int(
@@ -144,6 +148,7 @@ class Config:
         check_int(self, "n_plain", "rec_vocab", "bayes_mc", low=0)
         check_choice(self, "partition", PARTITIONS)
         check_choice(self, "task_head", TASK_HEADS)
+        check_choice(self, "text_path", CHOICES["text_path"])
         if self.dataset != "topics":
             raise ConfigError(
                 "dataset", f"dataset must be topics (the offline text set) for rapt, got {self.dataset!r}"
@@ -247,6 +252,9 @@ class RaptModel(nn.Module):
         task_head: ``linear`` or ``cosine``.
         label_features: (n_cls, embed_dim) label-text features, needed for ``cosine``.
         generator: seeds the prompt and head initialisation.
+        text_path: ``"shared"``: the sequences of a batch share [SOT, P], encoded once
+            (:meth:`fpl_fast.backbone.FrozenCLIP.encode_shared`; causal towers pooling at EOT only, others take the
+            full path); ``"full"``: each sequence whole.
     """
 
     label_features: Tensor  # buffer (n_cls, embed_dim), registered for task_head='cosine' only
@@ -263,9 +271,11 @@ class RaptModel(nn.Module):
         task_head: str,
         label_features: Tensor | None = None,
         generator: torch.Generator | None = None,
+        text_path: str = "shared",
     ) -> None:
         super().__init__()
         self.backbone = backbone
+        self.shared = text_path == "shared" and backbone.is_causal
         self.n_prompt = n_prompt
         self.n_plain = n_plain
         self.task_head = task_head
@@ -316,24 +326,40 @@ class RaptModel(nn.Module):
         bb = self.backbone
         tokens = tokens.to(bb.device)
         emb = bb.token_embeddings(tokens)  # (B, L, d), frozen
-        B = emb.shape[0]
-        prompt = self.prompt.to(emb.dtype).unsqueeze(0).expand(B, -1, -1)  # (B, N, d)
-        x = torch.cat([emb[:, :1], prompt, emb[:, 1 + self.n_prompt :]], dim=1)
-        captured: dict[str, Tensor] = {}
-        hook = self._ln_final.register_forward_hook(lambda _m, _i, out: captured.__setitem__("states", out))
-        try:
-            feats = bb.encode_prompts(x, eot_index.to(bb.device))  # (B, embed)
-        finally:
-            hook.remove()
-        states = captured["states"]  # (B, L', d) after ln_final
-        plain = states[:, 1 + self.n_prompt : 1 + self.n_prompt + self.n_plain].float()  # (B, m, d)
-        rec_logits = self.rec_up(self.rec_down(plain))  # (B, m, |T|)
+        if self.shared:
+            feats, plain = self._encode_shared(emb, eot_index)
+        else:
+            feats, plain = self._encode_full(emb, eot_index)
+        rec_logits = self.rec_up(self.rec_down(plain.float()))  # (B, m, |T|)
         feats = feats.float()
         if self.head is not None:
             logits = self.head(feats)
         else:
             logits = bb.logit_scale * F.normalize(feats, dim=-1) @ self.label_features.T
         return logits, rec_logits
+
+    def _encode_full(self, emb: Tensor, eot_index: Tensor) -> tuple[Tensor, Tensor]:
+        """Every sequence whole: features (B, embed) and the final states of the m plain tokens (B, m, d)."""
+        B, P = emb.shape[0], 1 + self.n_prompt
+        prompt = self.prompt.to(emb.dtype).unsqueeze(0).expand(B, -1, -1)  # (B, N, d)
+        x = torch.cat([emb[:, :1], prompt, emb[:, P:]], dim=1)
+        captured: dict[str, Tensor] = {}
+        hook = self._ln_final.register_forward_hook(lambda _m, _i, out: captured.__setitem__("states", out))
+        try:
+            feats = self.backbone.encode_prompts(x, eot_index.to(emb.device))  # (B, embed)
+        finally:
+            hook.remove()
+        states = captured["states"]  # (B, L', d) after ln_final
+        return feats, states[:, P : P + self.n_plain]
+
+    def _encode_shared(self, emb: Tensor, eot_index: Tensor) -> tuple[Tensor, Tensor]:
+        """[SOT, P] once for the batch, each sentence [k'; x'; EOT] on its own rows: the same features and states."""
+        P = 1 + self.n_prompt
+        prefix = torch.cat([emb[:1, :1], self.prompt.to(emb.dtype).unsqueeze(0)], dim=1)  # (1, P, d)
+        pack = SuffixPack.build([emb[i, P : e + 1] for i, e in enumerate(eot_index.tolist())], P)
+        feats, states = self.backbone.encode_shared(prefix, pack, states=True)  # (1, B, embed), (1, rows, d)
+        rows = pack.suffix_start[:, None] + torch.arange(self.n_plain, device=pack.suffix_start.device)  # (B, m)
+        return feats[0], states[0, rows]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -558,6 +584,7 @@ class Rapt:
             task_head=cfg.task_head,
             label_features=label_feats,
             generator=gen,
+            text_path=cfg.text_path,
         )
         st.global_state = st.model.trainable_state()
         n_k = np.array([len(i) for i in split.train], dtype=np.float64)
