@@ -204,6 +204,7 @@ class SuffixPack:
         positions: (P + T,) absolute position of every row (its index into the positional embedding).
         slot_of: (n_seq,) the place of each sequence in pack order (to return results in sequence order).
         suffix_start: (n_seq,) the row of each sequence's first suffix row, in sequence order.
+        pooled_rows: (n_seq,) the row of each sequence's pooled (last) suffix row, in pack order.
     """
 
     embeddings: Tensor
@@ -213,6 +214,7 @@ class SuffixPack:
     positions: Tensor
     slot_of: Tensor
     suffix_start: Tensor
+    pooled_rows: Tensor
     _masks: dict[Any, Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -244,6 +246,7 @@ class SuffixPack:
             positions += [prefix_len + j for _ in range(n) for j in range(S)]
         slot_of = torch.empty(len(order), dtype=torch.long)
         slot_of[torch.as_tensor(order)] = torch.arange(len(order))
+        pooled = [first + i * S + S - 1 for first, n, S in buckets for i in range(n)]
         return cls(
             embeddings=torch.cat([suffixes[c] for c in order]),
             prefix_len=prefix_len,
@@ -252,6 +255,7 @@ class SuffixPack:
             positions=torch.as_tensor(positions, dtype=torch.long, device=device),
             slot_of=slot_of.to(device),
             suffix_start=torch.as_tensor(starts, dtype=torch.long, device=device),
+            pooled_rows=torch.as_tensor(pooled, dtype=torch.long, device=device),
         )
 
     @property
@@ -267,12 +271,6 @@ class SuffixPack:
     def padded_rows(self) -> int:
         """Rows the full path runs per prefix at the truncated length: n_seq (P + S_max)."""
         return self.n_seq * (self.prefix_len + max(self.lengths))
-
-    def pooled_rows(self) -> Tensor:
-        """(n_seq,) rows of the pooled (last) suffix row of each sequence, in pack order."""
-        return torch.cat(
-            [torch.arange(n, device=self.positions.device) * S + (first + S - 1) for first, n, S in self.buckets]
-        )
 
     def dense_mask(self, dtype: torch.dtype) -> Tensor:
         """(P + T, P + T) additive mask of the same attention pattern over all rows (for blocks that take a mask)."""
@@ -384,7 +382,7 @@ def shared_prefix_forward(tower: TextTower, prefix: Tensor, pack: SuffixPack, *,
     x = torch.cat([prefix.to(cast_dtype), suffix], dim=1) + tower.positional_embedding[pack.positions].to(cast_dtype)
     batch_first = getattr(tower.transformer, "batch_first", True)
     blocks = list(tower.transformer.resblocks)
-    pooled = pack.pooled_rows()
+    pooled = pack.pooled_rows
     for i, block in enumerate(blocks):
         last = i == len(blocks) - 1 and not states
         x = _shared_block(block, x, pack, pooled if last else None, batch_first)

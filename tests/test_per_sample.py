@@ -13,6 +13,7 @@ from fpl_fast.privacy.per_sample import (
     batch_prompt_grad,
     logit_cotangents,
     per_sample_prompt_grads,
+    per_sample_prompt_grads_by_row,
     per_sample_prompt_grads_from,
 )
 
@@ -119,6 +120,40 @@ def test_client_batched_prompts_one_pass(tower):
         torch.testing.assert_close(got[:, k], want, rtol=1e-10, atol=1e-12)
     g_batch, _ = batch_prompt_grad(text_fn, prompts, img, labels, SCALE)
     torch.testing.assert_close(got.mean(0).reshape(K * N_CLS, L, WIDTH), g_batch, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 2])
+def test_one_vjp_per_client_pulls_back_each_clients_own_samples_only(tower, chunk_size):
+    """Clients with batches of 5 and 2 examples (the second padded to 5 with zero cotangents): row k's gradients
+    equal its single-example backward passes, its padding gets zeros without a pull-back, and the result equals
+    the joint vjp's."""
+    K = 2
+    prompts, eot, img, labels = data(K)
+    counts = [B, 2]
+    mask = torch.tensor([[1.0] * B, [1.0] * 2 + [0.0] * (B - 2)], dtype=torch.float64)  # (K, B)
+
+    def head(flat: Tensor) -> tuple[Tensor, Tensor]:
+        cot, losses = logit_cotangents(img, flat.view(K, N_CLS, D_OUT), labels, SCALE)
+        return (cot * mask.T[..., None, None]).reshape(B, K * N_CLS, D_OUT), losses
+
+    row_of_call = iter(range(K))  # text_fn is called on rows 0, 1, ... in order
+
+    def one_text(x: Tensor) -> Tensor:  # (1, n_cls, L, d) -> (n_cls, D)
+        k = next(row_of_call)
+        return make_text_fn(tower, eot[k * N_CLS : (k + 1) * N_CLS])(x[0])
+
+    per_row = prompts.view(K, N_CLS, L, WIDTH)
+    got, _ = per_sample_prompt_grads_by_row(one_text, per_row, head, counts=counts, chunk_size=chunk_size)
+    assert got.shape == (B, K, N_CLS, L, WIDTH)
+    for k in range(K):
+        rows = slice(k * N_CLS, (k + 1) * N_CLS)
+        want = loop_grads(make_text_fn(tower, eot[rows]), prompts[rows], img[k, : counts[k]], labels[k, : counts[k]])
+        torch.testing.assert_close(got[: counts[k], k], want, rtol=1e-10, atol=1e-12)
+    assert bool((got[2:, 1] == 0).all())
+    joint, _ = per_sample_prompt_grads_from(make_text_fn(tower, eot), prompts, head, chunk_size=chunk_size)
+    torch.testing.assert_close(got.reshape(joint.shape), joint, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="counts must give one count per row"):
+        per_sample_prompt_grads_by_row(one_text, per_row, head, counts=[B])
 
 
 def test_grads_from_head_run_the_encoder_once(tower):

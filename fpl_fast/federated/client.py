@@ -43,7 +43,11 @@ from fpl_fast.privacy.mechanism import (
     privatize_output,
     take_each,
 )
-from fpl_fast.privacy.per_sample import logit_cotangents, per_sample_prompt_grads_from
+from fpl_fast.privacy.per_sample import (
+    logit_cotangents,
+    per_sample_prompt_grads_by_row,
+    per_sample_prompt_grads_from,
+)
 from fpl_fast.privacy.plan import ClientAccountant, NoisePlan, global_release_noise
 from fpl_fast.privacy.randomness import PartyRandomness, derive_key
 from fpl_fast.prompts import PromptLearner
@@ -298,8 +302,12 @@ class Clients:
     def per_sample_grads(self, ctx: Tensor, feats: Tensor, labels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Per-sample context gradients (K_a, B, n_ctx, d) and the per-sample losses (K_a, B).
 
-        The prompt-side primal is the context itself, so each vmapped pull-back returns (K_a, n_ctx, d)
-        already summed over classes; lane i carries sample i of every client on that client's rows.
+        The prompt-side primal is the context itself, so each vmapped pull-back returns the context gradient
+        already summed over classes. While one sample of every client fits the chunk budget, lane i of one vmapped
+        pull-back carries sample i of every client on that client's rows (B lanes through all K_a clients). When it
+        does not (large towers: the pull-backs are compute-bound), each client gets its own vjp and pulls back only
+        its own samples: B = max_k b_k lanes through every client would spend the Poisson padding's share of the
+        work (b_k differs by client) for nothing.
         """
         Ka, n_cls = ctx.shape[0], self.text.n_cls
 
@@ -309,8 +317,15 @@ class Clients:
             cot = cot * mask.transpose(0, 1)[..., None, None]  # padded (Poisson) rows contribute nothing
             return cot.flatten(1, 2), losses
 
-        flat_text = lambda c: self.text.features(c, traceable=True).reshape(Ka * n_cls, -1)  # noqa: E731
-        grads, losses = per_sample_prompt_grads_from(flat_text, ctx, head, chunk_size=self.chunk_size(Ka))
+        if Ka > 1 and self.chunk_size(Ka) < mask.shape[1]:
+            one_text = lambda c: self.text.features(c, traceable=True)[0]  # noqa: E731
+            counts = [int(c) for c in mask.sum(1).tolist()]  # real examples come first in each row
+            grads, losses = per_sample_prompt_grads_by_row(
+                one_text, ctx, head, counts=counts, chunk_size=self.chunk_size(1)
+            )
+        else:
+            flat_text = lambda c: self.text.features(c, traceable=True).reshape(Ka * n_cls, -1)  # noqa: E731
+            grads, losses = per_sample_prompt_grads_from(flat_text, ctx, head, chunk_size=self.chunk_size(Ka))
         return grads.transpose(0, 1), (losses * mask).detach()
 
     def batch_mean_grad(self, ctx: Tensor, feats: Tensor, labels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -16,7 +16,7 @@ differentiable function of the prompt embeddings that treats each prompt indepen
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +26,13 @@ from torch.func import grad_and_value, vjp, vmap
 
 from fpl_fast.validation import check
 
-__all__ = ["per_sample_prompt_grads", "per_sample_prompt_grads_from", "logit_cotangents", "batch_prompt_grad"]
+__all__ = [
+    "per_sample_prompt_grads",
+    "per_sample_prompt_grads_from",
+    "per_sample_prompt_grads_by_row",
+    "logit_cotangents",
+    "batch_prompt_grad",
+]
 
 TextFn = Callable[[Tensor], Tensor]
 
@@ -112,6 +118,50 @@ def per_sample_prompt_grads_from(
     pull = vmap(lambda c: vjp_fn(c)[0])
     chunks = [pull(cot[start : start + step])[:, :, sel] for start in range(0, b, step)]
     return (chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=0)), aux
+
+
+def per_sample_prompt_grads_by_row(
+    text_fn: TextFn,
+    prompts: Tensor,
+    head: Callable[[Tensor], tuple[Tensor, Any]],
+    *,
+    counts: Sequence[int],
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Any]:
+    """:func:`per_sample_prompt_grads_from` with one vjp per row of ``prompts`` (one client) instead of one for all.
+
+    ``text_fn`` maps one row ``prompts[j : j + 1]`` to its features (n, D); ``head`` sees every row's features
+    stacked (K n, D) and returns ``(cotangents (b, K n, D), aux)``. Row j's pull-back is vmapped over its first
+    ``counts[j]`` cotangents only: the others must be zero (padding of a smaller batch), and their gradients are
+    returned as zeros without a backward pass. One joint vjp spends max_j counts[j] pull-backs through every row;
+    this spends counts[j] through row j, which saves the padding's share of the work when the rows' batches differ
+    (Poisson sampling), at the price of K smaller vjps.
+
+    Returns:
+        ((b, K, ...) per-sample gradients, row j's sample i at [i, j]; aux).
+    """
+    K = prompts.shape[0]
+    check(len(counts) == K, f"counts must give one count per row ({K}), got {len(counts)}")
+    check(chunk_size is None or chunk_size >= 1, f"chunk_size must be None (all samples) or >= 1, got {chunk_size}")
+    outs = [vjp(text_fn, prompts[j : j + 1]) for j in range(K)]
+    feats = torch.cat([out[0] for out in outs])  # (K n, D)
+    cotangents, aux = head(feats)
+    check(
+        cotangents.dim() == 3 and cotangents.shape[1:] == feats.shape,
+        f"cotangents must be (b, {feats.shape[0]}, {feats.shape[1]}), got {tuple(cotangents.shape)}",
+    )
+    b, n = cotangents.shape[0], feats.shape[0] // K
+    check(max(counts, default=0) <= b, f"counts must be <= the {b} cotangents, got {list(counts)}")
+    cot = cotangents.to(feats.dtype)
+    grads = prompts.new_zeros(b, *prompts.shape)
+    for j, out in enumerate(outs):
+        pull_one = out[1]
+        pull = vmap(lambda c, fn=pull_one: fn(c)[0])
+        step = counts[j] if chunk_size is None else chunk_size
+        for start in range(0, counts[j], max(1, step)):
+            stop = min(counts[j], start + step)
+            grads[start:stop, j] = pull(cot[start:stop, j * n : (j + 1) * n])[:, 0]
+    return grads, aux
 
 
 def _ce_cosine(text: Tensor, img: Tensor, label: Tensor, logit_scale: Tensor) -> Tensor:
