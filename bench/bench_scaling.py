@@ -5,10 +5,11 @@ default), for ``clip_mode="batch"`` (one backward of the batch mean) and ``clip_
 gradients: b vector-Jacobian products through the text encoder), each on the text paths of ``--text-paths``
 (``shared``: the prompt prefix once per client, each class on its own name tokens; ``full``: every class prompt
 whole). The ``classes`` and ``name_words`` axes show how the shared path's gain grows with the class count and the
-class-name length; every record holds the token rows per client through each layer. Image features are random (the image encoder is not part of a
-step: fpl_fast caches the features) and classes beyond the model's own are made-up names, which is fine for
-timing. Each point is :meth:`fpl_fast.federated.simulation.Federation.train_step` of all clients with server
-averaging (sync="step"), median over ``--steps`` steps after ``--warmup`` untimed ones.
+class-name length; every record holds the token rows per client through each layer. Image features are random
+(the image encoder is not part of a step: fpl_fast caches the features) and classes beyond the model's own are
+made-up names, which is fine for timing. Each point is
+:meth:`fpl_fast.federated.simulation.Federation.train_step` of all clients with server averaging (sync="step"),
+median over ``--steps`` steps after ``--warmup`` untimed ones.
 
 Usage, from the repository root::
 
@@ -175,7 +176,10 @@ def _plot(records: list[dict[str, Any]], axes: dict[str, list[int]], path: Path,
                 pts = [
                     r
                     for r in records
-                    if r["axis"] == axis and r["mode"] == mode and r["text_path"] == path and r["s_per_step"] is not None
+                    if r["axis"] == axis
+                    and r["mode"] == mode
+                    and r["text_path"] == path
+                    and r["s_per_step"] is not None
                 ]
                 if pts:
                     x = [r[axis] for r in pts]
@@ -227,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--modes must be a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
     paths = [p.strip() for p in args.text_paths.split(",") if p.strip()]
     if not paths or any(p not in TEXT_PATHS for p in paths):
-        parser.error(f"--text-paths must be a comma-separated subset of {','.join(TEXT_PATHS)}, got {args.text_paths!r}")
+        parser.error(
+            f"--text-paths must be a comma-separated subset of {','.join(TEXT_PATHS)}, got {args.text_paths!r}"
+        )
     if args.steps is None:
         args.steps = 2 if args.quick else 3
     if args.steps < 1 or args.warmup < 0:

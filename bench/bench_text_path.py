@@ -119,8 +119,8 @@ def _seconds(fn: Callable[[], Any]) -> float:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny-digits-clip", help="open_clip model (random weights unless --pretrained)")
-    parser.add_argument("--pretrained", default=None, help="weights (default: random init; 'embedded' for the tiny CLIP)")
+    parser.add_argument("--model", default="tiny-digits-clip", help="open_clip model (random init unless --pretrained)")
+    parser.add_argument("--pretrained", default=None, help="weights (default: random; 'embedded': the tiny CLIP's)")
     parser.add_argument("--classes", type=int, default=10, help="classes (digits names up to 10, then made-up names)")
     parser.add_argument("--clients", type=int, default=10, help="clients K (different contexts)")
     parser.add_argument("--n-ctx", type=int, default=16, help="context tokens")
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
     backbone = load_backbone(args.model, args.pretrained)
     names = list(DIGIT_CLASSNAMES)[: args.classes] if args.classes <= 10 else made_up_classnames(args.classes)
-    prompts = {p: ClassPrompts(backbone, names, args.n_ctx, "full" if p == "full" else "shared") for p in ("full", "shared")}
+    prompts = {p: ClassPrompts(backbone, names, args.n_ctx, p) for p in ("full", "shared")}
     fns: dict[str, Callable[[Tensor], Tensor]] = {
         "full": lambda c: prompts["full"].features(c, traceable=True),
         "shared": lambda c: prompts["shared"].features(c, traceable=True),

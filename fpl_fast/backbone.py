@@ -18,7 +18,6 @@ import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +58,7 @@ EMBEDDED_WEIGHTS = CONFIG_DIR / "tiny-digits-clip.pt"
 
 COMPACT_FORMAT = "fpl_fast.compact_clip.v1"
 _PRECISIONS = ("fp32", "bf16")
+_TEXT_PATHS = ("shared", "full")
 _CTX_PLACEHOLDER = "X"
 
 open_clip.add_model_config(CONFIG_DIR)
@@ -588,19 +588,42 @@ class FrozenCLIP(nn.Module):
             raise ValueError(f"prefix must be (N, P, {self.ctx_dim}), got {tuple(prefix.shape)}")
         return shared_prefix_forward(self._tower, prefix, pack, states=states)
 
-    def encode_text(self, texts: list[str]) -> Tensor:
-        """Unnormalised features of plain texts through the same path as :meth:`encode_prompts`, (N, embed_dim)."""
-        tokens = self._tokenize(texts)
-        with torch.no_grad():
-            return self.encode_prompts(self.token_embeddings(tokens), self._eot_index(tokens))
+    def encode_text(self, texts: list[str], *, text_path: str = "shared") -> Tensor:
+        """Unnormalised features of plain texts, (N, embed_dim), no gradient.
 
-    def zero_shot_weights(self, classnames: list[str], template: str | Sequence[str] = "a photo of a {}.") -> Tensor:
+        ``text_path="shared"`` on a causal tower pooling at EOT: the texts' longest common run of leading tokens
+        (SOT at least; e.g. SOT and "a photo of a" of a zero-shot template) is encoded once and each text only on its
+        remaining tokens (:meth:`encode_shared`); otherwise (``"full"``, or another tower) each text whole through
+        :meth:`encode_prompts`. Both give the same features up to floating-point summation order.
+        """
+        if text_path not in _TEXT_PATHS:
+            raise ValueError(f"text_path must be one of {', '.join(_TEXT_PATHS)}, got {text_path!r}")
+        tokens = self._tokenize(texts)
+        eot = self._eot_index(tokens)
+        with torch.no_grad():
+            emb = self.token_embeddings(tokens)
+            if text_path == "full" or not self.is_causal:
+                return self.encode_prompts(emb, eot)
+            # Shared leading positions, short of every text's EOT (each keeps its pooled row).
+            same = (tokens == tokens[:1]).all(dim=0).int().cumprod(dim=0)
+            shared = min(int(same.sum()), int(eot.min()))
+            pack = SuffixPack.build([emb[i, shared : int(e) + 1] for i, e in enumerate(eot.tolist())], shared)
+            return self.encode_shared(emb[:1, :shared], pack)[0]
+
+    def zero_shot_weights(
+        self,
+        classnames: list[str],
+        template: str | Sequence[str] = "a photo of a {}.",
+        *,
+        text_path: str = "shared",
+    ) -> Tensor:
         """Normalised text features of hand-written prompts (the zero-shot baseline).
 
         Args:
             classnames: class names (underscores become spaces).
             template: a format string with one ``{}`` or a list of them (features averaged over templates, then
                 renormalised, as CLIP's prompt ensembling).
+            text_path: as :meth:`encode_text` (the template's words before ``{}`` are encoded once).
 
         Returns:
             (n_cls, embed_dim) unit-norm class weights.
@@ -609,7 +632,9 @@ class FrozenCLIP(nn.Module):
         if not templates or any("{}" not in t for t in templates):
             raise ValueError(f"template must be a format string with '{{}}' or a list of them, got {template!r}")
         names = [c.replace("_", " ") for c in classnames]
-        feats = torch.stack([F.normalize(self.encode_text([t.format(c) for c in names]), dim=-1) for t in templates])
+        feats = torch.stack(
+            [F.normalize(self.encode_text([t.format(c) for c in names], text_path=text_path), dim=-1) for t in templates]
+        )
         return F.normalize(feats.mean(0), dim=-1)
 
     # ---- images ----------------------------------------------------------------------------------------------

@@ -157,11 +157,13 @@ class Backbone(Protocol):
         """Features (N, n_seq, embed_dim) of sequences sharing the (N, P, d) prefix rows; causal towers only."""
         ...
 
-    def encode_text(self, texts: list[str]) -> Tensor:
+    def encode_text(self, texts: list[str], *, text_path: str = ...) -> Tensor:
         """Unnormalised text features of plain texts, (N, embed_dim), no gradient."""
         ...
 
-    def zero_shot_weights(self, classnames: list[str], template: str | Sequence[str] = ...) -> Tensor:
+    def zero_shot_weights(
+        self, classnames: list[str], template: str | Sequence[str] = ..., *, text_path: str = ...
+    ) -> Tensor:
         """Unit-norm text features of hand-written prompts, (n_cls, embed_dim)."""
         ...
 

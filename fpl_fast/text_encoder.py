@@ -242,7 +242,7 @@ class SuffixPack:
             starts[c] = row
             row += S
         positions = [*range(prefix_len)]
-        for first, n, S in buckets:
+        for _, n, S in buckets:
             positions += [prefix_len + j for _ in range(n) for j in range(S)]
         slot_of = torch.empty(len(order), dtype=torch.long)
         slot_of[torch.as_tensor(order)] = torch.arange(len(order))

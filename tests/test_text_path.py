@@ -19,6 +19,7 @@ from conftest import DEVICES
 
 from fpl_fast.backbone import FrozenCLIP, SuffixPack, load_backbone
 from fpl_fast.config import RunConfig
+from fpl_fast.federated import client as client_module
 from fpl_fast.federated.client import ClientData
 from fpl_fast.federated.runner import run_federation
 from fpl_fast.federated.simulation import Federation
@@ -113,6 +114,26 @@ def test_states_and_packing_keep_every_row_at_its_place(towers) -> None:
         torch.testing.assert_close(rows, full_states[:, c, pack.prefix_len : pack.prefix_len + S], **EXACT)
 
 
+@pytest.mark.parametrize("tower", ["tiny", "vitb16-shaped"])
+def test_plain_texts_and_zero_shot_weights_equal_the_full_path(towers, tower: str) -> None:
+    """encode_text encodes the texts' common leading tokens once (a template's words before the class name, or just
+    SOT), including texts that are all the same and a single text."""
+    bb = towers[tower]
+    cases = [
+        [f"a photo of a {c.replace('_', ' ')}." for c in CLASSES],
+        ["zero", "a much longer sentence, with punctuation", "x"],
+        ["the same text", "the same text"],
+        ["one text alone"],
+    ]
+    for texts in cases:
+        torch.testing.assert_close(bb.encode_text(texts), bb.encode_text(texts, text_path="full"), **EXACT)
+    templates = ["a photo of a {}.", "itap of the {}"]
+    want = bb.zero_shot_weights(CLASSES, templates, text_path="full")
+    torch.testing.assert_close(bb.zero_shot_weights(CLASSES, templates), want, **EXACT)
+    with pytest.raises(ValueError, match="text_path must be one of shared, full"):
+        bb.encode_text(["x"], text_path="packed")
+
+
 def test_a_tower_that_is_not_causal_takes_the_full_path(towers) -> None:
     bb = towers["bidir"]
     text = ClassPrompts(bb, CLASSES[:3], 4, "shared")
@@ -176,8 +197,16 @@ def _step_inputs(fed: Federation):
 
 
 @pytest.mark.parametrize("tower", ["tiny", "vitb16-shaped"])
-def test_batch_mean_and_per_sample_gradients_equal_the_full_path(towers, tower: str) -> None:
+@pytest.mark.parametrize("per_client", [False, True])
+def test_batch_mean_and_per_sample_gradients_equal_the_full_path(
+    towers, tower: str, per_client: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per-sample gradients in one vjp for all clients (small towers), or one per client (a budget that one sample
+    of all clients exceeds, as ViT-B-16 at the paper setting does), chunked or not, against the full path's."""
     shared, full = _pair(towers[tower], CFG)
+    if per_client:
+        monkeypatch.setattr(client_module, "_CHUNK_FLOATS", {"cpu": 2 * shared.clients._lane(1), "cuda": 1})
+    assert shared.clients.pulls_back_per_client(3) == per_client
     ctx, feats, labels, mask = _step_inputs(shared)
     mask[1, -2:] = 0  # Poisson batches of different sizes: padded rows
     g_s, loss_s = shared.clients.batch_mean_grad(ctx, feats, labels, mask)

@@ -272,8 +272,21 @@ class Clients:
         (chunk x n_active x token rows per client x width floats) under the device's budget, at least 1."""
         if self.cfg.chunk_size is not None:
             return self.cfg.chunk_size
-        lane = n_active * self.text.rows_per_client * self.text.width
-        return max(1, _CHUNK_FLOATS.get(self.device.type, _CHUNK_FLOATS["cuda"]) // lane)
+        return max(1, self._chunk_budget() // self._lane(n_active))
+
+    def _lane(self, n_active: int) -> int:
+        """Activation floats of one sample of ``n_active`` clients through the text tower (one vmap lane)."""
+        return n_active * self.text.rows_per_client * self.text.width
+
+    def _chunk_budget(self) -> int:
+        return _CHUNK_FLOATS.get(self.device.type, _CHUNK_FLOATS["cuda"])
+
+    def pulls_back_per_client(self, n_active: int) -> bool:
+        """Whether the per-sample pull-backs take one vjp per client: when one sample of all the active clients
+        already exceeds the chunk budget (a large tower; the pull-backs are compute-bound, so splitting the lanes by
+        client loses no batching, and each client then pulls back only its own samples, not the padding up to the
+        largest Poisson batch)."""
+        return n_active > 1 and self._lane(n_active) > self._chunk_budget()
 
     # ------------------------------------------------------------------------------------------
     # One step
@@ -305,9 +318,9 @@ class Clients:
         The prompt-side primal is the context itself, so each vmapped pull-back returns the context gradient
         already summed over classes. While one sample of every client fits the chunk budget, lane i of one vmapped
         pull-back carries sample i of every client on that client's rows (B lanes through all K_a clients). When it
-        does not (large towers: the pull-backs are compute-bound), each client gets its own vjp and pulls back only
-        its own samples: B = max_k b_k lanes through every client would spend the Poisson padding's share of the
-        work (b_k differs by client) for nothing.
+        does not (:meth:`pulls_back_per_client`: large towers, compute-bound pull-backs), each client gets its own
+        vjp and pulls back only its own samples: B = max_k b_k lanes through every client would spend the Poisson
+        padding's share of the work (b_k differs by client) for nothing.
         """
         Ka, n_cls = ctx.shape[0], self.text.n_cls
 
@@ -317,7 +330,7 @@ class Clients:
             cot = cot * mask.transpose(0, 1)[..., None, None]  # padded (Poisson) rows contribute nothing
             return cot.flatten(1, 2), losses
 
-        if Ka > 1 and self.chunk_size(Ka) < mask.shape[1]:
+        if self.pulls_back_per_client(Ka):
             one_text = lambda c: self.text.features(c, traceable=True)[0]  # noqa: E731
             counts = [int(c) for c in mask.sum(1).tolist()]  # real examples come first in each row
             grads, losses = per_sample_prompt_grads_by_row(

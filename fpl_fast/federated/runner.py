@@ -134,9 +134,9 @@ def _training_config(cfg: RunConfig) -> dict[str, Any]:
     return cfg.to_dict()
 
 
-def _zero_shot(backbone: Backbone, classnames: list[str], data: ClientData) -> float:
+def _zero_shot(backbone: Backbone, classnames: list[str], data: ClientData, text_path: str) -> float:
     with torch.no_grad():
-        w = backbone.zero_shot_weights(classnames, ZERO_SHOT_TEMPLATE).float()
+        w = backbone.zero_shot_weights(classnames, ZERO_SHOT_TEMPLATE, text_path=text_path).float()
         x = F.normalize(data.test_feats, dim=-1).to(w.device)
         pred = (x @ w.T).argmax(-1).cpu()
     return float((pred == data.test_labels.cpu()).float().mean())
@@ -303,7 +303,7 @@ class DPFPL:
         """The federation with its noise calibrated, and the zero-shot accuracy of the hand-written prompt."""
         fed, plan, qs = build_federation(cfg, self.backbone, self.classnames, self.data)
         self.fed = fed
-        return _State(cfg, fed, plan, qs, _zero_shot(self.backbone, self.classnames, self.data))
+        return _State(cfg, fed, plan, qs, _zero_shot(self.backbone, self.classnames, self.data, cfg.text_path))
 
     def state_dict(self, st: _State) -> dict[str, Any]:
         return {"federation": st.fed.state_dict()}

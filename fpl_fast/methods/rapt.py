@@ -573,7 +573,8 @@ class Rapt:
         st.test_priv = st.privatise(st.encode_test, "evaluator")  # fresh k (R9)
 
         # ---- model -----------------------------------------------------------------------------------------
-        label_feats = backbone.encode_text([LABEL_TEMPLATE.format(c) for c in train_set.classnames])
+        label_texts = [LABEL_TEMPLATE.format(c) for c in train_set.classnames]
+        label_feats = backbone.encode_text(label_texts, text_path=cfg.text_path)
         st.model = RaptModel(
             backbone,
             n_cls=len(train_set.classnames),
