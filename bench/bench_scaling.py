@@ -172,19 +172,19 @@ def _plot(records: list[dict[str, Any]], axes: dict[str, list[int]], path: Path,
     fig, panels = plt.subplots(1, len(axes), figsize=(4.2 * len(axes), 3.6), squeeze=False)
     for ax, axis in zip(panels[0], axes, strict=True):
         for mode, marker in zip(MODES, ("o", "s"), strict=True):
-            for path, style in zip(TEXT_PATHS, ("-", "--"), strict=True):
+            for text_path, style in zip(TEXT_PATHS, ("-", "--"), strict=True):
                 pts = [
                     r
                     for r in records
                     if r["axis"] == axis
                     and r["mode"] == mode
-                    and r["text_path"] == path
+                    and r["text_path"] == text_path
                     and r["s_per_step"] is not None
                 ]
                 if pts:
                     x = [r[axis] for r in pts]
                     y = [r["s_per_step"] for r in pts]
-                    ax.plot(x, y, style, marker=marker, label=f"{mode}, {path} path")
+                    ax.plot(x, y, style, marker=marker, label=f"{mode}, {text_path} path")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(axis)

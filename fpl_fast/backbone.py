@@ -632,10 +632,8 @@ class FrozenCLIP(nn.Module):
         if not templates or any("{}" not in t for t in templates):
             raise ValueError(f"template must be a format string with '{{}}' or a list of them, got {template!r}")
         names = [c.replace("_", " ") for c in classnames]
-        feats = torch.stack(
-            [F.normalize(self.encode_text([t.format(c) for c in names], text_path=text_path), dim=-1) for t in templates]
-        )
-        return F.normalize(feats.mean(0), dim=-1)
+        per_template = [self.encode_text([t.format(c) for c in names], text_path=text_path) for t in templates]
+        return F.normalize(torch.stack([F.normalize(f, dim=-1) for f in per_template]).mean(0), dim=-1)
 
     # ---- images ----------------------------------------------------------------------------------------------
     def encode_images(self, images: Tensor) -> Tensor:

@@ -24,6 +24,13 @@ def by_hand(kind: str, sigma: float, q: float, steps: int) -> float:
     return accountant.compose(event, steps).get_epsilon(DELTA)
 
 
+@pytest.mark.parametrize(("sigma", "q", "steps"), [(1.5, 8 / 60, 160), (0.7, 0.5, 1), (1.0, 0.01, 3000), (3.0, 1.0, 7)])
+def test_rdp_epsilon_of_many_steps_is_bitwise_the_accountants(sigma, q, steps):
+    """The RDP of one step is computed once and scaled by the step count: the same float as composing T steps."""
+    for t in (steps, steps + 1, 2 * steps):  # the cached one-step RDP serves every count
+        assert epsilon_for(sigma, q, t, DELTA, "rdp") == by_hand("rdp", sigma, q, t)
+
+
 @pytest.mark.parametrize("kind", ["rdp", "pld"])
 @pytest.mark.parametrize(("sigma", "q", "steps"), [(1.5, 0.05, 20), (2.0, 1.0, 4)])
 def test_epsilon_equals_dp_accounting_by_hand(kind, sigma, q, steps):
