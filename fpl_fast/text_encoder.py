@@ -146,7 +146,7 @@ def _attention(mha: nn.MultiheadAttention, x: Tensor, mask: Tensor | None) -> Te
     return mha.out_proj(out.transpose(1, 2).reshape(n, length, width))
 
 
-def _block_forward(block: nn.Module, x: Tensor, mask: Tensor | None, batch_first: bool) -> Tensor:
+def _block_forward(block: Any, x: Tensor, mask: Tensor | None, batch_first: bool) -> Tensor:
     if _is_standard_block(block):
         x = x + block.ls_1(_attention(block.attn, block.ln_1(x), mask))
         return x + block.ls_2(block.mlp(block.ln_2(x)))
@@ -338,7 +338,7 @@ def _shared_attention(q: Tensor, k: Tensor, v: Tensor, pack: SuffixPack, *, pool
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
 
-def _shared_block(block: nn.Module, x: Tensor, pack: SuffixPack, pooled: Tensor | None, batch_first: bool) -> Tensor:
+def _shared_block(block: Any, x: Tensor, pack: SuffixPack, pooled: Tensor | None, batch_first: bool) -> Tensor:
     """One block over the packed rows x (N, P + T, width); with ``pooled`` (the pooled rows), only those rows come out
     (N, n_seq, width) (the last layer: nothing after it reads the others)."""
     if not _is_standard_block(block):
