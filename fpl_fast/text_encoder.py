@@ -267,36 +267,32 @@ class SuffixPack:
         """Rows through each layer per prefix: P + sum_c S_c."""
         return self.prefix_len + sum(self.lengths)
 
-    @property
-    def padded_rows(self) -> int:
-        """Rows the full path runs per prefix at the truncated length: n_seq (P + S_max)."""
-        return self.n_seq * (self.prefix_len + max(self.lengths))
-
     def dense_mask(self, dtype: torch.dtype) -> Tensor:
         """(P + T, P + T) additive mask of the same attention pattern over all rows (for blocks that take a mask)."""
         key = ("dense", dtype)
         if key not in self._masks:
             R, P = self.rows, self.prefix_len
-            allowed = torch.zeros(R, R, dtype=torch.bool, device=self.positions.device)
+            allowed = torch.zeros(R, R, dtype=torch.bool)
             allowed[:P, :P] = torch.ones(P, P, dtype=torch.bool).tril()
             for first, n, S in self.buckets:
                 for i in range(n):
                     a = first + i * S
                     allowed[a : a + S, :P] = True
                     allowed[a : a + S, a : a + S] = torch.ones(S, S, dtype=torch.bool).tril()
-            mask = torch.zeros(R, R, dtype=dtype, device=self.positions.device)
-            self._masks[key] = mask.masked_fill(~allowed, float("-inf"))
+            self._masks[key] = self._additive(allowed, dtype)
         return self._masks[key]
 
     def causal_mask(self, length: int, dtype: torch.dtype) -> Tensor:
         """(length, length) additive causal mask."""
         key = ("causal", length, dtype)
         if key not in self._masks:
-            upper = torch.ones(length, length, dtype=torch.bool, device=self.positions.device).triu(1)
-            self._masks[key] = torch.zeros(length, length, dtype=dtype, device=upper.device).masked_fill(
-                upper, float("-inf")
-            )
+            self._masks[key] = self._additive(torch.ones(length, length, dtype=torch.bool).tril(), dtype)
         return self._masks[key]
+
+    def _additive(self, allowed: Tensor, dtype: torch.dtype) -> Tensor:
+        """0 where ``allowed``, -inf elsewhere, on the pack's device."""
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, float("-inf"))
+        return mask.to(self.positions.device)
 
 
 def _shared_attention(q: Tensor, k: Tensor, v: Tensor, pack: SuffixPack, *, pooled_only: bool) -> Tensor:

@@ -328,13 +328,13 @@ class Oracle:
 
     def _encode_shared(self, prompts: list[tuple[int, ...]]) -> Tensor:
         """(U, C, D) features of every class text of each prompt: [SOT, prompt] once per prompt (prompts of one
-        length in one call per chunk), the class suffixes packed behind it."""
-        out: list[Tensor | None] = [None] * len(prompts)
+        length in one call per chunk), the class suffixes [classname, '.', EOT] packed behind it."""
+        from fpl_fast.text_encoder import SuffixPack
+
         by_len: dict[int, list[int]] = {}
         for j, p in enumerate(prompts):
             by_len.setdefault(1 + len(p), []).append(j)
-        from fpl_fast.text_encoder import SuffixPack
-
+        out = torch.empty(len(prompts), self.num_classes, self._backbone.embed_dim, device=self._backbone.device)
         step = max(1, self._chunk // self.num_classes)
         for P, members in by_len.items():
             if P not in self._packs:
@@ -342,11 +342,9 @@ class Oracle:
                 self._packs[P] = SuffixPack.build(suffixes, P)
             for s in range(0, len(members), step):
                 part = members[s : s + step]
-                prefix = torch.as_tensor([[self._sot, *prompts[j]] for j in part], dtype=torch.long)
-                feats = self._backbone.encode_shared(self._backbone.token_embeddings(prefix), self._packs[P]).float()
-                for j, f in zip(part, feats, strict=True):
-                    out[j] = f
-        return torch.stack(out)  # type: ignore[arg-type]
+                prefix = self._backbone.token_embeddings(torch.as_tensor([[self._sot, *prompts[j]] for j in part]))
+                out[part] = self._backbone.encode_shared(prefix, self._packs[P]).float()
+        return out
 
     @torch.no_grad()
     def _encode(self, prompts: list[tuple[int, ...]]) -> None:
