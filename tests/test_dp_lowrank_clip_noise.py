@@ -344,8 +344,14 @@ def test_same_seed_bitwise_equal_other_seed_differs(device: torch.device) -> Non
 )
 def test_client_alone_equals_client_in_a_launch(case: str, impl: str, device: torch.device) -> None:
     """A client's outputs (noise included) are bitwise the same whether it runs alone (K = 1, and without K)
-    with its own (seed, offset) or as one of K = 3 clients with distinct streams."""
+    with its own (seed, offset) or as one of K = 3 clients with distinct streams. The kernels compute each client
+    in a loop of its own; the reference's batched matmuls go through BLAS, whose blocking may depend on the batch
+    size (seen on an AMD EPYC: 1 ulp), so there the same noise and the same values to float32 rounding."""
     fn = ops.dp_lowrank_clip_noise if impl == "ops" else reference.dp_lowrank_clip_noise
+
+    def same(x: torch.Tensor, y: torch.Tensor) -> bool:
+        return torch.equal(x, y) if impl == "ops" else torch.allclose(x, y, rtol=1e-6, atol=1e-7)
+
     grad, u, v = to_device(make_inputs(case, K=3), device)
     seeds, offsets = client_streams(3, SEED, OFFSET)
     opts = {**kwargs_of(case), "seed": seeds, "offset": offsets}
@@ -356,8 +362,8 @@ def test_client_alone_equals_client_in_a_launch(case: str, impl: str, device: to
         alone = fn(grad[k : k + 1], u[k : k + 1] if uv else None, v[k : k + 1] if uv else None, **one)
         plain = fn(grad[k], u[k] if uv else None, v[k] if uv else None, **one)
         for i, (t, a, p) in enumerate(zip(together, alone, plain, strict=True)):
-            assert torch.equal(a[0], t[k]), f"output {i} of client {k}: K = 1 launch differs from K = 3"
-            assert torch.equal(p, t[k]), f"output {i} of client {k}: launch without K differs from K = 3"
+            assert same(a[0], t[k]), f"output {i} of client {k}: K = 1 launch differs from K = 3"
+            assert same(p, t[k]), f"output {i} of client {k}: launch without K differs from K = 3"
 
 
 @pytest.mark.parametrize("mode", ["per_sample", "batch_mean", "full_local"])
