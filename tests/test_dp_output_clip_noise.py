@@ -268,7 +268,13 @@ def test_float32_box_muller_on_crafted_words() -> None:
 @pytest.mark.parametrize("impl", ["ops", "reference"])
 @pytest.mark.parametrize("case", ["K3_mask", "wide", "paper_width"])
 def test_client_alone_equals_client_in_a_launch(case: str, impl: str, device: torch.device) -> None:
+    """Bitwise for the kernels (a loop per client); the reference's batched BLAS matmuls may block differently for
+    other batch sizes (1 ulp seen on an AMD EPYC): there the same noise and the same values to float32 rounding."""
     fn = ops.dp_output_clip_noise if impl == "ops" else reference.dp_output_clip_noise
+
+    def same(x: torch.Tensor, y: torch.Tensor) -> bool:
+        return torch.equal(x, y) if impl == "ops" else torch.allclose(x, y, rtol=1e-6, atol=1e-7)
+
     args = to_device(make_inputs(case), device)
     K = CASES[case]["K"]
     kw = {**kwargs_of(case), "clip_norm": clip_of(case).to(device)}
@@ -278,7 +284,7 @@ def test_client_alone_equals_client_in_a_launch(case: str, impl: str, device: to
         streams = {"seed": [kw["seed"][k]], "offset": [kw["offset"][k]]}
         alone = fn(*one, **{**kw, "clip_norm": kw["clip_norm"][k : k + 1], **streams})
         for i, (t, a) in enumerate(zip(together, alone, strict=True)):
-            assert torch.equal(a[0], t[k]), f"output {i} of client {k}: K = 1 launch differs from K = {K}"
+            assert same(a[0], t[k]), f"output {i} of client {k}: K = 1 launch differs from K = {K}"
 
 
 def test_same_stream_bitwise_other_stream_differs(device: torch.device) -> None:

@@ -315,7 +315,7 @@ def test_feddtpt_oracle_scores_the_same_on_both_paths(towers) -> None:
 
     bb = towers["tiny"]
     oracles = {p: Oracle(bb, CLASSES[:4], text_path=p) for p in ("shared", "full")}
-    assert oracles["shared"].shared and not oracles["full"].shared
+    assert oracles["shared"]._shared and not oracles["full"]._shared
     ids = bb.tokenizer.encode("a blurry photo of a")
     prompts = [tuple(ids), tuple(ids[:2]), tuple(ids[1:3]), (ids[0],)]  # prompts of three lengths
     for o in oracles.values():

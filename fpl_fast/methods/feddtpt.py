@@ -276,7 +276,7 @@ class Oracle:
         self._text: OrderedDict[tuple[int, ...], Tensor] = OrderedDict()
         self._cache_size = cache_size
         self._chunk = chunk
-        self.shared = text_path == "shared" and bool(backbone.is_causal)
+        self._shared = text_path == "shared" and bool(backbone.is_causal)
         self._packs: dict[int, Any] = {}  # shared path: the class suffixes packed behind prefixes of each length
         self.queries = 0
         self.text_encodings = 0
@@ -351,7 +351,7 @@ class Oracle:
         """Encode the class texts of prompts that are not cached, all in as few encoder calls as possible."""
         new = [p for p in dict.fromkeys(prompts) if p not in self._text]
         if new:
-            feats = self._encode_shared(new) if self.shared else self._encode_full(new)
+            feats = self._encode_shared(new) if self._shared else self._encode_full(new)
             text = F.normalize(feats, dim=-1)  # (U, C, D)
             for p, t in zip(new, text, strict=True):
                 self._text[p] = t
