@@ -122,32 +122,12 @@ def _federation(
 
 
 def time_point(
-    backbone: FrozenCLIP,
-    *,
-    clients: int,
-    classes: int,
-    batch: int,
-    mode: str,
-    device: torch.device,
-    steps: int,
-    warmup: int,
-    chunk: int | None,
-    name_words: int = 2,
-    text_path: str = "shared",
+    backbone: FrozenCLIP, *, device: torch.device, steps: int, warmup: int, **point: Any
 ) -> tuple[float, int | None, int]:
-    """Median seconds per step, the CUDA peak memory (None on the CPU) and the token rows per client of one point."""
-    fed = _federation(
-        backbone,
-        clients=clients,
-        classes=classes,
-        batch=batch,
-        mode=mode,
-        device=device,
-        chunk=chunk,
-        name_words=name_words,
-        text_path=text_path,
-    )
-    active = torch.arange(clients, device=device)
+    """Median seconds per step, the CUDA peak memory (None on the CPU) and the token rows per client of one point
+    (``point``: the keyword arguments of :func:`_federation` but the backbone and the device)."""
+    fed = _federation(backbone, device=device, **point)
+    active = torch.arange(fed.cfg.num_users, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):

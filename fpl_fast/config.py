@@ -260,7 +260,7 @@ def _check_promptfl_client_noise(cfg: RunConfig) -> None:
         )
 
 
-# The DP-FPL authors' run settings (DESIGN.md): use with real weights and data.
+# The DP-FPL authors' run settings (README, "The paper's setting"): use with real weights and data.
 PAPER: dict[str, Any] = {
     "model": "ViT-B-16",
     "pretrained": "openai",

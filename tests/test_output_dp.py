@@ -1,5 +1,5 @@
 """Output-space per-example DP (--clip-mode output): the whole step, its sensitivity, the auto bound, the noise,
-the accounting and the errors (../shared/specs/output-space-dp.md)."""
+the accounting and the errors (docs/method.md section 2)."""
 
 from __future__ import annotations
 

@@ -111,7 +111,7 @@ def balanced_shares(order: np.ndarray, num_users: int) -> list[np.ndarray]:
 
 
 def authors_shares(n_cls: int, num_users: int) -> list[np.ndarray]:
-    """The DP-FPL authors' class shares (base_dataset.py:345-390, as read in shared/notes/authors-code.md):
+    """The DP-FPL authors' class shares (their base_dataset.py:345-390 at linhhtran/DP-FPL cce74b4):
     the class list is shuffled by Python's ``random`` seeded with 2023 whatever the run's seed, each of the first
     ``num_users - 1`` clients takes the next ``round(n_cls / num_users)`` classes and the last client the rest.
 

@@ -4,7 +4,7 @@ Glue between the fused op ``ops.dp_lowrank_clip_noise`` (clipping and local nois
 stream and the accountant. Nothing here knows about CLIP: it gets per-sample context gradients and
 the prompt factors as tensors.
 
-Mechanisms per step (DESIGN.md section 1; unit of privacy: one example of one client, add/remove):
+Mechanisms per step (docs/method.md section 2; unit of privacy: one example of one client, add/remove):
 
 - Local DP: per-sample g_U,i, g_V,i (or fedotp's g_L,i) clipped to C, summed, plus
   N(0, (sigma_l C)^2), divided by b. The accountant's multiplier is :func:`accountant_noise_multiplier`.
@@ -14,7 +14,7 @@ Mechanisms per step (DESIGN.md section 1; unit of privacy: one example of one cl
 - The DP-FPL authors' promptfl (``--promptfl-client-noise``): every client also adds N(0, (sigma_g C / b)^2) to its
   clipped gradient of G before sending it (:func:`client_noise_global`); with the server's noise that is one
   Gaussian on the mean (:func:`promptfl_accountant_noise_multiplier`).
-- Output-space DP (``--clip-mode output``, ../shared/specs/output-space-dp.md): each example's cotangent
+- Output-space DP (``--clip-mode output``, docs/method.md section 2): each example's cotangent
   dl_i/dT w.r.t. the class text features is clipped to C_o, summed, noised once with N(0, (sigma C_o)^2) on the
   client and divided by b (:func:`privatize_output`); every prompt gradient is one vjp of that release, so the
   local prompt, the global prompt and both together are covered by this one Gaussian mechanism (multiplier sigma).
