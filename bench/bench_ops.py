@@ -2,7 +2,7 @@
 
 For every op and case these implementations are timed with ``torch.utils.benchmark``: ``fused``
 (``fpl_fast.ops``, the compiled C++/CUDA op), ``eager`` (plain PyTorch) and ``compile`` (``eager`` under
-``torch.compile``; a compile failure is reported as such, not raised). ``eager`` is ``fpl_fast.reference`` except
+``torch.compile``; a compile failure is reported as such, not raised). ``eager`` is ``fpl_fast.ops.reference`` except
 for the DP ops, whose reference draws its Philox normals in int64 tensor arithmetic for exactness, not speed:
 there ``eager`` is the best plain-PyTorch version of the same math with torch's own RNG (``torch.randn``; see
 ``eager_dp_lowrank_clip_noise``) and the reference is timed as a further row, ``reference``. Cases use the
@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 with warnings.catch_warnings(record=True) as _import_warnings:
     warnings.simplefilter("always")
-    from fpl_fast import ops, reference  # noqa: E402
+    from fpl_fast import ops  # noqa: E402
+    from fpl_fast.ops import reference  # noqa: E402
 
 __all__ = ["CASES", "IMPLS", "OPS", "Case", "Setup", "eager_dp_lowrank_clip_noise", "main"]
 
@@ -74,7 +75,7 @@ class Setup:
     compile: Callable[[], Any] | None  # None: torch.compile failed (see compile_error)
     nbytes: int
     compile_error: str | None = None
-    reference: Callable[[], Any] | None = None  # fpl_fast.reference, when eager is a different implementation
+    reference: Callable[[], Any] | None = None  # fpl_fast.ops.reference, when eager is a different implementation
 
 
 IMPLS = ("fused", "eager", "reference", "compile")  # timed in this order; a Setup without a reference skips it
@@ -199,7 +200,7 @@ def eager_dp_lowrank_clip_noise(
     per_sample: bool = True,
     joint_uv: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """dp_lowrank_clip_noise's math (fpl_fast/reference.py) in the fastest plain PyTorch we found, torch.randn noise.
+    """dp_lowrank_clip_noise's math (fpl_fast.ops.reference) in the fastest plain PyTorch we found, torch.randn noise.
 
     grad (K, b, n_ctx, d), u (K, n_ctx, r), v (K, r, d); no sum_classes, denominator b. Same outputs as the
     reference but for the noise values. Products by batched GEMMs: g_U,i = X_i V^T; |g_V,i|^2 = |U^T X_i|^2 =

@@ -14,7 +14,7 @@ one is not mixed with another's):
     (sync="step"). Evaluation swaps each client's prompt in and re-encodes the test images it is scored on (its own
     split and every neighbour's), as the authors' per-client test loaders do.
 ``fpl_fast_batch`` / ``fpl_fast_persample``
-    :class:`fpl_fast.federated.simulation.Federation` (cached image features, all clients batched through one
+    :class:`fpl_fast.federated.engine.Federation` (cached image features, all clients batched through one
     text-encoder call, fused ops) with ``clip_mode="batch"`` (the same privacy work as the baseline) and
     ``clip_mode="sample"`` (per-sample clipping, the default). The class prompts take the text path of
     ``--text-path``: ``shared`` (the default: the prompt prefix [SOS, ctx] once per client, each class only on its
@@ -82,10 +82,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    from fpl_fast import ops, reference  # noqa: E402
-    from fpl_fast.backbone import FrozenCLIP, load_backbone, text_tower  # noqa: E402
+    from fpl_fast import ops  # noqa: E402
+    from fpl_fast.backbone.model import FrozenCLIP, load_backbone, text_tower  # noqa: E402
     from fpl_fast.config import RunConfig  # noqa: E402
-    from fpl_fast.federated.simulation import ClientData, Federation  # noqa: E402
+    from fpl_fast.federated.engine import ClientData, Federation  # noqa: E402
+    from fpl_fast.ops import reference  # noqa: E402
 
 __all__ = [
     "IMPLS",

@@ -8,7 +8,7 @@ whole). The ``classes`` and ``name_words`` axes show how the shared path's gain 
 class-name length; every record holds the token rows per client through each layer. Image features are random
 (the image encoder is not part of a step: fpl_fast caches the features) and classes beyond the model's own are
 made-up names, which is fine for timing. Each point is
-:meth:`fpl_fast.federated.simulation.Federation.train_step` of all clients with server averaging (sync="step"),
+:meth:`fpl_fast.federated.engine.Federation.train_step` of all clients with server averaging (sync="step"),
 median over ``--steps`` steps after ``--warmup`` untimed ones.
 
 Usage, from the repository root::
@@ -45,9 +45,9 @@ with warnings.catch_warnings():
     from bench_round import PRECISIONS, made_up_classnames, resolve_precision  # noqa: E402
 
     from fpl_fast import ops  # noqa: E402
-    from fpl_fast.backbone import FrozenCLIP, load_backbone  # noqa: E402
+    from fpl_fast.backbone.model import FrozenCLIP, load_backbone  # noqa: E402
     from fpl_fast.config import RunConfig  # noqa: E402
-    from fpl_fast.federated.simulation import ClientData, Federation  # noqa: E402
+    from fpl_fast.federated.engine import ClientData, Federation  # noqa: E402
 
 __all__ = ["AXES", "MODES", "QUICK_AXES", "TEXT_PATHS", "classnames", "main", "time_point"]
 

@@ -6,7 +6,7 @@ Paths, each mapping (K, n_ctx, d) contexts to (K, n_cls, D) text features:
 ``full``
     every class prompt [SOS, ctx, name, '.', EOT] whole, truncated after the longest EOT (``--text-path full``).
 ``shared``
-    fpl_fast's shared-prefix path (``fpl_fast.text_encoder``): [SOS, ctx] once per client, the class suffixes packed
+    fpl_fast's shared-prefix path (``backbone.text_tower``): [SOS, ctx] once per client, the class suffixes packed
     in buckets of equal length, each bucket's attention one batched product over its (S x (P + S)) scores, the last
     layer on the pooled rows only (``--text-path shared``, the default).
 ``shared_sdpa``
@@ -53,10 +53,10 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from bench_round import made_up_classnames  # noqa: E402
 
-    import fpl_fast.text_encoder as te  # noqa: E402
-    from fpl_fast.backbone import load_backbone  # noqa: E402
+    import fpl_fast.backbone.text_tower as te  # noqa: E402
+    from fpl_fast.backbone.model import load_backbone  # noqa: E402
     from fpl_fast.data import DIGIT_CLASSNAMES  # noqa: E402
-    from fpl_fast.federated.text import ClassPrompts  # noqa: E402
+    from fpl_fast.prompts.class_prompts import ClassPrompts  # noqa: E402
 
 PATHS = ("full", "shared", "shared_sdpa", "shared_dense")
 CASES = ("forward", "forward_backward", "per_sample")
@@ -95,7 +95,7 @@ def _dense_block(block: Any, x: Tensor, pack: te.SuffixPack, pooled: Tensor | No
 
 
 def _variant(fn: Callable[[Tensor], Tensor], **patch: Any) -> Callable[[Tensor], Tensor]:
-    """``fn`` run with attributes of ``fpl_fast.text_encoder`` replaced (the alternatives above)."""
+    """``fn`` run with attributes of ``fpl_fast.backbone.text_tower`` replaced (the alternatives above)."""
 
     def run(ctx: Tensor) -> Tensor:
         saved = {name: getattr(te, name) for name in patch}

@@ -24,8 +24,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "train": "fpl_fast.job",
     "Result": "fpl_fast.job",
-    "load_backbone": "fpl_fast.backbone",
-    "Backbone": "fpl_fast.backbone_protocol",
+    "load_backbone": "fpl_fast.backbone.model",
+    "Backbone": "fpl_fast.backbone.protocol",
     "RunConfig": "fpl_fast.config",
     "RunSettings": "fpl_fast.config",
     "ClientData": "fpl_fast.federated.client",

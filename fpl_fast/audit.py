@@ -1,5 +1,5 @@
 """`python -m fpl_fast.audit [run flags] [--auditor white-box|black-box] [--canaries M] ...`: an empirical lower bound
-on epsilon from one training run with canaries (fpl_fast.privacy.audit), beside the accountant's upper bound.
+on epsilon from one training run with canaries (fpl_fast.privacy.audit_bound), beside the accountant's upper bound.
 
 Takes every flag of ``python -m fpl_fast.run`` (the audited run is that run, with canaries in one client's data) and
 writes audit.json (scores, membership, guesses, bounds) and audit_scores.png (score distributions) to --out. Bad input
@@ -68,7 +68,7 @@ def plot_scores(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from fpl_fast.results import save_figure
+    from fpl_fast.outputs import save_figure
 
     scores, inc = np.asarray(report["scores"]), np.asarray(report["included"], dtype=bool)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -101,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg, run = config_from_args(args)
         if run.engine != "inprocess":
             raise ValueError(f"the audit runs in process, not on --engine {run.engine}")
-        from fpl_fast import results as io
+        from fpl_fast import outputs
         from fpl_fast.attacks.canaries import run_audit
-        from fpl_fast.federated.runner import default_out_dir
         from fpl_fast.job import prepare
-        from fpl_fast.privacy.audit import AuditConfig
+        from fpl_fast.methods.dpfpl import default_out_dir
+        from fpl_fast.privacy.audit_bound import AuditConfig
 
         audit = AuditConfig(
             auditor=args.auditor,
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         return _fail(exc, prog=PROG)
     out.mkdir(parents=True, exist_ok=True)
-    io.write_json(out / "audit.json", {"config": cfg.to_dict(), **report})
+    outputs.write_json(out / "audit.json", {"config": cfg.to_dict(), **report})
     plot_scores(report, out / "audit_scores.png")
     print(audit_line(report))
     print(f"written to {out}/ (audit.json, audit_scores.png)")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from fpl_fast.backbone.text_tower import TEXT_PATHS
 from fpl_fast.prompts import factorization_names, get_factorization
 from fpl_fast.validation import ConfigError, check_choice, check_finite, check_int, read_json_object
 
@@ -34,7 +35,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "pathological_split": ("balanced", "authors"),  # fpl_fast.data.splits.PATHOLOGICAL_SPLITS
     "steps_per_round": ("mean", "authors"),
     "precision": ("fp32", "bf16"),
-    "text_path": ("shared", "full"),  # fpl_fast.federated.text.ClassPrompts (also FedDTPT's and RAPT's)
+    "text_path": TEXT_PATHS,  # fpl_fast.prompts.class_prompts.ClassPrompts (also FedDTPT's and RAPT's)
 }
 
 

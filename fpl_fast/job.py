@@ -21,17 +21,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from fpl_fast import results as io
+from fpl_fast import outputs
 from fpl_fast.attacks.membership import check_pool, membership_inference, mia_summary, shadow_pool
-from fpl_fast.backbone import load_backbone
-from fpl_fast.backbone_protocol import Backbone
+from fpl_fast.backbone.model import load_backbone
+from fpl_fast.backbone.protocol import Backbone
 from fpl_fast.config import RunConfig, RunSettings
 from fpl_fast.data import DatasetBundle, load_dataset
 from fpl_fast.data.clients import client_split
 from fpl_fast.data.feature_store import FeatureStore
 from fpl_fast.federated.client import ClientData
-from fpl_fast.federated.runner import default_out_dir, run_federation
-from fpl_fast.federated.simulation import Federation
+from fpl_fast.federated.engine import Federation
+from fpl_fast.methods.dpfpl import default_out_dir, run_federation
 
 __all__ = ["Result", "train", "prepare", "prepare_and_run", "dataset_labels"]
 
@@ -131,9 +131,9 @@ def _run(
         )
     out = Path(run.out) if run.out else default_out_dir()
     # Before the backbone loads (the runner checks again): a previous run's files, no or a damaged checkpoint.
-    io.check_out_dir(out, resume=run.resume)
+    outputs.check_out_dir(out, resume=run.resume)
     if run.resume:
-        io.load_checkpoint(out)
+        outputs.load_checkpoint(out)
     if run.mia:
         check_pool(cfg.dataset)  # before anything is loaded or trained
     if backbone is None:
@@ -157,9 +157,9 @@ def _run(
         report = membership_inference(
             cfg, backbone, names, data, fed, pool=pool, num_shadows=run.mia, progress=run.progress
         )
-        io.write_json(out / "mia.json", report)
+        outputs.write_json(out / "mia.json", report)
         result["mia"] = mia_summary(report)
-        io.write_json(out / "results.json", result)
+        outputs.write_json(out / "results.json", result)
     return result, out, fed
 
 

@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             result, out = prepare_and_run(cfg, run)
     except (ValueError, FileNotFoundError) as exc:
         return _fail(exc)
-    from fpl_fast.results import summary_table
+    from fpl_fast.outputs import summary_table
 
     print(summary_table(result["final"]))
     files = "results.json, rounds.csv, accuracy.png, checkpoint.pt"
@@ -331,7 +331,7 @@ def _run_flower(cfg: RunConfig, run: RunSettings) -> tuple[dict[str, Any], Path]
         from fpl_fast.flower.simulation import run_flower_simulation
     except ImportError as exc:
         raise ValueError(f"--engine flower-sim needs Flower: pip install '.[flower]' ({exc})") from None
-    from fpl_fast.federated.runner import default_out_dir
+    from fpl_fast.methods.dpfpl import default_out_dir
 
     out = Path(run.out) if run.out else default_out_dir()
     try:
@@ -345,8 +345,8 @@ def _fmt3(x: float | None) -> str:
 
 
 def _run_method(args: argparse.Namespace) -> int:
-    from fpl_fast.federated.runner import default_out_dir
-    from fpl_fast.results import check_out_dir, summary_table
+    from fpl_fast.methods.dpfpl import default_out_dir
+    from fpl_fast.outputs import check_out_dir, summary_table
 
     try:
         mod, cfg = method_config_from_args(args)

@@ -1,7 +1,7 @@
 """``python -m fpl_fast.selftest``: check every compiled kernel against the reference on every device.
 
 One row per op and device type (cpu; cuda when a GPU is visible and the CUDA kernels are built): the max error
-of the kernel against the reference on the op's fixed self-check input (:mod:`fpl_fast.selfcheck`), the
+of the kernel against the reference on the op's fixed self-check input (:mod:`fpl_fast.ops.first_use_check`), the
 tolerance and pass/fail. Exit code 0 when all pass, 1 on any failure or when the compiled ops are not loaded
 (nothing to check), 2 on a bad argument.
 """
@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from fpl_fast import ops, selfcheck
+from fpl_fast import ops
+from fpl_fast.ops import first_use_check
 
 
 def devices() -> list[str]:
@@ -27,13 +28,13 @@ def devices() -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fpl_fast.selftest", description=__doc__.splitlines()[0])
-    parser.add_argument("--ops", default=",".join(selfcheck.CHECKS), help="comma-separated ops (default: all)")
+    parser.add_argument("--ops", default=",".join(first_use_check.CHECKS), help="comma-separated ops (default: all)")
     parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
     args = parser.parse_args(argv)
     names = [n for n in args.ops.split(",") if n]
-    bad = [n for n in names if n not in selfcheck.CHECKS]
+    bad = [n for n in names if n not in first_use_check.CHECKS]
     if bad or not names:
-        print(f"error: unknown op(s) {bad}; choose from {', '.join(selfcheck.CHECKS)}", file=sys.stderr)
+        print(f"error: unknown op(s) {bad}; choose from {', '.join(first_use_check.CHECKS)}", file=sys.stderr)
         return 2
     if not ops.has_cpp_ops():
         print("fpl_fast._C is not loaded (see the warning above): the reference ops run, no kernel to check")
@@ -52,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = 0
     for name in names:
         for dev in devs:
-            r = selfcheck.run_check(name, dev)
+            r = first_use_check.run_check(name, dev)
             failed += not r.ok
             verdict = "pass" if r.ok else "FAIL" + (f" ({r.error})" if r.error else "")
             print(f"{name:<24}{dev:<8}{r.err:>12.3g}{r.tol:>12.3g}  {verdict}")

@@ -1,4 +1,4 @@
-"""The privacy audit with one training run (fpl_fast.privacy.audit, python -m fpl_fast.audit): the bound against
+"""The privacy audit with one training run (fpl_fast.privacy.audit_bound, python -m fpl_fast.audit): the bound against
 its theorem, its validity and power on a mechanism of known epsilon, the canaries' insertion where the mechanism
 clips (exactly), and whole audits: lower bound <= the accountant's upper bound under Poisson sampling, a large lower
 bound without noise, the CLI's files and one-line errors."""
@@ -19,7 +19,7 @@ from scipy.stats import binom
 from fpl_fast.attacks.canaries import audited_federation, run_audit
 from fpl_fast.config import RunConfig
 from fpl_fast.job import prepare
-from fpl_fast.privacy.audit import (
+from fpl_fast.privacy.audit_bound import (
     GUESS_FRACTIONS,
     AuditConfig,
     CanaryDesign,

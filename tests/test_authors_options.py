@@ -10,9 +10,9 @@ import torch
 
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.client import steps_per_round
-from fpl_fast.federated.runner import build_federation
-from fpl_fast.federated.simulation import Federation
+from fpl_fast.federated.engine import Federation
 from fpl_fast.job import prepare
+from fpl_fast.methods.dpfpl import build_federation
 from fpl_fast.privacy.mechanism import NoiseStream, promptfl_accountant_noise_multiplier, promptfl_noise_std
 from fpl_fast.privacy.plan import NoisePlan
 from fpl_fast.validation import ConfigError, flag_message

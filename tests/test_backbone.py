@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.func import vjp, vmap
 
-import fpl_fast.backbone as bb
-from fpl_fast.backbone import FrozenCLIP, load_backbone, text_encoder_forward
+import fpl_fast.backbone.model as bb
+from fpl_fast.backbone.model import FrozenCLIP, load_backbone, text_encoder_forward
 from fpl_fast.data.digits import DIGIT_CLASSNAMES, DigitsDataset
 
 CLASSES = ["zero", "one", "golden_retriever", "hot air balloon"]

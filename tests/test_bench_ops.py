@@ -1,6 +1,6 @@
 """bench/bench_ops.py's plain-PyTorch eager version of dp_lowrank_clip_noise computes the reference's math.
 
-Correctness only (no timings): with sigma = 0 it must equal fpl_fast.reference, and its torch.randn noise must have
+Correctness only (no timings): with sigma = 0 it must equal fpl_fast.ops.reference, and its torch.randn noise must have
 the reference's scale sigma C / b on the U and V sums and none on the global prompt's.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fpl_fast import reference
+from fpl_fast.ops import reference
 
 _PATH = Path(__file__).resolve().parents[1] / "bench" / "bench_ops.py"
 

@@ -53,7 +53,8 @@ _PARITY = textwrap.dedent(
     import json, sys
     import torch
     import fpl_fast
-    from fpl_fast import ops, reference
+    from fpl_fast import ops
+    from fpl_fast.ops import reference
 
     g = torch.Generator().manual_seed(0)
     failures = []

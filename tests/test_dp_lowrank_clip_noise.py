@@ -22,7 +22,8 @@ from conftest import (
 )
 from torch import Tensor
 
-from fpl_fast import ops, reference
+from fpl_fast import ops
+from fpl_fast.ops import reference
 
 N_CTX, D = 3, 7  # odd sizes
 SEED, OFFSET = 1234, 17  # client k's stream: client_streams(K, SEED, OFFSET)[.][k]

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from conftest import TOL, client_streams, make, needs_ext, noncontig, to_device
 from torch import Tensor
 
-from fpl_fast import ops, reference
+from fpl_fast import ops
+from fpl_fast.ops import reference
 
 REPO = Path(__file__).resolve().parents[1]
 SEED, OFFSET = 4321, 29

@@ -1,7 +1,7 @@
 """Faults and bad input: killed runs, damaged checkpoints, diverging training, output folders in use.
 
 The kill tests run the job for real in subprocesses (SIGKILL from outside, and from inside a checkpoint write
-through the FPL_FAST_CRASH_IN_CHECKPOINT hook of fpl_fast.results) and compare the resumed run with an
+through the FPL_FAST_CRASH_IN_CHECKPOINT hook of fpl_fast.outputs) and compare the resumed run with an
 uninterrupted one, bitwise except for wall-clock fields.
 """
 
@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fpl_fast import results as io
+from fpl_fast import outputs
 from fpl_fast.config import RunConfig
-from fpl_fast.federated.runner import TrainingDiverged, build_federation, run_job
 from fpl_fast.federated.server import Server
 from fpl_fast.job import prepare
+from fpl_fast.methods.dpfpl import TrainingDiverged, build_federation, run_job
 from fpl_fast.run import main
 
 # Tiny and quick: 2 clients, one shot per class (3 steps a round), batch-mean clipping (no per-sample pass)
@@ -66,10 +66,10 @@ def _files(folder: Path) -> dict[str, bytes]:
 # ----------------------------------------------------------------------------------------------
 def test_checkpoint_write_keeps_the_previous_one_and_leaves_no_temporary_file(job, tmp_path: Path) -> None:
     run_job(BASE, *job, out=tmp_path, progress=False, stop_after_round=2)
-    assert io.load_checkpoint(tmp_path)["next_round"] == 2
-    prev = torch.load(tmp_path / io.PREVIOUS, map_location="cpu", weights_only=False)
+    assert outputs.load_checkpoint(tmp_path)["next_round"] == 2
+    prev = torch.load(tmp_path / outputs.PREVIOUS, map_location="cpu", weights_only=False)
     assert prev["next_round"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == [io.PREVIOUS, io.CHECKPOINT]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [outputs.PREVIOUS, outputs.CHECKPOINT]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
@@ -77,18 +77,18 @@ def test_a_damaged_checkpoint_fails_in_one_line_and_is_left_untouched(
     job, tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str
 ) -> None:
     run_job(BASE, *job, out=tmp_path, progress=False, stop_after_round=2)
-    path = tmp_path / io.CHECKPOINT
+    path = tmp_path / outputs.CHECKPOINT
     good = path.read_bytes()
     bad = {"truncate": good[: len(good) // 2], "garbage": bytes(range(256)) * (len(good) // 256), "empty": b""}[damage]
     path.write_bytes(bad)
     before = _files(tmp_path)
 
     line = _one_line_error(capsys, main(["--quiet", *ARGS, "--resume", "--out", str(tmp_path)]))
-    assert "cannot read" in line and str(path) in line and io.PREVIOUS in line, line
+    assert "cannot read" in line and str(path) in line and outputs.PREVIOUS in line, line
     with pytest.raises(ValueError, match="truncated or corrupt"):  # run_job itself refuses it too
         run_job(BASE, *job, out=tmp_path, resume=True, progress=False)
     assert _files(tmp_path) == before  # the damaged file is not replaced and the previous one is kept
-    assert torch.load(tmp_path / io.PREVIOUS, map_location="cpu", weights_only=False)["next_round"] == 1
+    assert torch.load(tmp_path / outputs.PREVIOUS, map_location="cpu", weights_only=False)["next_round"] == 1
 
 
 def test_resume_without_a_checkpoint_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -150,7 +150,7 @@ def test_a_non_finite_released_gradient_stops_the_run_naming_round_and_step(
     with pytest.raises(TrainingDiverged, match=rf"round 2, step 2 of {per_round}: the global prompt") as info:
         run_job(BASE, *job, out=tmp_path, progress=False)
     assert "\n" not in str(info.value) and "checkpoint of round 1" in str(info.value)
-    ckpt = io.load_checkpoint(tmp_path)
+    ckpt = outputs.load_checkpoint(tmp_path)
     assert ckpt["next_round"] == 1
     fed = build_federation(BASE, *job)[0]
     fed.load_state_dict(ckpt["federation"])
@@ -165,7 +165,7 @@ def test_a_huge_learning_rate_fails_in_one_line_with_round_and_step(
     args = ["--quiet", *ARGS, "--lr", "1e38", "--norm-thresh", "10", "--out", str(tmp_path)]
     line = _one_line_error(capsys, main(args))
     assert "training diverged in round 1, step 1 of" in line and "--lr" in line, line
-    assert not (tmp_path / io.CHECKPOINT).exists()
+    assert not (tmp_path / outputs.CHECKPOINT).exists()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,24 +199,24 @@ def test_runs_killed_anywhere_resume_to_exactly_the_uninterrupted_results(tmp_pa
     # 1. SIGKILL from outside as soon as the first checkpoint exists.
     part = tmp_path / "part"
     proc = _start(part)
-    while not (part / io.CHECKPOINT).exists() and proc.poll() is None:
+    while not (part / outputs.CHECKPOINT).exists() and proc.poll() is None:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     rc, err = _finish(proc)
     assert rc == -signal.SIGKILL, f"the run ended before it was killed: {err}"
-    first = io.load_checkpoint(part)["next_round"]
+    first = outputs.load_checkpoint(part)["next_round"]
     assert 1 <= first < BASE.rounds
 
     # 2. Resumed, it dies inside its second checkpoint write: after the new file is written, before the rename.
     rc, err = _finish(_start(part, "--resume", env={"FPL_FAST_CRASH_IN_CHECKPOINT": "2"}))
     assert rc == -signal.SIGKILL, err
-    assert io.load_checkpoint(part)["next_round"] == first + 1  # the last completed write, intact
-    assert any(p.name.startswith(f".{io.CHECKPOINT}.") for p in part.iterdir())  # the unrenamed new one
+    assert outputs.load_checkpoint(part)["next_round"] == first + 1  # the last completed write, intact
+    assert any(p.name.startswith(f".{outputs.CHECKPOINT}.") for p in part.iterdir())  # the unrenamed new one
 
     # 3. Resumed again, it runs to the end.
     rc, err = _finish(_start(part, "--resume"))
     assert rc == 0, err
-    assert not any(p.name.startswith(f".{io.CHECKPOINT}.") for p in part.iterdir())  # cleaned up
+    assert not any(p.name.startswith(f".{outputs.CHECKPOINT}.") for p in part.iterdir())  # cleaned up
     rc, err = _finish(full)
     assert rc == 0, err
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from fpl_fast.backbone import load_backbone
+from fpl_fast.backbone.model import load_backbone
 from fpl_fast.data.digits import DIGIT_CLASSNAMES, DigitsDataset
 from fpl_fast.methods.feddtpt import (
     Batch,

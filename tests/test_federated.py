@@ -12,9 +12,9 @@ from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
 
 from fpl_fast.config import RunConfig
-from fpl_fast.federated.runner import run_job
-from fpl_fast.federated.simulation import Federation
+from fpl_fast.federated.engine import Federation
 from fpl_fast.job import prepare
+from fpl_fast.methods.dpfpl import run_job
 from fpl_fast.prompts import FACTORIZATIONS
 
 BASE = RunConfig(num_users=4, rounds=3, batch_size=16, seed=3, partition="iid", noise_seed=3)  # reproducible noise
@@ -186,8 +186,8 @@ def test_final_reports_the_means_of_the_last_5_and_10_evaluated_rounds_also_afte
 
 
 def test_accuracy_means_window_shorter_runs_and_missing_neighbour_accuracy() -> None:
-    from fpl_fast.federated.runner import recent_accuracy_means
-    from fpl_fast.results import summary_table
+    from fpl_fast.methods.dpfpl import recent_accuracy_means
+    from fpl_fast.outputs import summary_table
 
     rows = [{"round": 2 * r, "local_acc": 0.1 * r, "neighbor_acc": None} for r in range(1, 4)]  # eval_every 2
     got = recent_accuracy_means(rows)

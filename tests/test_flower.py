@@ -23,14 +23,14 @@ flwr = pytest.importorskip("flwr")  # the [flower] extra (CI installs it)
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from fpl_fast import results as io  # noqa: E402
+from fpl_fast import outputs  # noqa: E402
 from fpl_fast.config import RunConfig  # noqa: E402
-from fpl_fast.federated.runner import run_federation  # noqa: E402
 from fpl_fast.flower import protocol  # noqa: E402
 from fpl_fast.flower.client_app import make_client_app  # noqa: E402
 from fpl_fast.flower.protocol import REPLY_KEYS, AppSettings, FederationError, from_run_config  # noqa: E402
 from fpl_fast.flower.server_app import FlowerDPFPL  # noqa: E402
 from fpl_fast.job import prepare  # noqa: E402
+from fpl_fast.methods.dpfpl import run_federation  # noqa: E402
 from fpl_fast.methods.skeleton import run_method  # noqa: E402
 
 CFG = RunConfig(num_users=3, rounds=2, noise_seed=7, seed=3)
@@ -127,7 +127,7 @@ def test_the_flower_apps_give_the_in_process_federation(tmp_path: Path, changes:
     assert b["epsilon_total"] == a["epsilon_total"]
     np.testing.assert_allclose(b["local_acc_per_client"], a["local_acc_per_client"], atol=0.02)
     np.testing.assert_allclose(b["neighbor_acc_per_client"], a["neighbor_acc_per_client"], atol=0.02)
-    g_flower = io.load_checkpoint(tmp_path / "fl")["server"]["g"][0]
+    g_flower = outputs.load_checkpoint(tmp_path / "fl")["server"]["g"][0]
     torch.testing.assert_close(g_flower, fed.server.global_ctx, atol=1e-4, rtol=1e-4)
     if changes.get("client_fraction"):
         assert 0 in a["steps_per_client"]  # one client a round for 2 rounds: a client took no step, and is not charged
@@ -197,15 +197,15 @@ def test_a_resumed_server_and_restarted_nodes_continue_the_run(tmp_path: Path, m
     monkeypatch.setattr(strategy.GlobalPromptStrategy, "aggregate_train", dies_in_round_2)
     with pytest.raises(KeyboardInterrupt):
         _run(grid, cfg, out)
-    assert io.load_checkpoint(out)["next_round"] == 1
+    assert outputs.load_checkpoint(out)["next_round"] == 1
     assert (tmp_path / "b" / "nodes" / "t" / "client-0" / "state-2.pt").is_file()
     monkeypatch.setattr(strategy.GlobalPromptStrategy, "aggregate_train", real)
     grid.forget_state()
     resumed = _run(grid, cfg, out, resume=True)
     for key in ("local_acc_per_client", "epsilon_total_per_client", "steps_per_client"):
         assert resumed["final"][key] == whole["final"][key], key
-    g_whole = io.load_checkpoint(tmp_path / "a" / "out")["server"]["g"]
-    assert torch.equal(io.load_checkpoint(out)["server"]["g"], g_whole)
+    g_whole = outputs.load_checkpoint(tmp_path / "a" / "out")["server"]["g"]
+    assert torch.equal(outputs.load_checkpoint(out)["server"]["g"], g_whole)
 
 
 def test_a_restarted_supernode_rejoins_under_its_new_node_id(tmp_path: Path, monkeypatch) -> None:

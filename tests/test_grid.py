@@ -20,7 +20,7 @@ import fpl_fast
 from fpl_fast.config import RunConfig, RunSettings
 from fpl_fast.grid import SpecError, load_spec, parse_spec
 from fpl_fast.grid.__main__ import main
-from fpl_fast.grid.runner import _WORKER, _init_worker, run_grid, worker_threads
+from fpl_fast.grid.cells import _WORKER, _init_worker, run_grid, worker_threads
 from fpl_fast.grid.table import write_plot, write_tables
 
 # A few seconds a cell: 3 clients, 2 shots per class each, 2 rounds.

@@ -20,7 +20,8 @@ from conftest import (
 )
 from torch import Tensor
 
-from fpl_fast import ops, reference
+from fpl_fast import ops
+from fpl_fast.ops import reference
 
 N_CTX, D = 6, 11  # odd sizes
 SEED, OFFSET = 7, 3  # client k's stream: client_streams(K, SEED, OFFSET)[.][k]

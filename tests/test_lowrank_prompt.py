@@ -20,7 +20,8 @@ from conftest import (
 )
 from torch import Tensor
 
-from fpl_fast import ops, reference
+from fpl_fast import ops
+from fpl_fast.ops import reference
 
 N_CLS, N_CTX, D, S = 5, 3, 7, 4  # odd sizes on purpose
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fpl_fast import reference
+from fpl_fast.ops import reference
 from fpl_fast.privacy import mechanism as mech
 from fpl_fast.privacy.mechanism import (
     LocalDP,

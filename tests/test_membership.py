@@ -27,8 +27,8 @@ from fpl_fast.attacks.membership import (
 )
 from fpl_fast.config import RunConfig, RunSettings
 from fpl_fast.data.digits import DigitsDataset
-from fpl_fast.federated.runner import eval_seed, load_federation, train_federation
 from fpl_fast.job import prepare, prepare_and_run
+from fpl_fast.methods.dpfpl import eval_seed, load_federation, train_federation
 
 N_CLS = 10
 

@@ -7,7 +7,8 @@ import torch
 from conftest import make, needs_ext, noncontig, to_device
 from torch import Tensor
 
-from fpl_fast import ops, reference
+from fpl_fast import ops
+from fpl_fast.ops import reference
 
 
 def brute_force(y: Tensor, emb: Tensor, allowed: Tensor | None = None) -> Tensor:

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
 
-from fpl_fast import ops, reference
+from fpl_fast import ops
 from fpl_fast.config import RunConfig
-from fpl_fast.federated.runner import run_job
-from fpl_fast.federated.simulation import Federation
+from fpl_fast.federated.engine import Federation
 from fpl_fast.job import prepare
+from fpl_fast.methods.dpfpl import run_job
+from fpl_fast.ops import reference
 from fpl_fast.privacy.mechanism import NoiseStream, OutputDP, output_clip_bound, privatize_output
 from fpl_fast.prompts import FACTORIZATIONS
 

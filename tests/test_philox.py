@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import to_device
 
-from fpl_fast import ops, reference
+from fpl_fast import ops
+from fpl_fast.ops import reference
 
 M32 = 0xFFFFFFFF
 

@@ -12,13 +12,13 @@ from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
 
 from fpl_fast.config import RunConfig
-from fpl_fast.federated.runner import run_job
-from fpl_fast.federated.simulation import Federation
+from fpl_fast.federated.engine import Federation
 from fpl_fast.job import prepare
+from fpl_fast.methods.dpfpl import run_job
+from fpl_fast.outputs import load_checkpoint
 from fpl_fast.privacy.accountant import epsilon_for
 from fpl_fast.privacy.mechanism import combined_noise_multiplier
 from fpl_fast.privacy.randomness import PartyRandomness, derive_key, party_key
-from fpl_fast.results import load_checkpoint
 
 # 3 steps a round; C = 10 and lr 0.1 make one step's noise (lr sigma C / b ~ 0.1 per entry) far larger than rounding.
 BASE = RunConfig(

@@ -1,4 +1,4 @@
-"""The kernels' first-run self-check (fpl_fast.selfcheck) and ``python -m fpl_fast.selftest``.
+"""The kernels' first-run self-check (fpl_fast.ops.first_use_check) and ``python -m fpl_fast.selftest``.
 
 A wrong kernel is simulated by patching the ``torch.ops.fpl_fast.<op>`` attribute that ops.py and the check both
 call. The two noise ops are checked through their reference (patched in as the "kernel") where the compiled
@@ -17,8 +17,9 @@ import pytest
 import torch
 from conftest import make, needs_ext
 
-from fpl_fast import ops, reference, selfcheck, selftest
-from fpl_fast.selfcheck import SelfCheckWarning
+from fpl_fast import ops, selftest
+from fpl_fast.ops import first_use_check, reference
+from fpl_fast.ops.first_use_check import SelfCheckWarning
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_OPS = ("dp_lowrank_clip_noise", "lowrank_factorize")
@@ -35,7 +36,7 @@ def kernel_ops() -> list[str]:
     """Ops whose compiled kernel matches ops.py's signature (the noise ops once their kernels take lists)."""
     if not ops.has_cpp_ops():
         return []
-    names = [n for n in selfcheck.CHECKS if n != "nn_map" or ops._HAS_NN_MAP]
+    names = [n for n in first_use_check.CHECKS if n != "nn_map" or ops._HAS_NN_MAP]
     names = [n for n in names if n != "dp_output_clip_noise" or ops._HAS_OUTPUT_DP]
     return [n for n in names if n not in SEED_OPS or _kernel_takes_stream_lists(n)]
 
@@ -43,10 +44,10 @@ def kernel_ops() -> list[str]:
 @pytest.fixture(autouse=True)
 def fresh_checks(monkeypatch: pytest.MonkeyPatch):
     """Every test starts with no verdicts and the check on (conftest turns it off for the kernel tests)."""
-    monkeypatch.setenv(selfcheck.ENV, "1")
-    selfcheck.reset()
+    monkeypatch.setenv(first_use_check.ENV, "1")
+    first_use_check.reset()
     yield
-    selfcheck.reset()
+    first_use_check.reset()
 
 
 def _perturbed(fn):
@@ -76,7 +77,7 @@ def _dp_inputs(device: str) -> tuple[list, dict]:
 @pytest.mark.parametrize("device", CHECK_DEVICES)
 def test_real_kernels_pass_their_check(device: str) -> None:
     for name in kernel_ops():
-        r = selfcheck.run_check(name, device)
+        r = first_use_check.run_check(name, device)
         assert r.ok, f"{name} on {device}: {r.describe()}"
 
 
@@ -87,10 +88,10 @@ def test_noise_op_check_through_the_reference(name: str, device: str, monkeypatc
     implementation of the spec (the reference at float32) and catches a perturbed one."""
     ref = getattr(reference, name)
     monkeypatch.setattr(torch.ops.fpl_fast, name, ref, raising=False)
-    good = selfcheck.run_check(name, device)
+    good = first_use_check.run_check(name, device)
     assert good.ok and good.error is None, good.describe()
     monkeypatch.setattr(torch.ops.fpl_fast, name, _perturbed(ref), raising=False)
-    bad = selfcheck.run_check(name, device)
+    bad = first_use_check.run_check(name, device)
     assert not bad.ok and bad.err > bad.tol, bad.describe()
 
 
@@ -128,7 +129,7 @@ def test_wrong_kernel_is_caught_and_replaced(device: str, monkeypatch: pytest.Mo
         prefix, suffix, g = make(3, 1, 9).to(device), make(3, 2, 9).to(device), make(2, 4, 9).to(device)
         ops.lowrank_prompt(prefix, suffix, g)
     assert torch.equal(again, reference.lowrank_full_grad(*args, 0.1))
-    assert selfcheck._verdict == {(name, device): False, ("lowrank_prompt", device): True}
+    assert first_use_check._verdict == {(name, device): False, ("lowrank_prompt", device): True}
 
 
 @needs_ext
@@ -144,7 +145,7 @@ def test_kernel_that_raises_fails_its_check(monkeypatch: pytest.MonkeyPatch) -> 
 
 @needs_ext
 def test_env_var_turns_the_check_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(selfcheck.ENV, "0")
+    monkeypatch.setenv(first_use_check.ENV, "0")
     wrong = _perturbed(torch.ops.fpl_fast.lowrank_full_grad)
     monkeypatch.setattr(torch.ops.fpl_fast, "lowrank_full_grad", wrong)
     args = _full_grad_inputs("cpu")
@@ -152,7 +153,7 @@ def test_env_var_turns_the_check_off(monkeypatch: pytest.MonkeyPatch) -> None:
         warnings.simplefilter("error")
         out = ops.lowrank_full_grad(*args, 0.1)
     assert not torch.equal(out, reference.lowrank_full_grad(*args, 0.1))  # the (wrong) kernel ran unchecked
-    assert selfcheck._verdict == {}
+    assert first_use_check._verdict == {}
 
 
 @needs_ext
@@ -161,8 +162,8 @@ def test_no_check_while_tracing(monkeypatch: pytest.MonkeyPatch) -> None:
     the graph); the next eager call checks. (torch.func.grad is left out: the registered autograd of the custom
     ops does not support functorch transforms.)"""
     checks: list[str] = []
-    real = selfcheck.run_check
-    monkeypatch.setattr(selfcheck, "run_check", lambda op, dev: checks.append(op) or real(op, dev))
+    real = first_use_check.run_check
+    monkeypatch.setattr(first_use_check, "run_check", lambda op, dev: checks.append(op) or real(op, dev))
     gu, gv, u, v = _full_grad_inputs("cpu")
 
     compiled = torch.compile(lambda *a: ops.lowrank_full_grad(*a, 0.1), fullgraph=True)
@@ -173,9 +174,9 @@ def test_no_check_while_tracing(monkeypatch: pytest.MonkeyPatch) -> None:
     with FakeTensorMode() as mode:
         fakes = [mode.from_tensor(t) for t in (gu, gv, u, v)]
         assert ops.lowrank_full_grad(*fakes, 0.1).shape == (2, 6, 9)
-    assert checks == [] and selfcheck._verdict == {}
+    assert checks == [] and first_use_check._verdict == {}
     ops.lowrank_full_grad(gu, gv, u, v, 0.1)
-    assert checks == ["lowrank_full_grad"] and selfcheck._verdict == {("lowrank_full_grad", "cpu"): True}
+    assert checks == ["lowrank_full_grad"] and first_use_check._verdict == {("lowrank_full_grad", "cpu"): True}
 
 
 @needs_ext

@@ -13,7 +13,7 @@ import pytest
 
 from fpl_fast.data.clients import client_split
 from fpl_fast.methods.skeleton import run_method
-from fpl_fast.results import ROUND_FIELDS, summary_table
+from fpl_fast.outputs import ROUND_FIELDS, summary_table
 
 
 @dataclass(frozen=True)

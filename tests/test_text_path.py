@@ -17,15 +17,15 @@ import pytest
 import torch
 from conftest import DEVICES
 
-from fpl_fast.backbone import FrozenCLIP, SuffixPack, load_backbone
+from fpl_fast.backbone.model import FrozenCLIP, SuffixPack, load_backbone
 from fpl_fast.config import RunConfig
 from fpl_fast.federated import client as client_module
 from fpl_fast.federated.client import ClientData
-from fpl_fast.federated.runner import run_federation
-from fpl_fast.federated.simulation import Federation
-from fpl_fast.federated.text import ClassPrompts
+from fpl_fast.federated.engine import Federation
 from fpl_fast.job import prepare
+from fpl_fast.methods.dpfpl import run_federation
 from fpl_fast.privacy.mechanism import NoiseStream
+from fpl_fast.prompts.class_prompts import ClassPrompts
 
 N_CTX = 16
 LONGEST = " ".join(["dog"] * (77 - 3 - N_CTX))  # SOS + 16 context + 58 name tokens + '.' + EOT = 77 tokens

@@ -1,4 +1,4 @@
-"""The canary attack of the privacy audit (fpl_fast.privacy.audit): one training run with the canaries in the audited
+"""The canary attack of the privacy audit (privacy.audit_bound): one training run with the canaries in the audited
 client's data, the white-box canaries inserted where the mechanism clips, and the releases the auditor observes.
 
 The other clients and the server are the ordinary roles; only the audited client's sampler and three extension points
@@ -20,10 +20,17 @@ from torch import Tensor
 from fpl_fast import ops
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.client import BatchSampler, ClientData, Clients
-from fpl_fast.federated.runner import build_federation, eval_seed, progress_bar, train_rounds
+from fpl_fast.federated.engine import Federation
 from fpl_fast.federated.server import Server
-from fpl_fast.federated.simulation import Federation
-from fpl_fast.privacy.audit import CANARY_NORM, AuditConfig, Canaries, CanaryDesign, black_box_scores, one_run_bound
+from fpl_fast.methods.dpfpl import build_federation, eval_seed, progress_bar, train_rounds
+from fpl_fast.privacy.audit_bound import (
+    CANARY_NORM,
+    AuditConfig,
+    Canaries,
+    CanaryDesign,
+    black_box_scores,
+    one_run_bound,
+)
 from fpl_fast.privacy.mechanism import OutputDPResult
 from fpl_fast.privacy.plan import NoisePlan
 from fpl_fast.validation import check

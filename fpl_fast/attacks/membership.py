@@ -36,8 +36,8 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 
 from fpl_fast.config import RunConfig
-from fpl_fast.federated.runner import eval_seed, train_federation
-from fpl_fast.federated.simulation import ClientData, Federation
+from fpl_fast.federated.engine import ClientData, Federation
+from fpl_fast.methods.dpfpl import eval_seed, train_federation
 
 __all__ = [
     "Records",

@@ -9,9 +9,9 @@ sentence-topic alignment offline. Recipe (deterministic: seeded, CPU):
   random init from ``--seed``; only the text tower (token embedding, positional embedding, blocks, ``ln_final``,
   projection) and the logit scale are trained; the image tower keeps its seeded initialisation (it is stored in the
   file only because the compact checkpoint holds the whole model);
-* data: a PRETRAINING set of :data:`PRETRAIN_SIZE` topic sentences from :func:`fpl_fast.data.text.make_text_dataset`
+* data: a PRETRAINING set of :data:`PRETRAIN_SIZE` topic sentences from :func:`fpl_fast.data.topics.make_text_dataset`
   generated with seed :data:`PRETRAIN_SEED`, a different seed from RAPT's federated train/test data
-  (:data:`fpl_fast.data.text.TEXT_SEED`), so the sentences are drawn independently of the federated data (the
+  (:data:`fpl_fast.data.topics.TEXT_SEED`), so the sentences are drawn independently of the federated data (the
   word lists and templates are the same, so a short sentence may coincide by chance, as between train and test);
 * captions: each topic name in the templates :data:`PRETRAIN_TEMPLATES` (one random template per topic and step);
 * augmentation, so that the tower tolerates RAPT's inputs: with probability :data:`PREFIX_P` a sentence is preceded
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fpl_fast.backbone import (
+from fpl_fast.backbone.model import (
     CONFIG_DIR,
     EMBEDDED_MODEL,
     Backbone,
@@ -48,7 +48,7 @@ from fpl_fast.backbone import (
     text_tower,
 )
 from fpl_fast.data.recipe import adamw_warmup_cosine, recipe_main
-from fpl_fast.data.text import TEXT_CLASSNAMES, TEXT_SEED, make_text_dataset
+from fpl_fast.data.topics import TEXT_CLASSNAMES, TEXT_SEED, make_text_dataset
 
 __all__ = [
     "PREFIX_P",
@@ -67,7 +67,7 @@ TEXT_TOWER_WEIGHTS = CONFIG_DIR / "tiny-topics-text.pt"
 """The shipped weights (``tiny-digits-clip`` architecture, text tower pretrained on topic sentences)."""
 
 PRETRAIN_SEED = 9001
-"""Seed of the pretraining sentences (different from :data:`fpl_fast.data.text.TEXT_SEED`)."""
+"""Seed of the pretraining sentences (different from :data:`fpl_fast.data.topics.TEXT_SEED`)."""
 
 PRETRAIN_SIZE = 4000
 """Pretraining sentences (class-balanced)."""

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fpl_fast.backbone import (
+from fpl_fast.backbone.model import (
     EMBEDDED_MODEL,
     EMBEDDED_WEIGHTS,
     Backbone,

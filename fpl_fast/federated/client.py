@@ -32,7 +32,6 @@ from torch import Tensor
 
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.optim import ClientSGD
-from fpl_fast.federated.text import ClassPrompts
 from fpl_fast.privacy.mechanism import (
     LocalDP,
     NoiseStream,
@@ -51,6 +50,7 @@ from fpl_fast.privacy.per_sample import (
 from fpl_fast.privacy.plan import ClientAccountant, NoisePlan, global_release_noise
 from fpl_fast.privacy.randomness import PartyRandomness, derive_key
 from fpl_fast.prompts import PromptLearner
+from fpl_fast.prompts.class_prompts import ClassPrompts
 from fpl_fast.validation import ConfigError
 
 __all__ = ["ClientData", "StepStats", "BatchSampler", "Clients", "sample_rates", "steps_per_round"]

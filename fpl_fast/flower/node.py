@@ -25,15 +25,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fpl_fast import results as io_results
-from fpl_fast.backbone_protocol import Backbone
+from fpl_fast import outputs
+from fpl_fast.backbone.protocol import Backbone
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.client import ClientData, Clients, StepStats
-from fpl_fast.federated.simulation import client_accuracies
-from fpl_fast.federated.text import ClassPrompts
+from fpl_fast.federated.engine import client_accuracies
 from fpl_fast.flower.protocol import NodeSetupError, config_hash
 from fpl_fast.privacy.plan import NoisePlan
 from fpl_fast.prompts import PromptConfig, PromptLearner
+from fpl_fast.prompts.class_prompts import ClassPrompts
 
 __all__ = ["NodeSettings", "NodeStore", "ClientNode", "prepared_data", "initial_learner", "DEFAULT_STATE_DIR"]
 
@@ -133,7 +133,7 @@ class NodeStore:
         buf = io.BytesIO()
         torch.save(state, buf)
         data = buf.getvalue()
-        io_results.atomic_write_bytes(self.folder / f"state-{tag}.pt", data)
+        outputs.atomic_write_bytes(self.folder / f"state-{tag}.pt", data)
         tags = self._tags()
         for t in [t for t in tags if t > tag] + [t for t in tags if t < tag][: -(_KEEP - 1)]:
             (self.folder / f"state-{t}.pt").unlink(missing_ok=True)
@@ -145,7 +145,7 @@ class NodeStore:
         e = a.epsilons()
         ledger = {"steps": a.steps, "sample_rate": a.sample_rate, "delta": a.delta}
         ledger.update(epsilon_local=e.local, epsilon_global=e.global_, epsilon_total=e.total)
-        io_results.write_json(self.folder / "ledger.json", ledger)
+        outputs.write_json(self.folder / "ledger.json", ledger)
 
     def log(self, tag: int, stats: list[StepStats]) -> None:
         """The client's own training log (loss, clipped fraction: private, never sent)."""

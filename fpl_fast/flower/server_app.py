@@ -24,11 +24,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.client import sample_rates, steps_per_round
-from fpl_fast.federated.runner import eval_record, eval_seed, privacy_summary, recent_accuracy_means
 from fpl_fast.federated.server import Server
 from fpl_fast.flower.node import initial_learner
 from fpl_fast.flower.protocol import INFO, AppSettings, FederationError, from_run_config, header
 from fpl_fast.flower.strategy import GlobalPromptStrategy, replies_by_partition
+from fpl_fast.methods.dpfpl import eval_record, eval_seed, privacy_summary, recent_accuracy_means
 from fpl_fast.methods.skeleton import run_method
 from fpl_fast.privacy.plan import ClientAccountant, NoisePlan, global_release_noise, plan_noise
 

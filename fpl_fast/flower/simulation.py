@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from fpl_fast import results as io
+from fpl_fast import outputs
 from fpl_fast.config import RunConfig, RunSettings
 from fpl_fast.flower.protocol import AppSettings, FederationError
 
@@ -33,7 +33,7 @@ def run_flower_simulation(
     from fpl_fast.flower.client_app import make_client_app
     from fpl_fast.flower.server_app import make_server_app
 
-    io.check_out_dir(out, resume=run.resume)
+    outputs.check_out_dir(out, resume=run.resume)
     settings = AppSettings(
         run_name=out.name, out=str(out), resume=run.resume, node_timeout=node_timeout, progress=run.progress
     )

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         return _fail(str(exc).strip().splitlines()[0])
 
-    from fpl_fast.grid.runner import run_grid  # heavy imports after the spec is known good
+    from fpl_fast.grid.cells import run_grid  # heavy imports after the spec is known good
     from fpl_fast.grid.table import write_plot, write_tables
 
     reports = run_grid(

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from fpl_fast.grid.spec import GridSpec
-from fpl_fast.results import atomic_write_bytes, save_figure
+from fpl_fast.outputs import atomic_write_bytes, save_figure
 
 __all__ = ["METRICS", "Entry", "collect", "write_tables", "write_plot"]
 

@@ -40,8 +40,8 @@ from torch import Tensor
 from fpl_fast.config import CHOICES
 from fpl_fast.data import SCHEMES, load_dataset
 from fpl_fast.data.clients import client_split
+from fpl_fast.federated.metrics import local_neighbor
 from fpl_fast.methods.feddtpt_server import ELBOW_METHODS, SERVER_MODES, aggregate
-from fpl_fast.methods.metrics import local_neighbor
 from fpl_fast.methods.skeleton import run_method
 from fpl_fast.validation import ConfigError, check_choice, check_finite, check_int
 
@@ -72,7 +72,7 @@ SEED_PROMPTS: dict[str, str] = {
 """Seed-prompt presets (the paper's concise / moderate / detailed initialisations); default "concise"."""
 
 ZERO_SHOT_PROMPT = "a photo of a"
-"""Prompt of the hand-written zero-shot baseline: the same text as fpl_fast.federated.runner's template
+"""Prompt of the hand-written zero-shot baseline: the same text as fpl_fast.methods.dpfpl's template
 "a photo of a {}."."""
 
 PROPOSERS = ("neighbor", "random")
@@ -198,7 +198,7 @@ class Config:
 
 def token_table(backbone: Any) -> Tensor:
     """The static token-embedding table z of a FrozenCLIP's text tower, (V, d) float32 on the CPU."""
-    from fpl_fast.backbone import text_tower
+    from fpl_fast.backbone.model import text_tower
 
     return text_tower(backbone.model).token_embedding.weight.detach().float().cpu()
 
@@ -242,11 +242,11 @@ class Oracle:
 
     The class texts of one prompt are ``[SOT, prompt, classname, '.', EOT]``: on a causal tower pooling at EOT the
     shared-prefix path (``text_path="shared"``) encodes [SOT, prompt] once per prompt and each class only on its own
-    name tokens (:meth:`fpl_fast.backbone.FrozenCLIP.encode_shared`); other towers, or ``text_path="full"``, encode
+    name tokens (:meth:`FrozenCLIP.encode_shared`); other towers, or ``text_path="full"``, encode
     each class text whole.
 
     Args:
-        backbone: a :class:`fpl_fast.backbone.FrozenCLIP`.
+        backbone: a :class:`fpl_fast.backbone.model.FrozenCLIP`.
         classnames: class names in label order (underscores become spaces).
         cache_size: prompts whose text features are kept (least recently used dropped first).
         chunk: text sequences (prompt x class pairs) per encoder call.
@@ -329,7 +329,7 @@ class Oracle:
     def _encode_shared(self, prompts: list[tuple[int, ...]]) -> Tensor:
         """(U, C, D) features of every class text of each prompt: [SOT, prompt] once per prompt (prompts of one
         length in one call per chunk), the class suffixes [classname, '.', EOT] packed behind it."""
-        from fpl_fast.text_encoder import SuffixPack
+        from fpl_fast.backbone.text_tower import SuffixPack
 
         by_len: dict[int, list[int]] = {}
         for j, p in enumerate(prompts):
@@ -633,7 +633,7 @@ def _transfer(
     cfg: Config, data: Any, test_labels: np.ndarray, backbone: Any, prompt: list[int], seed_ids: list[int]
 ) -> dict[str, Any]:
     """F8: score the final prompt ids (and the seed prompt) on a second open_clip model sharing the tokenizer."""
-    from fpl_fast.backbone import load_backbone
+    from fpl_fast.backbone.model import load_backbone
 
     if cfg.transfer_model is None:
         raise ValueError("_transfer needs cfg.transfer_model (None skips the transfer evaluation)")
@@ -696,7 +696,7 @@ class FedDTPT:
 
     def setup(self, cfg: Config) -> _State:
         """Oracle, public set D_g, client split, proposer and the zero-shot / seed-prompt baselines."""
-        from fpl_fast.backbone import load_backbone
+        from fpl_fast.backbone.model import load_backbone
 
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)

@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fpl_fast.backbone import FrozenCLIP, SuffixPack, load_backbone, text_tower
+from fpl_fast.backbone.model import FrozenCLIP, SuffixPack, load_backbone, text_tower
 from fpl_fast.config import CHOICES
 from fpl_fast.data.clients import client_split
-from fpl_fast.data.text import TEXT_CLASSNAMES, TEXT_SEED, make_text_dataset
-from fpl_fast.methods.metrics import local_neighbor
+from fpl_fast.data.topics import TEXT_CLASSNAMES, TEXT_SEED, make_text_dataset
+from fpl_fast.federated.metrics import local_neighbor
 from fpl_fast.methods.skeleton import run_method
 from fpl_fast.privacy import dchi
 from fpl_fast.privacy.randomness import party_key, randomness_statement
@@ -73,7 +73,7 @@ class Config:
         local_epochs: local epochs per round.
         partition: ``iid`` or ``dirichlet`` (label skew with concentration ``beta``).
         beta: Dirichlet concentration.
-        dataset: ``topics``, the generated four-topic set of :mod:`fpl_fast.data.text` (the only one offline).
+        dataset: ``topics``, the generated four-topic set of :mod:`fpl_fast.data.topics` (the only one offline).
         train_size: training sentences (split over the clients).
         test_size: test sentences.
         data_root: unused by ``topics`` (kept for the shared CLI).
@@ -253,7 +253,7 @@ class RaptModel(nn.Module):
         label_features: (n_cls, embed_dim) label-text features, needed for ``cosine``.
         generator: seeds the prompt and head initialisation.
         text_path: ``"shared"``: the sequences of a batch share [SOT, P], encoded once
-            (:meth:`fpl_fast.backbone.FrozenCLIP.encode_shared`; causal towers pooling at EOT only, others take the
+            (:meth:`FrozenCLIP.encode_shared`; causal towers pooling at EOT only, others take the
             full path); ``"full"``: each sequence whole.
     """
 

@@ -2,7 +2,7 @@
 round, ``final(state) -> summary``, driven by :func:`run_method`.
 
 The driver owns what used to be re-done per method: the round loop, the progress bar, the timing, the checkpoints
-and the outputs (results.json, rounds.csv, accuracy.png through :func:`fpl_fast.results.write_outputs`). Every
+and the outputs (results.json, rounds.csv, accuracy.png through :func:`fpl_fast.outputs.write_outputs`). Every
 method's results.json therefore has one shape, ``{"method", "config", "rounds", "final"}`` with ``method`` first.
 A method's state is its own business (a dataclass of whatever its rounds need); the driver never looks inside.
 
@@ -18,8 +18,8 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from tqdm.auto import tqdm
 
-from fpl_fast import results as io
-from fpl_fast.results import ROUND_FIELDS, results_dict, write_outputs
+from fpl_fast import outputs
+from fpl_fast.outputs import ROUND_FIELDS, results_dict, write_outputs
 
 __all__ = ["Method", "MethodConfig", "OwnsProgress", "Resumable", "run_method"]
 
@@ -134,11 +134,11 @@ def run_method(
     out = Path(out)
     resumable = isinstance(method, Resumable)
     if resumable:
-        io.check_out_dir(out, resume=resume)  # never over a previous run's files; resume needs a checkpoint
+        outputs.check_out_dir(out, resume=resume)  # never over a previous run's files; resume needs a checkpoint
     elif resume:
         raise ValueError(f"--resume: {method.name} writes no checkpoints, so it cannot be resumed")
     out.mkdir(parents=True, exist_ok=True)
-    saved = io.load_checkpoint(out) if resume else None
+    saved = outputs.load_checkpoint(out) if resume else None
     if saved is not None and saved["config"] != cfg.to_dict():
         raise ValueError(f"--resume: the checkpoint in {out} was written with a different configuration")
 
@@ -170,7 +170,7 @@ def run_method(
                 bar.update()
             if isinstance(method, Resumable):
                 ckpt = {"config": cfg.to_dict(), **method.state_dict(state), "rounds": rounds, "next_round": rnd}
-                io.save_checkpoint(out, {**ckpt, "elapsed": elapsed_before + time.perf_counter() - t_start})
+                outputs.save_checkpoint(out, {**ckpt, "elapsed": elapsed_before + time.perf_counter() - t_start})
             if stop_after_round is not None and stop_after_round <= rnd < cfg.rounds:
                 return results_dict(method.name, cfg.to_dict(), rounds, None, stopped_after=rnd)
     finally:

@@ -2,10 +2,10 @@
 
 Loads the compiled extension ``fpl_fast._C`` (which registers ``torch.ops.fpl_fast.*`` for CPU and,
 when built, CUDA), adds fake (meta) kernels and autograd formulas, and falls back to the
-plain-PyTorch twins in :mod:`fpl_fast.reference` with one warning when ``_C`` is missing or was built against
+plain-PyTorch twins in :mod:`fpl_fast.ops.reference` with one warning when ``_C`` is missing or was built against
 another torch. Each op's kernel checks itself against the reference the first time it runs eagerly on a device
-type and is replaced by the reference there if it disagrees (:mod:`fpl_fast.selfcheck`).
-Semantics, shapes and the noise stream of every op are documented in :mod:`fpl_fast.reference`.
+type and is replaced by the reference there if it disagrees (:mod:`fpl_fast.ops.first_use_check`).
+Semantics, shapes and the noise stream of every op are documented in :mod:`fpl_fast.ops.reference`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fpl_fast import reference, selfcheck
+from fpl_fast.ops import first_use_check, reference
 from fpl_fast.validation import check
 
 __all__ = [
@@ -263,7 +263,7 @@ def lowrank_prompt(
     residual: Tensor | None = None,
 ) -> Tensor:
     """[prefix | G + U V (+ R) | suffix] for every class (and client); see the reference."""
-    if _HAS_C and selfcheck.use_kernel("lowrank_prompt", g, prefix, suffix, u, v, residual):
+    if _HAS_C and first_use_check.use_kernel("lowrank_prompt", g, prefix, suffix, u, v, residual):
         return torch.ops.fpl_fast.lowrank_prompt(prefix, suffix, g, u, v, residual)
     return reference.lowrank_prompt(prefix, suffix, g, u, v, residual)
 
@@ -288,14 +288,14 @@ def dp_lowrank_clip_noise(
     seed, offset = _ints(seed), _ints(offset)
     args = (grad, u, v, float(clip_norm), float(noise_multiplier), seed, offset)
     kw = (float(expected_batch_size), bool(joint_uv), bool(per_sample), bool(sum_classes))
-    if _HAS_C and _schema_streams(seed, offset) and selfcheck.use_kernel("dp_lowrank_clip_noise", grad, u, v):
+    if _HAS_C and _schema_streams(seed, offset) and first_use_check.use_kernel("dp_lowrank_clip_noise", grad, u, v):
         return torch.ops.fpl_fast.dp_lowrank_clip_noise(*args, *kw)
     return reference.dp_lowrank_clip_noise(*args, *kw)
 
 
 def lowrank_full_grad(grad_u: Tensor, grad_v: Tensor, u: Tensor, v: Tensor, scale: float = 0.1) -> Tensor:
     """g_L = scale (g_U V + U g_V + U U^T g_U V); see the reference."""
-    if _HAS_C and selfcheck.use_kernel("lowrank_full_grad", grad_u, grad_v, u, v):
+    if _HAS_C and first_use_check.use_kernel("lowrank_full_grad", grad_u, grad_v, u, v):
         return torch.ops.fpl_fast.lowrank_full_grad(grad_u, grad_v, u, v, float(scale))
     return reference.lowrank_full_grad(grad_u, grad_v, u, v, float(scale))
 
@@ -308,7 +308,7 @@ def lowrank_factorize(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One randomised power iteration L -> (U, V, R = L - U V), one stream per client; see the reference."""
     seed, offset = _ints(seed), _ints(offset)
-    if _HAS_C and _schema_streams(seed, offset) and selfcheck.use_kernel("lowrank_factorize", l):
+    if _HAS_C and _schema_streams(seed, offset) and first_use_check.use_kernel("lowrank_factorize", l):
         return torch.ops.fpl_fast.lowrank_factorize(l, int(rank), seed, offset)
     return reference.lowrank_factorize(l, int(rank), seed, offset)
 
@@ -378,7 +378,7 @@ def dp_output_clip_noise(
     if (
         _HAS_OUTPUT_DP
         and _schema_streams(seed, offset)
-        and selfcheck.use_kernel("dp_output_clip_noise", image_feats, text_feats, labels, mask, clip_norm)
+        and first_use_check.use_kernel("dp_output_clip_noise", image_feats, text_feats, labels, mask, clip_norm)
     ):
         return torch.ops.fpl_fast.dp_output_clip_noise(*args)
     return reference.dp_output_clip_noise(*args)
@@ -403,6 +403,6 @@ if _HAS_NN_MAP:
 
 def nn_map(y: Tensor, emb: Tensor, allowed: Tensor | None = None, *, chunk: int = reference.NN_MAP_CHUNK) -> Tensor:
     """argmin_w ||emb[w] - y[i]|| over allowed ids, blockwise, ties to the smaller id; see the reference."""
-    if _HAS_NN_MAP and selfcheck.use_kernel("nn_map", y, emb, allowed):
+    if _HAS_NN_MAP and first_use_check.use_kernel("nn_map", y, emb, allowed):
         return torch.ops.fpl_fast.nn_map(y, emb, allowed, int(chunk))
     return reference.nn_map(y, emb, allowed, int(chunk))

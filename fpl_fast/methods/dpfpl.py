@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fpl_fast import results as io
-from fpl_fast.backbone_protocol import Backbone
+from fpl_fast import outputs
+from fpl_fast.backbone.protocol import Backbone
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.client import sample_rates, steps_per_round
-from fpl_fast.federated.simulation import ClientData, Federation, StepStats
+from fpl_fast.federated.engine import ClientData, Federation, StepStats
 from fpl_fast.methods.skeleton import run_method
 from fpl_fast.privacy.accountant import PrivacyAccountant
 from fpl_fast.privacy.plan import ClientAccountant, NoisePlan, plan_noise, trust_model
@@ -119,7 +119,7 @@ def load_federation(
     cfg: RunConfig, backbone: Backbone, classnames: list[str], data: ClientData, out: Path
 ) -> Federation:
     """The Federation of the run in ``out`` in the state of its last checkpoint (a finished run: the final one)."""
-    ckpt = io.load_checkpoint(out)
+    ckpt = outputs.load_checkpoint(out)
     if ckpt is None:
         raise ValueError(f"no checkpoint in {out}: nothing to load")
     if ckpt["config"] != _training_config(cfg):

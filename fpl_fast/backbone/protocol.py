@@ -1,10 +1,10 @@
 """The interface of a frozen backbone, as a typing protocol (no open_clip import: cheap to import for annotations).
 
 :class:`Backbone` lists the members that the federated simulation, the methods (FedDTPT, RAPT), the attacks and the
-pretraining recipes use from :class:`fpl_fast.backbone.FrozenCLIP`, which satisfies it structurally. Annotate a
+pretraining recipes use from :class:`fpl_fast.backbone.model.FrozenCLIP`, which satisfies it structurally. Annotate a
 ``backbone`` parameter with it instead of the concrete class::
 
-    from fpl_fast.backbone_protocol import Backbone
+    from fpl_fast.backbone.protocol import Backbone
 
     def zero_shot(backbone: Backbone, classnames: list[str]) -> Tensor: ...
 """
@@ -84,7 +84,7 @@ class Backbone(Protocol):
     """A frozen CLIP-like model with a prompt-injected text encoder and cached image features.
 
     Gradients flow only into the prompts passed to :meth:`encode_prompts`; the model's own weights are frozen.
-    See :class:`fpl_fast.backbone.FrozenCLIP` for the semantics of each member.
+    See :class:`fpl_fast.backbone.model.FrozenCLIP` for the semantics of each member.
     """
 
     @property
@@ -150,7 +150,7 @@ class Backbone(Protocol):
         ...
 
     def suffix_pack(self, parts: PromptParts) -> Any:
-        """The class suffixes of ``parts`` packed for :meth:`encode_shared` (a ``fpl_fast.text_encoder.SuffixPack``)."""
+        """The class suffixes of ``parts`` packed for :meth:`encode_shared` (a ``text_tower.SuffixPack``)."""
         ...
 
     def encode_shared(self, prefix: Tensor, pack: Any, *, states: bool = False) -> Any:

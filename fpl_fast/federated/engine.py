@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fpl_fast.backbone_protocol import Backbone
+from fpl_fast.backbone.protocol import Backbone
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.client import ClientData, Clients, StepStats, steps_per_round
 from fpl_fast.federated.server import Server
-from fpl_fast.federated.text import ClassPrompts
 from fpl_fast.privacy.plan import NoisePlan
 from fpl_fast.prompts import PromptConfig, PromptLearner
+from fpl_fast.prompts.class_prompts import ClassPrompts
 
 __all__ = ["ClientData", "Federation", "StepStats", "client_accuracies"]
 
@@ -47,7 +47,7 @@ class Federation:
 
     Args:
         cfg: the run configuration.
-        backbone: a frozen CLIP (``fpl_fast.backbone.FrozenCLIP``).
+        backbone: a frozen CLIP (``fpl_fast.backbone.model.FrozenCLIP``).
         classnames: class names in label order.
         data: cached image features and client splits.
         noise_local, noise_global: the noise multipliers in force (already calibrated).

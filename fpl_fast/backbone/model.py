@@ -5,7 +5,7 @@ vectors can be spliced in (CoOp): for class k the input is ``[SOT] ctx_1..ctx_n 
 Everything here is frozen: parameters never require gradients and gradients only flow into the prompts passed to
 :meth:`FrozenCLIP.encode_prompts`.
 
-The text tower itself runs in :mod:`fpl_fast.text_encoder` (plain tensor ops that ``torch.func`` batches fully):
+The text tower itself runs in :mod:`fpl_fast.backbone.text_tower` (plain tensor ops that ``torch.func`` batches fully):
 :meth:`FrozenCLIP.encode_prompts` takes whole sequences (the full path), :meth:`FrozenCLIP.encode_shared` takes
 sequences that share their first rows, as the class prompts of one client do (the shared-prefix path).
 """
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
-from fpl_fast.backbone_protocol import Backbone, FeatureDisk, FeatureIndices, PromptParts
-from fpl_fast.text_encoder import SuffixPack, shared_prefix_forward, text_encoder_forward, text_tower
+from fpl_fast.backbone.protocol import Backbone, FeatureDisk, FeatureIndices, PromptParts
+from fpl_fast.backbone.text_tower import TEXT_PATHS, SuffixPack, shared_prefix_forward, text_encoder_forward, text_tower
 
 __all__ = [
     "Backbone",
@@ -47,7 +47,7 @@ __all__ = [
     "text_tower",
 ]
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 """Directory of the JSON model configs shipped with fpl_fast (registered with open_clip on import)."""
 
 EMBEDDED_MODEL = "tiny-digits-clip"
@@ -58,7 +58,6 @@ EMBEDDED_WEIGHTS = CONFIG_DIR / "tiny-digits-clip.pt"
 
 COMPACT_FORMAT = "fpl_fast.compact_clip.v1"
 _PRECISIONS = ("fp32", "bf16")
-_TEXT_PATHS = ("shared", "full")
 _CTX_PLACEHOLDER = "X"
 
 open_clip.add_model_config(CONFIG_DIR)
@@ -570,7 +569,7 @@ class FrozenCLIP(nn.Module):
         """Text features of the sequences ``[prefix[j]; suffix_c]`` by the shared-prefix path (causal towers only).
 
         The P prefix rows are computed once per prefix and each suffix only on its own rows
-        (:func:`fpl_fast.text_encoder.shared_prefix_forward`); equal to :meth:`encode_prompts` on the assembled
+        (:func:`fpl_fast.backbone.text_tower.shared_prefix_forward`); equal to :meth:`encode_prompts` on the assembled
         sequences up to floating-point summation order.
 
         Args:
@@ -596,8 +595,8 @@ class FrozenCLIP(nn.Module):
         remaining tokens (:meth:`encode_shared`); otherwise (``"full"``, or another tower) each text whole through
         :meth:`encode_prompts`. Both give the same features up to floating-point summation order.
         """
-        if text_path not in _TEXT_PATHS:
-            raise ValueError(f"text_path must be one of {', '.join(_TEXT_PATHS)}, got {text_path!r}")
+        if text_path not in TEXT_PATHS:
+            raise ValueError(f"text_path must be one of {', '.join(TEXT_PATHS)}, got {text_path!r}")
         tokens = self._tokenize(texts)
         eot = self._eot_index(tokens)
         with torch.no_grad():

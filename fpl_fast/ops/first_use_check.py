@@ -1,7 +1,7 @@
 """A self-check of each compiled kernel the first time it runs eagerly on a device type.
 
 The first eager call of a public op of :mod:`fpl_fast.ops` on a device type ("cpu", "cuda") with the compiled
-kernel first runs that kernel and the reference (:mod:`fpl_fast.reference`, the spec) on a small fixed input
+kernel first runs that kernel and the reference (:mod:`fpl_fast.ops.reference`, the spec) on a small fixed input
 on that device (milliseconds) and compares them. On a mismatch (or if the kernel raises) it warns once with a
 :class:`SelfCheckWarning` naming the op, the device type and the error against the op's tolerance, and the op
 uses the reference on that device type from then on. A kernel that has never run on a GPU is thus caught
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fpl_fast import reference
+from fpl_fast.ops import reference
 
 __all__ = [
     "CHECKS",

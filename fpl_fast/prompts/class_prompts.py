@@ -4,7 +4,7 @@ Two exact ways through the frozen text tower (``RunConfig.text_path``):
 
 * ``shared`` (default where it applies: a causal tower pooling at EOT): a client's class prompts all begin with
   [SOS, ctx_1..ctx_n], so those P = 1 + n_ctx rows are encoded once per client and each class adds only its own
-  suffix rows (name tokens, '.', EOT), packed without padding (:mod:`fpl_fast.text_encoder`). The prompt op writes
+  suffix rows (name tokens, '.', EOT), packed without padding (backbone.text_tower). The prompt op writes
   the context into one (K, 1, P, d) prefix per client.
 * ``full``: every class prompt [SOS | ctx | suffix] whole, cut once here after the last EOT (exact for causal towers);
   the prompt op writes the context into every class's prompt (K, n_cls, L, d). Towers that are not causal or pool
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fpl_fast import ops
-from fpl_fast.backbone_protocol import Backbone
-from fpl_fast.config import CHOICES
+from fpl_fast.backbone.protocol import Backbone
+from fpl_fast.backbone.text_tower import TEXT_PATHS
 
 __all__ = ["ClassPrompts"]
 
@@ -44,8 +44,8 @@ class ClassPrompts:
     """
 
     def __init__(self, backbone: Backbone, classnames: list[str], n_ctx: int, text_path: str = "shared") -> None:
-        if text_path not in CHOICES["text_path"]:
-            raise ValueError(f"text_path must be one of {', '.join(CHOICES['text_path'])}, got {text_path!r}")
+        if text_path not in TEXT_PATHS:
+            raise ValueError(f"text_path must be one of {', '.join(TEXT_PATHS)}, got {text_path!r}")
         self.backbone = backbone
         parts = backbone.prompt_parts(classnames, n_ctx)
         self.n_cls = parts.prefix.shape[0]

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fpl_fast import results as io
+from fpl_fast import outputs
 from fpl_fast.config import RunConfig, RunSettings
 from fpl_fast.grid.spec import Cell, GridSpec
 
@@ -41,7 +41,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """A config as results.json stores it (JSON round trip), without the device (a cell may move between GPUs)."""
-    safe = json.loads(json.dumps(io._json_safe(config)))
+    safe = json.loads(json.dumps(outputs._json_safe(config)))
     safe.pop("device", None)
     return safe
 
@@ -77,7 +77,7 @@ def cell_state(out: Path, cfg: RunConfig) -> str:
                 "use another --out, or remove that cell's folder"
             )
         return "done"
-    if (out / io.CHECKPOINT).is_file() or (out / io.PREVIOUS).is_file():
+    if (out / outputs.CHECKPOINT).is_file() or (out / outputs.PREVIOUS).is_file():
         return "resume"
     if out.is_dir():
         entries = list(out.iterdir())
@@ -124,7 +124,7 @@ def run_cell(name: str, cfg: RunConfig, out: str, feature_cache: str) -> dict[st
             return report
         device = _WORKER["device"]
         if state == "resume":  # a checkpoint resumes with its own configuration's device
-            saved = io.load_checkpoint(folder)
+            saved = outputs.load_checkpoint(folder)
             device = saved["config"].get("device", cfg.device) if saved else device
         if device is not None and device != cfg.device:
             cfg = cfg.replace(device=device)
@@ -220,4 +220,4 @@ def _cell_dir(out: Path, cell: Cell) -> Path:
 def _write_status(out: Path, spec: GridSpec, reports: dict[str, dict[str, Any]], cache: str) -> None:
     order = {c.name: i for i, c in enumerate(spec.cells)}
     cells = sorted(reports.values(), key=lambda r: order.get(r["name"], len(order)))
-    io.write_json(out / "grid.json", {"spec": spec.to_dict(), "feature_cache": cache, "cells": cells})
+    outputs.write_json(out / "grid.json", {"spec": spec.to_dict(), "feature_cache": cache, "cells": cells})

@@ -1,5 +1,5 @@
 """The per-client accuracies every method reports: local (a client's own test split) and neighbour (the union of
-the other clients' splits), as ``fpl_fast.federated.simulation.evaluate`` defines them for DP-FPL."""
+the other clients' splits), as ``fpl_fast.federated.engine.evaluate`` defines them for DP-FPL."""
 
 from __future__ import annotations
 
