@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOL, client_streams, make, needs_ext, noncontig, to_device
+from support import TOL, client_streams, make, needs_ext, noncontig, to_device
 from torch import Tensor
 
 from fpl_fast import ops

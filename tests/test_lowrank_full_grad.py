@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import (
+from support import (
     FLOAT_DTYPES,
     TOL,
     assert_bf16_close,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make, needs_ext, noncontig, to_device
+from support import make, needs_ext, noncontig, to_device
 from torch import Tensor
 
 from fpl_fast import ops

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import to_device
+from support import to_device
 
 from fpl_fast import ops
 from fpl_fast.ops import reference

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make, needs_ext
+from support import make, needs_ext
 
 from fpl_fast import ops, selftest
 from fpl_fast.ops import first_use_check, reference
@@ -43,7 +43,7 @@ def kernel_ops() -> list[str]:
 
 @pytest.fixture(autouse=True)
 def fresh_checks(monkeypatch: pytest.MonkeyPatch):
-    """Every test starts with no verdicts and the check on (conftest turns it off for the kernel tests)."""
+    """Every test starts with no verdicts and the check on (tests/support.py turns it off for the kernel tests)."""
     monkeypatch.setenv(first_use_check.ENV, "1")
     first_use_check.reset()
     yield

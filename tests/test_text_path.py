@@ -15,7 +15,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import DEVICES
+from support import DEVICES
 
 from fpl_fast.backbone.model import FrozenCLIP, SuffixPack, load_backbone
 from fpl_fast.config import RunConfig
