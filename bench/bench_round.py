@@ -83,7 +83,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from fpl_fast import ops  # noqa: E402
-    from fpl_fast.backbone.model import FrozenCLIP, load_backbone, text_tower  # noqa: E402
+    from fpl_fast.backbone.loading import load_backbone  # noqa: E402
+    from fpl_fast.backbone.model import FrozenCLIP  # noqa: E402
+    from fpl_fast.backbone.text_tower import text_tower  # noqa: E402
     from fpl_fast.config import RunConfig  # noqa: E402
     from fpl_fast.federated.engine import ClientData, Federation  # noqa: E402
     from fpl_fast.ops import reference  # noqa: E402

@@ -45,7 +45,8 @@ with warnings.catch_warnings():
     from bench_round import PRECISIONS, made_up_classnames, resolve_precision  # noqa: E402
 
     from fpl_fast import ops  # noqa: E402
-    from fpl_fast.backbone.model import FrozenCLIP, load_backbone  # noqa: E402
+    from fpl_fast.backbone.loading import load_backbone  # noqa: E402
+    from fpl_fast.backbone.model import FrozenCLIP  # noqa: E402
     from fpl_fast.config import RunConfig  # noqa: E402
     from fpl_fast.federated.engine import ClientData, Federation  # noqa: E402
 

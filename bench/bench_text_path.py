@@ -54,7 +54,7 @@ with warnings.catch_warnings():
     from bench_round import made_up_classnames  # noqa: E402
 
     import fpl_fast.backbone.text_tower as te  # noqa: E402
-    from fpl_fast.backbone.model import load_backbone  # noqa: E402
+    from fpl_fast.backbone.loading import load_backbone  # noqa: E402
     from fpl_fast.data import DIGIT_CLASSNAMES  # noqa: E402
     from fpl_fast.prompts.class_prompts import ClassPrompts  # noqa: E402
 

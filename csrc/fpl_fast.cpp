@@ -1,5 +1,5 @@
 // All fpl_fast op schemas, in one place. Kernels live in cpu/<op>_cpu.cpp and cuda/<op>_cuda.cu,
-// each registering with TORCH_LIBRARY_IMPL(fpl_fast, CPU|CUDA, m). Semantics: fpl_fast/reference.py.
+// each registering with TORCH_LIBRARY_IMPL(fpl_fast, CPU|CUDA, m). Semantics: fpl_fast/ops/reference/.
 #include <torch/library.h>
 
 #ifdef TORCH_EXTENSION_NAME

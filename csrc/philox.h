@@ -1,7 +1,7 @@
 // Philox4x32-10 counter-based RNG + Box-Muller, shared by the CPU and CUDA kernels.
 //
-// The stream is part of the ops' contract (fpl_fast/reference.py implements the same in plain PyTorch):
-// normal number j (0-based) of a call with (seed, offset) comes from counter c = offset + j / 4,
+// The stream is part of the ops' contract (fpl_fast/ops/reference/philox.py implements the same in plain
+// PyTorch): normal number j (0-based) of a call with (seed, offset) comes from counter c = offset + j / 4,
 // key = (lo32(seed), hi32(seed)), ctr = (lo32(c), hi32(c), 0, 0); the four 32-bit outputs x0..x3 give
 // two Box-Muller pairs (x0, x1) -> (z0, z1), (x2, x3) -> (z2, z3), and j takes z[j % 4].
 // The normals are defined by Box-Muller in double, rounded to float (what this header and the reference do):

@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "train": "fpl_fast.job",
     "Result": "fpl_fast.job",
-    "load_backbone": "fpl_fast.backbone.model",
+    "load_backbone": "fpl_fast.backbone.loading",
     "Backbone": "fpl_fast.backbone.protocol",
     "RunConfig": "fpl_fast.config",
     "RunSettings": "fpl_fast.config",

@@ -1,8 +1,10 @@
-"""The application layer: a config -> backbone, data, cached features -> a trained, evaluated run.
+"""The one way into a run: a config -> backbone, data, cached features -> a trained, evaluated run.
 
-It sits above federated/ (the training) and attacks/ (membership inference after training), so neither
-imports the other. :func:`train` is the public Python API (``fpl_fast.train``); the CLI calls
-:func:`prepare_and_run`.
+:func:`train` runs an in-process job for every caller: the Python API (``fpl_fast.train``), the CLI
+(``python -m fpl_fast.run``), the grid's cells and the tests. :func:`prepare` is its data path alone (backbone,
+class names, encoded client data) for the callers that drive the federation themselves: the audit (canaries in the
+training) and a Flower node (its client's share). This layer sits above federated/, methods/ and attacks/ (membership
+inference after training), so none of those imports another's entry.
 
 Bring your own data through one of two seams:
 - ``dataset=DatasetBundle(name, train, test, classnames)``: torchvision-style datasets of ``(image, label)``
@@ -23,17 +25,18 @@ import torch
 
 from fpl_fast import outputs
 from fpl_fast.attacks.membership import check_pool, membership_inference, mia_summary, shadow_pool
-from fpl_fast.backbone.model import load_backbone
+from fpl_fast.backbone.loading import load_backbone
 from fpl_fast.backbone.protocol import Backbone
 from fpl_fast.config import RunConfig, RunSettings
-from fpl_fast.data import DatasetBundle, load_dataset
+from fpl_fast.data import DatasetBundle, dataset_labels, load_dataset
 from fpl_fast.data.clients import client_split
 from fpl_fast.data.feature_store import FeatureStore
 from fpl_fast.federated.client import ClientData
 from fpl_fast.federated.engine import Federation
-from fpl_fast.methods.dpfpl import default_out_dir, run_federation
+from fpl_fast.methods.dpfpl import DPFPL, default_out_dir
+from fpl_fast.methods.skeleton import run_method
 
-__all__ = ["Result", "train", "prepare", "prepare_and_run", "dataset_labels"]
+__all__ = ["Result", "train", "prepare"]
 
 
 @dataclass
@@ -41,7 +44,8 @@ class Result:
     """What a run gives back: its accuracies and epsilons, per-round records and the trained federation.
 
     ``final`` and ``rounds`` are results.json's; ``federation`` holds the trained prompts (``federation.server.
-    global_ctx``, ``federation.learner.local``) and can be evaluated further; ``out`` is the run's folder.
+    global_ctx``, ``federation.learner.local``) and can be evaluated further; ``out`` is the run's folder; ``mia``
+    the attack's summary (with ``settings.mia``).
     """
 
     method: str
@@ -51,6 +55,13 @@ class Result:
     out: Path
     federation: Federation
     mia: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, result: dict[str, Any], out: Path, federation: Federation) -> Result:
+        """From results.json's dict."""
+        return cls(
+            result["method"], result["config"], result["rounds"], result["final"], out, federation, result.get("mia")
+        )
 
     @property
     def local_acc(self) -> float:
@@ -88,71 +99,53 @@ def train(
     features: ClientData | None = None,
     classnames: list[str] | None = None,
     backbone: Backbone | None = None,
+    stop_after_round: int | None = None,
 ) -> Result:
     """Run one federated job and return its :class:`Result` (and write results.json etc. to ``settings.out``).
 
+    Loads the backbone, encodes the data, trains and evaluates round by round (results.json, rounds.csv,
+    accuracy.png and a checkpoint each round) and, with ``settings.mia``, runs the membership-inference attack
+    (mia.json, its summary under "mia" in results.json).
+
     Args:
         config: the algorithm's settings (a RunConfig or a dict of its fields; None: the embedded default).
-        settings: where and how it runs (output folder, resume, membership inference, progress bar).
+        settings: where and how it runs (output folder, resume, membership inference, progress bar, engine).
         dataset: your own torchvision-style datasets instead of ``config.dataset``.
         features: your own precomputed image features and client split (needs ``classnames``).
         classnames: class names in label order (with ``features``).
         backbone: an already loaded frozen CLIP (default: ``load_backbone`` of ``config.model``).
+        stop_after_round: end early after this round, as if interrupted (tests of ``resume``).
     """
     cfg = _as_config(config, RunConfig)
     run = _as_config(settings, RunSettings)
-    result, out, fed = _run(cfg, run, dataset=dataset, features=features, classnames=classnames, backbone=backbone)
-    return Result(
-        result["method"], result["config"], result["rounds"], result["final"], out, fed, mia=result.get("mia")
-    )
-
-
-def prepare_and_run(cfg: RunConfig, run: RunSettings | None = None, **kwargs: Any) -> tuple[dict[str, Any], Path]:
-    """prepare() then train, then with ``run.mia`` the membership-inference attack (mia.json, and its summary
-    under "mia" in results.json); returns the results and the output folder."""
-    result, out, _ = _run(cfg, run or RunSettings(), **kwargs)
-    return result, out
-
-
-def _run(
-    cfg: RunConfig,
-    run: RunSettings,
-    *,
-    dataset: DatasetBundle | None = None,
-    features: ClientData | None = None,
-    classnames: list[str] | None = None,
-    backbone: Backbone | None = None,
-    stop_after_round: int | None = None,
-) -> tuple[dict[str, Any], Path, Federation]:
     if run.engine != "inprocess":  # the Flower engine returns no in-process federation to hand back
         raise ValueError(
             f"engine={run.engine!r} runs through fpl_fast.flower.simulation.run_flower_simulation or "
-            "python -m fpl_fast.run --engine flower-sim; train() and prepare_and_run() run in process"
+            "python -m fpl_fast.run --engine flower-sim; train() runs in process"
         )
     out = Path(run.out) if run.out else default_out_dir()
-    # Before the backbone loads (the runner checks again): a previous run's files, no or a damaged checkpoint.
+    # Before the backbone loads (the driver checks again): a previous run's files, no or a damaged checkpoint.
     outputs.check_out_dir(out, resume=run.resume)
     if run.resume:
         outputs.load_checkpoint(out)
     if run.mia:
         check_pool(cfg.dataset)  # before anything is loaded or trained
-    if backbone is None:
-        backbone = _load_backbone(cfg)
-    if run.feature_cache:
-        backbone.feature_cache.disk = FeatureStore(run.feature_cache)
-    else:
-        torch.manual_seed(cfg.seed)  # as _load_backbone: augmentation draws from torch's global generator
-    if features is not None:
-        if classnames is None:
-            raise ValueError("features needs classnames (class names in label order)")
-        data, names = features, list(classnames)
-        _check_clients(data, cfg)
-    else:
-        names, data = _encode(cfg, backbone, dataset)
-    pool = shadow_pool(cfg, backbone) if run.mia else None  # before training: a missing val split fails at once
-    result, fed = run_federation(
-        cfg, backbone, names, data, out=out, resume=run.resume, progress=run.progress, stop_after_round=stop_after_round
+    backbone, names, data = _prepare(
+        cfg,
+        backbone,
+        run.feature_cache or None,
+        dataset=dataset,
+        features=features,
+        classnames=classnames,
+        reseed=True,
     )
+    pool = shadow_pool(cfg, backbone) if run.mia else None  # before training: a missing val split fails at once
+    method = DPFPL(backbone, names, data, out=out)
+    result = run_method(
+        method, cfg, out=out, progress=run.progress, resume=run.resume, stop_after_round=stop_after_round
+    )
+    fed = method.fed
+    assert fed is not None  # set up by run_method
     if pool is not None and result["final"] is not None:
         report = membership_inference(
             cfg, backbone, names, data, fed, pool=pool, num_shadows=run.mia, progress=run.progress
@@ -160,7 +153,7 @@ def _run(
         outputs.write_json(out / "mia.json", report)
         result["mia"] = mia_summary(report)
         outputs.write_json(out / "results.json", result)
-    return result, out, fed
+    return Result.of(result, out, fed)
 
 
 def _load_backbone(cfg: RunConfig) -> Backbone:
@@ -172,23 +165,44 @@ def _load_backbone(cfg: RunConfig) -> Backbone:
 
 
 def prepare(
-    cfg: RunConfig, *, feature_cache: str | Path | None = None, whole: bool = False
+    cfg: RunConfig,
+    *,
+    feature_cache: str | Path | None = None,
+    whole: bool = False,
+    backbone: Backbone | None = None,
 ) -> tuple[Backbone, list[str], ClientData]:
-    """Backbone, class names and the federation's data (image features encoded once, cached; on disk too with
-    ``feature_cache``). ``whole``: the dataset is one client's own (a Flower node's data folder), not split."""
-    backbone = _load_backbone(cfg)
+    """A run's data path without the run: backbone, class names and the federation's data (image features
+    encoded once, cached; on disk too with ``feature_cache``). ``whole``: the dataset is one client's own (a Flower
+    node's data folder), not split. ``backbone``: one already loaded (its cached features are reused)."""
+    return _prepare(cfg, backbone, feature_cache, whole=whole)
+
+
+def _prepare(
+    cfg: RunConfig,
+    backbone: Backbone | None,
+    feature_cache: str | Path | None,
+    *,
+    dataset: DatasetBundle | None = None,
+    features: ClientData | None = None,
+    classnames: list[str] | None = None,
+    whole: bool = False,
+    reseed: bool = False,
+) -> tuple[Backbone, list[str], ClientData]:
+    """Load (unless given) the backbone, attach the disk cache, and encode and split the data (or check the given
+    features). ``reseed`` (a run's own path): without a disk cache, torch's global generator is seeded again with
+    ``cfg.seed`` after the backbone is there, so augmentation draws the same whether it was loaded or handed in."""
+    if backbone is None:
+        backbone = _load_backbone(cfg)
     if feature_cache is not None:
         backbone.feature_cache.disk = FeatureStore(feature_cache)
-    classnames, data = _encode(cfg, backbone, None, whole=whole)
-    return backbone, classnames, data
-
-
-def dataset_labels(dataset: Any) -> np.ndarray:
-    """A dataset's labels: its ``labels`` or ``targets`` attribute (torchvision), else read item by item."""
-    for name in ("labels", "targets"):
-        if getattr(dataset, name, None) is not None:
-            return np.asarray(getattr(dataset, name))
-    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])
+    elif reseed:
+        torch.manual_seed(cfg.seed)
+    if features is None:
+        return (backbone, *_encode(cfg, backbone, dataset, whole=whole))
+    if classnames is None:
+        raise ValueError("features needs classnames (class names in label order)")
+    _check_clients(features, cfg)
+    return backbone, list(classnames), features
 
 
 def _check_clients(data: ClientData, cfg: RunConfig) -> None:

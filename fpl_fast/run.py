@@ -304,18 +304,20 @@ def main(argv: list[str] | None = None) -> int:
         cfg, run = config_from_args(args)
         if run.engine == "flower-sim":
             result, out = _run_flower(cfg, run)
+            final, mia = result["final"], result.get("mia")
         else:
-            from fpl_fast.job import prepare_and_run  # heavy imports after the flags are known good
+            from fpl_fast.job import train  # heavy imports after the flags are known good
 
-            result, out = prepare_and_run(cfg, run)
+            job = train(cfg, settings=run)
+            final, mia, out = job.final, job.mia, job.out
     except (ValueError, FileNotFoundError) as exc:
         return _fail(exc)
     from fpl_fast.outputs import summary_table
 
-    print(summary_table(result["final"]))
+    print(summary_table(final))
     files = "results.json, rounds.csv, accuracy.png, checkpoint.pt"
-    if "mia" in result:
-        m = result["mia"]
+    if mia is not None:
+        m = mia
         print(
             f"membership inference ({m['num_shadows']} shadow models): attack accuracy "
             f"{_fmt3(m['attack_accuracy'])}, AUC {_fmt3(m['attack_auc'])} (0.5 = chance)"

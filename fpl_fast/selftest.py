@@ -43,12 +43,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "cuda" in devs and "cuda" not in devices():
         print("error: no CUDA kernels or no GPU here", file=sys.stderr)
         return 2
-    if "nn_map" in names and not ops._HAS_NN_MAP:
-        print("note: this _C has no nn_map kernel (built before it was added); skipped")
-        names.remove("nn_map")
-    if "dp_output_clip_noise" in names and not ops._HAS_OUTPUT_DP:
-        print("note: this _C has no dp_output_clip_noise kernel (built before it was added); skipped")
-        names.remove("dp_output_clip_noise")
     print(f"{'op':<24}{'device':<8}{'max error':>12}{'tolerance':>12}  result")
     failed = 0
     for name in names:

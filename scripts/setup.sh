@@ -2,7 +2,8 @@
 # Set-up on a fresh machine, idempotent: a virtual environment in .venv with torch 2.14.1 +
 # torchvision 0.29.1 (CUDA 13.0 build, runs on the CPU too), fpl_fast's dependencies, and fpl_fast
 # itself built in place (C++ CPU kernels always; CUDA kernels when torch has CUDA and nvcc is found).
-# The build is skipped when csrc/ and setup.py are unchanged since the last successful one.
+# The build (and the dependencies) are skipped when csrc/, setup.py and pyproject.toml are unchanged since the
+# last successful one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,10 +13,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" torch==2.14.1 torchvision==0.29.1
-"${PIP[@]}" setuptools wheel ninja open_clip_torch ftfy numpy scikit-learn dp-accounting tqdm matplotlib \
-  pytest ruff clang-format mypy==2.4.1
-# Flower, pinned to the version fpl_fast.flower is tested with (pyproject's [flower] extra); Ray for its simulation.
-"${PIP[@]}" "flwr[simulation]==1.42.0"
+# The build's own tools (the build runs without isolation, against the torch above).
+"${PIP[@]}" setuptools wheel ninja
 
 stamp=.venv/.fpl_fast_build
 want=$( (cat setup.py pyproject.toml; find csrc -type f | sort | xargs cat) | sha256sum | cut -d' ' -f1)
@@ -28,7 +27,8 @@ else
   fi
   export MAX_JOBS=${MAX_JOBS:-2}
   # Editable install: the compiled fpl_fast/_C*.so lands next to the sources, so tests run from the checkout.
-  if ! .venv/bin/python -m pip install --no-build-isolation --no-deps --disable-pip-version-check -v -e . \
+  # The dependencies come from pyproject.toml (with its [test] and [flower] extras), listed there only.
+  if ! .venv/bin/python -m pip install --no-build-isolation --disable-pip-version-check -v -e ".[test,flower]" \
     > .venv/build.log 2>&1; then
     tail -40 .venv/build.log
     echo "fpl_fast: build failed, see .venv/build.log" >&2

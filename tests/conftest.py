@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
-from support import DEVICES
+from support import DEVICES, JOB_FIELDS
 
 from fpl_fast import ops
 
@@ -13,6 +16,27 @@ from fpl_fast import ops
 def device(request: pytest.FixtureRequest) -> torch.device:
     """The device under test ("cpu", or "cuda" when available)."""
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="session")
+def embedded_job() -> Callable[[Any], tuple[Any, list[str], Any]]:
+    """``embedded_job(cfg)``: ``fpl_fast.job.prepare(cfg)`` (backbone, class names, client data), made once per
+    session for every config that agrees on support.JOB_FIELDS; one backbone per model, so the images are encoded
+    once for the whole session. Shared: a test must not change the backbone or the data in place."""
+    from fpl_fast.job import prepare
+
+    backbones: dict[tuple[Any, ...], Any] = {}
+    jobs: dict[tuple[Any, ...], tuple[Any, list[str], Any]] = {}
+
+    def get(cfg: Any) -> tuple[Any, list[str], Any]:
+        key = tuple(getattr(cfg, name) for name in JOB_FIELDS)
+        if key not in jobs:
+            model = key[:4]  # model, pretrained, precision, device: what the backbone is
+            jobs[key] = prepare(cfg, backbone=backbones.get(model))
+            backbones.setdefault(model, jobs[key][0])
+        return jobs[key]
+
+    return get
 
 
 def pytest_report_header(config: pytest.Config) -> str:

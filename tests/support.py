@@ -35,6 +35,8 @@ __all__ = [
     "assert_bf16_close",
     "max_abs_err",
     "client_streams",
+    "JOB_FIELDS",
+    "train_job",
 ]
 
 
@@ -71,6 +73,37 @@ needs_ext = pytest.mark.skipif(
     reason="fpl_fast._C is not built (ops fall back to the reference); build it with "
     "`pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`",
 )
+
+
+# The RunConfig fields that fpl_fast.job.prepare reads (backbone, dataset, client split): two configs that agree on
+# them prepare the same job, so the session's embedded_job fixture (conftest.py) keys its jobs by them.
+JOB_FIELDS = (
+    "model",
+    "pretrained",
+    "precision",
+    "device",
+    "dataset",
+    "data_root",
+    "num_users",
+    "partition",
+    "beta",
+    "seed",
+    "num_shots",
+    "pathological_split",
+    "augment",
+)
+
+
+def train_job(job: tuple[Any, list[str], Any], cfg: Any, out: Any, **kwargs: Any) -> dict[str, Any]:
+    """``fpl_fast.train`` of ``cfg`` on a prepared job (backbone, class names, client data), quiet, into ``out``;
+    results.json's dict. ``kwargs``: ``resume`` (a RunSettings field) or ``stop_after_round``."""
+    from fpl_fast.config import RunSettings
+    from fpl_fast.job import train
+
+    backbone, classnames, data = job
+    settings = RunSettings(out=str(out), resume=kwargs.pop("resume", False), progress=False)
+    r = train(cfg, settings=settings, features=data, classnames=classnames, backbone=backbone, **kwargs)
+    return {"method": r.method, "config": r.config, "rounds": r.rounds, "final": r.final}
 
 
 def make(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0, scale: float = 1.0) -> Tensor:

@@ -88,11 +88,9 @@ def test_api_errors_name_fields_not_flags() -> None:
         fpl_fast.train(3)  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="module")
-def prepared():
-    from fpl_fast.job import prepare
-
-    return prepare(fpl_fast.RunConfig(num_users=3, rounds=1))
+@pytest.fixture
+def prepared(embedded_job):
+    return embedded_job(fpl_fast.RunConfig(num_users=3, rounds=1))
 
 
 def test_precomputed_features_give_the_same_run_as_the_dataset(prepared, tmp_path) -> None:

@@ -18,7 +18,6 @@ from scipy.stats import binom
 
 from fpl_fast.attacks.canaries import audited_federation, run_audit
 from fpl_fast.config import RunConfig
-from fpl_fast.job import prepare
 from fpl_fast.privacy.audit_bound import (
     GUESS_FRACTIONS,
     AuditConfig,
@@ -103,9 +102,9 @@ def test_scores_at_chance_give_zero() -> None:
 SMALL = RunConfig(num_users=3, rounds=1, batch_size=16, seed=3, partition="iid", noise_seed=3)
 
 
-@pytest.fixture(scope="module")
-def job():
-    return prepare(SMALL)
+@pytest.fixture
+def job(embedded_job):
+    return embedded_job(SMALL)
 
 
 def _audited(job, cfg: RunConfig, m: int = 40):
@@ -195,9 +194,9 @@ def test_design_errors_are_one_line(job) -> None:
 # ----------------------------------------------------------------------------------------------
 # Whole audits
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def default_job():
-    return prepare(RunConfig())
+@pytest.fixture
+def default_job(embedded_job):
+    return embedded_job(RunConfig())
 
 
 @pytest.mark.slow

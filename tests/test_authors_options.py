@@ -11,10 +11,10 @@ import torch
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.client import steps_per_round
 from fpl_fast.federated.engine import Federation
-from fpl_fast.job import prepare
 from fpl_fast.methods.dpfpl import build_federation
-from fpl_fast.privacy.mechanism import NoiseStream, promptfl_accountant_noise_multiplier, promptfl_noise_std
+from fpl_fast.privacy.noise_stream import NoiseStream
 from fpl_fast.privacy.plan import NoisePlan
+from fpl_fast.privacy.sensitivity import promptfl_accountant_noise_multiplier, promptfl_noise_std
 from fpl_fast.validation import ConfigError, flag_message
 
 BASE = RunConfig(num_users=4, rounds=2, batch_size=16, seed=3, partition="iid", noise_seed=3)
@@ -23,9 +23,9 @@ PROMPTFL = BASE.replace(
 )
 
 
-@pytest.fixture(scope="module")
-def job():
-    return prepare(BASE)
+@pytest.fixture
+def job(embedded_job):
+    return embedded_job(BASE)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,8 +10,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.func import vjp, vmap
 
-import fpl_fast.backbone.model as bb
-from fpl_fast.backbone.model import FrozenCLIP, load_backbone, text_encoder_forward
+from fpl_fast.backbone.checkpoints import init_token_embedding, save_compact_checkpoint
+from fpl_fast.backbone.configs import EMBEDDED_WEIGHTS
+from fpl_fast.backbone.loading import load_backbone
+from fpl_fast.backbone.model import FrozenCLIP
+from fpl_fast.backbone.text_tower import text_encoder_forward, text_tower
 from fpl_fast.data.digits import DIGIT_CLASSNAMES, DigitsDataset
 
 CLASSES = ["zero", "one", "golden_retriever", "hot air balloon"]
@@ -94,7 +97,7 @@ def test_truncation_is_exact_for_causal_tower(causal: FrozenCLIP) -> None:
     parts = causal.prompt_parts(CLASSES, 16)
     prompts = parts.assemble(_random_ctx(causal, 16))
     assert parts.seq_len < prompts.shape[1]  # truncation really happens
-    full = text_encoder_forward(bb.text_tower(causal.model), prompts, parts.eot_index)
+    full = text_encoder_forward(text_tower(causal.model), prompts, parts.eot_index)
     torch.testing.assert_close(causal.encode_prompts(prompts, parts.eot_index), full, rtol=1e-12, atol=1e-12)
     cut = causal.encode_prompts(prompts, parts.eot_index, seq_len=parts.seq_len)
     torch.testing.assert_close(cut, full, rtol=1e-12, atol=1e-12)
@@ -103,7 +106,7 @@ def test_truncation_is_exact_for_causal_tower(causal: FrozenCLIP) -> None:
 def test_non_causal_tower_is_not_truncated(bidir: FrozenCLIP) -> None:
     parts = bidir.prompt_parts(CLASSES, 16)
     prompts = parts.assemble(_random_ctx(bidir, 16))
-    tower = bb.text_tower(bidir.model)
+    tower = text_tower(bidir.model)
     full = text_encoder_forward(tower, prompts, parts.eot_index)
     truncated = text_encoder_forward(tower, prompts[:, : parts.seq_len], parts.eot_index)
     assert (full - truncated).abs().max() > 1e-4  # truncating would change the output ...
@@ -232,23 +235,23 @@ def test_embedded_model_loads_offline_with_headroom() -> None:
     weights = model.zero_shot_weights(DIGIT_CLASSNAMES, "a photo of the digit {}.")
     acc = (feats @ weights.T).argmax(-1).eq(torch.from_numpy(data.labels)).float().mean().item()
     assert 0.40 <= acc <= 0.75, acc
-    assert bb.EMBEDDED_WEIGHTS.stat().st_size < 8 * 2**20
+    assert EMBEDDED_WEIGHTS.stat().st_size < 8 * 2**20
 
 
 def test_compact_checkpoint_round_trip(tmp_path: Path) -> None:
     model = load_backbone("tiny-digits-clip").model
     emb = model.token_embedding.weight
     with torch.no_grad():
-        emb.copy_(bb.init_token_embedding(*emb.shape, seed=7, std=0.2))
+        emb.copy_(init_token_embedding(*emb.shape, seed=7, std=0.2))
         emb[[5, 9]] += 1.0  # "trained" rows
     path = tmp_path / "compact.pt"
-    bb.save_compact_checkpoint(
+    save_compact_checkpoint(
         model, path, model_name="tiny-digits-clip", token_seed=7, token_std=0.2, trained_rows=torch.tensor([5, 9])
     )
     loaded = load_backbone("tiny-digits-clip", str(path)).model
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3, msg=k)  # fp16 storage
     with pytest.raises(ValueError, match="trained_rows"):
-        bb.save_compact_checkpoint(
+        save_compact_checkpoint(
             model, path, model_name="tiny-digits-clip", token_seed=7, token_std=0.2, trained_rows=torch.tensor([5])
         )

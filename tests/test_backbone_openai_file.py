@@ -18,7 +18,8 @@ import torch
 from open_clip.transformer import QuickGELU
 from torch import nn
 
-from fpl_fast.backbone.model import FrozenCLIP, load_backbone
+from fpl_fast.backbone.loading import load_backbone
+from fpl_fast.backbone.model import FrozenCLIP
 
 NAME = "test-openai-tiny"
 _CFG = {

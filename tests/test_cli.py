@@ -47,7 +47,27 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
         (["--resume", "--out", "/nonexistent/run"], "nothing to resume"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(args: list[str], needle: str) -> None:
+def test_bad_input_exits_2_with_one_line(args: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """In process (``main`` is what ``python -m fpl_fast.run`` exits with; the next test runs real processes)."""
+    from fpl_fast.run import main
+
+    try:
+        rc = main(["--quiet", *args])
+    except SystemExit as exc:  # the parser's own errors exit from inside parse_args
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert needle in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [(["--rank", "0"], "--rank"), (["--model", "NoSuchCLIP-9"], "NoSuchCLIP-9")],  # the parser's, the run's
+)
+def test_bad_input_exits_2_with_one_line_from_a_process(args: list[str], needle: str) -> None:
     proc = run_cli(*args)
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]

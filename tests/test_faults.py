@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import train_job
 
 from fpl_fast import outputs
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.server import Server
-from fpl_fast.job import prepare
-from fpl_fast.methods.dpfpl import TrainingDiverged, build_federation, run_job
+from fpl_fast.methods.dpfpl import TrainingDiverged, build_federation
 from fpl_fast.run import main
 
 # Tiny and quick: 2 clients, one shot per class (3 steps a round), batch-mean clipping (no per-sample pass)
@@ -44,9 +44,9 @@ BASE = RunConfig(**FLAGS)
 ARGS = [a for k, v in FLAGS.items() for a in (f"--{k.replace('_', '-')}", str(v))]
 
 
-@pytest.fixture(scope="module")
-def job():
-    return prepare(BASE)
+@pytest.fixture
+def job(embedded_job):
+    return embedded_job(BASE)
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str], rc: int) -> str:
@@ -65,7 +65,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
 def test_checkpoint_write_keeps_the_previous_one_and_leaves_no_temporary_file(job, tmp_path: Path) -> None:
-    run_job(BASE, *job, out=tmp_path, progress=False, stop_after_round=2)
+    train_job(job, BASE, tmp_path, stop_after_round=2)
     assert outputs.load_checkpoint(tmp_path)["next_round"] == 2
     prev = torch.load(tmp_path / outputs.PREVIOUS, map_location="cpu", weights_only=False)
     assert prev["next_round"] == 1
@@ -76,7 +76,7 @@ def test_checkpoint_write_keeps_the_previous_one_and_leaves_no_temporary_file(jo
 def test_a_damaged_checkpoint_fails_in_one_line_and_is_left_untouched(
     job, tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str
 ) -> None:
-    run_job(BASE, *job, out=tmp_path, progress=False, stop_after_round=2)
+    train_job(job, BASE, tmp_path, stop_after_round=2)
     path = tmp_path / outputs.CHECKPOINT
     good = path.read_bytes()
     bad = {"truncate": good[: len(good) // 2], "garbage": bytes(range(256)) * (len(good) // 256), "empty": b""}[damage]
@@ -85,8 +85,8 @@ def test_a_damaged_checkpoint_fails_in_one_line_and_is_left_untouched(
 
     line = _one_line_error(capsys, main(["--quiet", *ARGS, "--resume", "--out", str(tmp_path)]))
     assert "cannot read" in line and str(path) in line and outputs.PREVIOUS in line, line
-    with pytest.raises(ValueError, match="truncated or corrupt"):  # run_job itself refuses it too
-        run_job(BASE, *job, out=tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match="truncated or corrupt"):  # train itself refuses it too
+        train_job(job, BASE, tmp_path, resume=True)
     assert _files(tmp_path) == before  # the damaged file is not replaced and the previous one is kept
     assert torch.load(tmp_path / outputs.PREVIOUS, map_location="cpu", weights_only=False)["next_round"] == 1
 
@@ -118,13 +118,13 @@ def test_an_out_folder_of_a_previous_run_is_never_overwritten(
     assert _files(tmp_path) == before
 
 
-def test_run_job_refuses_a_used_folder_and_accepts_an_empty_one(job, tmp_path: Path) -> None:
+def test_train_refuses_a_used_folder_and_accepts_an_empty_one(job, tmp_path: Path) -> None:
     cfg = BASE.replace(rounds=1)
-    res = run_job(cfg, *job, out=tmp_path, progress=False)  # exists (pytest made it) and is empty: fine
+    res = train_job(job, cfg, tmp_path)  # exists (pytest made it) and is empty: fine
     assert res["final"] is not None
     before = _files(tmp_path)
     with pytest.raises(ValueError, match="holds a previous run"):
-        run_job(cfg, *job, out=tmp_path, progress=False)
+        train_job(job, cfg, tmp_path)
     assert _files(tmp_path) == before
 
 
@@ -148,7 +148,7 @@ def test_a_non_finite_released_gradient_stops_the_run_naming_round_and_step(
 
     monkeypatch.setattr(Server, "aggregate", blow_up)
     with pytest.raises(TrainingDiverged, match=rf"round 2, step 2 of {per_round}: the global prompt") as info:
-        run_job(BASE, *job, out=tmp_path, progress=False)
+        train_job(job, BASE, tmp_path)
     assert "\n" not in str(info.value) and "checkpoint of round 1" in str(info.value)
     ckpt = outputs.load_checkpoint(tmp_path)
     assert ckpt["next_round"] == 1

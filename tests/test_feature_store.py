@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fpl_fast
-from fpl_fast.backbone.model import load_backbone
+from fpl_fast.backbone.loading import load_backbone
 from fpl_fast.data import DigitsDataset
 from fpl_fast.data.feature_store import FeatureStore, weights_fingerprint
 

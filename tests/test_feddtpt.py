@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from fpl_fast.backbone.model import load_backbone
+from fpl_fast.backbone.loading import load_backbone
 from fpl_fast.data.digits import DIGIT_CLASSNAMES, DigitsDataset
 from fpl_fast.methods.feddtpt import (
     Batch,
@@ -25,7 +25,7 @@ from fpl_fast.methods.feddtpt import (
     run,
     token_table,
 )
-from fpl_fast.methods.feddtpt_server import SERVER_MODES, aggregate, attention_weights, elbow_eps
+from fpl_fast.methods.feddtpt.server import SERVER_MODES, aggregate, attention_weights, elbow_eps
 
 # --------------------------------------------------------------------------------------------------------------
 # Fixtures: a random-init tiny CLIP (the oracle only needs to be a deterministic classifier here)

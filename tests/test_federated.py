@@ -10,20 +10,19 @@ import pytest
 import torch
 from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
+from support import train_job
 
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.engine import Federation
-from fpl_fast.job import prepare
-from fpl_fast.methods.dpfpl import run_job
 from fpl_fast.prompts import FACTORIZATIONS
 
 BASE = RunConfig(num_users=4, rounds=3, batch_size=16, seed=3, partition="iid", noise_seed=3)  # reproducible noise
 
 
-@pytest.fixture(scope="module")
-def job():
-    """Backbone, class names and features of the embedded default, built once for the module."""
-    return prepare(BASE)
+@pytest.fixture
+def job(embedded_job):
+    """Backbone, class names and features of the embedded default (the session's, shared)."""
+    return embedded_job(BASE)
 
 
 def _federation(job, cfg: RunConfig, noise: float = 0.0) -> Federation:
@@ -89,12 +88,12 @@ def test_frozen_encoders_get_no_gradients(job) -> None:
     assert params and all(not p.requires_grad and p.grad is None for p in params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factorization", FACTORIZATIONS)
 def test_every_factorization_learns_without_dp_and_beats_the_hand_written_prompt(job, factorization, tmp_path):
-    backbone, classnames, data = job
     # lr 0.1: fedotp steps G and L with the same gradient (an effective step twice the others'), and oscillates at 0.2.
     cfg = BASE.replace(factorization=factorization, noise=0.0, rounds=8, eval_every=8, lr=0.1)
-    res = run_job(cfg, backbone, classnames, data, out=tmp_path, progress=False)
+    res = train_job(job, cfg, tmp_path)
     final = res["final"]
     # Measured (AVX-512, 2 threads): zero-shot 0.46; local 0.67 (fedotp) to 0.96 (dpfpl), i.e. 0.16 to 0.45 above the
     # bound: 64+ of the 400 test images, far beyond what another CPU's rounding moves an 8-round trajectory.
@@ -104,7 +103,7 @@ def test_every_factorization_learns_without_dp_and_beats_the_hand_written_prompt
 def test_reported_epsilon_equals_dp_accounting_for_the_same_q_sigma_steps(job, tmp_path) -> None:
     backbone, classnames, data = job
     cfg = BASE.replace(noise=1.3, clip_uv="separate", rounds=2)
-    final = run_job(cfg, backbone, classnames, data, out=tmp_path, progress=False)["final"]
+    final = train_job(job, cfg, tmp_path)["final"]
     steps = final["steps_per_client"]
     qs = final["sample_rate_per_client"]
 
@@ -124,28 +123,24 @@ def test_reported_epsilon_equals_dp_accounting_for_the_same_q_sigma_steps(job, t
 def test_sync_step_counts_every_local_step_as_a_noised_step(job, tmp_path) -> None:
     backbone, classnames, data = job
     cfg = BASE.replace(noise=1.0, rounds=2, local_epochs=2)
-    final = run_job(cfg, backbone, classnames, data, out=tmp_path, progress=False)["final"]
+    final = train_job(job, cfg, tmp_path)["final"]
     per_round = Federation(cfg, backbone, classnames, data, noise_local=0, noise_global=0).steps_per_round
     assert per_round > 1
     assert final["steps_per_client"] == [2 * per_round] * cfg.num_users
 
 
 def test_batch_clip_mode_is_labelled_as_not_per_example(job, tmp_path) -> None:
-    backbone, classnames, data = job
-    final = run_job(
-        BASE.replace(clip_mode="batch", rounds=1), backbone, classnames, data, out=tmp_path, progress=False
-    )["final"]
+    final = train_job(job, BASE.replace(clip_mode="batch", rounds=1), tmp_path)["final"]
     assert final["per_example_guarantee"] is False
     assert "NOT a per-example guarantee" in final["noise_note"]
 
 
 def test_resume_ends_with_exactly_the_results_of_an_uninterrupted_run(job, tmp_path) -> None:
-    backbone, classnames, data = job
     cfg = BASE.replace(rounds=4, noise=1.0, client_fraction=0.75)
-    full = run_job(cfg, backbone, classnames, data, out=tmp_path / "full", progress=False)
-    part = run_job(cfg, backbone, classnames, data, out=tmp_path / "part", progress=False, stop_after_round=2)
+    full = train_job(job, cfg, tmp_path / "full")
+    part = train_job(job, cfg, tmp_path / "part", stop_after_round=2)
     assert part["final"] is None and len(part["rounds"]) == 2
-    resumed = run_job(cfg, backbone, classnames, data, out=tmp_path / "part", resume=True, progress=False)
+    resumed = train_job(job, cfg, tmp_path / "part", resume=True)
 
     def strip(rows):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
@@ -160,16 +155,14 @@ def test_resume_ends_with_exactly_the_results_of_an_uninterrupted_run(job, tmp_p
 
 
 def test_resume_refuses_a_different_configuration(job, tmp_path) -> None:
-    backbone, classnames, data = job
-    run_job(BASE.replace(rounds=2), backbone, classnames, data, out=tmp_path, progress=False, stop_after_round=1)
+    train_job(job, BASE.replace(rounds=2), tmp_path, stop_after_round=1)
     with pytest.raises(ValueError, match="different configuration"):
-        run_job(BASE.replace(rounds=2, lr=0.5), backbone, classnames, data, out=tmp_path, resume=True, progress=False)
+        train_job(job, BASE.replace(rounds=2, lr=0.5), tmp_path, resume=True)
 
 
 def test_final_reports_the_means_of_the_last_5_and_10_evaluated_rounds_also_after_resume(job, tmp_path) -> None:
-    backbone, classnames, data = job
     cfg = BASE.replace(rounds=6, eval_every=1, noise=1.0, clip_mode="batch")  # one backward per step: quick
-    run_job(cfg, backbone, classnames, data, out=tmp_path / "full", progress=False)
+    train_job(job, cfg, tmp_path / "full")
     saved = json.loads((tmp_path / "full" / "results.json").read_text())
     rounds, final = saved["rounds"], saved["final"]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
@@ -179,8 +172,8 @@ def test_final_reports_the_means_of_the_last_5_and_10_evaluated_rounds_also_afte
         assert final[f"{key}_mean_last10"] == pytest.approx(sum(r[key] for r in rounds) / 6, abs=1e-12)  # all 6
         assert final[key] == rounds[-1][key]  # the last round's stays as it was
     assert final["acc_mean_last5_rounds"] == [2, 3, 4, 5, 6] and final["acc_mean_last10_rounds"] == [1, 2, 3, 4, 5, 6]
-    run_job(cfg, backbone, classnames, data, out=tmp_path / "part", progress=False, stop_after_round=3)
-    resumed = run_job(cfg, backbone, classnames, data, out=tmp_path / "part", resume=True, progress=False)["final"]
+    train_job(job, cfg, tmp_path / "part", stop_after_round=3)
+    resumed = train_job(job, cfg, tmp_path / "part", resume=True)["final"]
     for key in ("local_acc_mean_last5", "neighbor_acc_mean_last5", "local_acc_mean_last10", "acc_mean_last5_rounds"):
         assert resumed[key] == final[key], key
 

@@ -29,8 +29,7 @@ from fpl_fast.flower import protocol  # noqa: E402
 from fpl_fast.flower.client_app import make_client_app  # noqa: E402
 from fpl_fast.flower.protocol import REPLY_KEYS, AppSettings, FederationError, from_run_config  # noqa: E402
 from fpl_fast.flower.server_app import FlowerDPFPL  # noqa: E402
-from fpl_fast.job import prepare  # noqa: E402
-from fpl_fast.methods.dpfpl import run_federation  # noqa: E402
+from fpl_fast.job import train  # noqa: E402
 from fpl_fast.methods.skeleton import run_method  # noqa: E402
 
 CFG = RunConfig(num_users=3, rounds=2, noise_seed=7, seed=3)
@@ -98,11 +97,12 @@ def _run(grid: Any, cfg: RunConfig, out: Path, **kwargs: Any) -> dict[str, Any]:
     return run_method(FlowerDPFPL(grid, settings), cfg, out=out, progress=False, **kwargs)
 
 
-def _in_process(cfg: RunConfig, out: Path) -> tuple[dict[str, Any], Any]:
-    backbone, names, data = prepare(cfg)
-    return run_federation(cfg, backbone, names, data, out=out, progress=False)
+def _in_process(cfg: RunConfig, out: Path, backbone: Any) -> tuple[dict[str, Any], Any]:
+    r = train(cfg, settings={"out": str(out), "progress": False}, backbone=backbone)
+    return {"rounds": r.rounds, "final": r.final}, r.federation
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "changes",
     [
@@ -113,12 +113,14 @@ def _in_process(cfg: RunConfig, out: Path) -> tuple[dict[str, Any], Any]:
     ],
     ids=["step", "round-one-client-a-round", "output", "authors-promptfl-client-noise"],
 )
-def test_the_flower_apps_give_the_in_process_federation(tmp_path: Path, changes: dict[str, Any]) -> None:
+def test_the_flower_apps_give_the_in_process_federation(
+    tmp_path: Path, changes: dict[str, Any], embedded_job: Any
+) -> None:
     """Same G, per-client accuracies up to float tolerance; the same steps and epsilons exactly (fixed noise seeds).
     The clients that are sampled are the server generator's, so a client that missed rounds is accounted for the
     steps it took."""
     cfg = CFG.replace(**changes)
-    ip, fed = _in_process(cfg, tmp_path / "ip")
+    ip, fed = _in_process(cfg, tmp_path / "ip", embedded_job(cfg)[0])
     fl = _run(_grid(cfg, tmp_path), cfg, tmp_path / "fl")
     a, b = ip["final"], fl["final"]
     assert b["steps_per_client"] == a["steps_per_client"]
@@ -173,6 +175,7 @@ def test_only_the_listed_releases_leave_a_client(tmp_path: Path) -> None:
                 assert not any(isinstance(v, bytes) for v in rec.values())
 
 
+@pytest.mark.slow
 def test_a_resumed_server_and_restarted_nodes_continue_the_run(tmp_path: Path, monkeypatch) -> None:
     """The server dies in round 2 after the clients trained (their tag-2 state is on disk, the server's checkpoint
     is of round 1); a new run of the same name resumes: the nodes (empty context.state, as after a new flwr run)
@@ -208,6 +211,7 @@ def test_a_resumed_server_and_restarted_nodes_continue_the_run(tmp_path: Path, m
     assert torch.equal(outputs.load_checkpoint(out)["server"]["g"], g_whole)
 
 
+@pytest.mark.slow
 def test_a_restarted_supernode_rejoins_under_its_new_node_id(tmp_path: Path, monkeypatch) -> None:
     """Client 1's SuperNode restarts after round 1 (new node id, empty context.state): the server maps partition 1
     to the new node and the client continues from its node-local state; the run ends as an uninterrupted one."""

@@ -136,10 +136,12 @@ def test_table_resume_failed_cells_metric_and_features_cached_across_cells(
     }
     spec = parse_spec(spec_json)
     # One cell stopped after its first round (a checkpoint, no results.json): the grid resumes it.
-    from fpl_fast.job import _run
+    from fpl_fast.job import train
 
     stopped = spec.cells[1]
-    _run(stopped.config, RunSettings(out=str(out / "cells" / stopped.name), progress=False), stop_after_round=1)
+    train(
+        stopped.config, settings=RunSettings(out=str(out / "cells" / stopped.name), progress=False), stop_after_round=1
+    )
     assert not (out / "cells" / stopped.name / "results.json").exists()
     # A half-written folder without a checkpoint: cleared, then run afresh.
     half = out / "cells" / spec.cells[2].name

@@ -1,4 +1,5 @@
-"""The architecture's layering, read from the import statements (top-level and inside functions alike)."""
+"""The architecture's layering (docs/design.md section 4), read from the import statements (top-level and inside
+functions alike): the stages of a run import only from the stages below them, and nothing imports in a cycle."""
 
 from __future__ import annotations
 
@@ -7,6 +8,30 @@ from collections import defaultdict
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "fpl_fast"
+
+# Lowest first. A module may import from its own unit and from the units of lower layers only. The package root
+# (fpl_fast/__init__.py: the public names, loaded lazily) and the compiled fpl_fast._C stand outside the layers.
+LAYERS: list[set[str]] = [
+    {"validation", "outputs"},  # checks and their wording; the files a run writes
+    {"ops"},  # the kernels' Python face, their reference twins
+    {"backbone"},  # frozen CLIP
+    {"data"},  # datasets, splits (the recipes that pretrain the shipped models use the backbone)
+    {"prompts"},  # factorisations, prompt state, class prompts -> text features
+    {"config"},  # the settings (names the factorisations and text paths)
+    {"privacy"},  # per-sample gradients, mechanisms, accounting
+    {"federated"},  # clients, server, the in-process engine, metrics
+    {"methods"},  # DP-FPL, FedDTPT, RAPT on one skeleton
+    {"attacks"},  # membership inference, canaries
+    {"job"},  # the one way into a run
+    {"flower", "grid"},  # real federations; grids of runs
+    {"run"},  # the CLI
+    {"audit", "selftest"},  # CLIs built on the above
+]
+RANK = {f"fpl_fast.{unit}": i for i, layer in enumerate(LAYERS) for unit in layer}
+OUTSIDE_LAYERS = {"fpl_fast", "fpl_fast._C"}
+# The backbone's heavy modules (open_clip, checkpoint files): the training stages need only its interface and the
+# functional text tower.
+BACKBONE_LIGHT = {"fpl_fast.backbone", "fpl_fast.backbone.protocol", "fpl_fast.backbone.text_tower"}
 
 
 def _modules() -> dict[str, Path]:
@@ -22,24 +47,42 @@ def _unit(module: str) -> str:
     return ".".join(module.split(".")[:2])
 
 
-def _import_graph() -> dict[str, set[str]]:
+def _imports() -> dict[str, set[str]]:
+    """module -> the fpl_fast modules it imports (``from fpl_fast.x import y`` counts x.y when y is a module)."""
     mods = _modules()
     graph: dict[str, set[str]] = defaultdict(set)
     for name, path in mods.items():
         for node in ast.walk(ast.parse(path.read_text())):
-            targets = []
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fpl_fast"):
-                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    graph[name].add(sub if sub in mods else node.module)
             elif isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            for t in targets:
-                if t in mods and _unit(t) != _unit(name) and _unit(t) != "fpl_fast":
-                    graph[_unit(name)].add(_unit(t))
+                graph[name].update(a.name for a in node.names if a.name.startswith("fpl_fast"))
     return graph
 
 
-def test_no_import_cycle_between_the_packages_and_modules_of_fpl_fast() -> None:
-    graph = _import_graph()
+def _unit_graph() -> dict[str, set[str]]:
+    units: dict[str, set[str]] = defaultdict(set)
+    for src, targets in _imports().items():
+        for t in targets:
+            if _unit(t) != _unit(src) and _unit(t) not in OUTSIDE_LAYERS and _unit(src) not in OUTSIDE_LAYERS:
+                units[_unit(src)].add(_unit(t))
+    return units
+
+
+def test_every_module_belongs_to_a_layer() -> None:
+    units = {_unit(m) for m in _modules()} - OUTSIDE_LAYERS
+    assert units <= set(RANK), f"units missing from LAYERS: {sorted(units - set(RANK))}"
+
+
+def test_the_stages_import_only_from_the_stages_below() -> None:
+    upward = [f"{src} -> {dst}" for src, dsts in _unit_graph().items() for dst in dsts if RANK[dst] >= RANK[src]]
+    assert not upward, "imports against the layering:\n" + "\n".join(sorted(upward))
+
+
+def test_no_import_cycle_between_the_units_of_fpl_fast() -> None:
+    graph = _unit_graph()
 
     def reach(start: str) -> set[str]:
         seen, todo = set(), [start]
@@ -54,14 +97,21 @@ def test_no_import_cycle_between_the_packages_and_modules_of_fpl_fast() -> None:
     assert not cycles, f"import cycles through {cycles}"
 
 
-def test_the_layers_point_one_way() -> None:
-    graph = _import_graph()
-    assert "fpl_fast.job" not in graph["fpl_fast.federated"] and "fpl_fast.attacks" not in graph["fpl_fast.federated"]
-    assert "fpl_fast.job" not in graph["fpl_fast.attacks"]
-    assert {"fpl_fast.federated", "fpl_fast.attacks"} <= graph["fpl_fast.job"]  # the application layer sits above
-    for unit in ("fpl_fast.privacy", "fpl_fast.prompts", "fpl_fast.federated", "fpl_fast.job"):
-        assert "fpl_fast.ops.reference" not in graph[unit], f"{unit} imports the test oracle"  # training goes via ops
-        assert "fpl_fast.backbone.model" not in graph[unit] or unit == "fpl_fast.job", f"{unit} needs only the protocol"
-    # The grid runs jobs: it sits on the application level, above job.py, and nothing imports it.
-    assert "fpl_fast.job" in graph["fpl_fast.grid"]
-    assert not [unit for unit, deps in graph.items() if "fpl_fast.grid" in deps and unit != "fpl_fast.grid"]
+def test_what_each_stage_may_know() -> None:
+    imports = _imports()
+
+    def users(pred) -> set[str]:
+        return {src for src, dsts in imports.items() if any(pred(d) for d in dsts)}
+
+    # privacy knows nothing of CLIP; the training stages see the backbone only through its interface.
+    heavy_backbone = users(lambda d: _unit(d) == "fpl_fast.backbone" and d not in BACKBONE_LIGHT)
+    allowed = {"fpl_fast.backbone", "fpl_fast.data", "fpl_fast.methods", "fpl_fast.job"}
+    assert {_unit(m) for m in heavy_backbone} <= allowed, sorted(m for m in heavy_backbone if _unit(m) not in allowed)
+    assert not {m for m in users(lambda d: _unit(d) == "fpl_fast.backbone") if _unit(m) == "fpl_fast.privacy"}
+    # The reference twins are the ops' spec, fallback and test oracle: training reaches them only through ops.
+    oracle_users = users(lambda d: d.startswith("fpl_fast.ops.reference"))
+    assert {_unit(m) for m in oracle_users} <= {"fpl_fast.ops"}, sorted(oracle_users)
+    # Nothing imports the entry points (the audit's CLI reuses the run's flags).
+    for cli in ("fpl_fast.grid.__main__", "fpl_fast.selftest", "fpl_fast.audit"):
+        assert not users(lambda d, cli=cli: d == cli), cli
+    assert users(lambda d: d == "fpl_fast.run") <= {"fpl_fast.audit"}

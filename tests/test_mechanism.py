@@ -1,4 +1,5 @@
-"""Local and server Gaussian mechanisms: noise std vs what the accountant is told, the noise stream."""
+"""Local and server Gaussian mechanisms (privacy/clipping, global_noise, sensitivity, noise_stream): noise std vs what
+the accountant is told, the noise stream."""
 
 from __future__ import annotations
 
@@ -8,15 +9,11 @@ import pytest
 import torch
 
 from fpl_fast.ops import reference
-from fpl_fast.privacy import mechanism as mech
-from fpl_fast.privacy.mechanism import (
-    LocalDP,
-    NoiseStream,
-    accountant_noise_multiplier,
-    global_accountant_noise_multiplier,
-    privatize_local,
-    server_aggregate_global,
-)
+from fpl_fast.privacy import clipping
+from fpl_fast.privacy.clipping import LocalDP, privatize_local
+from fpl_fast.privacy.global_noise import server_aggregate_global
+from fpl_fast.privacy.noise_stream import NoiseStream
+from fpl_fast.privacy.sensitivity import accountant_noise_multiplier, global_accountant_noise_multiplier
 
 K, B, N_CTX, D, R = 12, 8, 16, 64, 8
 
@@ -186,13 +183,13 @@ def test_a_clients_noise_does_not_depend_on_who_else_takes_part():
 
 def test_clip_mode_batch_passes_per_sample_false(monkeypatch):
     seen = {}
-    real = mech.ops.dp_lowrank_clip_noise
+    real = clipping.ops.dp_lowrank_clip_noise
 
     def spy(*args, **kwargs):
         seen.update(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mech.ops, "dp_lowrank_clip_noise", spy)
+    monkeypatch.setattr(clipping.ops, "dp_lowrank_clip_noise", spy)
     u, v = factors()
     grad = torch.randn(K, B, N_CTX, D, dtype=torch.float64)
     res = privatize_local(grad, u, v, LocalDP(clip_norm=0.1, noise_multiplier=0.0, clip_mode="batch"), streams(0))

@@ -24,11 +24,12 @@ from fpl_fast.attacks.membership import (
     shadow_data,
     shadow_pool,
     split_pool,
+    train_shadow,
 )
 from fpl_fast.config import RunConfig, RunSettings
 from fpl_fast.data.digits import DigitsDataset
-from fpl_fast.job import prepare, prepare_and_run
-from fpl_fast.methods.dpfpl import eval_seed, load_federation, train_federation
+from fpl_fast.job import train
+from fpl_fast.methods.dpfpl import eval_seed, load_federation
 
 N_CLS = 10
 
@@ -102,10 +103,10 @@ def test_attack_refuses_shadow_records_of_one_kind() -> None:
 SMALL = RunConfig(num_users=3, rounds=2, batch_size=32, clip_mode="batch", seed=5, noise_seed=5)
 
 
-@pytest.fixture(scope="module")
-def job():
-    """Backbone, class names and features of the embedded default, built once for the module."""
-    return prepare(SMALL)
+@pytest.fixture
+def job(embedded_job):
+    """Backbone, class names and features of the embedded default (the session's, shared)."""
+    return embedded_job(SMALL)
 
 
 def test_digits_pool_is_the_pretrain_part_disjoint_from_the_federated_data(job) -> None:
@@ -159,10 +160,11 @@ def test_a_dataset_without_a_pool_is_refused_in_one_line(job) -> None:
 # End to end
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def attacked(job, tmp_path_factory):
-    """The small default job (DP on) trained and attacked with 2 shadow models."""
+def attacked(embedded_job, tmp_path_factory):
+    """The small default job (DP on) trained and attacked with 2 shadow models (on the session's backbone: the same
+    numbers as a freshly loaded one, which test_end_to_end_same_seed_same_numbers checks)."""
     out = tmp_path_factory.mktemp("mia")
-    result, _ = prepare_and_run(SMALL, RunSettings(out=str(out), mia=2, progress=False))
+    result = train(SMALL, settings=RunSettings(out=str(out), mia=2, progress=False), backbone=embedded_job(SMALL)[0])
     return result, out
 
 
@@ -181,8 +183,8 @@ def test_end_to_end_writes_a_balanced_report_with_metrics_in_0_1(job, attacked) 
     for s in report["shadows"]:
         assert 0 <= s["train_acc"] <= 1 and 0 <= s["test_acc"] <= 1 and s["records"] > 0
     saved = json.loads((out / "results.json").read_text())
-    assert saved["mia"] == result["mia"]
-    assert saved["mia"]["attack_auc"] == report["attack_auc"] and saved["final"] == result["final"]
+    assert saved["mia"] == result.mia
+    assert saved["mia"]["attack_auc"] == report["attack_auc"] and saved["final"] == result.final
 
 
 @pytest.mark.slow
@@ -201,8 +203,8 @@ def test_end_to_end_members_are_the_clients_train_examples(job, attacked) -> Non
 @pytest.mark.slow
 def test_end_to_end_same_seed_same_numbers(job, attacked, tmp_path: Path) -> None:
     first, _ = attacked
-    again, _ = prepare_and_run(SMALL, RunSettings(out=str(tmp_path), mia=2, progress=False))
-    assert again["mia"] == first["mia"]
+    again = train(SMALL, settings=RunSettings(out=str(tmp_path), mia=2, progress=False))  # its own backbone
+    assert again.mia == first.mia
 
 
 def test_cli_rejects_a_negative_number_of_shadow_models_in_one_line() -> None:
@@ -241,10 +243,10 @@ LEAKY = RunConfig(
 
 
 @pytest.mark.slow
-def test_an_overfit_non_private_target_is_attacked_within_its_sampling_error() -> None:
+def test_an_overfit_non_private_target_is_attacked_within_its_sampling_error(embedded_job) -> None:
     cfg = LEAKY
-    backbone, classnames, data = prepare(cfg)
-    target = train_federation(cfg, backbone, classnames, data, progress=False)
+    backbone, classnames, data = embedded_job(cfg)
+    target = train_shadow(cfg, backbone, classnames, data, progress=False)  # trained as the shadows are
     report = membership_inference(
         cfg, backbone, classnames, data, target, pool=shadow_pool(cfg, backbone), num_shadows=2
     )

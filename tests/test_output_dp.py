@@ -1,5 +1,5 @@
 """Output-space per-example DP (--clip-mode output): the whole step, its sensitivity, the auto bound, the noise,
-the accounting and the errors (docs/method.md section 2)."""
+the accounting and the errors (docs/design.md section 2)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
+from support import train_job
 
 from fpl_fast import ops
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.engine import Federation
-from fpl_fast.job import prepare
-from fpl_fast.methods.dpfpl import run_job
 from fpl_fast.ops import reference
-from fpl_fast.privacy.mechanism import NoiseStream, OutputDP, output_clip_bound, privatize_output
+from fpl_fast.privacy.noise_stream import NoiseStream
+from fpl_fast.privacy.output_dp import OutputDP, output_clip_bound, privatize_output
 from fpl_fast.prompts import FACTORIZATIONS
 
 Tensor = torch.Tensor
@@ -29,9 +29,9 @@ BASE = RunConfig(
 )
 
 
-@pytest.fixture(scope="module")
-def job():
-    return prepare(BASE)
+@pytest.fixture
+def job(embedded_job):
+    return embedded_job(BASE)
 
 
 def _federation(job, cfg: RunConfig, noise: float) -> Federation:
@@ -200,9 +200,8 @@ def test_noise_std_of_the_release_is_sigma_c_over_b() -> None:
 
 
 def test_epsilon_is_one_number_for_local_global_and_total(job, tmp_path) -> None:
-    backbone, classnames, data = job
     cfg = BASE.replace(noise=1.1)
-    final = run_job(cfg, backbone, classnames, data, out=tmp_path, progress=False)["final"]
+    final = train_job(job, cfg, tmp_path)["final"]
     acc = RdpAccountant()
     q, n = final["sample_rate_per_client"][0], final["steps_per_client"][0]
     acc.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(1.1)), n)
@@ -215,10 +214,7 @@ def test_epsilon_is_one_number_for_local_global_and_total(job, tmp_path) -> None
 
 
 def test_epsilon_target_calibrates_the_one_release(job, tmp_path) -> None:
-    backbone, classnames, data = job
-    final = run_job(BASE.replace(noise=None, epsilon=3.0), backbone, classnames, data, out=tmp_path, progress=False)[
-        "final"
-    ]
+    final = train_job(job, BASE.replace(noise=None, epsilon=3.0), tmp_path)["final"]
     assert final["epsilon_total"] == pytest.approx(3.0, rel=0.02)
     assert final["epsilon_total"] <= 3.0 + 1e-6
 

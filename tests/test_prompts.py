@@ -1,4 +1,4 @@
-"""Prompt learner: the five factorisations' contexts and update rules (docs/method.md section 1, the table)."""
+"""Prompt learner: the five factorisations' contexts and update rules (docs/design.md section 1, the table)."""
 
 from __future__ import annotations
 

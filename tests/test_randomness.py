@@ -10,15 +10,14 @@ import pytest
 import torch
 from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
+from support import train_job
 
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.engine import Federation
-from fpl_fast.job import prepare
-from fpl_fast.methods.dpfpl import run_job
 from fpl_fast.outputs import load_checkpoint
 from fpl_fast.privacy.accountant import epsilon_for
-from fpl_fast.privacy.mechanism import combined_noise_multiplier
 from fpl_fast.privacy.randomness import PartyRandomness, derive_key, party_key
+from fpl_fast.privacy.sensitivity import combined_noise_multiplier
 
 # 3 steps a round; C = 10 and lr 0.1 make one step's noise (lr sigma C / b ~ 0.1 per entry) far larger than rounding.
 BASE = RunConfig(
@@ -26,14 +25,9 @@ BASE = RunConfig(
 )
 
 
-@pytest.fixture(scope="module")
-def job():
-    return prepare(BASE)
-
-
-def _run(job, cfg: RunConfig, out, **kw) -> dict:
-    backbone, classnames, data = job
-    return run_job(cfg, backbone, classnames, data, out=out, progress=False, **kw)
+@pytest.fixture
+def job(embedded_job):
+    return embedded_job(BASE)
 
 
 def _prompts(out) -> dict[str, torch.Tensor]:
@@ -67,8 +61,8 @@ def test_keys_are_secret_by_default_and_derived_with_a_noise_seed():
 
 def test_two_runs_with_the_same_seed_differ_and_results_hold_no_key(job, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    ra = _run(job, BASE, a)
-    _run(job, BASE, b)
+    ra = train_job(job, BASE, a)
+    train_job(job, BASE, b)
     pa, pb = _prompts(a), _prompts(b)
     assert any(not torch.equal(pa[k], pb[k]) for k in pa)  # different noise and batches
     assert ra["final"]["randomness"]["noise_and_sampling"] == "secret"
@@ -81,15 +75,15 @@ def test_two_runs_with_the_same_seed_differ_and_results_hold_no_key(job, tmp_pat
 
 def test_two_runs_with_the_same_noise_seed_are_bitwise_equal(job, tmp_path):
     cfg = BASE.replace(noise_seed=11)
-    ra = _run(job, cfg, tmp_path / "a")
-    rb = _run(job, cfg, tmp_path / "b")
+    ra = train_job(job, cfg, tmp_path / "a")
+    rb = train_job(job, cfg, tmp_path / "b")
     pa, pb = _prompts(tmp_path / "a"), _prompts(tmp_path / "b")
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     strip = lambda rounds: [{k: v for k, v in r.items() if k != "seconds"} for r in rounds]  # noqa: E731
     assert strip(ra["rounds"]) == strip(rb["rounds"])
     statement = ra["final"]["randomness"]
     assert statement["noise_and_sampling"] == "reproducible" and "does NOT hold" in statement["warning"]
-    _run(job, cfg.replace(noise_seed=12), tmp_path / "c")
+    train_job(job, cfg.replace(noise_seed=12), tmp_path / "c")
     pc = _prompts(tmp_path / "c")
     assert any(not torch.equal(pa[k], pc[k]) for k in pa)
 
@@ -97,10 +91,10 @@ def test_two_runs_with_the_same_noise_seed_are_bitwise_equal(job, tmp_path):
 def test_resume_continues_the_secret_streams(job, tmp_path):
     """The keys live in the checkpoint: two resumes of one stopped secret run end identically."""
     first = tmp_path / "first"
-    _run(job, BASE, first, stop_after_round=1)
+    train_job(job, BASE, first, stop_after_round=1)
     shutil.copytree(first, tmp_path / "second")
-    _run(job, BASE, first, resume=True)
-    _run(job, BASE, tmp_path / "second", resume=True)
+    train_job(job, BASE, first, resume=True)
+    train_job(job, BASE, tmp_path / "second", resume=True)
     pa, pb = _prompts(first), _prompts(tmp_path / "second")
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
@@ -146,7 +140,7 @@ def test_combined_multiplier_matches_the_shared_batch_event():
 
 def test_run_reports_epsilon_total_against_dp_accounting(job, tmp_path):
     cfg = BASE.replace(noise_local=1.2, noise_global=2.0, noise=None, noise_seed=1)
-    res = _run(job, cfg, tmp_path / "run")
+    res = train_job(job, cfg, tmp_path / "run")
     f = res["final"]
     assert f["sampling"] == "poisson"
     sigma_eff = (1.2**-2 + 2.0**-2) ** -0.5
@@ -165,7 +159,7 @@ def test_run_reports_epsilon_total_against_dp_accounting(job, tmp_path):
 @pytest.mark.parametrize("calibrate_for", ["total", "each"])
 def test_epsilon_target_calibrates_for_the_total_by_default(job, tmp_path, calibrate_for):
     cfg = BASE.replace(noise=None, epsilon=4.0, calibrate_for=calibrate_for, noise_seed=1)
-    f = _run(job, cfg, tmp_path / calibrate_for)["final"]
+    f = train_job(job, cfg, tmp_path / calibrate_for)["final"]
     if calibrate_for == "total":
         assert 3.9 < f["epsilon_total"] <= 4.0 + 1e-6
     else:

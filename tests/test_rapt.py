@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fpl_fast.backbone.model import load_backbone
+from fpl_fast.backbone.loading import load_backbone
 from fpl_fast.data.topics import TEXT_CLASSNAMES, make_text_dataset
 from fpl_fast.methods import rapt
 from fpl_fast.validation import ConfigError

@@ -36,9 +36,7 @@ def kernel_ops() -> list[str]:
     """Ops whose compiled kernel matches ops.py's signature (the noise ops once their kernels take lists)."""
     if not ops.has_cpp_ops():
         return []
-    names = [n for n in first_use_check.CHECKS if n != "nn_map" or ops._HAS_NN_MAP]
-    names = [n for n in names if n != "dp_output_clip_noise" or ops._HAS_OUTPUT_DP]
-    return [n for n in names if n not in SEED_OPS or _kernel_takes_stream_lists(n)]
+    return [n for n in first_use_check.CHECKS if n not in SEED_OPS or _kernel_takes_stream_lists(n)]
 
 
 @pytest.fixture(autouse=True)

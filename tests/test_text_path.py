@@ -15,16 +15,16 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from support import DEVICES
+from support import DEVICES, train_job
 
-from fpl_fast.backbone.model import FrozenCLIP, SuffixPack, load_backbone
+from fpl_fast.backbone.loading import load_backbone
+from fpl_fast.backbone.model import FrozenCLIP
+from fpl_fast.backbone.text_tower import SuffixPack
 from fpl_fast.config import RunConfig
 from fpl_fast.federated import client as client_module
 from fpl_fast.federated.client import ClientData
 from fpl_fast.federated.engine import Federation
-from fpl_fast.job import prepare
-from fpl_fast.methods.dpfpl import run_federation
-from fpl_fast.privacy.mechanism import NoiseStream
+from fpl_fast.privacy.noise_stream import NoiseStream
 from fpl_fast.prompts.class_prompts import ClassPrompts
 
 N_CTX = 16
@@ -267,9 +267,10 @@ def test_a_whole_dp_fpl_step_gives_the_same_prompts(towers, clip_mode: str) -> N
 # ------------------------------------------------------------------------------------------------------------------
 # The default job in float32, bf16, and the methods
 # ------------------------------------------------------------------------------------------------------------------
-def test_the_default_job_in_float32_gives_the_full_paths_accuracies(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_the_default_job_in_float32_gives_the_full_paths_accuracies(tmp_path: Path, embedded_job) -> None:
     cfg = RunConfig(rounds=3, noise_seed=7)
-    backbone, classnames, data = prepare(cfg)
+    job = backbone, classnames, data = embedded_job(cfg)
     feds = {}
     for path in ("shared", "full"):
         one = Federation(cfg.replace(text_path=path), backbone, classnames, data, noise_local=1.5, noise_global=1.5)
@@ -282,10 +283,7 @@ def test_the_default_job_in_float32_gives_the_full_paths_accuracies(tmp_path: Pa
 
     runs = {}
     for path in ("shared", "full"):
-        result, _ = run_federation(
-            cfg.replace(text_path=path), backbone, classnames, data, out=tmp_path / path, progress=False
-        )
-        runs[path] = result
+        runs[path] = train_job(job, cfg.replace(text_path=path), tmp_path / path)
     shared, full = runs["shared"]["final"], runs["full"]["final"]
     assert shared["text_path"] == "shared" and full["text_path"] == "full"
     assert shared["text_rows_per_client"] < full["text_rows_per_client"] == full["text_full_rows_per_client"]

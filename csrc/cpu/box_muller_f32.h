@@ -2,7 +2,7 @@
 // twice the lanes of the double version in cpu_common.h (which stays the reference-exact path).
 //
 // Precision contract: each normal is within a few float ulps of philox_normal() (the double Box-Muller
-// rounded to float): |err| <= 4e-6 max(1, |z|) is tested (tests/test_dp_output_clip_noise.py), and the tail
+// rounded to float): |err| <= 4e-6 max(1, |z|) is tested (tests/test_ops_specific.py), and the tail
 // is the one the 32-bit u1 gives (max |z| = sqrt(64 ln 2) ~ 6.66 at x0 = 0, where every step below is exact
 // or correctly rounded). How:
 //  - ln u1, u1 = (x0 + 1) 2^-32: for x0 < 2^31, u1 = float(x0 + 1) 2^-32 (correctly rounded, exact below

@@ -18,44 +18,34 @@
 // The hot loops are compiled for AVX-512 and AVX2 (+FMA) next to the baseline, and each call runs the variant
 // of the level chosen at load (cpu_isa.h: FPL_FAST_CPU_ISA / ATEN_CPU_CAPABILITY, else the best the CPU has),
 // so the wheel stays portable without -march=native and every variant can be tested on one machine.
-// FPL_CPU_VARIANTS(ret, name, (params), (args)) defines name##_avx512, name##_avx2, name##_default around the
-// always-inline name##_body and the dispatching name; without FPL_CPU_MULTI_ISA only the plain name.
+// FPL_CPU_ISA_VARIANTS(ret, name, (params), (args), body512, body2, body) defines name##_avx512 calling
+// body512, name##_avx2 calling body2, name##_default calling body, and the dispatching name: the one ISA
+// switch of the CPU kernels. Without FPL_CPU_MULTI_ISA only the plain name, calling body.
 #if FPL_CPU_MULTI_ISA
-#define FPL_CPU_VARIANTS(ret, name, params, args)                                                        \
-  __attribute__((target("arch=x86-64-v4"))) static ret name##_avx512 params { return name##_body args; } \
-  __attribute__((target("arch=x86-64-v3"))) static ret name##_avx2 params { return name##_body args; }   \
-  static ret name##_default params { return name##_body args; }                                          \
-  [[maybe_unused]] static ret name params {                                                              \
-    switch (::fpl_fast::cpu::cpu_isa()) {                                                                \
-      case ::fpl_fast::cpu::CpuIsa::kAvx512:                                                             \
-        return name##_avx512 args;                                                                       \
-      case ::fpl_fast::cpu::CpuIsa::kAvx2:                                                               \
-        return name##_avx2 args;                                                                         \
-      default:                                                                                           \
-        return name##_default args;                                                                      \
-    }                                                                                                    \
-  }
-// FPL_CPU_VARIANTS_VB: the same around name##_body<VB>, VB = 64 / 32 / 16 (the variant's vector bytes).
-#define FPL_CPU_VARIANTS_VB(ret, name, params, args)                                                         \
-  __attribute__((target("arch=x86-64-v4"))) static ret name##_avx512 params { return name##_body<64> args; } \
-  __attribute__((target("arch=x86-64-v3"))) static ret name##_avx2 params { return name##_body<32> args; }   \
-  static ret name##_default params { return name##_body<16> args; }                                          \
-  [[maybe_unused]] static ret name params {                                                                  \
-    switch (::fpl_fast::cpu::cpu_isa()) {                                                                    \
-      case ::fpl_fast::cpu::CpuIsa::kAvx512:                                                                 \
-        return name##_avx512 args;                                                                           \
-      case ::fpl_fast::cpu::CpuIsa::kAvx2:                                                                   \
-        return name##_avx2 args;                                                                             \
-      default:                                                                                               \
-        return name##_default args;                                                                          \
-    }                                                                                                        \
+#define FPL_CPU_ISA_VARIANTS(ret, name, params, args, body512, body2, body)                          \
+  __attribute__((target("arch=x86-64-v4"))) static ret name##_avx512 params { return body512 args; } \
+  __attribute__((target("arch=x86-64-v3"))) static ret name##_avx2 params { return body2 args; }     \
+  static ret name##_default params { return body args; }                                             \
+  [[maybe_unused]] static ret name params {                                                          \
+    switch (::fpl_fast::cpu::cpu_isa()) {                                                            \
+      case ::fpl_fast::cpu::CpuIsa::kAvx512:                                                         \
+        return name##_avx512 args;                                                                   \
+      case ::fpl_fast::cpu::CpuIsa::kAvx2:                                                           \
+        return name##_avx2 args;                                                                     \
+      default:                                                                                       \
+        return name##_default args;                                                                  \
+    }                                                                                                \
   }
 #else
-#define FPL_CPU_VARIANTS(ret, name, params, args) \
-  [[maybe_unused]] static ret name params { return name##_body args; }
-#define FPL_CPU_VARIANTS_VB(ret, name, params, args) \
-  [[maybe_unused]] static ret name params { return name##_body<16> args; }
+#define FPL_CPU_ISA_VARIANTS(ret, name, params, args, body512, body2, body) \
+  [[maybe_unused]] static ret name params { return body args; }
 #endif
+// FPL_CPU_VARIANTS(ret, name, (params), (args)): the same body, the always-inline name##_body, for each ISA.
+#define FPL_CPU_VARIANTS(ret, name, params, args) \
+  FPL_CPU_ISA_VARIANTS(ret, name, params, args, name##_body, name##_body, name##_body)
+// FPL_CPU_VARIANTS_VB: around name##_body<VB>, VB = 64 / 32 / 16 (the variant's vector bytes).
+#define FPL_CPU_VARIANTS_VB(ret, name, params, args) \
+  FPL_CPU_ISA_VARIANTS(ret, name, params, args, name##_body<64>, name##_body<32>, name##_body<16>)
 
 #if defined(__GNUC__) || defined(__clang__)
 #define FPL_ALWAYS_INLINE __attribute__((always_inline)) inline

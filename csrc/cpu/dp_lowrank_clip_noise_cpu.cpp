@@ -1,10 +1,10 @@
 // dp_lowrank_clip_noise on the CPU: per-sample clipping of the prompt-factor gradients plus local-DP noise.
-// Semantics: fpl_fast/reference.py. One pass over the per-sample context gradients: for each sample, while X
-// is in cache, A = X V^T and the three norms (|A|, |U^T X|, |X|) are computed and the clipped A goes into its
-// work unit's sum; at the end of each chunk of samples (still in cache) the clipped X are summed twice, with
-// the factor of g_V and with that of g_G. The clipped g_V sum is U^T times the first of these (linearity),
-// formed once per client, so no per-sample (r, d) product and no per-sample (K, b, r, d) tensor is ever
-// materialised.
+// Semantics: fpl_fast/ops/reference/dp_lowrank_clip_noise_ref.py. One pass over the per-sample context
+// gradients: for each sample, while X is in cache, A = X V^T and the three norms (|A|, |U^T X|, |X|) are
+// computed and the clipped A goes into its work unit's sum; at the end of each chunk of samples (still in
+// cache) the clipped X are summed twice, with the factor of g_V and with that of g_G. The clipped g_V sum is
+// U^T times the first of these (linearity), formed once per client, so no per-sample (r, d) product and no
+// per-sample (K, b, r, d) tensor is ever materialised.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -187,8 +187,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dp_lowrank_clip_noise
     const at::Tensor& grad, const std::optional<at::Tensor>& u, const std::optional<at::Tensor>& v,
     double clip_norm, double noise_multiplier, c10::IntArrayRef seed, c10::IntArrayRef offset,
     double expected_batch_size, bool joint_uv, bool per_sample, bool sum_classes) {
-  const DpClipNoiseDims dims = check_dp_lowrank_clip_noise(grad, u, v, clip_norm, noise_multiplier, seed,
-                                                           offset, expected_batch_size, sum_classes);
+  const DpClipNoiseDims dims =
+      check_dp_lowrank_clip_noise(grad, u, v, seed, offset, expected_batch_size, sum_classes);
   TORCH_INTERNAL_ASSERT(grad.device().is_cpu());
   const at::Tensor x = grad.contiguous();
   const at::Tensor u_acc = dims.has_uv ? cpu::to_acc(*u) : at::Tensor();

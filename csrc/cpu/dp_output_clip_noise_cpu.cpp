@@ -1,5 +1,6 @@
 // dp_output_clip_noise on the CPU: output-space per-example clipping of the logit head's cotangents + noise.
-// Semantics: fpl_fast/reference.py. Per client k, with raw features X (b, D) and T (n_cls, D):
+// Semantics: fpl_fast/ops/reference/dp_output_clip_noise_ref.py. Per client k, with raw features X (b, D) and
+// T (n_cls, D):
 //  1. G = X T^T (dot products, work units of kClassBlock classes) and ||T_c||;
 //  2. per client: cos, log-softmax, losses, the closed-form cotangent norms, the clip factors f, the weights
 //     Wt[c, i] = f_i w_ic / ||x_i|| (so that A = Wt X = (f w)^T X^) and proj_c = T^_c . A_c, which is
@@ -458,30 +459,10 @@ FPL_ALWAYS_INLINE void combine_body(int64_t nc, int64_t b, int64_t D, const T* W
   for (; c0 < nc; ++c0) combine_rows<T, VB, 1, RV>(b, D, Wt, X, Tt, alpha, beta, gamma, z, out, c0);
 }
 
-// Per-ISA variants with their own blocking (cpu_common.h's FPL_CPU_VARIANTS compiles one body three times).
-#if FPL_CPU_MULTI_ISA
-#define FPL_BLOCKED_VARIANTS(ret, name, params, args)                          \
-  __attribute__((target("arch=x86-64-v4"))) static ret name##_avx512 params {  \
-    return name##_body<BlocksAvx512> args;                                     \
-  }                                                                            \
-  __attribute__((target("arch=x86-64-v3"))) static ret name##_avx2 params {    \
-    return name##_body<BlocksAvx2> args;                                       \
-  }                                                                            \
-  static ret name##_default params { return name##_body<BlocksDefault> args; } \
-  static ret name params {                                                     \
-    switch (::fpl_fast::cpu::cpu_isa()) {                                      \
-      case ::fpl_fast::cpu::CpuIsa::kAvx512:                                   \
-        return name##_avx512 args;                                             \
-      case ::fpl_fast::cpu::CpuIsa::kAvx2:                                     \
-        return name##_avx2 args;                                               \
-      default:                                                                 \
-        return name##_default args;                                            \
-    }                                                                          \
-  }
-#else
-#define FPL_BLOCKED_VARIANTS(ret, name, params, args) \
-  static ret name params { return name##_body<BlocksDefault> args; }
-#endif
+// Per-ISA variants with their own blocking (cpu_common.h's ISA switch around name##_body<Blocks...>).
+#define FPL_BLOCKED_VARIANTS(ret, name, params, args)                                               \
+  FPL_CPU_ISA_VARIANTS(ret, name, params, args, name##_body<BlocksAvx512>, name##_body<BlocksAvx2>, \
+                       name##_body<BlocksDefault>)
 
 FPL_BLOCKED_VARIANTS(void, fill_normals_fast,
                      (uint64_t seed, uint64_t offset, uint64_t start, int64_t count, float* out),
@@ -633,8 +614,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dp_output_clip_noise_cpu(
     const std::optional<at::Tensor>& mask, double logit_scale, const at::Tensor& clip_norm,
     double noise_multiplier, c10::IntArrayRef seed, c10::IntArrayRef offset, double denominator) {
   const OutputDpDims dims =
-      check_dp_output_clip_noise(image_feats, text_feats, labels, mask, logit_scale, clip_norm,
-                                 noise_multiplier, seed, offset, denominator);
+      check_dp_output_clip_noise(image_feats, text_feats, labels, mask, clip_norm, seed, offset);
   TORCH_INTERNAL_ASSERT(text_feats.device().is_cpu());
   const int64_t K = dims.K, b = dims.b, n_cls = dims.n_cls, D = dims.D;
   const auto dtype = text_feats.scalar_type();
@@ -662,8 +642,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dp_output_clip_noise_cpu(
 // words, so that tests can reach the extreme words (x0 near 0 and 2^32) no affordable seed search would.
 // words: (n, 2) int64 holding uint32 (x0, x1); returns (n, 2) float32 (z0, z1).
 at::Tensor box_muller_f32_words_cpu(const at::Tensor& words) {
-  TORCH_CHECK(words.dim() == 2 && words.size(1) == 2 && words.scalar_type() == at::kLong,
-              "words must be an (n, 2) int64 tensor");
+  const detail::ArgChecks check("_box_muller_f32_words");
+  check.shape(words.dim() == 2 && words.size(1) == 2, words, "words");
+  check.dtype(words, "words", at::kLong);
   const at::Tensor w = words.contiguous();
   const int64_t n = w.size(0);
   at::Tensor out = at::empty({n, 2}, w.options().dtype(at::kFloat));

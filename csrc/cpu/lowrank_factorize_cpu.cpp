@@ -1,7 +1,8 @@
-// lowrank_factorize on the CPU: one randomised power iteration per client. Semantics: fpl_fast/reference.py.
-// V0 (d x r) comes from the client's own Philox stream, U = orth(L V0), W = orth(L^T U), V = W^T, R = L - U
-// V, where orth is the reference's column-wise modified Gram-Schmidt (normalise column j, remove it from the
-// later columns). W is kept transposed (r x d) so its columns are contiguous rows and V needs no transpose.
+// lowrank_factorize on the CPU: one randomised power iteration per client. Semantics:
+// fpl_fast/ops/reference/lowrank_factorize_ref.py. V0 (d x r) comes from the client's own Philox stream, U =
+// orth(L V0), W = orth(L^T U), V = W^T, R = L - U V, where orth is the reference's column-wise modified
+// Gram-Schmidt (normalise column j, remove it from the later columns). W is kept transposed (r x d) so its
+// columns are contiguous rows and V needs no transpose.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

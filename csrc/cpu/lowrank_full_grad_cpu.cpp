@@ -1,6 +1,7 @@
-// lowrank_full_grad on the CPU: g_L = scale (g_U V + U g_V + U U^T g_U V). Semantics: fpl_fast/reference.py.
-// Per client, M = g_U + U (U^T g_U) (n_ctx x r) is formed first, so that g_L = scale (M V + U g_V) is one
-// pass of 2 r row updates over the (n_ctx x d) output, accumulated in float (double for double inputs).
+// lowrank_full_grad on the CPU: g_L = scale (g_U V + U g_V + U U^T g_U V). Semantics:
+// fpl_fast/ops/reference/lowrank_full_grad_ref.py. Per client, M = g_U + U (U^T g_U) (n_ctx x r) is formed
+// first, so that g_L = scale (M V + U g_V) is one pass of 2 r row updates over the (n_ctx x d) output,
+// accumulated in float (double for double inputs).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -51,7 +52,7 @@ void lowrank_full_grad_kernel(const at::Tensor& gu_acc, const at::Tensor& gv_acc
 
 at::Tensor lowrank_full_grad_cpu(const at::Tensor& grad_u, const at::Tensor& grad_v, const at::Tensor& u,
                                  const at::Tensor& v, double scale) {
-  const FullGradDims dims = check_lowrank_full_grad(grad_u, grad_v, u, v, scale);
+  const FullGradDims dims = check_lowrank_full_grad(grad_u, grad_v, u, v);
   TORCH_INTERNAL_ASSERT(u.device().is_cpu());
   at::Tensor out = at::empty(cpu::with_k(dims.batched, dims.K, {dims.n_ctx, dims.d}), u.options());
   if (out.numel() == 0) return out;

@@ -1,4 +1,4 @@
-// lowrank_prompt and its backward on the CPU. Semantics: fpl_fast/reference.py.
+// lowrank_prompt and its backward on the CPU. Semantics: fpl_fast/ops/reference/lowrank_prompt_ref.py.
 // Forward: ctx = G + U V (+ R) is formed once per client (accumulated in float, or double for double inputs,
 // and rounded once), then every class row of the output is written as [prefix | ctx | suffix] by plain
 // copies. Backward: the context rows of grad_out are summed over classes, then multiplied by V^T and U^T per

@@ -1,9 +1,10 @@
 // nn_map on the CPU: ids[i] = argmin_w ||emb[w] - y[i]||^2 over allowed w, ties to the smaller id.
-// Semantics: fpl_fast/reference.py. Scores are ||emb[w]||^2 - 2 emb[w] . y[i] (precomputed squared norms,
-// +inf for ids that are not allowed). The queries are taken in blocks of kRows rows and the vocabulary in
-// blocks of `chunk` rows; for each pair of blocks one GEMM (at::mm_out, which uses every thread) gives the
-// (rows x chunk) dot products, then at::parallel_for over the query rows merges them into a running (value,
-// id) minimum. The (B, V) score matrix is never materialised: the buffer holds at most kRows x chunk scores.
+// Semantics: fpl_fast/ops/reference/nn_map_ref.py. Scores are ||emb[w]||^2 - 2 emb[w] . y[i] (precomputed
+// squared norms, +inf for ids that are not allowed). The queries are taken in blocks of kRows rows and the
+// vocabulary in blocks of `chunk` rows; for each pair of blocks one GEMM (at::mm_out, which uses every
+// thread) gives the (rows x chunk) dot products, then at::parallel_for over the query rows merges them into a
+// running (value, id) minimum. The (B, V) score matrix is never materialised: the buffer holds at most kRows
+// x chunk scores.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -66,8 +67,6 @@ at::Tensor nn_map_cpu(const at::Tensor& y, const at::Tensor& emb, const std::opt
                       int64_t chunk) {
   const NnMapDims dims = check_nn_map(y, emb, allowed, chunk);
   TORCH_INTERNAL_ASSERT(y.device().is_cpu());
-  const int64_t n_allowed = dims.has_allowed ? allowed->sum().item<int64_t>() : dims.V;
-  TORCH_CHECK_VALUE(n_allowed > 0, "nn_map needs at least one allowed id, got none of ", dims.V);
   at::Tensor out = at::empty({dims.B}, y.options().dtype(at::kLong));
   if (dims.B == 0) return out;
   const auto acc = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -1,5 +1,5 @@
 // dp_lowrank_clip_noise on CUDA: per-sample clipping of the prompt-factor gradients plus local-DP noise.
-// Semantics: fpl_fast/reference.py.
+// Semantics: fpl_fast/ops/reference/dp_lowrank_clip_noise_ref.py.
 //
 // Three launches; no per-sample (r, d) tensor is ever materialised:
 //  1. norms kernel, one block per sample (k, i), one pass over grad_i: g_U,i = grad_i V^T (a warp per
@@ -338,9 +338,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dp_lowrank_clip_noise
     const at::Tensor& grad, const std::optional<at::Tensor>& u_in, const std::optional<at::Tensor>& v_in,
     double clip_norm, double noise_multiplier, c10::IntArrayRef seed, c10::IntArrayRef offset,
     double expected_batch_size, bool joint_uv, bool per_sample, bool sum_classes) {
-  const DpClipNoiseDims dims = check_dp_lowrank_clip_noise(grad, u_in, v_in, clip_norm, noise_multiplier,
-                                                           seed, offset, expected_batch_size, sum_classes);
-  TORCH_CHECK_VALUE(grad.is_cuda(), "grad must be a CUDA tensor, got device ", grad.device().str());
+  const DpClipNoiseDims dims =
+      check_dp_lowrank_clip_noise(grad, u_in, v_in, seed, offset, expected_batch_size, sum_classes);
+  detail::ArgChecks("dp_lowrank_clip_noise").cuda(grad, "grad");
   const c10::cuda::CUDAGuard device_guard(grad.device());
   const int64_t K = dims.K, b = dims.b, n_ctx = dims.n_ctx, d = dims.d, r = dims.r;
   const bool has_uv = dims.has_uv;

@@ -1,5 +1,5 @@
 // dp_output_clip_noise on CUDA: output-space per-example clipping of the logit head's cotangents + noise.
-// Semantics: fpl_fast/reference.py; the closed form as the CPU kernel
+// Semantics: fpl_fast/ops/reference/dp_output_clip_noise_ref.py; the closed form as the CPU kernel
 // (csrc/cpu/dp_output_clip_noise_cpu.cpp).
 //
 // Three launches; no (b, n_cls, D) cotangent and no (n_cls, D) temporary is ever written:
@@ -162,10 +162,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dp_output_clip_noise_cuda(
     const std::optional<at::Tensor>& mask, double logit_scale, const at::Tensor& clip_norm,
     double noise_multiplier, c10::IntArrayRef seed, c10::IntArrayRef offset, double denominator) {
   const OutputDpDims dims =
-      check_dp_output_clip_noise(image_feats, text_feats, labels, mask, logit_scale, clip_norm,
-                                 noise_multiplier, seed, offset, denominator);
-  TORCH_CHECK_VALUE(text_feats.is_cuda(), "text_feats must be a CUDA tensor, got device ",
-                    text_feats.device().str());
+      check_dp_output_clip_noise(image_feats, text_feats, labels, mask, clip_norm, seed, offset);
+  detail::ArgChecks("dp_output_clip_noise").cuda(text_feats, "text_feats");
   const c10::cuda::CUDAGuard device_guard(text_feats.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t K = dims.K, b = dims.b, n_cls = dims.n_cls, D = dims.D;

@@ -1,5 +1,5 @@
 // lowrank_factorize on CUDA: one randomised power iteration L ~ U V, R = L - U V.
-// Semantics: fpl_fast/reference.py.
+// Semantics: fpl_fast/ops/reference/lowrank_factorize_ref.py.
 //
 // One block per client, in op-math precision, with the intermediates in a small global scratch (L1/L2
 // resident, visible within the block across __syncthreads): V0 (d x r) from client k's own Philox stream
@@ -123,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_factorize_cuda(const at::
                                                                       c10::IntArrayRef seed,
                                                                       c10::IntArrayRef offset) {
   const FactorizeDims dims = check_lowrank_factorize(l_in, rank, seed, offset);
-  TORCH_CHECK_VALUE(l_in.is_cuda(), "l must be a CUDA tensor, got device ", l_in.device().str());
+  detail::ArgChecks("lowrank_factorize").cuda(l_in, "l");
   const c10::cuda::CUDAGuard device_guard(l_in.device());
   const at::Tensor l = l_in.contiguous();
   const int64_t K = dims.K, n = dims.n_ctx, d = dims.d, r = dims.r;

@@ -1,4 +1,5 @@
-// lowrank_full_grad on CUDA: g_L = scale (g_U V + U g_V + U U^T g_U V). Semantics: fpl_fast/reference.py.
+// lowrank_full_grad on CUDA: g_L = scale (g_U V + U g_V + U U^T g_U V). Semantics:
+// fpl_fast/ops/reference/lowrank_full_grad_ref.py.
 //
 // Computed as g_L = scale ((g_U + U (U^T g_U)) V + U g_V), in two launches in op-math precision:
 //  1. inner kernel, a thread per (k, t, j): W[t, j] = g_U[t, j] + sum_j' U[t, j'] (U^T g_U)[j', j];
@@ -73,8 +74,8 @@ __global__ void __launch_bounds__(kThreads)
 
 at::Tensor lowrank_full_grad_cuda(const at::Tensor& grad_u_in, const at::Tensor& grad_v_in,
                                   const at::Tensor& u_in, const at::Tensor& v_in, double scale) {
-  const FullGradDims dims = check_lowrank_full_grad(grad_u_in, grad_v_in, u_in, v_in, scale);
-  TORCH_CHECK_VALUE(u_in.is_cuda(), "u must be a CUDA tensor, got device ", u_in.device().str());
+  const FullGradDims dims = check_lowrank_full_grad(grad_u_in, grad_v_in, u_in, v_in);
+  detail::ArgChecks("lowrank_full_grad").cuda(u_in, "u");
   // grad_u, grad_v and v are checked to be on u's device.
   const c10::cuda::CUDAGuard device_guard(u_in.device());
   const at::Tensor grad_u = grad_u_in.contiguous();

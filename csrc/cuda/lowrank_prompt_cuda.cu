@@ -1,4 +1,5 @@
-// lowrank_prompt and lowrank_prompt_backward on CUDA. Semantics: fpl_fast/reference.py.
+// lowrank_prompt and lowrank_prompt_backward on CUDA. Semantics:
+// fpl_fast/ops/reference/lowrank_prompt_ref.py.
 //
 // Forward: one kernel writes [prefix | G + U V (+ R) | suffix] for every client and class. A block owns
 // one (client k, token row l) pair and a chunk of classes; a context row is computed once per thread (in
@@ -129,16 +130,12 @@ void launch_lowrank_prompt(at::Tensor& out, const at::Tensor& prefix, const at::
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device().str());
-}
-
 at::Tensor lowrank_prompt_cuda(const at::Tensor& prefix_in, const at::Tensor& suffix_in,
                                const at::Tensor& g_in, const std::optional<at::Tensor>& u_in,
                                const std::optional<at::Tensor>& v_in,
                                const std::optional<at::Tensor>& residual_in) {
   const LowrankPromptDims dims = check_lowrank_prompt(prefix_in, suffix_in, g_in, u_in, v_in, residual_in);
-  check_cuda(prefix_in, "prefix");  // check_lowrank_prompt puts every other tensor on prefix's device
+  detail::ArgChecks("lowrank_prompt").cuda(prefix_in, "prefix");  // the others are on prefix's device
   const c10::cuda::CUDAGuard device_guard(prefix_in.device());
   const at::Tensor prefix = prefix_in.contiguous();
   const at::Tensor suffix = suffix_in.contiguous();
@@ -204,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_prompt_backward_cuda(
     const at::Tensor& grad_out_in, const std::optional<at::Tensor>& u_in,
     const std::optional<at::Tensor>& v_in, int64_t n_ctx) {
   const LowrankPromptBackwardDims dims = check_lowrank_prompt_backward(grad_out_in, u_in, v_in, n_ctx);
-  check_cuda(grad_out_in, "grad_out");  // u and v are checked to be on grad_out's device
+  detail::ArgChecks("lowrank_prompt_backward").cuda(grad_out_in, "grad_out");  // u, v are on its device
   const c10::cuda::CUDAGuard device_guard(grad_out_in.device());
   at::Tensor go = grad_out_in.contiguous();
   if (go.dim() == 3) go = go.unsqueeze(0);

@@ -1,5 +1,5 @@
 // nn_map on CUDA: ids[i] = argmin_w ||emb[w] - y[i]||^2 over allowed w, ties to the smaller id.
-// Semantics: fpl_fast/reference.py.
+// Semantics: fpl_fast/ops/reference/nn_map_ref.py.
 //
 // Chunked GEMM + running argmin: the vocabulary is walked in blocks of `chunk` rows (and the queries in
 // blocks of rows so that the score buffer stays bounded). For each (query block, vocabulary block) one cuBLAS
@@ -86,8 +86,6 @@ at::Tensor nn_map_cuda(const at::Tensor& y, const at::Tensor& emb, const std::op
   const NnMapDims dims = check_nn_map(y, emb, allowed, chunk);
   TORCH_INTERNAL_ASSERT(y.is_cuda());
   const c10::cuda::CUDAGuard device_guard(y.device());
-  const int64_t n_allowed = dims.has_allowed ? allowed->sum().item<int64_t>() : dims.V;  // syncs
-  TORCH_CHECK_VALUE(n_allowed > 0, "nn_map needs at least one allowed id, got none of ", dims.V);
   at::Tensor out = at::full({dims.B}, -1, y.options().dtype(at::kLong));
   if (dims.B == 0) return out;
   const auto acc = cuda::acc_dtype(y.scalar_type());

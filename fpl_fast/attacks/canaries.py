@@ -31,7 +31,7 @@ from fpl_fast.privacy.audit_bound import (
     black_box_scores,
     one_run_bound,
 )
-from fpl_fast.privacy.mechanism import OutputDPResult
+from fpl_fast.privacy.output_dp import OutputDPResult
 from fpl_fast.privacy.plan import NoisePlan
 from fpl_fast.validation import check
 

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.engine import ClientData, Federation
-from fpl_fast.methods.dpfpl import eval_seed, train_federation
+from fpl_fast.methods.dpfpl import build_federation, eval_seed, progress_bar, train_rounds
 
 __all__ = [
     "Records",
@@ -52,6 +52,7 @@ __all__ = [
     "split_pool",
     "shadow_data",
     "shadow_seed",
+    "train_shadow",
     "shadow_records",
     "fit_attack_models",
     "membership_scores",
@@ -283,6 +284,19 @@ def shadow_data(cfg: RunConfig, pool: ShadowPool, seed: int) -> ClientData:
     )
 
 
+def train_shadow(
+    cfg: RunConfig, backbone, classnames: list[str], data: ClientData, *, progress: bool = True, desc: str = "mia"
+) -> Federation:
+    """A federation trained ``cfg.rounds`` rounds as a run trains it (same blocks, same draws), with nothing
+    evaluated or written in between: a shadow model."""
+    fed, _, _ = build_federation(cfg, backbone, classnames, data)
+    bar = progress_bar(cfg.rounds * fed.steps_per_round, desc=desc, enabled=progress)
+    for _ in train_rounds(fed, 0, cfg.rounds, on_step=bar.update):
+        pass
+    bar.close()
+    return fed
+
+
 def shadow_records(
     cfg: RunConfig, backbone, classnames: list[str], pool: ShadowPool, j: int, *, progress: bool = True
 ) -> Records:
@@ -292,7 +306,7 @@ def shadow_records(
     noise_seed = None if cfg.noise_seed is None else cfg.noise_seed + 1000 * (j + 1)
     shadow_cfg = cfg.replace(seed=seed, noise_seed=noise_seed)
     data = shadow_data(shadow_cfg, pool, seed)
-    fed = train_federation(shadow_cfg, backbone, classnames, data, progress=progress, desc=f"mia shadow {j + 1}")
+    fed = train_shadow(shadow_cfg, backbone, classnames, data, progress=progress, desc=f"mia shadow {j + 1}")
     return federation_records(fed, data, eval_seed=eval_seed(shadow_cfg, cfg.rounds - 1), seed=seed)
 
 

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from fpl_fast.data.cifar import load_cifar
 from fpl_fast.data.coop import COOP_DATASETS, load_coop
 from fpl_fast.data.digits import DIGIT_CLASSNAMES, DigitsDataset
+from fpl_fast.data.labels import dataset_labels
 from fpl_fast.data.splits import SCHEMES, ClientSplit, partition, sample_shots
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "ClientSplit",
     "DatasetBundle",
     "DigitsDataset",
+    "dataset_labels",
     "load_dataset",
     "partition",
     "sample_shots",

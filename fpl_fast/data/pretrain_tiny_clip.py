@@ -31,14 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fpl_fast.backbone.model import (
-    EMBEDDED_MODEL,
-    EMBEDDED_WEIGHTS,
-    Backbone,
-    init_token_embedding,
-    text_encoder_forward,
-    text_tower,
-)
+from fpl_fast.backbone.checkpoints import init_token_embedding
+from fpl_fast.backbone.configs import EMBEDDED_MODEL, EMBEDDED_WEIGHTS
+from fpl_fast.backbone.protocol import Backbone
+from fpl_fast.backbone.text_tower import text_encoder_forward, text_tower
 from fpl_fast.data.digits import DIGIT_CLASSNAMES, DigitsDataset
 from fpl_fast.data.recipe import adamw_warmup_cosine, recipe_main
 

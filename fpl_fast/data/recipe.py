@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fpl_fast.backbone.model import EMBEDDED_MODEL, Backbone, save_compact_checkpoint
+from fpl_fast.backbone.checkpoints import save_compact_checkpoint
+from fpl_fast.backbone.configs import EMBEDDED_MODEL
+from fpl_fast.backbone.protocol import Backbone
 
 __all__ = ["recipe_main", "adamw_warmup_cosine"]
 
@@ -97,7 +99,7 @@ def recipe_main(
 
     save()
     if not args.no_eval:
-        from fpl_fast.backbone.model import load_backbone
+        from fpl_fast.backbone.loading import load_backbone
 
         results = evaluate(load_backbone(EMBEDDED_MODEL, args.out))
         for name, value in results.items():

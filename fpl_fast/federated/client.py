@@ -32,16 +32,10 @@ from torch import Tensor
 
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.optim import ClientSGD
-from fpl_fast.privacy.mechanism import (
-    LocalDP,
-    NoiseStream,
-    OutputDP,
-    OutputDPResult,
-    client_noise_global,
-    privatize_local,
-    privatize_output,
-    take_each,
-)
+from fpl_fast.privacy.clipping import LocalDP, privatize_local
+from fpl_fast.privacy.global_noise import client_noise_global
+from fpl_fast.privacy.noise_stream import NoiseStream, take_each
+from fpl_fast.privacy.output_dp import OutputDP, OutputDPResult, privatize_output
 from fpl_fast.privacy.per_sample import (
     logit_cotangents,
     per_sample_prompt_grads_by_row,

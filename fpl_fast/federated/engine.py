@@ -18,6 +18,7 @@ from torch import Tensor
 from fpl_fast.backbone.protocol import Backbone
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.client import ClientData, Clients, StepStats, steps_per_round
+from fpl_fast.federated.metrics import split_accuracies
 from fpl_fast.federated.server import Server
 from fpl_fast.privacy.plan import NoisePlan
 from fpl_fast.prompts import PromptConfig, PromptLearner
@@ -32,14 +33,7 @@ def client_accuracies(text: Tensor, data: ClientData, clients: list[int]) -> tup
     split (local) and on every other client's test split in ``data`` (neighbour; nan where there is none)."""
     x = torch.nn.functional.normalize(data.test_feats.to(text.device), dim=-1)
     correct = torch.einsum("nd,kcd->knc", x, text).argmax(-1).cpu() == data.test_labels.cpu()[None]
-    local, neighbor = [], []
-    for j, k in enumerate(clients):
-        own = torch.as_tensor(data.test_idx[k], dtype=torch.long)
-        others = [torch.as_tensor(ix, dtype=torch.long) for i, ix in enumerate(data.test_idx) if i != k]
-        oth = torch.cat(others) if others else own.new_zeros(0)
-        local.append(float(correct[j, own].float().mean()) if len(own) else float("nan"))
-        neighbor.append(float(correct[j, oth].float().mean()) if len(oth) else float("nan"))
-    return local, neighbor
+    return split_accuracies(correct, data.test_idx, clients)
 
 
 class Federation:

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from fpl_fast.config import RunConfig, clients_per_round
 from fpl_fast.federated.optim import ClientSGD
-from fpl_fast.privacy.mechanism import server_aggregate_global
+from fpl_fast.privacy.global_noise import server_aggregate_global
 from fpl_fast.privacy.randomness import PartyRandomness
 
 __all__ = ["Server"]

@@ -1,5 +1,5 @@
 """Running a grid's cells: each an ordinary run folder ``DIR/cells/<name>/`` written by :func:`fpl_fast.job.train`
-(the ``prepare_and_run`` path, which also hands back the backbone's encoded-image counter), skipped when finished,
+(the one way into a run; its Result also hands back the backbone's encoded-image counter), skipped when finished,
 resumed from its checkpoint when stopped, in parallel worker processes.
 
 Workers are a ``concurrent.futures.ProcessPoolExecutor`` with the spawn start method: torch is imported once per

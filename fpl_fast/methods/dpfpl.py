@@ -1,5 +1,7 @@
-"""A whole federated DP-FPL job: build, calibrate the noise, train round by round, account; the method
-:class:`DPFPL` on the skeleton of :mod:`fpl_fast.methods.skeleton`, whose driver writes, checkpoints and resumes."""
+"""DP-FPL, the main method: build the federation with its noise calibrated (:func:`build_federation`), train its
+rounds (:func:`train_rounds`), evaluate and account; :class:`DPFPL` on the skeleton of :mod:`fpl_fast.methods.skeleton`,
+whose driver writes, checkpoints and resumes. A run enters through :func:`fpl_fast.job.train`; these are its blocks
+(the audit and the membership attack's shadow models train with the blocks themselves)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ from fpl_fast.backbone.protocol import Backbone
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.client import sample_rates, steps_per_round
 from fpl_fast.federated.engine import ClientData, Federation, StepStats
-from fpl_fast.methods.skeleton import run_method
 from fpl_fast.privacy.accountant import PrivacyAccountant
 from fpl_fast.privacy.plan import ClientAccountant, NoisePlan, plan_noise, trust_model
 from fpl_fast.privacy.randomness import randomness_statement
@@ -29,12 +30,9 @@ from fpl_fast.prompts import get_factorization
 __all__ = [
     "build_federation",
     "train_rounds",
-    "train_federation",
     "load_federation",
     "eval_seed",
     "progress_bar",
-    "run_job",
-    "run_federation",
     "default_out_dir",
     "TrainingDiverged",
     "divergence_guard",
@@ -94,25 +92,6 @@ def eval_seed(cfg: RunConfig, rnd: int) -> int:
 def progress_bar(total: int, *, desc: str, enabled: bool) -> tqdm:
     """The run's progress bar (one tick per local step); ``enabled=False`` (--quiet) shows nothing."""
     return tqdm(total=total, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True)
-
-
-def train_federation(
-    cfg: RunConfig,
-    backbone: Backbone,
-    classnames: list[str],
-    data: ClientData,
-    *,
-    progress: bool = True,
-    desc: str = "fpl_fast",
-) -> Federation:
-    """Train ``cfg.rounds`` rounds exactly as :func:`run_job` does, without evaluating or writing anything
-    (shadow models of the membership-inference attack)."""
-    fed, _, _ = build_federation(cfg, backbone, classnames, data)
-    bar = progress_bar(cfg.rounds * fed.steps_per_round, desc=desc, enabled=progress)
-    for _ in train_rounds(fed, 0, cfg.rounds, on_step=bar.update):
-        pass
-    bar.close()
-    return fed
 
 
 def load_federation(
@@ -350,37 +329,3 @@ class DPFPL:
             "local_acc_per_client": last_eval["local_acc_per_client"],
             "neighbor_acc_per_client": last_eval["neighbor_acc_per_client"],
         }
-
-
-def run_job(
-    cfg: RunConfig, backbone: Backbone, classnames: list[str], data: ClientData, **kwargs: Any
-) -> dict[str, Any]:
-    """:func:`run_federation` without the trained federation: the results dict."""
-    return run_federation(cfg, backbone, classnames, data, **kwargs)[0]
-
-
-def run_federation(
-    cfg: RunConfig,
-    backbone: Backbone,
-    classnames: list[str],
-    data: ClientData,
-    *,
-    out: Path,
-    resume: bool = False,
-    progress: bool = True,
-    stop_after_round: int | None = None,
-) -> tuple[dict[str, Any], Federation]:
-    """Train and evaluate (:class:`DPFPL` through :func:`run_method`); write results.json, rounds.csv,
-    accuracy.png and a checkpoint each round.
-
-    Args:
-        out: the run's folder.
-        resume: continue from the checkpoint in ``out``.
-        stop_after_round: end early after this round (as if interrupted; used to test --resume).
-
-    Returns the results dict (what results.json holds) and the trained federation.
-    """
-    method = DPFPL(backbone, classnames, data, out=out)
-    result = run_method(method, cfg, out=out, progress=progress, resume=resume, stop_after_round=stop_after_round)
-    assert method.fed is not None  # set up by run_method
-    return result, method.fed

@@ -1,5 +1,5 @@
 """RAPT (arXiv 2305.06212) on a CLIP text tower, federated: privatised prompt tuning with plain-token
-reconstruction (spec ``feddtpt-rapt.md`` §2.2-2.3, §3.2 A/B, R1-R11).
+reconstruction. The labels R3-R12 name the steps described here; the code cites them.
 
 Per client, once before training (R10): every training sentence x gets m plain tokens k drawn uniformly from the
 public reconstruction vocabulary T (R5), and [k; x] is privatised token by token with the d_chi mechanism
@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fpl_fast.backbone.model import FrozenCLIP, SuffixPack, load_backbone, text_tower
+from fpl_fast.backbone.loading import load_backbone
+from fpl_fast.backbone.model import FrozenCLIP
+from fpl_fast.backbone.text_tower import SuffixPack, text_tower
 from fpl_fast.config import CHOICES
 from fpl_fast.data.clients import client_split
 from fpl_fast.data.topics import TEXT_CLASSNAMES, TEXT_SEED, make_text_dataset
@@ -88,7 +90,7 @@ class Config:
         noise_seed: None (default): each party's plain tokens k and d_chi noise come from secret keys (OS
             CSPRNG); N: reproducible from N, and the guarantee does not hold against anyone who knows N.
         batch_size: local batch size.
-        lr: AdamW learning rate of P and the heads (spec R8: 1e-3).
+        lr: AdamW learning rate of P and the heads (1e-3).
         weight_decay: AdamW weight decay.
         n_prompt: soft-prompt length N (16).
         n_plain: plain tokens m (8 for CLIP's 77-token context).
@@ -99,7 +101,7 @@ class Config:
         rec_weight: lambda; 0 gives plain prompt tuning on privatised text.
         fixed_plain: one fixed k for every sentence (the literal "arbitrary fixed sequence" reading).
         task_head: ``linear`` (on the projected EOT feature) or ``cosine`` (against label-text features).
-        eta: d_chi privacy parameter; None calibrates it to ``target_preservation`` (spec R8).
+        eta: d_chi privacy parameter; None calibrates it to ``target_preservation``.
         target_preservation: token preservation rate to calibrate eta for, in (0, 1).
         calibration_tokens: tokens sampled from T (public) for the calibration.
         compose: re-privatise every local epoch (fresh noise and k), reporting the composed E eta.
@@ -186,7 +188,7 @@ def special_ids(backbone: FrozenCLIP) -> list[int]:
 
 
 def reconstruction_vocab(backbone: FrozenCLIP, size: int) -> Tensor:
-    """The reconstruction vocabulary T (spec R5): sorted int64 ids.
+    """The reconstruction vocabulary T (R5): sorted int64 ids.
 
     The first ``size`` ids, in id order, whose BPE string is a whole alphabetic word of at least two letters (CLIP's
     BPE ids follow merge order, a proxy for frequency). ``size = 0``: every id except the special ones.
@@ -240,7 +242,7 @@ def build_sequences(body: list[Tensor], sot: int, eot: int, n_prompt: int) -> tu
 
 
 class RaptModel(nn.Module):
-    """Soft prompt + reconstruction head + task head around a frozen CLIP text tower (spec R6-R7).
+    """Soft prompt + reconstruction head + task head around a frozen CLIP text tower (R6-R7).
 
     Args:
         backbone: frozen CLIP.

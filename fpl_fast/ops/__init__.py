@@ -3,9 +3,11 @@
 Loads the compiled extension ``fpl_fast._C`` (which registers ``torch.ops.fpl_fast.*`` for CPU and,
 when built, CUDA), adds fake (meta) kernels and autograd formulas, and falls back to the
 plain-PyTorch twins in :mod:`fpl_fast.ops.reference` with one warning when ``_C`` is missing or was built against
-another torch. Each op's kernel checks itself against the reference the first time it runs eagerly on a device
-type and is replaced by the reference there if it disagrees (:mod:`fpl_fast.ops.first_use_check`).
-Semantics, shapes and the noise stream of every op are documented in :mod:`fpl_fast.ops.reference`.
+another torch. Inputs are checked by :mod:`fpl_fast.ops.checks` before a kernel runs (by the fake kernels while
+tracing), so a bad input raises the same ValueError on every path. Each op's kernel checks itself against the
+reference the first time it runs eagerly on a device type and is replaced by the reference there if it disagrees
+(:mod:`fpl_fast.ops.first_use_check`). Semantics, shapes and the noise stream of every op are documented in
+:mod:`fpl_fast.ops.reference`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fpl_fast.ops import first_use_check, reference
-from fpl_fast.validation import check
+from fpl_fast.ops import checks, first_use_check, reference
 
 __all__ = [
     "has_cpp_ops",
@@ -61,11 +62,9 @@ def _built_torch_mismatch(ext) -> str | None:
 
     pip's default (isolated) build compiles against whatever torch it puts in its build environment, which need
     not be the torch that runs. ``_C.torch_version()`` is that build's ``torch.__version__`` (only the release
-    number when built without setup.py); an older ``_C`` without it is trusted.
+    number when built without setup.py).
     """
-    built = getattr(ext, "torch_version", lambda: None)()
-    if not built:
-        return None
+    built = str(ext.torch_version())
     running = torch.__version__ if "+" in built else torch.__version__.split("+")[0]
     if built == running:
         return None
@@ -156,9 +155,7 @@ if _HAS_C:
 
     @torch.library.register_fake("fpl_fast::lowrank_factorize")
     def _factorize_fake(l, rank, seed, offset):  # noqa: E741
-        x = l if l.dim() == 3 else l.unsqueeze(0)
-        top = min(x.shape[1], x.shape[2])
-        check(1 <= rank <= top, f"rank must be in [1, {top}] (min(n_ctx, d)), got {rank}")
+        checks.check_lowrank_factorize(l, rank, seed, offset)
         u = l.new_empty(*l.shape[:-1], rank)
         v = l.new_empty(*l.shape[:-2], rank, l.shape[-1])
         return u, v, torch.empty_like(l, memory_format=torch.contiguous_format)
@@ -254,6 +251,8 @@ if _HAS_C:
 # ----------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------
+# Each checks its inputs (fpl_fast.ops.checks) before the kernel runs; under torch.compile the fake kernels check
+# them instead, and the reference twins check their own.
 def lowrank_prompt(
     prefix: Tensor,
     suffix: Tensor,
@@ -264,6 +263,8 @@ def lowrank_prompt(
 ) -> Tensor:
     """[prefix | G + U V (+ R) | suffix] for every class (and client); see the reference."""
     if _HAS_C and first_use_check.use_kernel("lowrank_prompt", g, prefix, suffix, u, v, residual):
+        if not torch.compiler.is_compiling():
+            checks.check_lowrank_prompt(prefix, suffix, g, u, v, residual)
         return torch.ops.fpl_fast.lowrank_prompt(prefix, suffix, g, u, v, residual)
     return reference.lowrank_prompt(prefix, suffix, g, u, v, residual)
 
@@ -288,7 +289,9 @@ def dp_lowrank_clip_noise(
     seed, offset = _ints(seed), _ints(offset)
     args = (grad, u, v, float(clip_norm), float(noise_multiplier), seed, offset)
     kw = (float(expected_batch_size), bool(joint_uv), bool(per_sample), bool(sum_classes))
-    if _HAS_C and _schema_streams(seed, offset) and first_use_check.use_kernel("dp_lowrank_clip_noise", grad, u, v):
+    if _HAS_C and first_use_check.use_kernel("dp_lowrank_clip_noise", grad, u, v):
+        if not torch.compiler.is_compiling():
+            checks.check_dp_lowrank_clip_noise(*args, expected_batch_size=kw[0], sum_classes=kw[3])
         return torch.ops.fpl_fast.dp_lowrank_clip_noise(*args, *kw)
     return reference.dp_lowrank_clip_noise(*args, *kw)
 
@@ -296,6 +299,8 @@ def dp_lowrank_clip_noise(
 def lowrank_full_grad(grad_u: Tensor, grad_v: Tensor, u: Tensor, v: Tensor, scale: float = 0.1) -> Tensor:
     """g_L = scale (g_U V + U g_V + U U^T g_U V); see the reference."""
     if _HAS_C and first_use_check.use_kernel("lowrank_full_grad", grad_u, grad_v, u, v):
+        if not torch.compiler.is_compiling():
+            checks.check_lowrank_full_grad(grad_u, grad_v, u, v, float(scale))
         return torch.ops.fpl_fast.lowrank_full_grad(grad_u, grad_v, u, v, float(scale))
     return reference.lowrank_full_grad(grad_u, grad_v, u, v, float(scale))
 
@@ -308,39 +313,32 @@ def lowrank_factorize(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One randomised power iteration L -> (U, V, R = L - U V), one stream per client; see the reference."""
     seed, offset = _ints(seed), _ints(offset)
-    if _HAS_C and _schema_streams(seed, offset) and first_use_check.use_kernel("lowrank_factorize", l):
+    if _HAS_C and first_use_check.use_kernel("lowrank_factorize", l):
+        if not torch.compiler.is_compiling():
+            checks.check_lowrank_factorize(l, int(rank), seed, offset)
         return torch.ops.fpl_fast.lowrank_factorize(l, int(rank), seed, offset)
     return reference.lowrank_factorize(l, int(rank), seed, offset)
 
 
 def _ints(xs: Sequence[int]) -> Sequence[int]:
-    """A per-client stream list as plain ints (numpy integers and tuples too); anything else is left for the
-    op's own check to name."""
+    """A per-client stream list as a list of plain ints (numpy integers too); anything else is left for the
+    op's check to name."""
     if isinstance(xs, (list, tuple)):
         return [int(x) if isinstance(x, (int, np.integer)) and not isinstance(x, bool) else x for x in xs]
     return xs
 
 
-def _schema_streams(*lists: object) -> bool:
-    """Whether every stream list is what the ops' ``int[]`` schema can carry (a list of int64 values). The others
-    (an int, floats, bools, values of 2^63 and more) go to the reference, which names them in its ValueError
-    instead of the dispatcher's type error; wrong lengths and negative entries the C++ checks name themselves."""
-    return all(isinstance(xs, list) and all(type(x) is int and -(2**63) <= x < 2**63 for x in xs) for xs in lists)
-
-
 # ----------------------------------------------------------------------------------------------
 # dp_output_clip_noise (output-space per-example DP)
 # ----------------------------------------------------------------------------------------------
-# A _C built before this op was added has no such op: fall back to the reference for it alone.
-_HAS_OUTPUT_DP = _HAS_C and hasattr(torch.ops.fpl_fast, "dp_output_clip_noise")
-
-if _HAS_OUTPUT_DP:
+if _HAS_C:
 
     @torch.library.register_fake("fpl_fast::dp_output_clip_noise")
     def _output_dp_fake(image_feats, text_feats, labels, mask, logit_scale, clip_norm, *rest):
-        # Shapes only (the kernel's data-dependent checks, label range and clip norm values, need real data).
-        reference._check_dim(image_feats, "image_feats", (3,), "3-D (K, b, D)")
-        reference._check_dim(text_feats, "text_feats", (3,), "3-D (K, n_cls, D)")
+        # Shapes only (the label range and the clip norm values need real data).
+        checks.check_dp_output_clip_noise(
+            image_feats, text_feats, labels, mask, logit_scale, clip_norm, *rest, values=False
+        )
         K, b = image_feats.shape[0], image_feats.shape[1]
         release = torch.empty_like(text_feats, memory_format=torch.contiguous_format)
         norms = image_feats.new_empty(K, b, dtype=torch.float32)
@@ -375,11 +373,10 @@ def dp_output_clip_noise(
         offset,
         float(denominator),
     )
-    if (
-        _HAS_OUTPUT_DP
-        and _schema_streams(seed, offset)
-        and first_use_check.use_kernel("dp_output_clip_noise", image_feats, text_feats, labels, mask, clip_norm)
-    ):
+    tensors = (image_feats, text_feats, labels, mask, clip_norm)
+    if _HAS_C and first_use_check.use_kernel("dp_output_clip_noise", *tensors):
+        if not torch.compiler.is_compiling():
+            checks.check_dp_output_clip_noise(*args, values=not first_use_check.tracing(tensors))
         return torch.ops.fpl_fast.dp_output_clip_noise(*args)
     return reference.dp_output_clip_noise(*args)
 
@@ -389,20 +386,18 @@ def dp_output_clip_noise(
 # ----------------------------------------------------------------------------------------------
 __all__ += ["nn_map"]
 
-# A _C built before nn_map was added has no such op: fall back to the reference for it alone.
-_HAS_NN_MAP = _HAS_C and hasattr(torch.ops.fpl_fast, "nn_map")
-
-if _HAS_NN_MAP:
+if _HAS_C:
 
     @torch.library.register_fake("fpl_fast::nn_map")
     def _nn_map_fake(y, emb, allowed, chunk):
-        check(chunk >= 1, f"chunk must be >= 1 (vocabulary rows per block), got {chunk}")
-        reference._check_dim(y, "y", (2,), "2-D (B, d)")
+        checks.check_nn_map(y, emb, allowed, chunk, values=False)  # whether any id is allowed needs real data
         return y.new_empty(y.shape[0], dtype=torch.int64)
 
 
 def nn_map(y: Tensor, emb: Tensor, allowed: Tensor | None = None, *, chunk: int = reference.NN_MAP_CHUNK) -> Tensor:
     """argmin_w ||emb[w] - y[i]|| over allowed ids, blockwise, ties to the smaller id; see the reference."""
-    if _HAS_NN_MAP and first_use_check.use_kernel("nn_map", y, emb, allowed):
+    if _HAS_C and first_use_check.use_kernel("nn_map", y, emb, allowed):
+        if not torch.compiler.is_compiling():
+            checks.check_nn_map(y, emb, allowed, int(chunk), values=not first_use_check.tracing((y, emb, allowed)))
         return torch.ops.fpl_fast.nn_map(y, emb, allowed, int(chunk))
     return reference.nn_map(y, emb, allowed, int(chunk))

@@ -45,6 +45,7 @@ __all__ = [
     "enabled",
     "reset",
     "run_check",
+    "tracing",
     "use_kernel",
 ]
 
@@ -249,7 +250,7 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1").strip() != "0"
 
 
-def _tracing(tensors: Sequence[Tensor | None]) -> bool:
+def tracing(tensors: Sequence[Tensor | None]) -> bool:
     """True when the caller is being traced or transformed, where running extra ops must not happen."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return True
@@ -282,7 +283,7 @@ def use_kernel(op: str, first: Tensor, *rest: Tensor | None) -> bool:
     # Cheapest first: with the check off this is all an op call pays.
     if torch.compiler.is_compiling() or not enabled():
         return True
-    if device.type not in KERNEL_DEVICES or _tracing((first, *rest)):
+    if device.type not in KERNEL_DEVICES or tracing((first, *rest)):
         return True
     with _lock:
         if (op, device.type) not in _verdict:

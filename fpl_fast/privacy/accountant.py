@@ -11,7 +11,7 @@ library for epsilon.
 Unit of privacy: one example of one client, add/remove-one neighbouring
 (``NeighboringRelation.ADD_OR_REMOVE_ONE``). Each noised step is one Gaussian mechanism of noise
 multiplier sigma (noise std / L2 sensitivity) applied to a batch drawn with rate q; the mapping
-from the clipping scheme to sigma lives in :mod:`fpl_fast.privacy.mechanism`.
+from the clipping scheme to sigma lives in :mod:`fpl_fast.privacy.sensitivity`.
 
 Sampling:
 

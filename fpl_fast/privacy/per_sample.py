@@ -1,7 +1,7 @@
 """Per-sample gradients of a prompt that is shared across the class batch of a text encoder.
 
 The text encoder runs on the class prompts, not on the images, so one example's loss reaches the
-prompts only through the text features T = text_fn(prompts). The recipe (docs/method.md section 2):
+prompts only through the text features T = text_fn(prompts). The recipe (docs/design.md section 2):
 
 1. T = text_fn(prompts) once, with ``torch.func.vjp`` keeping the pull-back ``vjp_fn``;
 2. the per-sample cotangents dL_i/dT come from the cheap logit head (:func:`logit_cotangents`,

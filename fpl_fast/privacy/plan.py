@@ -1,7 +1,7 @@
 """The noise plan of a run and each client's privacy ledger.
 
 The plan says which noise multipliers are in force (given with --noise or calibrated for --epsilon) and what
-the accountant is told for each release: the sensitivity of what is clipped decides it (mechanism.py explains
+the accountant is told for each release: the sensitivity of what is clipped decides it (sensitivity.py explains
 the factors). Each client holds a :class:`ClientAccountant` that counts the noised steps it really took and
 composes them when its epsilon is asked for, so a client that skipped rounds is accounted for what it did.
 """
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from fpl_fast.config import AccountantName, RunConfig, SamplingName, clients_per_round
 from fpl_fast.privacy.accountant import calibrate_noise, epsilon_for, paper_noise_multiplier
-from fpl_fast.privacy.mechanism import (
-    LocalDP,
+from fpl_fast.privacy.clipping import LocalDP
+from fpl_fast.privacy.sensitivity import (
     accountant_noise_multiplier,
     combined_noise_multiplier,
     global_accountant_noise_multiplier,

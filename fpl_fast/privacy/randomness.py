@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fpl_fast.privacy.mechanism import NoiseStream
+from fpl_fast.privacy.noise_stream import NoiseStream
 
 __all__ = ["KEY_BITS", "derive_key", "party_key", "PartyRandomness", "randomness_statement"]
 

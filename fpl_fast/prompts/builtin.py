@@ -1,4 +1,4 @@
-"""DP-FPL's factorisation and its baselines (docs/method.md section 1), registered at import.
+"""DP-FPL's factorisation and its baselines (docs/design.md section 1), registered at import.
 
 | name     | client context ctx_c                   | trained locally | shared |
 |----------|----------------------------------------|-----------------|--------|

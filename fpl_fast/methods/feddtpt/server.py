@@ -1,4 +1,5 @@
-"""FedDTPT server: semantic-attention weights and clustering aggregation of discrete client prompts (spec F6).
+"""FedDTPT server (F6 of :mod:`fpl_fast.methods.feddtpt`): semantic-attention weights and clustering aggregation
+of discrete client prompts.
 
 Every uploaded token p_k^n of client k at position n is mapped to its static embedding row E_k^n = z[p_k^n]
 (for CLIP: the text tower's ``token_embedding.weight``, the analogue of the paper's MLM embedding layer).
@@ -224,7 +225,7 @@ def aggregate(
     allowed: Tensor | None = None,
     seed: int = 0,
 ) -> AggregationResult:
-    """Aggregate the clients' discrete prompts into a global prompt (spec F6).
+    """Aggregate the clients' discrete prompts into a global prompt (F6).
 
     Args:
         prompts: one token-id list per client (lengths may differ).
