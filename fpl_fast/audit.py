@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"the audit runs in process, not on --engine {run.engine}")
         from fpl_fast import outputs
         from fpl_fast.attacks.canaries import run_audit
-        from fpl_fast.job import prepare
         from fpl_fast.methods.dpfpl import default_out_dir
+        from fpl_fast.preparation import prepare
         from fpl_fast.privacy.audit_bound import AuditConfig
 
         audit = AuditConfig(

@@ -16,7 +16,17 @@ from fpl_fast.backbone.text_tower import TEXT_PATHS
 from fpl_fast.prompts import factorization_names, get_factorization
 from fpl_fast.validation import ConfigError, check_choice, check_finite, check_int, read_json_object
 
-__all__ = ["RunConfig", "RunSettings", "PAPER", "CHOICES", "DEFAULT_LR", "clients_per_round", "load_config_file"]
+__all__ = [
+    "RunConfig",
+    "RunSettings",
+    "PAPER",
+    "CHOICES",
+    "ENGINES",
+    "METHODS",
+    "DEFAULT_LR",
+    "clients_per_round",
+    "load_config_file",
+]
 
 ClipModeName = Literal["sample", "batch", "output"]
 AccountantName = Literal["rdp", "pld"]
@@ -204,6 +214,8 @@ class RunSettings:
 
 
 ENGINES = ("inprocess", "flower-sim")
+# --method: DP-FPL (RunConfig) or a method of fpl_fast.methods with its own Config and run().
+METHODS = ("dpfpl", "feddtpt", "rapt")
 
 # Learning rates by clip mode for the embedded model, tuned on the public digits-tune split at epsilon_total 3
 # (bench/study_output_dp.py; README "Output-space DP: the utility study"). Batch mode keeps its earlier 0.1.

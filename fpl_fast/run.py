@@ -13,10 +13,9 @@ import dataclasses
 import importlib
 import math
 import sys
-from pathlib import Path
 from typing import Any, NoReturn
 
-from fpl_fast.config import CHOICES, ENGINES, PAPER, RunConfig, RunSettings, load_config_file
+from fpl_fast.config import CHOICES, ENGINES, METHODS, PAPER, RunConfig, RunSettings, load_config_file
 from fpl_fast.validation import ConfigError, flag_message
 
 __all__ = ["build_parser", "config_from_args", "main"]
@@ -220,15 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-METHODS = ("dpfpl", "feddtpt", "rapt")
-
-
 def _method_module(method: str):
     return importlib.import_module(f"fpl_fast.methods.{method}")
 
 
-def method_config_from_args(args: argparse.Namespace):
-    """(module, Config) for --method feddtpt|rapt: shared flags and --config keys that the method knows."""
+def method_config_from_args(args: argparse.Namespace) -> Any:
+    """The Config of --method feddtpt|rapt: shared flags and --config keys that the method knows."""
     mod = _method_module(args.method)
     names = {f.name for f in dataclasses.fields(mod.Config)}
     settings: dict[str, Any] = load_config_file(args.config, allowed=names) if args.config else {}
@@ -246,7 +242,7 @@ def method_config_from_args(args: argparse.Namespace):
         raise ValueError(f"--paper and --resume apply to --method dpfpl only, not {args.method}")
     if isinstance(settings.get("pretrained"), str) and settings["pretrained"].lower() == "none":
         settings["pretrained"] = None
-    return mod, _build(mod.Config, settings)
+    return _build(mod.Config, settings)
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, RunSettings]:
@@ -298,68 +294,34 @@ def _fail(exc: BaseException, prog: str = "python -m fpl_fast.run") -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.method != "dpfpl":
-        return _run_method(args)
     try:
-        cfg, run = config_from_args(args)
-        if run.engine == "flower-sim":
-            result, out = _run_flower(cfg, run)
-            final, mia = result["final"], result.get("mia")
+        if args.method == "dpfpl":
+            cfg, run = config_from_args(args)
         else:
-            from fpl_fast.job import train  # heavy imports after the flags are known good
+            cfg = method_config_from_args(args)
+            run = RunSettings(out=args.out, progress=not args.quiet)
+        from fpl_fast.job import train  # heavy imports after the flags are known good
 
-            job = train(cfg, settings=run)
-            final, mia, out = job.final, job.mia, job.out
+        result = train(cfg, settings=run)
     except (ValueError, FileNotFoundError) as exc:
         return _fail(exc)
     from fpl_fast.outputs import summary_table
 
-    print(summary_table(final))
-    files = "results.json, rounds.csv, accuracy.png, checkpoint.pt"
-    if mia is not None:
-        m = mia
+    print(summary_table(result.final, extra=args.method != "dpfpl"))
+    files = "results.json, rounds.csv, accuracy.png" + (", checkpoint.pt" if args.method == "dpfpl" else "")
+    if result.mia is not None:
+        m = result.mia
         print(
             f"membership inference ({m['num_shadows']} shadow models): attack accuracy "
             f"{_fmt3(m['attack_accuracy'])}, AUC {_fmt3(m['attack_auc'])} (0.5 = chance)"
         )
         files += ", mia.json"
-    print(f"results written to {Path(out)}/ ({files})")
+    print(f"results written to {result.out}/ ({files})")
     return 0
-
-
-def _run_flower(cfg: RunConfig, run: RunSettings) -> tuple[dict[str, Any], Path]:
-    try:
-        from fpl_fast.flower.protocol import FederationError
-        from fpl_fast.flower.simulation import run_flower_simulation
-    except ImportError as exc:
-        raise ValueError(f"--engine flower-sim needs Flower: pip install '.[flower]' ({exc})") from None
-    from fpl_fast.methods.dpfpl import default_out_dir
-
-    out = Path(run.out) if run.out else default_out_dir()
-    try:
-        return run_flower_simulation(cfg, run, out=out), out
-    except FederationError as exc:
-        raise ValueError(str(exc)) from None
 
 
 def _fmt3(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
-
-
-def _run_method(args: argparse.Namespace) -> int:
-    from fpl_fast.methods.dpfpl import default_out_dir
-    from fpl_fast.outputs import check_out_dir, summary_table
-
-    try:
-        mod, cfg = method_config_from_args(args)
-        out = Path(args.out) if args.out else default_out_dir()
-        check_out_dir(out, resume=False)
-        result = mod.run(cfg, out=out, progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as exc:
-        return _fail(exc)
-    print(summary_table(result["final"], extra=True))
-    print(f"results written to {out}/ (results.json, rounds.csv, accuracy.png)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ def device(request: pytest.FixtureRequest) -> torch.device:
 
 @pytest.fixture(scope="session")
 def embedded_job() -> Callable[[Any], tuple[Any, list[str], Any]]:
-    """``embedded_job(cfg)``: ``fpl_fast.job.prepare(cfg)`` (backbone, class names, client data), made once per
+    """``embedded_job(cfg)``: ``fpl_fast.preparation.prepare(cfg)`` (backbone, class names, client data), made once per
     session for every config that agrees on support.JOB_FIELDS; one backbone per model, so the images are encoded
     once for the whole session. Shared: a test must not change the backbone or the data in place."""
-    from fpl_fast.job import prepare
+    from fpl_fast.preparation import prepare
 
     backbones: dict[tuple[Any, ...], Any] = {}
     jobs: dict[tuple[Any, ...], tuple[Any, list[str], Any]] = {}

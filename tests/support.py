@@ -75,8 +75,8 @@ needs_ext = pytest.mark.skipif(
 )
 
 
-# The RunConfig fields that fpl_fast.job.prepare reads (backbone, dataset, client split): two configs that agree on
-# them prepare the same job, so the session's embedded_job fixture (conftest.py) keys its jobs by them.
+# The RunConfig fields that fpl_fast.preparation.prepare reads (backbone, dataset, client split): two configs that
+# agree on them prepare the same job, so the session's embedded_job fixture (conftest.py) keys its jobs by them.
 JOB_FIELDS = (
     "model",
     "pretrained",

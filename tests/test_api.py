@@ -123,3 +123,18 @@ def test_precomputed_features_give_the_same_run_as_the_dataset(prepared, tmp_pat
             classnames=classnames,
             backbone=backbone,
         )
+
+
+def test_train_runs_the_other_methods_from_their_config(tmp_path) -> None:
+    """fpl_fast.train is the one way into a run for FedDTPT and RAPT too; settings that only DP-FPL has are refused
+    in one line before anything runs."""
+    from fpl_fast.methods import feddtpt, rapt
+
+    with pytest.raises(ValueError, match=r"^mia apply to DP-FPL runs only, not to rapt$"):
+        fpl_fast.train(rapt.Config(rounds=1), settings={"out": str(tmp_path / "r"), "mia": 2})
+    with pytest.raises(ValueError, match=r"^backbone apply to DP-FPL runs only, not to feddtpt$"):
+        fpl_fast.train(feddtpt.Config(rounds=1), settings={"out": str(tmp_path / "f")}, backbone=object())
+    assert not (tmp_path / "r").exists() and not (tmp_path / "f").exists()
+    result = fpl_fast.train(feddtpt.Config(rounds=1), settings={"out": str(tmp_path / "run"), "progress": False})
+    assert result.method == "feddtpt" and result.federation is None and result.out == tmp_path / "run"
+    assert (tmp_path / "run" / "results.json").is_file() and 0.0 <= result.local_acc <= 1.0

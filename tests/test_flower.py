@@ -309,8 +309,9 @@ def test_a_node_with_its_own_data_folder_reports_no_neighbour_accuracy(tmp_path:
     assert res["sample_rate_per_client"] == [8 / 600] * 3  # each node's client holds all 600 training images
 
 
-def test_the_python_api_points_the_flower_engine_elsewhere() -> None:
+def test_the_python_api_runs_the_flower_engine_on_the_nodes_own_data_only(tmp_path: Path) -> None:
     import fpl_fast
 
-    with pytest.raises(ValueError, match=r"engine='flower-sim' runs through fpl_fast.flower.simulation"):
-        fpl_fast.train(CFG, settings={"engine": "flower-sim", "out": "unused"})
+    with pytest.raises(ValueError, match=r"engine='flower-sim' prepares its data on each node: leave out classnames"):
+        fpl_fast.train(CFG, settings={"engine": "flower-sim", "out": str(tmp_path)}, classnames=["a"])
+    assert not any(tmp_path.iterdir())  # refused before anything ran

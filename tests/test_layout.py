@@ -20,10 +20,10 @@ LAYERS: list[set[str]] = [
     {"config"},  # the settings (names the factorisations and text paths)
     {"privacy"},  # per-sample gradients, mechanisms, accounting
     {"federated"},  # clients, server, the in-process engine, metrics
-    {"methods"},  # DP-FPL, FedDTPT, RAPT on one skeleton
-    {"attacks"},  # membership inference, canaries
+    {"methods", "preparation"},  # DP-FPL, FedDTPT, RAPT on one skeleton; a run's data path
+    {"attacks", "flower"},  # membership inference, canaries; the federation on Flower
     {"job"},  # the one way into a run
-    {"flower", "grid"},  # real federations; grids of runs
+    {"grid"},  # grids of runs
     {"run"},  # the CLI
     {"audit", "selftest"},  # CLIs built on the above
 ]
@@ -48,7 +48,8 @@ def _unit(module: str) -> str:
 
 
 def _imports() -> dict[str, set[str]]:
-    """module -> the fpl_fast modules it imports (``from fpl_fast.x import y`` counts x.y when y is a module)."""
+    """module -> the fpl_fast modules it imports (``from fpl_fast.<pkg> import <name>`` counts <pkg>.<name> when that
+    is a module)."""
     mods = _modules()
     graph: dict[str, set[str]] = defaultdict(set)
     for name, path in mods.items():
@@ -105,7 +106,7 @@ def test_what_each_stage_may_know() -> None:
 
     # privacy knows nothing of CLIP; the training stages see the backbone only through its interface.
     heavy_backbone = users(lambda d: _unit(d) == "fpl_fast.backbone" and d not in BACKBONE_LIGHT)
-    allowed = {"fpl_fast.backbone", "fpl_fast.data", "fpl_fast.methods", "fpl_fast.job"}
+    allowed = {"fpl_fast.backbone", "fpl_fast.data", "fpl_fast.methods", "fpl_fast.preparation"}
     assert {_unit(m) for m in heavy_backbone} <= allowed, sorted(m for m in heavy_backbone if _unit(m) not in allowed)
     assert not {m for m in users(lambda d: _unit(d) == "fpl_fast.backbone") if _unit(m) == "fpl_fast.privacy"}
     # The reference twins are the ops' spec, fallback and test oracle: training reaches them only through ops.

@@ -169,7 +169,7 @@ def prepared_data(cfg: RunConfig, node: NodeSettings) -> tuple[Backbone, list[st
     every client's indices (client k trains on its own; the others' test splits give neighbour accuracy). With
     ``data_dir``, the whole folder is this client's and no neighbour data is on the node.
     """
-    from fpl_fast.job import prepare  # the application layer's data path, shared with the in-process runner
+    from fpl_fast.preparation import prepare  # a run's data path, shared with the in-process runs
 
     key = (config_hash(cfg), cfg.device, node.data_dir, str(node.cache_dir))
     if key not in _PREPARED:

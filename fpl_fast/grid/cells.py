@@ -130,6 +130,7 @@ def run_cell(name: str, cfg: RunConfig, out: str, feature_cache: str) -> dict[st
             cfg = cfg.replace(device=device)
         settings = RunSettings(out=str(folder), resume=state == "resume", progress=False, feature_cache=feature_cache)
         result = train(cfg, settings=settings)
+        assert result.federation is not None  # an in-process run
         report.update(
             status="resumed" if state == "resume" else "done",
             encoded_images=result.federation.backbone.feature_cache.encoded_images,

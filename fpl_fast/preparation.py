@@ -1,0 +1,117 @@
+"""A run's data path: a config -> the frozen backbone, the class names and the federation's encoded data.
+
+Every run goes through it: :func:`fpl_fast.job.train` (the CLI, the Python API, the grid), a Flower node (its
+client's share, :mod:`fpl_fast.flower.node`) and the audit (canaries in the training, :mod:`fpl_fast.audit`).
+Images are encoded once by the frozen image encoder (cached in memory, and on disk with a feature cache).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fpl_fast.backbone.loading import load_backbone
+from fpl_fast.backbone.protocol import Backbone
+from fpl_fast.config import RunConfig
+from fpl_fast.data import DatasetBundle, dataset_labels, load_dataset
+from fpl_fast.data.clients import client_split
+from fpl_fast.data.feature_store import FeatureStore
+from fpl_fast.federated.client import ClientData
+
+__all__ = ["prepare"]
+
+
+def _load_backbone(cfg: RunConfig) -> Backbone:
+    torch.manual_seed(cfg.seed)
+    try:
+        return load_backbone(cfg.model, cfg.pretrained, precision=cfg.precision, device=cfg.device)
+    except RuntimeError as exc:  # weights that cannot be had (no network, a broken file): a user problem
+        raise ValueError(f"--pretrained: {exc}") from None
+
+
+def prepare(
+    cfg: RunConfig,
+    *,
+    backbone: Backbone | None = None,
+    feature_cache: str | Path | None = None,
+    dataset: DatasetBundle | None = None,
+    features: ClientData | None = None,
+    classnames: list[str] | None = None,
+    whole: bool = False,
+    reseed: bool = False,
+) -> tuple[Backbone, list[str], ClientData]:
+    """Backbone, class names and the federation's data: load the backbone (unless given; a given one's cached
+    features are reused), attach the disk cache (``feature_cache``), and encode and split the data (or check the
+    given ``features`` and ``classnames``).
+
+    ``dataset``: your own torchvision-style datasets instead of ``cfg.dataset``. ``whole``: the dataset is one
+    client's own (a Flower node's data folder), not split. ``reseed`` (a training run's path): without a disk
+    cache, torch's global generator is seeded again with ``cfg.seed`` after the backbone is there, so augmentation
+    draws the same whether the backbone was loaded or handed in."""
+    if backbone is None:
+        backbone = _load_backbone(cfg)
+    if feature_cache is not None:
+        backbone.feature_cache.disk = FeatureStore(feature_cache)
+    elif reseed:
+        torch.manual_seed(cfg.seed)
+    if features is None:
+        return (backbone, *_encode(cfg, backbone, dataset, whole=whole))
+    if classnames is None:
+        raise ValueError("features needs classnames (class names in label order)")
+    _check_clients(features, cfg)
+    return backbone, list(classnames), features
+
+
+def _check_clients(data: ClientData, cfg: RunConfig) -> None:
+    """A split given with ``features``: one entry per client, every client with training data."""
+    for name in ("train_idx", "test_idx"):
+        n = len(getattr(data, name))
+        if n != cfg.num_users:
+            raise ValueError(f"the client split has {n} clients in {name} but num_users is {cfg.num_users}")
+    empty = [k for k, ix in enumerate(data.train_idx) if len(ix) == 0]
+    if empty:
+        raise ValueError(f"clients {empty} of the given split have no training examples")
+
+
+def _encode(
+    cfg: RunConfig, backbone: Backbone, dataset: DatasetBundle | None, *, whole: bool = False
+) -> tuple[list[str], ClientData]:
+    """Split the dataset over the clients (``whole``: one client holds all of it) and encode its images once
+    (cached by the backbone)."""
+    ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_root, image_size=backbone.image_size[0])
+    train_labels, test_labels = dataset_labels(ds.train), dataset_labels(ds.test)
+    if whole:
+        train_idx, test_idx = [np.arange(len(train_labels))], [np.arange(len(test_labels))]
+    else:
+        split = client_split(
+            train_labels,
+            cfg.num_users,
+            cfg.partition,
+            beta=cfg.beta,
+            seed=cfg.seed,
+            num_shots=cfg.num_shots,
+            test_labels=test_labels,
+            pathological_split=cfg.pathological_split,
+        )
+        train_idx, test_idx = [np.asarray(ix) for ix in split.train], [np.asarray(ix) for ix in split.test]
+    key = f"{cfg.dataset}:{cfg.data_root}" if dataset is None else f"{ds.name}:user:{id(ds)}"
+    train_feats = backbone.image_features(key, "train", ds.train)
+    test_feats = backbone.image_features(key, "test", ds.test)
+    augment_fn = None
+    if cfg.augment:
+
+        def augment_fn(indices: np.ndarray) -> torch.Tensor:
+            return backbone.image_features(key, "train", ds.train, indices, augment=True)
+
+    data = ClientData(
+        train_feats=train_feats.float().cpu(),
+        train_labels=torch.as_tensor(train_labels, dtype=torch.long),
+        test_feats=test_feats.float().cpu(),
+        test_labels=torch.as_tensor(test_labels, dtype=torch.long),
+        train_idx=train_idx,
+        test_idx=test_idx,
+        augment_fn=augment_fn,
+    )
+    return list(ds.classnames), data
