@@ -17,7 +17,7 @@ from torch import Tensor
 
 # The kernel tests compare the kernels themselves with the reference; the first-run self-check would swap a
 # kernel that fails it for the reference and leave those tests comparing the reference with itself.
-# tests/test_selfcheck.py turns the check back on.
+# tests/test_first_use_check.py turns the check back on.
 os.environ.setdefault("FPL_FAST_SELFCHECK", "0")
 
 from fpl_fast import ops  # noqa: E402

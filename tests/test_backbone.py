@@ -11,9 +11,9 @@ from PIL import Image
 from torch.func import vjp, vmap
 
 from fpl_fast.backbone.checkpoints import init_token_embedding, save_compact_checkpoint
-from fpl_fast.backbone.configs import EMBEDDED_WEIGHTS
 from fpl_fast.backbone.loading import load_backbone
 from fpl_fast.backbone.model import FrozenCLIP
+from fpl_fast.backbone.shipped_models import EMBEDDED_WEIGHTS
 from fpl_fast.backbone.text_tower import text_encoder_forward, text_tower
 from fpl_fast.data.digits import DIGIT_CLASSNAMES, DigitsDataset
 

@@ -25,7 +25,7 @@ from fpl_fast.methods.feddtpt import (
     run,
     token_table,
 )
-from fpl_fast.methods.feddtpt.server import SERVER_MODES, aggregate, attention_weights, elbow_eps
+from fpl_fast.methods.feddtpt.aggregation import SERVER_MODES, aggregate, attention_weights, elbow_eps
 
 # --------------------------------------------------------------------------------------------------------------
 # Fixtures: a random-init tiny CLIP (the oracle only needs to be a deterministic classifier here)

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from fpl_fast.backbone.checkpoints import checkpoint_kind, load_compact_checkpoint
-from fpl_fast.backbone.configs import CONFIG_DIR, EMBEDDED_MODEL, EMBEDDED_WEIGHTS, shipped_configs
 from fpl_fast.backbone.model import FrozenCLIP
+from fpl_fast.backbone.shipped_models import CONFIG_DIR, EMBEDDED_MODEL, EMBEDDED_WEIGHTS, shipped_configs
 
 __all__ = ["load_backbone"]
 

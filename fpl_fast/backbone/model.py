@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
-import fpl_fast.backbone.configs  # noqa: F401 - registers the shipped configs, which the tokenizer lookup needs
+import fpl_fast.backbone.shipped_models  # noqa: F401 - registers the shipped configs, which the tokenizer lookup needs
 from fpl_fast.backbone.feature_cache import FeatureCache
 from fpl_fast.backbone.protocol import Backbone, FeatureIndices, PromptParts
 from fpl_fast.backbone.text_tower import TEXT_PATHS, SuffixPack, shared_prefix_forward, text_encoder_forward, text_tower

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fpl_fast.backbone.checkpoints import init_token_embedding
-from fpl_fast.backbone.configs import CONFIG_DIR, EMBEDDED_MODEL
 from fpl_fast.backbone.protocol import Backbone
+from fpl_fast.backbone.shipped_models import CONFIG_DIR, EMBEDDED_MODEL
 from fpl_fast.backbone.text_tower import text_encoder_forward, text_tower
 from fpl_fast.data.recipe import adamw_warmup_cosine, recipe_main
 from fpl_fast.data.topics import TEXT_CLASSNAMES, TEXT_SEED, make_text_dataset

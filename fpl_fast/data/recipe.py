@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from fpl_fast.backbone.checkpoints import save_compact_checkpoint
-from fpl_fast.backbone.configs import EMBEDDED_MODEL
 from fpl_fast.backbone.protocol import Backbone
+from fpl_fast.backbone.shipped_models import EMBEDDED_MODEL
 
 __all__ = ["recipe_main", "adamw_warmup_cosine"]
 

@@ -43,6 +43,7 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.privacy_accountant import NeighboringRelation
 from dp_accounting.rdp import RdpAccountant, rdp_privacy_accountant
 
+from fpl_fast.ops.checks import check_noise_multiplier
 from fpl_fast.validation import check
 
 __all__ = [
@@ -81,13 +82,6 @@ def _check_delta(delta: float) -> None:
     check(0 < delta < 1, f"delta must be in (0, 1), got {delta}")
 
 
-def _check_sigma(noise_multiplier: float) -> None:
-    check(
-        math.isfinite(noise_multiplier) and noise_multiplier >= 0,
-        f"noise_multiplier must be finite and >= 0, got {noise_multiplier}",
-    )
-
-
 def _check_steps(steps: int) -> None:
     check(isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps!r}")
 
@@ -114,7 +108,7 @@ def step_event(noise_multiplier: float, sample_rate: float, sampling: Sampling =
     Returns:
         ``GaussianDpEvent(sigma)`` for q = 1, else ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))``.
     """
-    _check_sigma(noise_multiplier)
+    check_noise_multiplier(noise_multiplier)
     _check_rate(sample_rate)
     _check_sampling(sampling)
     gaussian = dp_event.GaussianDpEvent(float(noise_multiplier))
@@ -205,7 +199,7 @@ class PrivacyAccountant:
         sampling: Sampling = "poisson",
     ) -> None:
         _check_kind(kind, sampling)
-        _check_sigma(noise_multiplier)
+        check_noise_multiplier(noise_multiplier)
         _check_rate(sample_rate)
         _check_delta(delta)
         self.kind: AccountantKind = kind
@@ -280,7 +274,7 @@ def epsilon_for(
         epsilon at ``delta`` from dp-accounting.
     """
     _check_kind(kind, sampling)
-    _check_sigma(noise_multiplier)
+    check_noise_multiplier(noise_multiplier)
     _check_rate(sample_rate)
     _check_steps(steps)
     _check_delta(delta)

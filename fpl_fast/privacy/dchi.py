@@ -1,4 +1,5 @@
-"""d_chi-privacy for tokens (RAPT's text-to-text privatisation), spec R1-R3 and R11.
+"""d_chi-privacy for tokens (RAPT's text-to-text privatisation): the mechanism and the
+inversion attacks that measure it.
 
 Mechanism (Feyisetan et al.; RAPT Eqs. 1-3): a token t with embedding e_t = E[t] is released as
 
@@ -103,7 +104,7 @@ def privatize(
     *,
     chunk: int = NN_MAP_CHUNK,
 ) -> tuple[Tensor, float]:
-    """Privatise token ids with the d_chi mechanism (spec R3).
+    """Privatise token ids with the d_chi mechanism.
 
     Special tokens (``special_ids``: SOT, EOT, padding, ...) pass through unchanged. Every other token t becomes
     ``nn_map(E[t] + z)`` over the ids allowed by ``allowed`` minus the special ids (so a special token is never
@@ -115,7 +116,7 @@ def privatize(
         eta: privacy parameter > 0 (``inf``: no noise).
         special_ids: ids that are never privatised nor produced.
         generator: torch generator on ``emb``'s device.
-        allowed: optional (V,) bool mask restricting the output vocabulary (e.g. a POS class, spec R4).
+        allowed: optional (V,) bool mask restricting the output vocabulary (e.g. a POS class).
         chunk: vocabulary rows per block of the nearest-neighbour search.
 
     Returns:
@@ -148,7 +149,7 @@ def privatize(
 
 
 def preservation_rate(original: Tensor, privatized: Tensor, special_ids: Sequence[int] | Tensor = ()) -> float:
-    """Fraction of non-special tokens with privatized == original (spec R11a); nan if there is none."""
+    """Fraction of non-special tokens with privatized == original; nan if there is none."""
     if original.shape != privatized.shape:
         raise ValueError(
             f"privatized must have original's shape {tuple(original.shape)}, got {tuple(privatized.shape)}"
@@ -161,7 +162,7 @@ def preservation_rate(original: Tensor, privatized: Tensor, special_ids: Sequenc
 
 
 def nn_inversion_accuracy(original: Tensor, privatized: Tensor, special_ids: Sequence[int] | Tensor = ()) -> float:
-    """Accuracy of the nearest-neighbour inversion attack (spec R11b): the attacker guesses x_t = x'_t.
+    """Accuracy of the nearest-neighbour inversion attack: the attacker guesses x_t = x'_t.
 
     The released token is already the vocabulary's nearest neighbour of the noisy embedding, so this attack's
     accuracy equals the preservation rate by construction; it is reported under its own name as the baseline that
@@ -182,7 +183,7 @@ def bayes_inversion_accuracy(
     generator: torch.Generator | None = None,
     chunk: int = NN_MAP_CHUNK,
 ) -> float:
-    """Accuracy of the Bayes inversion attack (spec R11c) with a uniform prior over ``candidates``.
+    """Accuracy of the Bayes inversion attack with a uniform prior over ``candidates``.
 
     The attacker knows that the private tokens come from ``candidates`` (e.g. the dataset vocabulary), estimates
     P(M(w) = y) for every candidate w by ``n_mc`` Monte-Carlo privatisations, and guesses argmax_w P(M(w) = x'_t)

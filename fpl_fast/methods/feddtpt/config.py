@@ -8,7 +8,7 @@ from typing import Any
 
 from fpl_fast.config import CHOICES
 from fpl_fast.data import SCHEMES
-from fpl_fast.methods.feddtpt.server import ELBOW_METHODS, SERVER_MODES
+from fpl_fast.methods.feddtpt.aggregation import ELBOW_METHODS, SERVER_MODES
 from fpl_fast.validation import ConfigError, check_choice, check_finite, check_int
 
 __all__ = ["CLIENT_MODES", "PRECISIONS", "PROPOSERS", "SEED_PROMPTS", "VOCABS", "ZERO_SHOT_PROMPT", "Config"]

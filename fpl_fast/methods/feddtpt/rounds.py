@@ -13,12 +13,12 @@ from torch import Tensor
 
 from fpl_fast.data import dataset_labels, load_dataset
 from fpl_fast.data.clients import client_split
-from fpl_fast.methods.feddtpt.client import Batch, client_update
+from fpl_fast.methods.feddtpt.aggregation import aggregate
+from fpl_fast.methods.feddtpt.client_search import Batch, client_update
 from fpl_fast.methods.feddtpt.config import ZERO_SHOT_PROMPT, Config
 from fpl_fast.methods.feddtpt.evaluation import evaluate, transfer_accuracy
 from fpl_fast.methods.feddtpt.oracle import Oracle, allowed_vocabulary, token_table
 from fpl_fast.methods.feddtpt.proposers import EmbeddingNeighbor, Proposer, RandomProposer
-from fpl_fast.methods.feddtpt.server import aggregate
 from fpl_fast.methods.skeleton import run_method
 
 __all__ = ["FedDTPT", "run"]
