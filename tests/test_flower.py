@@ -99,7 +99,7 @@ def _run(grid: Any, cfg: RunConfig, out: Path, **kwargs: Any) -> dict[str, Any]:
 
 def _in_process(cfg: RunConfig, out: Path, backbone: Any) -> tuple[dict[str, Any], Any]:
     r = train(cfg, settings={"out": str(out), "progress": False}, backbone=backbone)
-    return {"rounds": r.rounds, "final": r.final}, r.federation
+    return {"method": r.method, "rounds": r.rounds, "final": r.final}, r.federation
 
 
 @pytest.mark.slow
