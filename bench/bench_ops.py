@@ -40,9 +40,12 @@ import torch.utils.benchmark as benchmark
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 with warnings.catch_warnings(record=True) as _import_warnings:
     warnings.simplefilter("always")
+    from provenance import provenance  # noqa: E402
+
     from fpl_fast import ops  # noqa: E402
     from fpl_fast.ops import reference  # noqa: E402
 
@@ -513,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     records = run(args)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(records, indent=1) + "\n")
+        result = {**provenance(__file__, argv), "records": records}
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {len(records)} records to {args.json}")
     return 0
 

@@ -79,9 +79,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
+    from provenance import provenance  # noqa: E402
+
     from fpl_fast import ops  # noqa: E402
     from fpl_fast.backbone.loading import load_backbone  # noqa: E402
     from fpl_fast.backbone.model import FrozenCLIP  # noqa: E402
@@ -725,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ncProfile of one fpl_fast per-sample step (cumulative):\n" + prof)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        args.json.write_text(json.dumps({**provenance(__file__, argv), **result}, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
 

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from bench_round import PRECISIONS, made_up_classnames, resolve_precision  # noqa: E402
+    from provenance import provenance  # noqa: E402
 
     from fpl_fast import ops  # noqa: E402
     from fpl_fast.backbone.loading import load_backbone  # noqa: E402
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        args.json.write_text(json.dumps({**provenance(__file__, argv), **result}, indent=1) + "\n")
         print(f"wrote {args.json}")
     if args.plot is not None:
         _plot(records, axes, args.plot, f"fpl_fast step time, {args.model} on {args.device}, base {base}")

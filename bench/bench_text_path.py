@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from bench_round import made_up_classnames  # noqa: E402
+    from provenance import provenance  # noqa: E402
 
     import fpl_fast.backbone.text_tower as te  # noqa: E402
     from fpl_fast.backbone.loading import load_backbone  # noqa: E402
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         record = {
+            **provenance(__file__, argv),
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),

@@ -30,6 +30,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance  # noqa: E402
+
 SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},  # the embedded default: 10 clients, Dirichlet 0.5, dpfpl
     "pathological-5": {"partition": "pathological", "num_users": 5},  # 2 classes per client
@@ -223,7 +226,9 @@ def report(root: Path, out_prefix: Path, seeds: int) -> dict[str, Any]:
     md += ["", f"Decision rule (issue 10): {decision['rule']}"]
     md += [f"- {v}: {d['cells_ok']} of {d['cells']} cells" for v, d in decision["variants"].items()]
     out_prefix.with_suffix(".md").write_text("\n".join(md) + "\n")
-    out_prefix.with_suffix(".json").write_text(json.dumps({"table": table, "tuned": chosen, **decision}, indent=2))
+    out_prefix.with_suffix(".json").write_text(
+        json.dumps({**provenance(__file__), "table": table, "tuned": chosen, **decision}, indent=2)
+    )
     _plot(table, out_prefix.with_suffix(".png"))
     print("\n".join(md))
     return decision
