@@ -15,8 +15,9 @@ Usage, from the repository root::
 
     python bench/bench_ops.py [--quick] [--device cpu,cuda] [--ops NAME,...] [--cases paper,large] [--json out.json]
 
-``--json`` writes a list of records ``{"op", "case", "device", "impl", "median_us"}`` (``median_us`` is null and
-``error`` says why when an implementation could not run). Benchmarks never assert anything about timings.
+``--json`` writes ``{"date", "command", "cpu_model", "gpu_model", "records"}``, the records
+``{"op", "case", "device", "impl", "median_us"}`` (``median_us`` is null and ``error`` says why when an
+implementation could not run). Benchmarks never assert anything about timings.
 """
 
 from __future__ import annotations

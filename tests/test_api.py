@@ -1,10 +1,7 @@
-"""The public Python API: the README's example runs as written; the data seams; the registry; errors name fields."""
+"""The public Python API: the data seams; the registry; errors name fields (the tutorial's example runs in
+tests/test_docs.py)."""
 
 from __future__ import annotations
-
-import math
-import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,30 +9,6 @@ import torch
 
 import fpl_fast
 from fpl_fast.prompts import Factorization, StepFactors, factorization_names, get_factorization, register
-
-README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def _readme_example() -> str:
-    text = README.read_text()
-    section = text[text.index("## Python API") :]
-    return re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
-
-
-@pytest.mark.slow
-def test_the_readme_example_runs_with_its_own_dataset_and_factorization(tmp_path, monkeypatch, capsys) -> None:
-    code = _readme_example()
-    assert len([line for line in code.splitlines() if line.strip()]) < 30  # "in under 30 lines"
-    monkeypatch.chdir(tmp_path)
-    scope: dict = {}
-    exec(compile(code, "README.md (Python API)", "exec"), scope)
-    result = scope["result"]
-    assert result.method == "dpfpl" and result.config["factorization"] == "halved"
-    assert 0.1 < result.local_acc <= 1 and 0 <= result.neighbor_acc <= 1  # above chance (0.1) on 10 classes
-    assert math.isfinite(result.epsilon) and result.epsilon > 0 and len(result.rounds) == 3
-    assert set(result.federation.learner.local) == {"l"}  # the custom factorisation's parameters were trained
-    assert (tmp_path / "runs" / "api-demo" / "results.json").is_file()
-    assert "local " in capsys.readouterr().out
 
 
 class _Frozen(Factorization):
