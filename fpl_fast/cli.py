@@ -60,7 +60,7 @@ def reference_markdown(level: int = 2) -> str:
         parts.append(f"{'#' * level} `{PROG} {name}`\n\n{text[:1].upper()}{text[1:]}.\n")
         if name == "audit":  # the audited run takes run's flags: only the audit's own are new
             parts.append(f"Every flag of `{PROG} run` (the audited run), and:\n")
-            parts.append(parser_markdown(parser, only=("audit",), level=level + 1))
+            parts.append(parser_markdown(parser, settings={}, only=("audit",), level=level + 1))
         else:
             parts.append(parser_markdown(parser, settings=SETTINGS if name == "run" else {}, level=level + 1))
     return "\n".join(parts)

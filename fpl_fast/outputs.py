@@ -208,7 +208,9 @@ def check_writable(out: Path) -> None:
             os.rmdir(tempfile.mkdtemp(dir=where, prefix=".write-check."))
     except OSError as exc:
         why = exc.strerror or str(exc) or type(exc).__name__
-        raise ConfigError("out", f"out {out} is not writable: {why}", cli=f"--out {out} is not writable: {why}") from None
+        raise ConfigError(
+            "out", f"out {out} is not writable: {why}", cli=f"--out {out} is not writable: {why}"
+        ) from None
 
 
 def _json_safe(x: Any) -> Any:

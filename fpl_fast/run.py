@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import Field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from fpl_fast.config import (
     METHODS,
@@ -108,7 +108,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         default="dpfpl",
         help="dpfpl: DP-FPL and its baselines (pick with --factorization) | feddtpt: black-box discrete federated "
         "prompts | rapt: local-DP text privatisation with token reconstruction; the settings of feddtpt and rapt "
-        "go in --config FILE (their Config fields) (default: dpfpl)",
+        "go in --config FILE (their Config fields) (default: %(default)s)",
     )
     g.add_argument("--config", metavar="FILE", help="JSON object of settings (the names below with underscores)")
     g.add_argument(
@@ -277,25 +277,30 @@ def _cell(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
-def _action_row(action: argparse.Action, settings: Mapping[str, Field[Any]]) -> str:
-    """One table row: flag, --config key, type / allowed values, default, help."""
+def _action_row(action: argparse.Action, settings: Mapping[str, Field[Any]], prog: str) -> list[str]:
+    """One table row's cells: flag, --config key (where ``settings`` has the flag's field), type / allowed values,
+    default, meaning."""
     flag = ", ".join(f"`{s}`" for s in action.option_strings) or f"`{action.dest}`"
     f = settings.get(action.dest)
     if action.choices is not None:
-        kind = " \\| ".join(f"`{c}`" for c in action.choices)
+        kind = " | ".join(f"`{c}`" for c in action.choices)
     elif action.nargs == 0:
         kind = "switch"
     elif f is not None:
         kind = _KINDS[value_kind(f)][2]
-    else:
-        kind = {int: "integer", float: "number", _float: "number"}.get(action.type, "text")  # type: ignore[arg-type]
+    else:  # a reader function says what it returns
+        reader: Any = action.type
+        returns = get_type_hints(reader).get("return") if callable(reader) else None
+        kind = {int: "integer", float: "number", bool: "true/false"}.get(returns or reader, "text")
     if f is not None:
-        key, default, text = f"`{f.name}`", render_default(f), f.metadata["help"]
-    else:
-        key = "-"
-        default = "-" if action.default in (None, False, argparse.SUPPRESS) else str(action.default)
-        text = action.help or ""
-    return f"| {flag} | {key} | {_cell(kind)} | {_cell(default)} | {_cell(text)} |"
+        return [flag, f"`{f.name}`", kind, render_default(f), f.metadata["help"]]
+    default = (
+        "-"
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        else str(action.default)
+    )
+    text = (action.help or "").replace(" (default: %(default)s)", "") % {**vars(action), "prog": prog}
+    return [flag, *(["-"] if settings else []), kind, default, text]
 
 
 def parser_markdown(
@@ -305,25 +310,26 @@ def parser_markdown(
     only: Iterable[str] | None = None,
     level: int = 3,
 ) -> str:
-    """One Markdown table per argument group of ``parser`` (flag, --config key, type / allowed values, default,
-    help), in the parser's order; ``settings``: the fields behind the flags (their help without the rendered
-    default); ``only``: the titles of the groups to render (None: all). Deterministic: the same parser gives the
-    same text."""
+    """One Markdown table per argument group of ``parser`` (flag, --config key where ``settings`` are given, type /
+    allowed values, default, meaning), in the parser's order; ``settings``: the fields behind the flags (their help
+    without the rendered default); ``only``: the titles of the groups to render (None: all). Deterministic: the
+    same parser gives the same text."""
     parts: list[str] = []
     titles = None if only is None else set(only)
+    header = ["flag", *(["`--config` key"] if settings else []), "type / allowed values", "default", "meaning"]
     for group in parser._action_groups:  # argparse keeps its groups only there
         if titles is not None and group.title not in titles:
             continue
         actions = [a for a in group._group_actions if not isinstance(a, argparse._HelpAction)]
         if not actions:
             continue
-        title = str(group.title)
-        parts.append(f"{'#' * level} {title}\n")
+        parts.append(f"{'#' * level} {group.title}\n")
         if group.description:
             parts.append(f"{group.description[:1].upper()}{group.description[1:]}.\n")
-        parts.append("| flag | `--config` key | type / allowed values | default | meaning |")
-        parts.append("|---|---|---|---|---|")
-        parts.extend(_action_row(a, settings) for a in actions)
+        parts.append("| " + " | ".join(header) + " |")
+        parts.append("|" + "---|" * len(header))
+        for action in actions:
+            parts.append("| " + " | ".join(_cell(c) for c in _action_row(action, settings, parser.prog)) + " |")
         parts.append("")
     return "\n".join(parts)
 
