@@ -1,7 +1,11 @@
-"""Run configuration: one frozen dataclass with documented defaults, loadable from JSON and the CLI.
+"""Run configuration: the algorithm's settings (:class:`RunConfig`) and the run's (:class:`RunSettings`), frozen
+dataclasses with their defaults and checks, loadable from JSON and the CLI.
 
-Defaults are the embedded offline job (tiny CLIP on scikit-learn's digits, 10 clients, dpfpl with DP on);
-``PAPER`` lists the DP-FPL authors' settings for a real run (ViT-B/16, Caltech101, ...).
+Every field is declared with :func:`setting`: its flag, help text, section and allowed values live in its metadata,
+the one source from which ``python -m fpl_fast.run``'s parser, its ``--config`` keys (the fields' names) and the CLI
+reference are built (:mod:`fpl_fast.run`). Defaults are the embedded offline job (tiny CLIP on scikit-learn's
+digits, 10 clients, dpfpl with DP on); ``PAPER`` lists the DP-FPL authors' settings for a real run (ViT-B/16,
+Caltech101, ...). :func:`resumed_config` is the configuration of a stopped run, from its checkpoint.
 """
 
 from __future__ import annotations
