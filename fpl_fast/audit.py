@@ -26,6 +26,7 @@ _NOT_HERE = {"mia": "--mia", "resume": "--resume"}
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """``python -m fpl_fast.run``'s parser with the audit's own group."""
     p = run_parser(prog)
+    p.usage = "%(prog)s [--FLAG VALUE ...] (the audited run's flags, and the audit's at the end)"
     p.description = "Privacy audit with one training run (Steinke, Nasr and Jagielski 2023) of a DP-FPL run."
     a = p.add_argument_group("audit")
     a.add_argument(
