@@ -18,6 +18,7 @@ from typing import Any
 
 from fpl_fast.ops import cpu_isa, has_cpp_ops, has_cuda_kernels
 
+# The package version, one source: pyproject.toml reads it (tool.setuptools.dynamic), results.json records it.
 __version__ = "0.1.0"
 
 # name -> the module that defines it, imported when the name is first read.

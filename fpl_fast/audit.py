@@ -8,22 +8,25 @@ ends with one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
-from fpl_fast.run import _fail, _float, build_parser, config_from_args
+from fpl_fast.run import _fail, _float, config_from_args
+from fpl_fast.run import build_parser as run_parser
 
-__all__ = ["main", "audit_line"]
+__all__ = ["audit_line", "build_parser", "main"]
 
 PROG = "python -m fpl_fast.audit"
 _NOT_HERE = {"mia": "--mia", "resume": "--resume"}
 
 
-def _parser():
-    p = build_parser()
-    p.prog = PROG
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """``python -m fpl_fast.run``'s parser with the audit's own group."""
+    p = run_parser(prog)
+    p.usage = "%(prog)s [--FLAG VALUE ...] (the audited run's flags, and the audit's at the end)"
     p.description = "Privacy audit with one training run (Steinke, Nasr and Jagielski 2023) of a DP-FPL run."
     a = p.add_argument_group("audit")
     a.add_argument(
@@ -90,8 +93,8 @@ def plot_scores(report: dict[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         if args.method != "dpfpl":
             raise ValueError(f"the audit runs --method dpfpl (its mechanisms), not {args.method}")
@@ -118,10 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(run.out) if run.out else default_out_dir()
         if (out / "audit.json").exists():
             raise ValueError(f"{out} already holds an audit (audit.json): give another --out")
+        outputs.check_writable(out)  # writable, before the training
         backbone, classnames, data = prepare(cfg, feature_cache=run.feature_cache)
         report = run_audit(cfg, audit, backbone, classnames, data, progress=run.progress)
     except (ValueError, FileNotFoundError) as exc:
-        return _fail(exc, prog=PROG)
+        return _fail(exc, prog=prog)
     out.mkdir(parents=True, exist_ok=True)
     outputs.write_json(out / "audit.json", {"config": cfg.to_dict(), **report})
     plot_scores(report, out / "audit_scores.png")

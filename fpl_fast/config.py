@@ -1,17 +1,25 @@
-"""Run configuration: one frozen dataclass with documented defaults, loadable from JSON and the CLI.
+"""Run configuration: the algorithm's settings (:class:`RunConfig`) and the run's (:class:`RunSettings`), frozen
+dataclasses with their defaults and checks, loadable from JSON and the CLI.
 
-Defaults are the embedded offline job (tiny CLIP on scikit-learn's digits, 10 clients, dpfpl with DP on);
-``PAPER`` lists the DP-FPL authors' settings for a real run (ViT-B/16, Caltech101, ...).
+Every field is declared with :func:`setting`: its flag, help text, section and allowed values live in its metadata,
+the one source from which ``python -m fpl_fast.run``'s parser, its ``--config`` keys (the fields' names) and the CLI
+reference are built (:mod:`fpl_fast.run`). Defaults are the embedded offline job (tiny CLIP on scikit-learn's
+digits, 10 clients, dpfpl with DP on); ``PAPER`` lists the DP-FPL authors' settings for a real run (ViT-B/16,
+Caltech101, ...). :func:`resumed_config` is the configuration of a stopped run, from its checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, fields
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, get_args
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from fpl_fast import outputs
 from fpl_fast.backbone.text_tower import TEXT_PATHS
 from fpl_fast.prompts import factorization_names, get_factorization
 from fpl_fast.validation import ConfigError, check_choice, check_finite, check_int, read_json_object
@@ -24,84 +32,299 @@ __all__ = [
     "ENGINES",
     "METHODS",
     "DEFAULT_LR",
+    "SECTIONS",
+    "allowed_values",
     "clients_per_round",
     "load_config_file",
+    "resumed_config",
+    "setting",
+    "setting_fields",
+    "value_kind",
 ]
 
 ClipModeName = Literal["sample", "batch", "output"]
 AccountantName = Literal["rdp", "pld"]
 SamplingName = Literal["poisson", "shuffle"]
 
-# Fixed choices of the enumerated settings (the factorisation's are the registry's: factorization_names()).
-CHOICES: dict[str, tuple[str, ...]] = {
-    "clip_mode": get_args(ClipModeName),
-    "clip_uv": ("joint", "separate"),
-    "calibration": ("accountant", "paper"),
-    "accountant": get_args(AccountantName),
-    "sampling": get_args(SamplingName),
-    "calibrate_for": ("total", "each"),
-    "sync": ("step", "round"),
-    "partition": ("iid", "pathological", "dirichlet"),
-    "pathological_split": ("balanced", "authors"),  # fpl_fast.data.splits.PATHOLOGICAL_SPLITS
-    "steps_per_round": ("mean", "authors"),
-    "precision": ("fp32", "bf16"),
-    "text_path": TEXT_PATHS,  # fpl_fast.prompts.class_prompts.ClassPrompts (also FedDTPT's and RAPT's)
+ENGINES = ("inprocess", "flower-sim")
+# --method: DP-FPL (RunConfig) or a method of fpl_fast.methods with its own Config and run().
+METHODS = ("dpfpl", "feddtpt", "rapt")
+
+# Learning rates by clip mode for the embedded model, tuned on the public digits-tune split at epsilon_total 3
+# (bench/study_output_dp.py; README "Output-space DP: the utility study"). Batch mode keeps its earlier 0.1.
+DEFAULT_LR = {"sample": 0.03, "output": 3.0, "batch": 0.1}
+
+# The sections of the settings, in the order of ``--help`` and of the CLI reference: name -> what they hold.
+SECTIONS: dict[str, str] = {
+    "prompt": "the learned prompt and its factorisation",
+    "privacy": "the noise and its accounting",
+    "clipping": "clipping and batch sampling",
+    "federation": "clients, rounds and local training",
+    "data": "the dataset and its split over the clients",
+    "model": "the frozen CLIP and where it runs",
+    "run": "the output folder, resuming, what runs after training",
 }
+
+
+def setting(
+    default: Any,
+    flag: str,
+    help: str,
+    *,
+    section: str,
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
+    kind: str | None = None,
+    none: str | None = None,
+    metavar: str | None = None,
+    switch: bool = False,
+) -> Any:
+    """A settings field with what the CLI, the ``--config`` file and the docs know of it, in its metadata.
+
+    Args:
+        default: the field's default (``--help`` and the docs render it; a help text never repeats it).
+        flag: its command-line flag (the ``--config`` key is the field's name).
+        help: what it sets, in one or two sentences.
+        section: its group in ``--help`` and in the CLI reference (a key of :data:`SECTIONS`).
+        choices: the allowed values (a function for a registry that can grow), where the field takes a fixed set.
+        kind: how a flag's text is read where the annotation does not say: "number-or-auto".
+        none: what a default of None means ("runs/<timestamp>"), shown in place of the default.
+        metavar: the flag's value in --help (default: by its type, N, X, TEXT, or its choices).
+        switch: the flag takes no value and sets the field to the opposite of its default.
+    """
+    meta = {"flag": flag, "help": help, "section": section, "choices": choices, "kind": kind, "none": none}
+    return field(default=default, metadata={**meta, "metavar": metavar, "switch": switch})
+
+
+_FACTORIZATIONS = (
+    "promptfl: G only | fedotp: G + L | fedpgp: G + U V | dplora: G + lowrank(L) | dpfpl: G + lowrank(L) + R"
+)
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """The algorithm's settings of a federated DP-FPL job (see README for each flag); where and how the job runs
-    (output folder, resuming, the attack after training) is :class:`RunSettings`."""
+    """The algorithm's settings of a federated DP-FPL job; where and how the job runs (output folder, resuming, the
+    attack after training) is :class:`RunSettings`. Each field's flag, help and allowed values are in its metadata
+    (:func:`setting`); ``python -m fpl_fast.run --help`` and the CLI reference are rendered from them."""
 
     # prompt
-    factorization: str = "dpfpl"
-    rank: int = 8
-    n_ctx: int = 16
-    full_grad_scale: float = 0.1
+    factorization: str = setting(
+        "dpfpl",
+        "--factorization",
+        f"how each client's context is built from the global prompt G and its local prompt ({_FACTORIZATIONS})",
+        section="prompt",
+        choices=factorization_names,
+    )
+    rank: int = setting(8, "--rank", "rank r of the low-rank local prompt U V (at most --n-ctx)", section="prompt")
+    n_ctx: int = setting(16, "--n-ctx", "number of learned context tokens", section="prompt")
+    full_grad_scale: float = setting(
+        0.1, "--full-grad-scale", "scale of the local prompt's gradient rebuilt from those of U and V", section="prompt"
+    )
     # privacy
-    noise: float | None = 1.5  # noise multiplier sigma (local and global); None when --epsilon is given
-    noise_local: float | None = None  # overrides noise for the local prompt
-    noise_global: float | None = None  # overrides noise for the global prompt
-    epsilon: float | None = None  # target epsilon: calibrate sigma instead of --noise
-    delta: float = 1e-5
-    norm_thresh: float = 0.3  # clip norm C (tuned for the embedded model, bench/study_output_dp.py; authors: 10)
-    clip_mode: ClipModeName = "sample"
-    output_clip: float | str = 0.1  # --clip-mode output: C_o on each example's cotangent dl/dT (tuned), or "auto"
-    clip_uv: str = "joint"
-    calibration: str = "accountant"
-    calibrate_for: str = "total"  # --epsilon bounds epsilon_total (both releases) or each release on its own
-    accountant: AccountantName = "rdp"
-    sampling: SamplingName | None = None  # None: poisson, or shuffle with --clip-mode batch (no Poisson account there)
-    promptfl_client_noise: bool = False  # the authors' promptfl: clients noise G's gradient too (sigma_g C / b)
+    noise: float | None = setting(
+        1.5,
+        "--noise",
+        "noise MULTIPLIER sigma of the local and the global prompt (noise std = sigma C). The DP-FPL authors' --noise "
+        "is an epsilon: for theirs use --epsilon E --calibration paper",
+        section="privacy",
+    )
+    noise_local: float | None = setting(
+        None, "--noise-local", "noise multiplier of the local prompt", section="privacy", none="--noise"
+    )
+    noise_global: float | None = setting(
+        None, "--noise-global", "noise multiplier of the global prompt", section="privacy", none="--noise"
+    )
+    epsilon: float | None = setting(
+        None,
+        "--epsilon",
+        "target epsilon: calibrate the noise multiplier for it instead of giving --noise (what it bounds: "
+        "--calibrate-for)",
+        section="privacy",
+        none="none (--noise is used)",
+    )
+    delta: float = setting(1e-5, "--delta", "delta of the (epsilon, delta) guarantee", section="privacy")
+    norm_thresh: float = setting(
+        0.3,
+        "--norm-thresh",
+        "clip norm C of the parameter clip modes (tuned for the embedded model; the authors use 10; inf: no clipping)",
+        section="clipping",
+    )
+    clip_mode: ClipModeName = setting(
+        "sample",
+        "--clip-mode",
+        "sample: clip each example's prompt gradient (per-example DP) | output: clip each example's gradient w.r.t. "
+        "the class text features, noise once, one backward (per-example DP) | batch: the authors' batch-mean clip "
+        "(not per-example)",
+        section="clipping",
+    )
+    output_clip: float | str = setting(
+        0.1,
+        "--output-clip",
+        "with --clip-mode output: clip norm C_o of each example's cotangent (tuned), or auto: the cosine head's bound "
+        "sqrt(2) s / min_c ||T_c|| (never clips)",
+        section="clipping",
+        kind="number-or-auto",
+    )
+    clip_uv: str = setting(
+        "joint",
+        "--clip-uv",
+        "joint: one norm over (g_U, g_V) | separate: each factor to C, the authors' clip",
+        section="clipping",
+        choices=("joint", "separate"),
+    )
+    calibration: str = setting(
+        "accountant",
+        "--calibration",
+        "with --epsilon: accountant: the accountant's sigma | paper: the authors' sqrt(rounds log(1/delta)) / epsilon",
+        section="privacy",
+        choices=("accountant", "paper"),
+    )
+    calibrate_for: str = setting(
+        "total",
+        "--calibrate-for",
+        "with --epsilon: total: epsilon_total of both releases <= E | each: each release alone <= E",
+        section="privacy",
+        choices=("total", "each"),
+    )
+    accountant: AccountantName = setting(
+        "rdp", "--accountant", "dp-accounting's RDP or PLD accountant", section="privacy"
+    )
+    sampling: SamplingName | None = setting(
+        None,
+        "--sampling",
+        "poisson: Poisson sampling (the accountant's bound is then proven) | shuffle: fixed-size shuffled batches "
+        "(accounted as Poisson, an approximation)",
+        section="clipping",
+        none="poisson; shuffle with --clip-mode batch",
+    )
+    promptfl_client_noise: bool = setting(
+        False,
+        "--promptfl-client-noise",
+        "with --factorization promptfl --sync step: each client also adds N(0, (sigma C / b)^2) to its clipped "
+        "gradient of G, as the authors' promptfl does; accounted with the server's noise as one Gaussian",
+        section="privacy",
+    )
     # federation
-    num_users: int = 10
-    rounds: int = 20
-    local_epochs: int = 1
-    steps_per_round: str = "mean"  # the rule: E ceil(mean client size / b), or "authors": E floor(min size / b)
-    sync: str = "step"
-    client_fraction: float = 1.0
-    lr: float | None = None  # None: the clip mode's default (DEFAULT_LR, tuned for the embedded model)
-    momentum: float = 0.9
-    batch_size: int = 8
+    num_users: int = setting(10, "--num-users", "number of clients K", section="federation")
+    rounds: int = setting(20, "--rounds", "communication rounds", section="federation")
+    local_epochs: int = setting(1, "--local-epochs", "local epochs E per round", section="federation")
+    steps_per_round: str = setting(
+        "mean",
+        "--steps-per-round",
+        "local steps per round: mean: E ceil(mean client size / b) | authors: E floor(smallest client size / b), "
+        "the authors' count",
+        section="federation",
+        choices=("mean", "authors"),
+    )
+    sync: str = setting(
+        "step",
+        "--sync",
+        "step: average the global gradient every local step (the authors') | round: FedAvg",
+        section="federation",
+        choices=("step", "round"),
+    )
+    client_fraction: float = setting(
+        1.0, "--client-fraction", "fraction of the clients sampled per round", section="federation"
+    )
+    lr: float | None = setting(
+        None,
+        "--lr",
+        "SGD learning rate (the paper uses 0.001)",
+        section="federation",
+        none="by --clip-mode, tuned for the embedded model: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()),
+    )
+    momentum: float = setting(0.9, "--momentum", "SGD momentum", section="federation")
+    batch_size: int = setting(
+        8,
+        "--batch-size",
+        "local batch size b, expected under Poisson sampling (at most the smallest client's examples; the paper "
+        "uses 32)",
+        section="federation",
+    )
     # data and model
-    dataset: str = "digits"
-    data_root: str = "data"
-    model: str = "tiny-digits-clip"
-    pretrained: str | None = "embedded"
-    precision: str = "fp32"
-    partition: str = "dirichlet"
-    pathological_split: str = "balanced"  # every class to some client, or "authors": their fixed-seed shares
-    beta: float = 0.5
-    num_shots: int | None = None
-    augment: bool = False
+    dataset: str = setting(
+        "digits",
+        "--dataset",
+        "digits (embedded) | digits-tune (its public pretraining part, for tuning) | caltech101 | oxford_pets | "
+        "oxford_flowers | food101 | dtd | cifar10 | cifar100",
+        section="data",
+        metavar="NAME",
+    )
+    data_root: str = setting(
+        "data",
+        "--data-root",
+        "folder of the datasets (CoOp layouts; CIFAR as torchvision saves it)",
+        section="data",
+        metavar="DIR",
+    )
+    model: str = setting(
+        "tiny-digits-clip",
+        "--model",
+        "open_clip model name (e.g. ViT-B-16) or a config shipped in fpl_fast/configs",
+        section="model",
+        metavar="NAME",
+    )
+    pretrained: str | None = setting(
+        "embedded",
+        "--pretrained",
+        "an open_clip tag (e.g. openai), a local checkpoint file, embedded (the shipped tiny weights), or none",
+        section="model",
+        metavar="TAG|FILE",
+    )
+    precision: str = setting(
+        "fp32", "--precision", "compute precision of the frozen encoders", section="model", choices=("fp32", "bf16")
+    )
+    partition: str = setting(
+        "dirichlet",
+        "--partition",
+        "how the training data is split over the clients",
+        section="data",
+        choices=("iid", "pathological", "dirichlet"),
+    )
+    pathological_split: str = setting(
+        "balanced",
+        "--pathological-split",
+        "with --partition pathological: balanced: every class to some client, shares differing by at most one class "
+        "| authors: the authors' shares (classes shuffled with seed 2023 whatever --seed)",
+        section="data",
+        choices=("balanced", "authors"),  # fpl_fast.data.splits.PATHOLOGICAL_SPLITS
+    )
+    beta: float = setting(0.5, "--beta", "Dirichlet concentration of --partition dirichlet", section="data")
+    num_shots: int | None = setting(
+        None, "--num-shots", "few-shot: training examples per class per client", section="data", none="all"
+    )
+    augment: bool = setting(
+        False,
+        "--augment",
+        "random resized crop and flip in training (image features recomputed each step)",
+        section="data",
+    )
     # run
-    eval_every: int = 1
-    seed: int = 1
-    noise_seed: int | None = None  # None: secret noise and sampling (OS CSPRNG keys); N: reproducible, not private
-    device: str = "cpu"
-    chunk_size: int | None = None  # per-sample gradient chunk (samples per vmap call); None = from activation size
-    text_path: str = "shared"  # class prompts through the text tower: shared prefix once per client, or each whole
+    eval_every: int = setting(1, "--eval-every", "evaluate every N rounds", section="federation")
+    seed: int = setting(1, "--seed", "seed of the public random choices: initialisation, data splits", section="data")
+    noise_seed: int | None = setting(
+        None,
+        "--noise-seed",
+        "make the noise and the batch sampling reproducible from N (research only: no guarantee against anyone who "
+        "knows N)",
+        section="privacy",
+        none="secret keys from the OS, per client and server",
+    )
+    device: str = setting("cpu", "--device", "cpu, cuda or cuda:N", section="model", metavar="DEVICE")
+    chunk_size: int | None = setting(
+        None,
+        "--chunk-size",
+        "per-sample gradients: examples per vmapped backward",
+        section="model",
+        none="sized to the activations",
+    )
+    text_path: str = setting(
+        "shared",
+        "--text-path",
+        "class prompts through the text tower: shared: the prefix [SOS, context] once per client, each class only "
+        "on its name tokens (exact; causal towers pooling at EOT, others take full) | full: every prompt whole",
+        section="prompt",
+        choices=TEXT_PATHS,  # fpl_fast.prompts.class_prompts.ClassPrompts (also FedDTPT's and RAPT's)
+    )
 
     def __post_init__(self) -> None:
         if self.sampling is None:
@@ -110,6 +333,8 @@ class RunConfig:
             object.__setattr__(self, "lr", DEFAULT_LR[self.clip_mode])
         for name, allowed in {"factorization": factorization_names(), **CHOICES}.items():
             check_choice(self, name, allowed)
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
+            raise ConfigError("device", f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         check_int(self, "rank", "n_ctx", "num_users", "rounds", "local_epochs", "batch_size", "eval_every")
         if self.num_shots is not None and self.num_shots < 1:
             raise ConfigError("num_shots", f"num_shots must be >= 1, got {self.num_shots}")
@@ -185,7 +410,8 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class RunSettings:
-    """Where and how a job runs, apart from what it computes (a checkpoint resumes under other settings).
+    """Where and how a job runs, apart from what it computes (a checkpoint resumes under other settings); each
+    field's flag and help are in its metadata, as :class:`RunConfig`'s.
 
     Attributes:
         out: output folder (None: runs/<timestamp>).
@@ -197,12 +423,38 @@ class RunSettings:
             SuperNode per client, over the same client and server objects).
     """
 
-    out: str | None = None
-    resume: bool = False
-    mia: int = 0
-    progress: bool = True
-    feature_cache: str | None = None
-    engine: str = "inprocess"
+    out: str | None = setting(None, "--out", "output folder", section="run", none="runs/<timestamp>", metavar="DIR")
+    resume: bool = setting(
+        False,
+        "--resume",
+        "continue the stopped run in --out from its checkpoint, with the configuration saved there",
+        section="run",
+        switch=True,
+    )
+    mia: int = setting(
+        0,
+        "--mia",
+        "membership-inference attack after training with N shadow models (writes mia.json; 0: none)",
+        section="run",
+    )
+    progress: bool = setting(True, "--quiet", "no progress bar", section="run", switch=True)
+    feature_cache: str | None = setting(
+        None,
+        "--feature-cache",
+        "folder of image features on disk, shared across runs and processes: one checksummed file per image encoder "
+        "(its weights), transform, dataset, split and size",
+        section="run",
+        none="none (encoded in memory)",
+        metavar="DIR",
+    )
+    engine: str = setting(
+        "inprocess",
+        "--engine",
+        "inprocess: every client in this process | flower-sim: Flower's simulation runtime, one SuperNode per "
+        "client (needs pip install .[flower])",
+        section="run",
+        choices=ENGINES,
+    )
 
     def __post_init__(self) -> None:
         check_int(self, "mia", low=0, note=" (shadow models; 0: no attack)")
@@ -213,13 +465,53 @@ class RunSettings:
             raise ConfigError("resume", "resume needs out, the folder of the run to continue", others=("out",))
 
 
-ENGINES = ("inprocess", "flower-sim")
-# --method: DP-FPL (RunConfig) or a method of fpl_fast.methods with its own Config and run().
-METHODS = ("dpfpl", "feddtpt", "rapt")
+def setting_fields() -> list[Field[Any]]:
+    """Every setting, RunConfig's then RunSettings': the flags of ``python -m fpl_fast.run`` and the keys of its
+    ``--config`` file (a field's name)."""
+    return [*fields(RunConfig), *fields(RunSettings)]
 
-# Learning rates by clip mode for the embedded model, tuned on the public digits-tune split at epsilon_total 3
-# (bench/study_output_dp.py; README "Output-space DP: the utility study"). Batch mode keeps its earlier 0.1.
-DEFAULT_LR = {"sample": 0.03, "output": 3.0, "batch": 0.1}
+
+_HINTS = {**get_type_hints(RunConfig), **get_type_hints(RunSettings)}
+
+
+def allowed_values(f: Field[Any]) -> tuple[str, ...] | None:
+    """The values a setting takes where they are a fixed set: its metadata's choices, or its Literal type's."""
+    choices = f.metadata.get("choices")
+    if callable(choices):
+        return tuple(choices())
+    if choices is not None:
+        return tuple(choices)
+    hint = _HINTS[f.name]
+    literal = [
+        t
+        for t in (hint, *(get_args(hint) if get_origin(hint) in (Union, UnionType) else ()))
+        if get_origin(t) is Literal
+    ]
+    return get_args(literal[0]) if literal else None
+
+
+def value_kind(f: Field[Any]) -> str:
+    """How a setting's text is read: "int", "float", "bool", "str" (from its type, None aside) or its metadata's
+    kind ("number-or-auto")."""
+    if f.metadata.get("kind"):
+        return str(f.metadata["kind"])
+    hint = _HINTS[f.name]
+    union = get_origin(hint) in (Union, UnionType)
+    types = [t for t in (get_args(hint) if union else (hint,)) if t is not type(None)]
+    if len(types) == 1 and types[0] in (int, float, bool, str):
+        return types[0].__name__
+    if len(types) == 1 and get_origin(types[0]) is Literal:
+        return "str"
+    raise TypeError(f"setting {f.name}: give kind= for its type {hint}")
+
+
+# The settings that take a fixed set of values (the factorisation's are the registry's: factorization_names()).
+CHOICES: dict[str, tuple[str, ...]] = {
+    f.name: values
+    for f in fields(RunConfig)
+    if not callable(f.metadata.get("choices")) and (values := allowed_values(f)) is not None
+}
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 def clients_per_round(client_fraction: float, num_clients: int) -> int:
@@ -298,10 +590,62 @@ def load_config_file(path: str | Path, allowed: set[str] | None = None) -> dict[
     """Read a JSON config file into a dict of settings (keys outside ``allowed``, default RunConfig's, are an error)."""
     p = Path(path)
     data = read_json_object(p, "--config")
-    known = (
-        allowed if allowed is not None else {f.name for f in fields(RunConfig)} | {f.name for f in fields(RunSettings)}
-    )
+    known = allowed if allowed is not None else {f.name for f in setting_fields()}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"--config {p} has unknown settings {unknown}; allowed: {sorted(known)}")
     return data
+
+
+def resumed_config(out: Path, given: Mapping[str, Any] | RunConfig | None = None) -> RunConfig:
+    """The configuration of the stopped run in ``out``, as its checkpoint saved it.
+
+    ``given``: settings that the caller states (a dict of RunConfig fields, or a whole RunConfig); each must agree
+    with the saved one, so that a resumed run is the run that was stopped.
+
+    Raises:
+        ConfigError: a given setting contradicts the saved one (named, with both values; the CLI's wording names
+            the flag); ``out`` holds no checkpoint to resume (field ``resume``).
+        ValueError: the checkpoint cannot be read, or holds settings that this version does not know.
+    """
+    outputs.check_out_dir(out, resume=True)
+    state = outputs.load_checkpoint(out)
+    assert state is not None  # check_out_dir found one, load_checkpoint reads it or says why not
+    saved: dict[str, Any] = state["config"]
+    by_name = {f.name: f for f in fields(RunConfig)}
+    unknown = sorted(set(saved) - set(by_name))
+    if unknown:
+        raise ValueError(
+            f"the checkpoint in {out} holds settings that this version of fpl_fast does not know "
+            f"({', '.join(unknown)}): resume it with the version that wrote it"
+        )
+    items = given.to_dict() if isinstance(given, RunConfig) else dict(given or {})
+    bad = sorted(set(items) - set(by_name))
+    if bad:
+        raise ValueError(f"unknown RunConfig settings {bad}; allowed: {sorted(by_name)}")
+    clip_mode = saved.get("clip_mode", by_name["clip_mode"].default)
+    for name, value in items.items():
+        was = saved.get(name, by_name[name].default)  # a setting newer than the checkpoint: its default
+        if value is None and name == "lr":
+            value = DEFAULT_LR.get(clip_mode)  # None: the saved clip mode's default, as RunConfig fills it
+        elif value is None and name == "sampling":
+            value = _default_sampling(clip_mode)
+        if value != was or isinstance(value, bool) != isinstance(was, bool):
+            flag = by_name[name].metadata["flag"]
+            raise ConfigError(
+                name,
+                f"{name}={value!r} contradicts the checkpoint in {out} (saved with {name}={was!r}); leave {name} out "
+                "of the config (or pass config=None) to resume with the saved configuration",
+                cli=f"{flag} {_as_flag_value(value)} contradicts the checkpoint in {out} (saved with {flag} "
+                f"{_as_flag_value(was)}); leave {flag} out to resume with the saved configuration",
+            )
+    return RunConfig(**saved)
+
+
+def _as_flag_value(value: Any) -> str:
+    """A value as a flag takes it: none, true/false, numbers exactly."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)

@@ -25,13 +25,13 @@ from typing import Any
 from fpl_fast import outputs
 from fpl_fast.attacks.membership import check_pool, membership_inference, mia_summary, shadow_pool
 from fpl_fast.backbone.protocol import Backbone
-from fpl_fast.config import METHODS, RunConfig, RunSettings
+from fpl_fast.config import METHODS, RunConfig, RunSettings, resumed_config
 from fpl_fast.data import DatasetBundle
 from fpl_fast.federated.client import ClientData
 from fpl_fast.federated.engine import Federation
 from fpl_fast.methods.dpfpl import DPFPL, default_out_dir
 from fpl_fast.methods.skeleton import run_method
-from fpl_fast.preparation import prepare
+from fpl_fast.preparation import check_device, prepare
 
 __all__ = ["Result", "train"]
 
@@ -108,6 +108,8 @@ def train(
     Args:
         config: the algorithm's settings: a RunConfig or a dict of its fields (None: the embedded default), or a
             FedDTPT / RAPT ``Config`` (``fpl_fast.methods.feddtpt.Config``, ``fpl_fast.methods.rapt.Config``).
+            With ``settings.resume`` the run's configuration is its checkpoint's: leave ``config`` None, or give
+            settings that agree with it (one that does not is named, with both values).
         settings: where and how it runs (output folder, resume, membership inference, progress bar, engine).
         dataset: your own torchvision-style datasets instead of ``config.dataset``.
         features: your own precomputed image features and client split (needs ``classnames``).
@@ -118,19 +120,27 @@ def train(
     run = _as_config(settings, RunSettings)
     if _is_method_config(config):
         return _train_method(config, run, dataset=dataset, features=features, backbone=backbone)
-    cfg = _as_config(config, RunConfig)
     out = Path(run.out) if run.out else default_out_dir()
+    # A resumed run is the stopped one: its checkpoint's configuration (a damaged checkpoint fails here, before the
+    # backbone loads), which a given config must not contradict.
+    if run.resume:
+        if config is not None and not isinstance(config, (RunConfig, dict)):
+            raise TypeError(f"expected a RunConfig or a dict of its fields, got {type(config).__name__}")
+        cfg = resumed_config(out, config)
+    else:
+        cfg = _as_config(config, RunConfig)
+    check_device(cfg.device)
     if run.engine == "flower-sim":
         given: dict[str, Any] = {"dataset": dataset, "features": features, "classnames": classnames}
         given.update(backbone=backbone, stop_after_round=stop_after_round)
         unused = [k for k, v in given.items() if v is not None]
         if unused:
             raise ValueError(f"engine='flower-sim' prepares its data on each node: leave out {', '.join(unused)}")
-        return Result.of(_train_on_flower(cfg, run, out), out, None)
-    # Before the backbone loads (the driver checks again): a previous run's files, no or a damaged checkpoint.
+    # Before the backbone loads (the driver checks again): a previous run's files; a folder that cannot be written.
     outputs.check_out_dir(out, resume=run.resume)
-    if run.resume:
-        outputs.load_checkpoint(out)
+    outputs.check_writable(out)
+    if run.engine == "flower-sim":
+        return Result.of(_train_on_flower(cfg, run, out), out, None)
     if run.mia:
         check_pool(cfg.dataset)  # before anything is loaded or trained
     backbone, names, data = prepare(
@@ -175,6 +185,7 @@ def _train_method(config: Any, run: RunSettings, **unsupported: Any) -> Result:
         raise ValueError(f"{', '.join(given)} apply to DP-FPL runs only, not to {name}")
     out = Path(run.out) if run.out else default_out_dir()
     outputs.check_out_dir(out, resume=False)
+    outputs.check_writable(out)
     result = importlib.import_module(f"fpl_fast.methods.{name}").run(config, out=out, progress=run.progress)
     return Result.of(result, out, None)
 

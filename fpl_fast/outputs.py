@@ -1,9 +1,10 @@
 """Run outputs: results.json, rounds.csv, accuracy.png, atomic checkpoints (and the one before), the summary
-table, and the checks that keep a previous run's files from being overwritten."""
+table, and the checks before a run: a previous run's files are never overwritten, and the folder is writable."""
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
@@ -16,11 +17,15 @@ from typing import Any
 
 import torch
 
+from fpl_fast import __version__
+from fpl_fast.validation import ConfigError
+
 __all__ = [
     "ROUND_FIELDS",
     "atomic_write_bytes",
     "save_figure",
     "check_out_dir",
+    "check_writable",
     "save_checkpoint",
     "load_checkpoint",
     "results_dict",
@@ -143,33 +148,69 @@ def load_checkpoint(out: Path) -> dict[str, Any] | None:
         hint = (
             f"{out / PREVIOUS} holds the checkpoint before it: copy it over {path} to resume from there"
             if (out / PREVIOUS).is_file()
-            else "no earlier checkpoint is kept: start a new run in another --out folder"
+            else "no earlier checkpoint is kept: start a new run in another output folder"
         )
         raise ValueError(f"cannot read {path} (truncated or corrupt: {why}); it was left as it is; {hint}") from None
     return state
 
 
 def check_out_dir(out: Path, *, resume: bool) -> None:
-    """Refuse to start a new run over a previous run's files, and to --resume where there is nothing to resume.
+    """Refuse to start a new run over a previous run's files, and to resume where there is nothing to resume.
 
     Raises:
-        ValueError: ``out`` holds results.json or a checkpoint and ``resume`` is off; or ``resume`` is on and
-            ``out`` holds no checkpoint.
+        ConfigError: ``out`` holds results.json or a checkpoint and ``resume`` is off; or ``resume`` is on and
+            ``out`` holds no checkpoint. Worded for the Python API (``resume=True``), and for the CLI (``--resume``).
     """
     if resume:
         if not (out / CHECKPOINT).is_file() and not (out / PREVIOUS).is_file():
-            raise ValueError(
-                f"--resume: no {CHECKPOINT} in {out}: nothing to resume (leave out --resume to start a new run)"
+            why = f"no {CHECKPOINT} in {out}: nothing to resume"
+            raise ConfigError(
+                "resume",
+                f"resume: {why} (set resume=False to start a new run)",
+                others=("out",),
+                cli=f"--resume: {why} (leave out --resume to start a new run)",
             )
         return
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
+        raise ConfigError("out", f"out {out} is a file, not a folder", cli=f"--out {out} is a file, not a folder")
     found = [name for name in ("results.json", CHECKPOINT, PREVIOUS) if (out / name).is_file()]
     if found:
-        raise ValueError(
-            f"--out {out} holds a previous run ({', '.join(found)}): pass --resume to continue it, "
-            "or choose another folder (nothing was overwritten)"
+        held = f"{out} holds a previous run ({', '.join(found)})"
+        raise ConfigError(
+            "out",
+            f"out {held}: set resume=True in the settings to continue it, or choose another out folder (nothing was "
+            "overwritten)",
+            others=("resume",),
+            cli=f"--out {held}: pass --resume to continue it, or choose another folder (nothing was overwritten)",
         )
+
+
+def check_writable(out: Path) -> None:
+    """Fail before any work, not after a round, where the run could not write ``out``: a file is created and removed
+    in it (a folder, in its nearest existing parent, where ``out`` is still to be made). A real write, not a
+    permission bit: root passes any mode check, and a read-only file system fails whatever the mode. Leaves nothing.
+
+    Raises:
+        ConfigError: ``out`` cannot be created or written (read-only file system, a file in its path, no
+            permission), with the system's reason.
+    """
+    where = out
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        if where == out and out.is_dir():
+            fd, probe = tempfile.mkstemp(dir=out, prefix=".write-check.")
+            os.close(fd)
+            os.unlink(probe)
+        elif not where.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{where} is a file")
+        else:
+            os.rmdir(tempfile.mkdtemp(dir=where, prefix=".write-check."))
+    except OSError as exc:
+        why = exc.strerror or str(exc) or type(exc).__name__
+        raise ConfigError(
+            "out", f"out {out} is not writable: {why}", cli=f"--out {out} is not writable: {why}"
+        ) from None
 
 
 def _json_safe(x: Any) -> Any:
@@ -190,9 +231,16 @@ def write_json(path: Path, obj: Any) -> None:
 def results_dict(
     method: str, config: dict[str, Any], rounds: list[dict[str, Any]], final: dict[str, Any] | None, **extra: Any
 ) -> dict[str, Any]:
-    """The one results.json shape of every method: ``{"method", "config", "rounds", "final", **extra}``, in that
-    order, so that a reader finds which method wrote a file in its first key."""
-    return {"method": method, "config": config, "rounds": rounds, "final": final, **extra}
+    """The one results.json shape of every method: ``{"method", "config", "rounds", "final", "fpl_fast_version",
+    **extra}``, in that order, so that a reader finds which method wrote a file in its first key."""
+    return {
+        "method": method,
+        "config": config,
+        "rounds": rounds,
+        "final": final,
+        "fpl_fast_version": __version__,
+        **extra,
+    }
 
 
 def write_outputs(out: Path, results: dict[str, Any]) -> None:

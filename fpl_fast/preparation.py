@@ -19,8 +19,32 @@ from fpl_fast.data import DatasetBundle, dataset_labels, load_dataset
 from fpl_fast.data.clients import client_split
 from fpl_fast.data.feature_store import FeatureStore
 from fpl_fast.federated.client import ClientData
+from fpl_fast.validation import ConfigError
 
-__all__ = ["prepare"]
+__all__ = ["check_device", "prepare"]
+
+
+def check_device(device: str) -> None:
+    """The device exists here: a missing GPU is named as such before anything loads (not as a weights file that
+    cannot be read, which is how torch would first meet it).
+
+    Raises:
+        ConfigError: a CUDA device and no CUDA device is available, or fewer than its index.
+    """
+    if not device.startswith("cuda"):
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if count == 0:
+        why = "no CUDA device is available (torch.cuda.is_available() is False"
+        why += f"; this torch {torch.__version__} is built without CUDA)" if torch.version.cuda is None else ")"
+    elif index >= count:
+        why = f"this machine has {count} CUDA device{'s' if count > 1 else ''} (cuda:0..cuda:{count - 1})"
+    else:
+        return
+    raise ConfigError(
+        "device", f"device={device!r}: {why}; use device='cpu'", cli=f"--device {device}: {why}; use --device cpu"
+    )
 
 
 def _load_backbone(cfg: RunConfig) -> Backbone:
@@ -50,6 +74,7 @@ def prepare(
     client's own (a Flower node's data folder), not split. ``reseed`` (a training run's path): without a disk
     cache, torch's global generator is seeded again with ``cfg.seed`` after the backbone is there, so augmentation
     draws the same whether the backbone was loaded or handed in."""
+    check_device(cfg.device)
     if backbone is None:
         backbone = _load_backbone(cfg)
     if feature_cache is not None:

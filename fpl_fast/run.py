@@ -1,9 +1,12 @@
-"""`python -m fpl_fast.run`: a federated DP-FPL job from the command line.
+"""`python -m fpl_fast.run` (or `fpl-fast run`): a federated DP-FPL job from the command line.
 
 With no arguments it runs the embedded default offline (tiny CLIP pretrained on part of scikit-learn's
-digits, the rest split over 10 clients, dpfpl with DP on). Every flag maps to a field of
-:class:`fpl_fast.config.RunConfig`; ``--config FILE`` (JSON) sets a base that flags override.
-Bad input ends with one line on stderr and exit code 2.
+digits, the rest split over 10 clients, dpfpl with DP on). Every flag is a field of
+:class:`fpl_fast.config.RunConfig` or :class:`fpl_fast.config.RunSettings`, and the parser is built from those
+fields' metadata (flag, help, allowed values, default), as is the CLI reference (:func:`cli_reference_markdown`);
+``--config FILE`` (JSON, the fields' names as keys) sets a base that flags override. ``--resume --out DIR`` takes
+the configuration saved in DIR's checkpoint. Bad input ends with one line on stderr and exit code 2; Ctrl-C with
+one line that says how to resume, and exit code 130.
 """
 
 from __future__ import annotations
@@ -12,20 +15,33 @@ import argparse
 import dataclasses
 import importlib
 import math
+import shlex
 import sys
-from typing import Any, NoReturn
+from collections.abc import Iterable, Mapping
+from dataclasses import Field
+from pathlib import Path
+from typing import Any, get_type_hints
 
-from fpl_fast.config import CHOICES, ENGINES, METHODS, PAPER, RunConfig, RunSettings, load_config_file
-from fpl_fast.validation import ConfigError, flag_message
+from fpl_fast.config import (
+    METHODS,
+    PAPER,
+    SECTIONS,
+    RunConfig,
+    RunSettings,
+    allowed_values,
+    load_config_file,
+    resumed_config,
+    setting_fields,
+    value_kind,
+)
+from fpl_fast.validation import CliParser, ConfigError, flag_message
 
-__all__ = ["build_parser", "config_from_args", "main"]
+__all__ = ["PROG", "build_parser", "cli_reference_markdown", "config_from_args", "main", "parser_markdown"]
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no usage dump) and exits 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
+PROG = "python -m fpl_fast.run"
+# Every setting by field name: what the parser's flags set (their dest is the field's name).
+SETTINGS: dict[str, Field[Any]] = {f.name: f for f in setting_fields()}
+_RUN_NAMES = {f.name for f in dataclasses.fields(RunSettings)}
 
 
 def _float(text: str) -> float:
@@ -35,7 +51,7 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
-def _clip_or_auto(text: str) -> float | str:
+def _number_or_auto(text: str) -> float | str:
     if text.strip().lower() == "auto":
         return "auto"
     try:
@@ -53,170 +69,94 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-# (flag, type, help). Defaults live in RunConfig; flags left out keep the config file's or the default.
-_FLAGS: list[tuple[str, Any, str]] = [
-    ("--factorization", str, "prompt factorisation: promptfl | fedotp | fedpgp | dplora | dpfpl (default dpfpl)"),
-    ("--rank", int, "rank r of the low-rank local prompt U V (default 8)"),
-    ("--n-ctx", int, "number of learned context tokens (default 16)"),
-    ("--full-grad-scale", _float, "scale of g_L rebuilt from g_U, g_V (authors: 0.1)"),
-    (
-        "--noise",
-        _float,
-        "noise MULTIPLIER sigma for local and global DP (noise std = sigma * C). NOTE: the DP-FPL authors' "
-        "--noise is an epsilon; to reproduce it use --epsilon E --calibration paper (default 1.5)",
-    ),
-    ("--noise-local", _float, "noise multiplier of the local prompt's DP (overrides --noise)"),
-    ("--noise-global", _float, "noise multiplier of the global prompt's DP (overrides --noise)"),
-    (
-        "--epsilon",
-        _float,
-        "target epsilon: calibrate sigma for it instead of --noise (by default for epsilon_total, what an observer "
-        "of both the local and the global prompt learns; see --calibrate-for)",
-    ),
-    (
-        "--calibrate-for",
-        str,
-        "with --epsilon: total (default: epsilon_total of both releases <= E) | each (each release alone <= E)",
-    ),
-    ("--delta", _float, "delta of the (epsilon, delta) guarantee (default 1e-5)"),
-    (
-        "--norm-thresh",
-        _float,
-        "clip norm C of the parameter clip modes (default 0.3, tuned for the embedded model; the authors use 10; "
-        "inf: no clipping)",
-    ),
-    (
-        "--clip-mode",
-        str,
-        "sample: clip each example's prompt gradient (per-example DP, default) | output: clip each example's "
-        "gradient w.r.t. the class text features, noise once on the client, one backward (per-example DP) | "
-        "batch: the authors' batch-mean clip (not per-example)",
-    ),
-    (
-        "--output-clip",
-        _clip_or_auto,
-        "with --clip-mode output: clip norm C_o of each example's cotangent (default 0.1, tuned), or auto: the bound "
-        "sqrt(2) s / min_c ||T_c|| of the cosine head (never clips)",
-    ),
-    ("--clip-uv", str, "joint: one norm over (g_U, g_V) (default) | separate: the authors' per-factor clip"),
-    ("--calibration", str, "with --epsilon: accountant (default) | paper (sqrt(rounds log(1/delta)) / epsilon)"),
-    ("--accountant", str, "rdp (default) | pld"),
-    (
-        "--sampling",
-        str,
-        "poisson: Poisson sampling (default; the accountant's bound is then proven) | shuffle: fixed-size shuffled "
-        "batches (accounted as Poisson, an approximation; the default with --clip-mode batch)",
-    ),
-    (
-        "--promptfl-client-noise",
-        _bool,
-        "with --factorization promptfl --sync step: each client also adds N(0, (sigma C / b)^2) to its clipped "
-        "gradient of G, as the DP-FPL authors' promptfl does (with --clip-mode batch --clip-uv separate); accounted "
-        "with the server's noise as one Gaussian; true/false (default false)",
-    ),
-    ("--num-users", int, "number of clients K (default 10)"),
-    ("--rounds", int, "communication rounds (default 20)"),
-    ("--local-epochs", int, "local epochs per round (default 1)"),
-    (
-        "--steps-per-round",
-        str,
-        "local steps per round: mean: E ceil(mean client size / b) (default) | authors: E floor(smallest client's "
-        "size / b), the DP-FPL authors' count (an error where that is 0)",
-    ),
-    ("--sync", str, "step: average the global gradient every local step (authors, default) | round: FedAvg"),
-    ("--client-fraction", _float, "fraction of clients sampled per round (default 1)"),
-    (
-        "--lr",
-        _float,
-        "SGD learning rate (default by clip mode, tuned for the embedded model: sample 0.03, output 3, batch 0.1; "
-        "the paper uses 0.001)",
-    ),
-    ("--momentum", _float, "SGD momentum (default 0.9)"),
-    ("--batch-size", int, "local batch size b (default 8; the paper uses 32)"),
-    (
-        "--dataset",
-        str,
-        "digits (embedded) | digits-tune (its public pretraining part, for tuning) | caltech101 | oxford_pets | "
-        "oxford_flowers | food101 | dtd | cifar10 | cifar100",
-    ),
-    ("--data-root", str, "folder holding the datasets (CoOp layouts; CIFAR as torchvision saves it)"),
-    ("--model", str, "open_clip model name (e.g. ViT-B-16) or a config in fpl_fast/configs (tiny-digits-clip)"),
-    ("--pretrained", str, "open_clip tag (openai), a local checkpoint file, 'embedded', or 'none' (random init)"),
-    ("--precision", str, "fp32 | bf16 compute in the frozen encoders"),
-    ("--partition", str, "client split: iid | pathological | dirichlet (default dirichlet)"),
-    (
-        "--pathological-split",
-        str,
-        "with --partition pathological: balanced: every class to some client, shares differing by at most one "
-        "class (default) | authors: the DP-FPL authors' shares (classes shuffled with seed 2023 whatever --seed, "
-        "round(n_cls / K) each, the last client the rest)",
-    ),
-    ("--beta", _float, "Dirichlet concentration for --partition dirichlet (default 0.5)"),
-    ("--num-shots", int, "few-shot: examples per class per client"),
-    ("--augment", _bool, "random resized crop + flip in training (recomputes image features); true/false"),
-    ("--eval-every", int, "evaluate every N rounds (default 1)"),
-    ("--seed", int, "seed of the public random choices: initialisation, data splits (default 1)"),
-    (
-        "--noise-seed",
-        int,
-        "make the DP noise and the batch sampling reproducible from N (research only: the guarantee does not hold "
-        "against anyone who knows N); default: secret keys from the OS, per client and server",
-    ),
-    ("--device", str, "cpu | cuda | cuda:N"),
-    (
-        "--chunk-size",
-        int,
-        "per-sample gradients: samples per vmapped backward (default: sized to the activations)",
-    ),
-    (
-        "--text-path",
-        str,
-        "class prompts through the text tower: shared: the prompt prefix [SOS, context] once per client, each class "
-        "only on its own name tokens (default; exact, for causal towers pooling at EOT, others take full) | full: "
-        "every class prompt whole",
-    ),
-    ("--out", str, "output folder (default runs/<timestamp>)"),
-    (
-        "--feature-cache",
-        str,
-        "folder of image features cached on disk across runs (keyed by encoder weights, transform, dataset, split)",
-    ),
-    (
-        "--mia",
-        int,
-        "membership-inference attack after training with N shadow models (writes mia.json; default 0: off)",
-    ),
-    (
-        "--engine",
-        str,
-        "inprocess: every client in this process (default) | flower-sim: Flower's simulation runtime, one "
-        "SuperNode per client (needs pip install .[flower])",
-    ),
-]
+# How a setting's text is read, by config.value_kind: the reader, its metavar and its name in the reference.
+_KINDS: dict[str, tuple[Any, str, str]] = {
+    "int": (int, "N", "integer"),
+    "float": (_float, "X", "number"),
+    "bool": (_bool, "{true,false}", "true/false"),
+    "str": (str, "TEXT", "text"),
+    "number-or-auto": (_number_or_auto, "X|auto", "number or auto"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="python -m fpl_fast.run",
+def render_default(f: Field[Any]) -> str:
+    """A setting's default as --help and the reference show it (None: what the field's metadata says it means)."""
+    value = f.default
+    if value is None:
+        return str(f.metadata.get("none") or "none")
+    if f.metadata.get("switch"):
+        return "off"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The parser of ``python -m fpl_fast.run``: --method, --config, --paper, then one group per section of
+    :data:`fpl_fast.config.SECTIONS` with a flag per setting (left out: None, the config file's or the default)."""
+    p = CliParser(
+        prog=prog,
+        usage="%(prog)s [--FLAG VALUE ...] (every flag below; --resume --out DIR continues a stopped run)",
         description="Private, personalized federated prompt learning on frozen CLIP (DP-FPL and baselines).",
     )
-    p.add_argument(
+    g = p.add_argument_group("method", "what runs, and from which settings")
+    g.add_argument(
         "--method",
         choices=METHODS,
         default="dpfpl",
-        help="dpfpl: DP-FPL and its baselines (pick with --factorization; default) | feddtpt: black-box discrete "
-        "federated prompts | rapt: local-DP text privatisation with token reconstruction. Method-specific "
-        "settings of feddtpt/rapt go in --config FILE (their Config fields)",
+        help="dpfpl: DP-FPL and its baselines (pick with --factorization) | feddtpt: black-box discrete federated "
+        "prompts | rapt: local-DP text privatisation with token reconstruction; the settings of feddtpt and rapt "
+        "go in --config FILE (their Config fields) (default: %(default)s)",
     )
-    p.add_argument("--config", help="JSON file of settings (field names as below, with underscores)")
-    p.add_argument("--paper", action="store_true", help="start from the DP-FPL authors' settings (ViT-B-16, openai)")
-    for flag, typ, text in _FLAGS:
-        name = flag[2:].replace("-", "_")
-        choices = {**CHOICES, "engine": ENGINES}.get(name)
-        p.add_argument(flag, type=typ, default=None, choices=choices, help=text)
-    p.add_argument("--resume", action="store_true", help="continue the stopped run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--config", metavar="FILE", help="JSON object of settings (the names below with underscores)")
+    g.add_argument(
+        "--paper",
+        action="store_true",
+        help="start from the DP-FPL authors' settings: " + ", ".join(f"{k} {v}" for k, v in PAPER.items()),
+    )
+    groups = {name: p.add_argument_group(name, text) for name, text in SECTIONS.items()}
+    for f in SETTINGS.values():
+        group = groups[f.metadata["section"]]
+        text = f"{f.metadata['help']} (default: {render_default(f)})"
+        if f.metadata["switch"]:
+            group.add_argument(
+                f.metadata["flag"], dest=f.name, action="store_const", const=not f.default, default=None, help=text
+            )
+            continue
+        read, metavar, _ = _KINDS[value_kind(f)]
+        choices = allowed_values(f)
+        group.add_argument(
+            f.metadata["flag"],
+            dest=f.name,
+            type=read,
+            default=None,
+            choices=choices,
+            metavar=f.metadata["metavar"] or ("{" + ",".join(choices) + "}" if choices else metavar),
+            help=text,
+        )
     return p
+
+
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the command gives, by field name: --paper's, then the --config file's, then the flags'."""
+    settings: dict[str, Any] = {}
+    if args.paper:
+        settings.update(PAPER)
+    if args.config:
+        settings.update(load_config_file(args.config))
+    settings.update((name, getattr(args, name)) for name in SETTINGS if getattr(args, name) is not None)
+    if isinstance(settings.get("pretrained"), str) and settings["pretrained"].lower() == "none":
+        settings["pretrained"] = None
+    if settings.get("epsilon") is not None:
+        given = [SETTINGS[n].metadata["flag"] for n in ("noise", "noise_local", "noise_global") if n in settings]
+        if given:
+            raise ValueError(f"--epsilon calibrates the noise: leave out {', '.join(given)} (or drop --epsilon)")
+        settings["noise"] = None
+    if "norm_thresh" in settings and isinstance(settings["norm_thresh"], str):
+        settings["norm_thresh"] = math.inf if settings["norm_thresh"] == "inf" else float(settings["norm_thresh"])
+    return settings
 
 
 def _method_module(method: str):
@@ -228,14 +168,14 @@ def method_config_from_args(args: argparse.Namespace) -> Any:
     mod = _method_module(args.method)
     names = {f.name for f in dataclasses.fields(mod.Config)}
     settings: dict[str, Any] = load_config_file(args.config, allowed=names) if args.config else {}
-    for flag, _, _ in _FLAGS:
-        name = flag[2:].replace("-", "_")
+    for name, f in SETTINGS.items():
         value = getattr(args, name)
-        if value is None or name == "out":
+        if value is None or name in ("out", "progress", "resume"):
             continue
         if name not in names:
             raise ValueError(
-                f"{flag} does not apply to --method {args.method} (its settings: {', '.join(sorted(names))})"
+                f"{f.metadata['flag']} does not apply to --method {args.method} (its settings: "
+                f"{', '.join(sorted(names))})"
             )
         settings[name] = value
     if args.paper or args.resume:
@@ -246,33 +186,18 @@ def method_config_from_args(args: argparse.Namespace) -> Any:
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, RunSettings]:
-    """The algorithm's config and the run's settings: defaults <- --paper <- --config FILE <- flags."""
-    settings: dict[str, Any] = {}
-    if args.paper:
-        settings.update(PAPER)
-    if args.config:
-        settings.update(load_config_file(args.config))
-    for flag, _, _ in _FLAGS:
-        name = flag[2:].replace("-", "_")
-        value = getattr(args, name)
-        if value is not None:
-            settings[name] = value
-    if args.resume:
-        settings["resume"] = True
-    if args.quiet:
-        settings["progress"] = False
-    if isinstance(settings.get("pretrained"), str) and settings["pretrained"].lower() == "none":
-        settings["pretrained"] = None
-    if settings.get("epsilon") is not None:
-        given = [f"--{n.replace('_', '-')}" for n in ("noise", "noise_local", "noise_global") if n in settings]
-        if given:
-            raise ValueError(f"--epsilon calibrates the noise: leave out {', '.join(given)} (or drop --epsilon)")
-        settings["noise"] = None
-    if "norm_thresh" in settings and isinstance(settings["norm_thresh"], str):
-        settings["norm_thresh"] = math.inf if settings["norm_thresh"] == "inf" else float(settings["norm_thresh"])
-    run_names = {f.name for f in dataclasses.fields(RunSettings)}
-    run = _build(RunSettings, {k: v for k, v in settings.items() if k in run_names})
-    return _build(RunConfig, {k: v for k, v in settings.items() if k not in run_names}), run
+    """The algorithm's config and the run's settings: defaults <- --paper <- --config FILE <- flags; with --resume,
+    the configuration saved in --out's checkpoint, which the given settings may repeat but not contradict."""
+    settings = given_settings(args)
+    run = _build(RunSettings, {k: v for k, v in settings.items() if k in _RUN_NAMES})
+    given = {k: v for k, v in settings.items() if k not in _RUN_NAMES}
+    if run.resume:
+        assert run.out is not None  # RunSettings refuses resume without out
+        try:
+            return resumed_config(Path(run.out), given), run
+        except ConfigError as exc:
+            raise ConfigError(exc.field, flag_message(exc), exc.others, cli=flag_message(exc)) from None
+    return _build(RunConfig, given), run
 
 
 def _build(cls: type, settings: dict[str, Any]):
@@ -280,10 +205,11 @@ def _build(cls: type, settings: dict[str, Any]):
     try:
         return cls(**settings)
     except ConfigError as exc:
-        raise ConfigError(exc.field, flag_message(exc), exc.others) from None
+        text = flag_message(exc)
+        raise ConfigError(exc.field, text, exc.others, cli=text) from None
 
 
-def _fail(exc: BaseException, prog: str = "python -m fpl_fast.run") -> int:
+def _fail(exc: BaseException, prog: str = PROG) -> int:
     """A user error: its first line on stderr, exit code 2, no traceback (a config error found after the flags were
     read, e.g. from the data's sizes, worded with flags too)."""
     text = flag_message(exc) if isinstance(exc, ConfigError) else str(exc)
@@ -292,19 +218,39 @@ def _fail(exc: BaseException, prog: str = "python -m fpl_fast.run") -> int:
     return 2
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _interrupted(out: Path, prog: str, resumable: bool) -> int:
+    """Ctrl-C: one line that says how to go on (the checkpoint of the last finished round stays), exit code 130."""
+    from fpl_fast.outputs import CHECKPOINT
+
+    if resumable and (out / CHECKPOINT).is_file():
+        how = f"continue with: {prog} --resume --out {shlex.quote(str(out))}"
+    else:
+        how = f"no checkpoint was written to {out}: run the command again to start over"
+    print(f"{prog}: interrupted; {how}", file=sys.stderr)
+    return 130
+
+
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
+    out: Path | None = None
     try:
         if args.method == "dpfpl":
             cfg, run = config_from_args(args)
         else:
             cfg = method_config_from_args(args)
-            run = RunSettings(out=args.out, progress=not args.quiet)
+            run = RunSettings(out=args.out, progress=args.progress is None)
         from fpl_fast.job import train  # heavy imports after the flags are known good
+        from fpl_fast.methods.dpfpl import default_out_dir
 
-        result = train(cfg, settings=run)
+        out = Path(run.out) if run.out else default_out_dir()  # named here: Ctrl-C says where to resume
+        result = train(cfg, settings=dataclasses.replace(run, out=str(out)))
     except (ValueError, FileNotFoundError) as exc:
-        return _fail(exc)
+        return _fail(exc, prog)
+    except KeyboardInterrupt:
+        if out is None:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+        return _interrupted(out, prog, resumable=args.method == "dpfpl")
     from fpl_fast.outputs import summary_table
 
     print(summary_table(result.final, extra=args.method != "dpfpl"))
@@ -322,6 +268,76 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fmt3(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The CLI reference (docs), rendered from the parser and the settings' metadata
+# ----------------------------------------------------------------------------------------------
+def _cell(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _action_row(action: argparse.Action, settings: Mapping[str, Field[Any]], prog: str) -> list[str]:
+    """One table row's cells: flag, --config key (where ``settings`` has the flag's field), type / allowed values,
+    default, meaning."""
+    flag = ", ".join(f"`{s}`" for s in action.option_strings) or f"`{action.dest}`"
+    f = settings.get(action.dest)
+    if action.choices is not None:
+        kind = " | ".join(f"`{c}`" for c in action.choices)
+    elif action.nargs == 0:
+        kind = "switch"
+    elif f is not None:
+        kind = _KINDS[value_kind(f)][2]
+    else:  # a reader function says what it returns
+        reader: Any = action.type
+        returns = get_type_hints(reader).get("return") if callable(reader) else None
+        kind = {int: "integer", float: "number", bool: "true/false"}.get(returns or reader, "text")
+    if f is not None:
+        return [flag, f"`{f.name}`", kind, render_default(f), f.metadata["help"]]
+    default = (
+        "-"
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        else str(action.default)
+    )
+    text = (action.help or "").replace(" (default: %(default)s)", "") % {**vars(action), "prog": prog}
+    return [flag, *(["-"] if settings else []), kind, default, text]
+
+
+def parser_markdown(
+    parser: argparse.ArgumentParser,
+    *,
+    settings: Mapping[str, Field[Any]] = SETTINGS,
+    only: Iterable[str] | None = None,
+    level: int = 3,
+) -> str:
+    """One Markdown table per argument group of ``parser`` (flag, --config key where ``settings`` are given, type /
+    allowed values, default, meaning), in the parser's order; ``settings``: the fields behind the flags (their help
+    without the rendered default); ``only``: the titles of the groups to render (None: all). Deterministic: the
+    same parser gives the same text."""
+    parts: list[str] = []
+    titles = None if only is None else set(only)
+    header = ["flag", *(["`--config` key"] if settings else []), "type / allowed values", "default", "meaning"]
+    for group in parser._action_groups:  # argparse keeps its groups only there
+        if titles is not None and group.title not in titles:
+            continue
+        actions = [a for a in group._group_actions if not isinstance(a, argparse._HelpAction)]
+        if not actions:
+            continue
+        parts.append(f"{'#' * level} {group.title}\n")
+        if group.description:
+            parts.append(f"{group.description[:1].upper()}{group.description[1:]}.\n")
+        parts.append("| " + " | ".join(header) + " |")
+        parts.append("|" + "---|" * len(header))
+        for action in actions:
+            parts.append("| " + " | ".join(_cell(c) for c in _action_row(action, settings, parser.prog)) + " |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def cli_reference_markdown(level: int = 3) -> str:
+    """The reference of ``python -m fpl_fast.run``'s flags as Markdown: one table per section (headings at
+    ``level``), rendered from the parser and the settings' metadata."""
+    return parser_markdown(build_parser("fpl-fast run"), level=level)
 
 
 if __name__ == "__main__":

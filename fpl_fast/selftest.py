@@ -16,6 +16,9 @@ import torch
 
 from fpl_fast import ops
 from fpl_fast.ops import first_use_check
+from fpl_fast.validation import CliParser
+
+PROG = "python -m fpl_fast.selftest"
 
 
 def devices() -> list[str]:
@@ -26,22 +29,26 @@ def devices() -> list[str]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fpl_fast.selftest", description=__doc__.splitlines()[0])
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser = CliParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--ops", default=",".join(first_use_check.CHECKS), help="comma-separated ops (default: all)")
-    parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
-    args = parser.parse_args(argv)
+    parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all", help="device types to check")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
     names = [n for n in args.ops.split(",") if n]
     bad = [n for n in names if n not in first_use_check.CHECKS]
     if bad or not names:
-        print(f"error: unknown op(s) {bad}; choose from {', '.join(first_use_check.CHECKS)}", file=sys.stderr)
+        print(f"{prog}: error: unknown op(s) {bad}; choose from {', '.join(first_use_check.CHECKS)}", file=sys.stderr)
         return 2
     if not ops.has_cpp_ops():
         print("fpl_fast._C is not loaded (see the warning above): the reference ops run, no kernel to check")
         return 1
     devs = devices() if args.device == "all" else [args.device]
     if "cuda" in devs and "cuda" not in devices():
-        print("error: no CUDA kernels or no GPU here", file=sys.stderr)
+        print(f"{prog}: error: no CUDA kernels or no GPU here", file=sys.stderr)
         return 2
     print(f"{'op':<24}{'device':<8}{'max error':>12}{'tolerance':>12}  result")
     failed = 0

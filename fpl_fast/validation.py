@@ -6,19 +6,26 @@ a ValueError that names the field it is about (``"rank must be an integer >= 1, 
 
 The wording rule: a ConfigError's message starts with its field, and every other field it names is listed in
 ``others``. The CLI turns each of those names, where it stands as a word, into its flag (``n_ctx`` -> ``--n-ctx``)
-and ``name='value'`` into ``--flag value``; nothing else in the message changes.
+and ``name='value'`` into ``--flag value``; nothing else in the message changes. A message that quotes a path (where
+a field's name may stand as a word) or that tells the caller what to do differently (``resume=True`` against
+``--resume``) carries its CLI wording itself (``cli``).
+
+:class:`CliParser` is the argparse parser of every command: a bad flag is one line and exit code 2, and a flag is
+never guessed from its abbreviation.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = [
+    "CliParser",
     "ConfigError",
     "check",
     "check_choice",
@@ -32,12 +39,26 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A bad configuration value. ``field``: the field the message starts with (or None); ``others``: the other
-    fields the message names."""
+    fields the message names; ``cli``: the message as the command line says it, where the flag wording of
+    :func:`flag_message` would not do (None: that wording)."""
 
-    def __init__(self, field: str | None, msg: str, others: Iterable[str] = ()) -> None:
+    def __init__(self, field: str | None, msg: str, others: Iterable[str] = (), *, cli: str | None = None) -> None:
         super().__init__(msg)
         self.field = field
         self.others = tuple(others)
+        self.cli = cli
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (no usage dump), exits 2, and takes no abbreviations
+    (``--num-user`` is an error, not ``--num-users``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def check(cond: bool, msg: str) -> None:
@@ -83,6 +104,8 @@ def flag(name: str) -> str:
 
 def flag_message(exc: ConfigError) -> str:
     """The message of exc with its fields spelled as CLI flags (see the module docstring)."""
+    if exc.cli is not None:
+        return exc.cli
     msg = str(exc)
     names = [n for n in (exc.field, *exc.others) if n]
     for name in sorted(set(names), key=len, reverse=True):  # longest first: noise_local before noise

@@ -57,6 +57,10 @@ def test_api_errors_name_fields_not_flags() -> None:
         fpl_fast.train({"rnak": 3})
     with pytest.raises(ValueError, match=r"^resume needs out"):
         fpl_fast.train(settings={"resume": True})
+    with pytest.raises(ValueError, match=r"^resume: no checkpoint.pt in .*: nothing to resume \(set resume=False"):
+        fpl_fast.train(settings={"resume": True, "out": "/nonexistent/run"})
+    with pytest.raises(ValueError, match=r"^device='cuda:99': "):  # named as the device, before anything loads
+        fpl_fast.train({"device": "cuda:99"}, settings={"out": "/nonexistent/run"})
     with pytest.raises(TypeError, match="RunConfig or a dict"):
         fpl_fast.train(3)  # type: ignore[arg-type]
 

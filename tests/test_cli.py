@@ -45,6 +45,10 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
         (["--epsilon", "2", "--noise", "1"], "--noise"),
         (["--resume"], "--out"),
         (["--resume", "--out", "/nonexistent/run"], "nothing to resume"),
+        (["--num-user", "3"], "unrecognized arguments: --num-user 3"),  # no abbreviation of --num-users
+        (["--device", "gpu"], "--device must be cpu, cuda or cuda:N, got 'gpu'"),
+        (["--pretrained", "/nope.pt"], "--pretrained /nope.pt: no such file; allowed: a checkpoint file"),
+        (["--out", "/dev/null/run"], "--out /dev/null/run is not writable: /dev/null is a file"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -193,3 +197,67 @@ def test_short_run_writes_results_csv_plot_and_checkpoint(tmp_path: Path) -> Non
     again = run_cli("--rounds", "2", "--num-users", "3", "--out", str(out))  # the same folder without --resume
     assert again.returncode == 2 and "holds a previous run" in again.stderr, again.stderr
     assert json.loads((out / "results.json").read_text()) == res
+
+
+def _one_line(capsys: pytest.CaptureFixture[str], rc: int | None) -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("available", "count", "device"), [(False, 0, "cuda"), (False, 0, "cuda:1"), (True, 1, "cuda:2")]
+)
+def test_a_missing_gpu_is_named_as_the_device(monkeypatch, capsys, available: bool, count: int, device: str) -> None:
+    """Not as weights that cannot be loaded: the device is checked before the backbone loads."""
+    import torch
+
+    from fpl_fast import preparation
+    from fpl_fast.run import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(preparation, "_load_backbone", lambda cfg: pytest.fail("the backbone loaded"))
+    line = _one_line(capsys, main(["--quiet", "--device", device, "--out", "/nonexistent/never"]))
+    want = "no CUDA device is available" if not available else "this machine has 1 CUDA device (cuda:0..cuda:0)"
+    assert line.startswith(f"python -m fpl_fast.run: error: --device {device}: {want}"), line
+    assert line.endswith("; use --device cpu") and "pretrained" not in line
+    with pytest.raises(ConfigError, match=rf"^device='{device}': ") as api:  # the API's wording names the field
+        preparation.check_device(device)
+    assert api.value.field == "device"
+
+
+def test_a_missing_weights_file_is_named_and_tags_are_listed_only_where_there_are_some() -> None:
+    from fpl_fast.backbone.loading import load_backbone
+
+    with pytest.raises(ConfigError) as missing:
+        load_backbone("tiny-digits-clip", "/nope.pt")
+    assert str(missing.value).startswith("pretrained='/nope.pt': no such file; allowed:")
+    assert "[]" not in str(missing.value) and "tag" not in str(missing.value)
+    with pytest.raises(ConfigError) as tag:
+        load_backbone("ViT-B-16", "no-such-tag")  # refused before anything is built or downloaded
+    text = str(tag.value)
+    assert text.startswith("pretrained='no-such-tag': neither a file nor an open_clip tag of model 'ViT-B-16'")
+    assert "or a tag of model 'ViT-B-16': openai" in text or ", openai" in text, text
+
+
+def test_a_batch_larger_than_the_smallest_client_is_refused_naming_it(capsys, tmp_path: Path) -> None:
+    """Poisson sampling cannot give an expected batch larger than a client's data (q = b / n > 1): the run stops
+    before training, naming the client, its size and the largest batch allowed."""
+    from fpl_fast.federated.client import sample_rates
+    from fpl_fast.run import main
+
+    line = _one_line(capsys, main(["--quiet", "--batch-size", "1000000000", "--out", str(tmp_path / "run")]))
+    m = re.fullmatch(
+        r"python -m fpl_fast\.run: error: --batch-size 1000000000 is larger than client (\d+)'s (\d+) training "
+        r"examples \(Poisson sampling needs q = b / n <= 1\); the largest --batch-size allowed here is (\d+)",
+        line,
+    )
+    assert m is not None and m.group(2) == m.group(3), line
+    sizes = [40, 12, 30]
+    with pytest.raises(ConfigError, match=r"^batch_size 13 is larger than client 1's 12 training examples"):
+        sample_rates(RunConfig(batch_size=13), sizes)
+    assert sample_rates(RunConfig(batch_size=12), sizes)[1] == 1.0  # the largest allowed
+    # Shuffled batches take all of a smaller client's examples (q = 1), as before.
+    assert sample_rates(RunConfig(batch_size=13, clip_mode="batch"), sizes)[1] == 1.0

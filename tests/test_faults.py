@@ -7,8 +7,10 @@ uninterrupted one, bitwise except for wall-clock fields.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -21,9 +23,11 @@ from support import train_job
 
 from fpl_fast import outputs
 from fpl_fast.config import RunConfig
+from fpl_fast.federated.engine import Federation
 from fpl_fast.federated.server import Server
 from fpl_fast.methods.dpfpl import TrainingDiverged, build_federation
 from fpl_fast.run import main
+from fpl_fast.validation import ConfigError, flag_message
 
 # Tiny and quick: 2 clients, one shot per class (3 steps a round), batch-mean clipping (no per-sample pass)
 # with noise, so that resuming has the sampler's, the factorisation's and the DP noise's streams to get right.
@@ -119,13 +123,133 @@ def test_an_out_folder_of_a_previous_run_is_never_overwritten(
 
 
 def test_train_refuses_a_used_folder_and_accepts_an_empty_one(job, tmp_path: Path) -> None:
+    """Rerunning the API into a run's folder: the refusal is worded for the caller (resume=True), the CLI's for the
+    command line (--resume)."""
     cfg = BASE.replace(rounds=1)
     res = train_job(job, cfg, tmp_path)  # exists (pytest made it) and is empty: fine
     assert res["final"] is not None
     before = _files(tmp_path)
-    with pytest.raises(ValueError, match="holds a previous run"):
+    with pytest.raises(ConfigError, match="holds a previous run") as err:
         train_job(job, cfg, tmp_path)
+    assert "set resume=True in the settings to continue it" in str(err.value) and "--" not in str(err.value)
+    assert "pass --resume to continue it" in flag_message(err.value)
     assert _files(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming takes the checkpoint's configuration
+# ----------------------------------------------------------------------------------------------
+def test_resume_with_only_the_folder_finishes_the_stopped_run(job, tmp_path: Path) -> None:
+    """``--resume --out DIR`` alone (the CLI), and ``config=None`` (the API): the run continues with the
+    configuration saved in the checkpoint, to the results of the run never stopped."""
+    want = train_job(job, BASE, tmp_path / "whole")
+    train_job(job, BASE, tmp_path / "cli", stop_after_round=2)
+    assert main(["--quiet", "--resume", "--out", str(tmp_path / "cli")]) == 0
+    got = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert got["config"] == BASE.to_dict() and _without_timing(got) == _without_timing(want)
+    train_job(job, BASE, tmp_path / "api", stop_after_round=2)
+    assert _without_timing(train_job(job, None, tmp_path / "api", resume=True)) == _without_timing(want)
+
+
+def test_a_flag_that_contradicts_the_checkpoint_is_named_with_both_values(
+    job, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train_job(job, BASE, tmp_path, stop_after_round=1)
+    before = _files(tmp_path)
+    line = _one_line_error(capsys, main(["--quiet", "--resume", "--out", str(tmp_path), "--rounds", "7"]))
+    assert line.endswith(
+        f"error: --rounds 7 contradicts the checkpoint in {tmp_path} (saved with --rounds 4); leave --rounds out to "
+        "resume with the saved configuration"
+    ), line
+    line = _one_line_error(capsys, main(["--quiet", "--resume", "--out", str(tmp_path), "--clip-mode", "sample"]))
+    assert "--clip-mode sample contradicts" in line and "(saved with --clip-mode batch)" in line, line
+    with pytest.raises(ConfigError, match=r"^rounds=7 contradicts the checkpoint in .* \(saved with rounds=4\)"):
+        train_job(job, BASE.replace(rounds=7), tmp_path, resume=True)
+    assert _files(tmp_path) == before  # nothing was touched
+    # Settings that repeat the saved ones are fine: a dict of some of them, or the whole command line again.
+    partial = train_job(job, {"rounds": 4, "clip_mode": "batch"}, tmp_path, resume=True, stop_after_round=2)
+    assert partial["config"] == BASE.to_dict() and partial["final"] is None
+    assert main(["--quiet", *ARGS, "--resume", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["config"] == BASE.to_dict()
+
+
+# ----------------------------------------------------------------------------------------------
+# Ctrl-C
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("after_rounds", [1, 0])
+def test_ctrl_c_says_in_one_line_how_to_resume_and_exits_130(
+    job, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, after_rounds: int
+) -> None:
+    """KeyboardInterrupt in round ``after_rounds + 1``: one line on stderr, exit code 130; with a checkpoint, the
+    line's command resumes the run to the results of one never interrupted."""
+    out = tmp_path / "run"
+    train_round = Federation.train_round
+    calls = 0
+
+    def interrupted(self, *args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls > after_rounds:
+            raise KeyboardInterrupt
+        return train_round(self, *args, **kwargs)
+
+    monkeypatch.setattr(Federation, "train_round", interrupted)
+    rc = main(["--quiet", *ARGS, "--out", str(out)])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 130 and len(lines) == 1 and "Traceback" not in err, err
+    monkeypatch.setattr(Federation, "train_round", train_round)
+    if after_rounds == 0:
+        assert lines[0] == (
+            f"python -m fpl_fast.run: interrupted; no checkpoint was written to {out}: run the command again to "
+            "start over"
+        )
+        return
+    prefix = "python -m fpl_fast.run: interrupted; continue with: python -m fpl_fast.run "
+    assert lines[0] == f"{prefix}--resume --out {shlex.quote(str(out))}", lines[0]
+    assert main(["--quiet", *shlex.split(lines[0][len(prefix) :])]) == 0
+    want = train_job(job, BASE, tmp_path / "whole")
+    assert _without_timing(json.loads((out / "results.json").read_text())) == _without_timing(want)
+
+
+# ----------------------------------------------------------------------------------------------
+# An output folder that cannot be written
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("exists", [True, False])
+def test_a_read_only_out_folder_fails_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, exists: bool
+) -> None:
+    """A folder the run cannot write (mode 0500; as root, which writes whatever the mode, a read-only file system
+    simulated where the check writes) fails in one line before the backbone loads."""
+    import fpl_fast.job
+
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    out = parent / "run"
+    if exists:
+        out.mkdir()
+    (out if exists else parent).chmod(0o500)
+    if os.geteuid() == 0:  # root: chmod does not stop it; make the probe meet what a read-only mount returns
+
+        def read_only(*args, **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+        monkeypatch.setattr(outputs.tempfile, "mkstemp" if exists else "mkdtemp", read_only)
+    monkeypatch.setattr(fpl_fast.job, "prepare", lambda *a, **k: pytest.fail("the data was prepared"))
+    try:
+        line = _one_line_error(capsys, main(["--quiet", *ARGS, "--out", str(out)]))
+    finally:
+        (out if exists else parent).chmod(0o700)
+    why = os.strerror(errno.EROFS if os.geteuid() == 0 else errno.EACCES)
+    assert line.endswith(f"error: --out {out} is not writable: {why}"), line
+    assert sorted(p.name for p in parent.iterdir()) == (["run"] if exists else [])  # the check left nothing
+    assert not exists or list(out.iterdir()) == []
+
+
+def test_an_out_path_under_a_file_fails_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("x")
+    line = _one_line_error(capsys, main(["--quiet", *ARGS, "--out", str(tmp_path / "file" / "run")]))
+    assert line.endswith(f"--out {tmp_path / 'file' / 'run'} is not writable: {tmp_path / 'file'} is a file"), line
 
 
 # ----------------------------------------------------------------------------------------------

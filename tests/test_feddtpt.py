@@ -339,7 +339,9 @@ def test_run_end_to_end_writes_results_with_the_shared_shape(tmp_path) -> None:
     res = run(SMALL, out=tmp_path, progress=False)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "rounds.csv").is_file()
-    assert list(on_disk) == ["method", "config", "rounds", "final"] and on_disk["method"] == "feddtpt"
+    assert (
+        list(on_disk) == ["method", "config", "rounds", "final", "fpl_fast_version"] and on_disk["method"] == "feddtpt"
+    )
     assert len(on_disk["rounds"]) == SMALL.rounds
     for row in on_disk["rounds"]:
         for key in ("round", "local_acc", "neighbor_acc", "epsilon_local", "epsilon_global", "seconds"):

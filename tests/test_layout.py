@@ -12,7 +12,8 @@ PKG = Path(__file__).resolve().parents[1] / "fpl_fast"
 # Lowest first. A module may import from its own unit and from the units of lower layers only. The package root
 # (fpl_fast/__init__.py: the public names, loaded lazily) and the compiled fpl_fast._C stand outside the layers.
 LAYERS: list[set[str]] = [
-    {"validation", "outputs"},  # checks and their wording; the files a run writes
+    {"validation"},  # checks and their wording (the CLI's too)
+    {"outputs"},  # the files a run writes (their checks raise validation's ConfigError)
     {"ops"},  # the kernels' Python face, their reference twins
     {"backbone"},  # frozen CLIP
     {"data"},  # datasets, splits (the recipes that pretrain the shipped models use the backbone)
@@ -26,6 +27,7 @@ LAYERS: list[set[str]] = [
     {"grid"},  # grids of runs
     {"run"},  # the CLI
     {"audit", "selftest"},  # CLIs built on the above
+    {"cli"},  # the fpl-fast console command: one subcommand per entry point
 ]
 RANK = {f"fpl_fast.{unit}": i for i, layer in enumerate(LAYERS) for unit in layer}
 OUTSIDE_LAYERS = {"fpl_fast", "fpl_fast._C"}
@@ -112,7 +114,8 @@ def test_what_each_stage_may_know() -> None:
     # The reference twins are the ops' spec, fallback and test oracle: training reaches them only through ops.
     oracle_users = users(lambda d: d.startswith("fpl_fast.ops.reference"))
     assert {_unit(m) for m in oracle_users} <= {"fpl_fast.ops"}, sorted(oracle_users)
-    # Nothing imports the entry points (the audit's CLI reuses the run's flags).
-    for cli in ("fpl_fast.grid.__main__", "fpl_fast.selftest", "fpl_fast.audit"):
+    # Nothing imports the entry points (the audit's CLI reuses the run's flags; the console command renders the
+    # reference with the run's, and runs each entry point through importlib).
+    for cli in ("fpl_fast.grid.__main__", "fpl_fast.selftest", "fpl_fast.audit", "fpl_fast.cli"):
         assert not users(lambda d, cli=cli: d == cli), cli
-    assert users(lambda d: d == "fpl_fast.run") <= {"fpl_fast.audit"}
+    assert users(lambda d: d == "fpl_fast.run") <= {"fpl_fast.audit", "fpl_fast.cli"}

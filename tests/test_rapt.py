@@ -120,7 +120,7 @@ def test_end_to_end(tmp_path: Path) -> None:
     res = rapt.run(cfg, out=tmp_path, progress=False)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "rounds.csv").is_file()
-    assert list(saved) == ["method", "config", "rounds", "final"] and saved["method"] == "rapt"
+    assert list(saved) == ["method", "config", "rounds", "final", "fpl_fast_version"] and saved["method"] == "rapt"
     assert saved["config"]["num_users"] == 2 and len(saved["rounds"]) == 2
     for row in saved["rounds"]:
         for key in ("round", "local_acc", "neighbor_acc", "epsilon_local", "epsilon_global", "seconds"):

@@ -42,7 +42,7 @@ class _Toy:
 def test_driver_writes_one_shape_with_method_first(tmp_path: Path) -> None:
     res = run_method(_Toy(), _Cfg(), out=tmp_path / "run", progress=False)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert list(saved) == ["method", "config", "rounds", "final"] and saved["method"] == "toy"
+    assert list(saved) == ["method", "config", "rounds", "final", "fpl_fast_version"] and saved["method"] == "toy"
     assert saved["config"] == {"rounds": 3} and saved["final"]["calls"] == [1, 2, 3]
     row = saved["rounds"][1]
     # the shared columns first, in rounds.csv's order, then the method's own

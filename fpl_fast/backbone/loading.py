@@ -17,6 +17,7 @@ from torch import nn
 from fpl_fast.backbone.checkpoints import checkpoint_kind, load_compact_checkpoint
 from fpl_fast.backbone.model import FrozenCLIP
 from fpl_fast.backbone.shipped_models import CONFIG_DIR, EMBEDDED_MODEL, EMBEDDED_WEIGHTS, shipped_configs
+from fpl_fast.validation import ConfigError
 
 __all__ = ["load_backbone"]
 
@@ -83,6 +84,20 @@ def _load_openai_file(
         weights = open_clip.load_openai_model(os.fspath(path), precision="fp32", device="cpu")
     clip.load_state_dict(weights.state_dict(), strict=True)
     return clip
+
+
+def _unknown_pretrained(model: str, pretrained: str) -> ConfigError:
+    """Neither a file nor a tag: a path-like value is a missing file; the model's tags are listed where it has some."""
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    looks_like_file = os.sep in pretrained or os.path.splitext(pretrained)[1] != ""
+    what = "no such file" if looks_like_file else f"neither a file nor an open_clip tag of model {model!r}"
+    allowed = f"a checkpoint file, 'embedded' (model {EMBEDDED_MODEL!r} only), none (random init)"
+    allowed += f", or a tag of model {model!r}: {', '.join(tags)}" if tags else ""
+    return ConfigError(
+        "pretrained",
+        f"pretrained={pretrained!r}: {what}; allowed: {allowed}",
+        cli=f"--pretrained {pretrained}: {what}; allowed: {allowed}",
+    )
 
 
 def load_backbone(
@@ -154,12 +169,7 @@ def load_backbone(
     elif pretrained is not None and not has_schema and not os.path.isfile(pretrained):
         tag_cfg = open_clip.get_pretrained_cfg(model, pretrained)
         if not tag_cfg:
-            tags = open_clip.list_pretrained_tags_by_model(model)
-            raise ValueError(
-                f"pretrained {pretrained!r} for model {model!r} is neither an open_clip tag nor an existing file; "
-                f"allowed: None (random init), a checkpoint file path, 'embedded' (only {EMBEDDED_MODEL!r}), "
-                f"or one of the tags {tags}"
-            )
+            raise _unknown_pretrained(model, pretrained)
         if tag_cfg.get("quick_gelu", False):
             kwargs["force_quick_gelu"] = True
     try:

@@ -102,7 +102,19 @@ def sample_rate(batch_size: int, size: int) -> float:
 
 
 def sample_rates(cfg: RunConfig, sizes: list[int]) -> list[float]:
-    """Each client's sampling rate, from its number of training examples."""
+    """Each client's sampling rate, from its number of training examples.
+
+    Raises:
+        ConfigError: Poisson sampling with an expected batch larger than the smallest client's data (q = b / n > 1:
+            no sampling rate gives that batch; shuffled batches take all of a smaller client's examples).
+    """
+    if cfg.sampling_scheme == "poisson" and sizes and cfg.batch_size > min(sizes):
+        k = int(np.argmin(sizes))
+        raise ConfigError(
+            "batch_size",
+            f"batch_size {cfg.batch_size} is larger than client {k}'s {sizes[k]} training examples (Poisson sampling "
+            f"needs q = b / n <= 1); the largest batch_size allowed here is {sizes[k]}",
+        )
     return [sample_rate(cfg.batch_size, n) for n in sizes]
 
 

@@ -18,8 +18,11 @@ from typing import Any
 from fpl_fast import __version__
 from fpl_fast.config import RunConfig
 from fpl_fast.flower.protocol import AppSettings
+from fpl_fast.validation import CliParser
 
-__all__ = ["app_config", "write_app"]
+__all__ = ["app_config", "build_parser", "main", "write_app"]
+
+PROG = "python -m fpl_fast.flower.deploy"
 
 
 def _toml(value: Any) -> str:
@@ -77,10 +80,14 @@ def write_app(folder: Path, **overrides: Any) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fpl_fast.flower.deploy", description=__doc__.splitlines()[0])
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = CliParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("folder", type=Path, help="the app folder to write (for flwr run FOLDER CONNECTION)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
     print(write_app(args.folder))
     return 0
 

@@ -9,17 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 from fpl_fast.grid.spec import SpecError, load_spec, parse_axis_flag, parse_spec
 from fpl_fast.grid.table import METRICS
+from fpl_fast.validation import CliParser
 
 PROG = "python -m fpl_fast.grid"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _workers(text: str) -> int:
@@ -32,8 +27,10 @@ def _workers(text: str) -> int:
     return n
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="A grid of DP-FPL runs (cartesian product of axes) and its paper-shaped table.")
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = CliParser(
+        prog=prog, description="A grid of DP-FPL runs (cartesian product of axes) and its paper-shaped table."
+    )
     p.add_argument("spec", nargs="?", help='JSON {"base": {...}, "axes": {field: [values]}, "name", "table"}')
     p.add_argument(
         "--axis",
@@ -56,13 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(msg: str) -> int:
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
+def _fail(msg: str, prog: str = PROG) -> int:
+    print(f"{prog}: error: {msg}", file=sys.stderr)
     return 2
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         if args.spec is None and not args.axis:
             raise SpecError("give a grid spec file (SPEC.json) or at least one --axis FIELD=V1,V2")
@@ -75,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         if out.exists() and not out.is_dir():
             raise SpecError(f"--out {out} is a file, not a folder")
     except ValueError as exc:
-        return _fail(str(exc).strip().splitlines()[0])
+        return _fail(str(exc).strip().splitlines()[0], prog)
 
     from fpl_fast.grid.cells import run_grid  # heavy imports after the spec is known good
     from fpl_fast.grid.table import write_plot, write_tables
@@ -92,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         text = write_tables(spec, out, args.metric)
         write_plot(spec, out, args.metric)
     except ValueError as exc:
-        return _fail(str(exc).strip().splitlines()[0])
+        return _fail(str(exc).strip().splitlines()[0], prog)
     print(text, end="")
     counts = {s: sum(r["status"] == s for r in reports) for s in ("done", "resumed", "skipped", "failed")}
     print(
@@ -102,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     failed = [r for r in reports if r["status"] == "failed"]
     for r in failed:
-        print(f"{PROG}: cell {r['name']} failed: {r['error']}", file=sys.stderr)
+        print(f"{prog}: cell {r['name']} failed: {r['error']}", file=sys.stderr)
     return 1 if failed else 0
 
 
