@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fpl_fast import outputs
+from fpl_fast import outputs, tracking
 from fpl_fast.attacks.membership import check_pool, membership_inference, mia_summary, shadow_pool
 from fpl_fast.backbone.protocol import Backbone
 from fpl_fast.config import METHODS, RunConfig, RunSettings
@@ -116,6 +116,7 @@ def train(
         stop_after_round: end early after this round, as if interrupted (tests of ``resume``).
     """
     run = _as_config(settings, RunSettings)
+    tracking.require_tensorboard(run.tensorboard)  # before anything is loaded or trained
     if _is_method_config(config):
         return _train_method(config, run, dataset=dataset, features=features, backbone=backbone)
     cfg = _as_config(config, RunConfig)
@@ -145,7 +146,13 @@ def train(
     pool = shadow_pool(cfg, backbone) if run.mia else None  # before training: a missing val split fails at once
     method = DPFPL(backbone, names, data, out=out)
     result = run_method(
-        method, cfg, out=out, progress=run.progress, resume=run.resume, stop_after_round=stop_after_round
+        method,
+        cfg,
+        out=out,
+        progress=run.progress,
+        resume=run.resume,
+        stop_after_round=stop_after_round,
+        tensorboard=run.tensorboard,
     )
     fed = method.fed
     assert fed is not None  # set up by run_method
@@ -175,7 +182,8 @@ def _train_method(config: Any, run: RunSettings, **unsupported: Any) -> Result:
         raise ValueError(f"{', '.join(given)} apply to DP-FPL runs only, not to {name}")
     out = Path(run.out) if run.out else default_out_dir()
     outputs.check_out_dir(out, resume=False)
-    result = importlib.import_module(f"fpl_fast.methods.{name}").run(config, out=out, progress=run.progress)
+    module = importlib.import_module(f"fpl_fast.methods.{name}")
+    result = module.run(config, out=out, progress=run.progress, tensorboard=run.tensorboard)
     return Result.of(result, out, None)
 
 

@@ -192,6 +192,12 @@ _FLAGS: list[tuple[str, Any, str]] = [
         "inprocess: every client in this process (default) | flower-sim: Flower's simulation runtime, one "
         "SuperNode per client (needs pip install .[flower])",
     ),
+    (
+        "--tensorboard",
+        str,
+        "folder for a TensorBoard log of every round (needs pip install .[tensorboard]); private/* tags (loss, "
+        "clipped fraction) are statistics of the private data that no DP covers",
+    ),
 ]
 
 
@@ -231,7 +237,7 @@ def method_config_from_args(args: argparse.Namespace) -> Any:
     for flag, _, _ in _FLAGS:
         name = flag[2:].replace("-", "_")
         value = getattr(args, name)
-        if value is None or name == "out":
+        if value is None or name in ("out", "tensorboard"):
             continue
         if name not in names:
             raise ValueError(
@@ -299,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg, run = config_from_args(args)
         else:
             cfg = method_config_from_args(args)
-            run = RunSettings(out=args.out, progress=not args.quiet)
+            run = RunSettings(out=args.out, progress=not args.quiet, tensorboard=args.tensorboard)
         from fpl_fast.job import train  # heavy imports after the flags are known good
 
         result = train(cfg, settings=run)

@@ -6,7 +6,7 @@
 
 Every run fixes ``--noise-seed`` (reproducible noise and sampling), so two commits that compute the same thing write
 the same numbers: a refactor must leave every value identical (``==`` on floats, no tolerance). Wall times
-(``seconds``) and output paths are left out of the comparison, and a path into either checkout counts from the
+(``seconds``, ``seconds_elapsed``) and output paths are left out of the comparison, and a path into either checkout counts from the
 package folder on. ``commits`` builds each worktree's C++ extension
 (CPU kernels only, ``build_ext --inplace``) unless ``csrc/`` and setup.py are those of this checkout, whose built
 extension is then copied. Runs use this interpreter (``sys.executable``) and its installed dependencies.
@@ -46,8 +46,9 @@ RUNS: dict[str, list[str]] = {
     "rapt": ["--method", "rapt", "--rounds", "2", *SEED],
 }
 
-# Keys whose values differ between two identical runs: wall times and where the files went.
-IGNORED = {"seconds", "out", "output", "path", "out_dir"}
+# Keys whose values differ between two identical runs: wall times (a round record's seconds_elapsed, before it the
+# round's seconds) and where the files went.
+IGNORED = {"seconds", "seconds_elapsed", "out", "output", "path", "out_dir"}
 
 
 def run_all(repo: Path, dest: Path) -> None:

@@ -342,7 +342,7 @@ def test_run_end_to_end_writes_results_with_the_shared_shape(tmp_path) -> None:
     assert list(on_disk) == ["method", "config", "rounds", "final"] and on_disk["method"] == "feddtpt"
     assert len(on_disk["rounds"]) == SMALL.rounds
     for row in on_disk["rounds"]:
-        for key in ("round", "local_acc", "neighbor_acc", "epsilon_local", "epsilon_global", "seconds"):
+        for key in ("round", "local_acc", "neighbor_acc", "epsilon_local", "epsilon_global", "seconds_elapsed"):
             assert key in row
         assert row["epsilon_local"] is None and row["epsilon_global"] is None
         assert 0.0 <= row["local_acc"] <= 1.0 and 0.0 <= row["neighbor_acc"] <= 1.0

@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "fpl_fast"
 # Lowest first. A module may import from its own unit and from the units of lower layers only. The package root
 # (fpl_fast/__init__.py: the public names, loaded lazily) and the compiled fpl_fast._C stand outside the layers.
 LAYERS: list[set[str]] = [
-    {"validation", "outputs"},  # checks and their wording; the files a run writes
+    {"validation", "outputs", "tracking"},  # checks and their wording; the files a run writes; its TensorBoard log
     {"ops"},  # the kernels' Python face, their reference twins
     {"backbone"},  # frozen CLIP
     {"data"},  # datasets, splits (the recipes that pretrain the shipped models use the backbone)

@@ -123,7 +123,7 @@ def test_end_to_end(tmp_path: Path) -> None:
     assert list(saved) == ["method", "config", "rounds", "final"] and saved["method"] == "rapt"
     assert saved["config"]["num_users"] == 2 and len(saved["rounds"]) == 2
     for row in saved["rounds"]:
-        for key in ("round", "local_acc", "neighbor_acc", "epsilon_local", "epsilon_global", "seconds"):
+        for key in ("round", "local_acc", "neighbor_acc", "epsilon_local", "epsilon_global", "loss", "seconds_elapsed"):
             assert key in row
     final = saved["final"]
     for key in ("local_acc", "neighbor_acc", "zero_shot_acc", "epsilon_local", "epsilon_global", "delta", "accountant"):
