@@ -6,8 +6,8 @@
 
 Every run fixes ``--noise-seed`` (reproducible noise and sampling), so two commits that compute the same thing write
 the same numbers: a refactor must leave every value identical (``==`` on floats, no tolerance). Wall times
-(``seconds``, ``seconds_elapsed``) and output paths are left out of the comparison, and a path into either checkout counts from the
-package folder on. ``commits`` builds each worktree's C++ extension
+(``seconds``, ``seconds_elapsed``) and output paths are left out of the comparison, and a path into either checkout
+counts from the package folder on. ``commits`` builds each worktree's C++ extension
 (CPU kernels only, ``build_ext --inplace``) unless ``csrc/`` and setup.py are those of this checkout, whose built
 extension is then copied. Runs use this interpreter (``sys.executable``) and its installed dependencies.
 """
