@@ -33,7 +33,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && ls fpl_fast/_C*.so >/de
   echo "fpl_fast: extension up to date (csrc/ unchanged), build skipped"
 else
   # CUDA asked for with no GPU visible: torch cannot read the architecture off one; Hopper (H100/H200) is the target.
-  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] && [ "$gpus" = 0 ]; then
+  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] && [ "$cuda" = 1 ] && [ "$gpus" = 0 ]; then
     export TORCH_CUDA_ARCH_LIST="9.0"
   fi
   export MAX_JOBS=${MAX_JOBS:-2}
