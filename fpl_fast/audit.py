@@ -18,7 +18,7 @@ from fpl_fast.run import _fail, _float, build_parser, config_from_args
 __all__ = ["main", "audit_line"]
 
 PROG = "python -m fpl_fast.audit"
-_NOT_HERE = {"mia": "--mia", "resume": "--resume"}
+_NOT_HERE = {"mia": "--mia", "resume": "--resume", "tensorboard": "--tensorboard"}
 
 
 def _parser():
