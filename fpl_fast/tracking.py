@@ -94,12 +94,33 @@ def open_round_log(logdir: str | Path, *, method: str, config: Mapping[str, Any]
         first_round: the first round this process runs. Above 1 (a resumed run) the log continues the earlier
             process's event files: steps from ``first_round`` on that they hold (rounds logged after the last
             checkpoint, run again now) are purged, and the texts are not written again.
+
+    Raises:
+        ValueError: a new run (``first_round`` 1) into a folder that already holds logged rounds (of another
+            run: their curves would mix), or see :func:`require_tensorboard`.
     """
     require_tensorboard(logdir)
     from torch.utils.tensorboard import SummaryWriter
+
+    if first_round <= 1 and _logs_rounds(Path(logdir)):
+        raise ValueError(
+            f"--tensorboard {logdir} holds the log of an earlier run: choose another folder (nothing was written to it)"
+        )
 
     writer = SummaryWriter(log_dir=str(logdir), purge_step=first_round if first_round > 1 else None)
     if first_round <= 1:
         writer.add_text("about", f"fpl_fast {method}: {ABOUT}", global_step=0)
         writer.add_text("config", f"```\n{json.dumps(dict(config), indent=1, default=str)}\n```", global_step=0)
     return RoundLog(writer)
+
+
+def _logs_rounds(logdir: Path) -> bool:
+    """Whether event files in ``logdir`` hold a scalar (a run that only wrote its texts before it stopped does not
+    count: its next attempt starts afresh there)."""
+    if not any(logdir.glob("events.out.tfevents.*")):
+        return False
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return bool(acc.Tags()["scalars"])

@@ -89,6 +89,15 @@ def test_the_log_holds_rounds_csv_values_under_private_and_released_tags(tmp_pat
     assert [k for k, t in TAGS.items() if t.startswith("private/")] == ["loss", "clipped_fraction"]
 
 
+def test_a_new_run_into_an_earlier_runs_log_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    run_method(_Toy(), _Cfg(), out=tmp_path / "a", progress=False, tensorboard=tmp_path / "tb")
+    files = sorted(p.name for p in (tmp_path / "tb").iterdir())
+    with pytest.raises(ValueError, match=r"^--tensorboard .*tb holds the log of an earlier run: choose another folder"):
+        run_method(_Toy(), _Cfg(), out=tmp_path / "b", progress=False, tensorboard=tmp_path / "tb")
+    assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == files
+    assert_tensorboard_matches_rounds_csv(tmp_path / "tb", tmp_path / "a" / "rounds.csv")
+
+
 def test_a_dpfpl_run_logs_its_rounds_and_a_resume_continues_the_log(job, tmp_path: Path) -> None:
     tb = tmp_path / "tb"
     train_job(job, BASE, tmp_path / "run", stop_after_round=2, tensorboard=str(tb))

@@ -141,18 +141,39 @@ def run_method(
         A stopped run has ``final`` None and ``stopped_after`` the last round run.
     """
     t_start = time.perf_counter()
-    tracking.require_tensorboard(tensorboard)  # before the method's set-up loads anything
     out = Path(out)
     resumable = isinstance(method, Resumable)
     if resumable:
         outputs.check_out_dir(out, resume=resume)  # never over a previous run's files; resume needs a checkpoint
     elif resume:
         raise ValueError(f"--resume: {method.name} writes no checkpoints, so it cannot be resumed")
-    out.mkdir(parents=True, exist_ok=True)
     saved = outputs.load_checkpoint(out) if resume else None
     if saved is not None and saved["config"] != cfg.to_dict():
         raise ValueError(f"--resume: the checkpoint in {out} was written with a different configuration")
+    done = saved["next_round"] if saved is not None else 0
+    log = None
+    if tensorboard is not None:  # before the set-up loads anything: a refused folder costs nothing
+        log = tracking.open_round_log(tensorboard, method=method.name, config=cfg.to_dict(), first_round=done + 1)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return _rounds(method, cfg, out, saved, log, t_start=t_start, progress=progress, stop=stop_after_round)
+    finally:
+        if log is not None:
+            log.close()
 
+
+def _rounds(
+    method: Method[Any],
+    cfg: MethodConfig,
+    out: Path,
+    saved: dict[str, Any] | None,
+    log: tracking.RoundLog | None,
+    *,
+    t_start: float,
+    progress: bool,
+    stop: int | None,
+) -> dict[str, Any]:
+    """:func:`run_method` from the set-up on: the rounds after ``saved``'s (None: all), then the outputs."""
     state = method.setup(cfg)
     rounds: list[dict[str, Any]] = []
     done, elapsed_before = 0, 0.0
@@ -164,9 +185,6 @@ def run_method(
         return round(elapsed_before + time.perf_counter() - t_start, 3)
 
     todo = range(done + 1, cfg.rounds + 1)
-    log = None
-    if tensorboard is not None:
-        log = tracking.open_round_log(tensorboard, method=method.name, config=cfg.to_dict(), first_round=done + 1)
     own_bar = isinstance(method, OwnsProgress)
     if isinstance(method, OwnsProgress):
         bar = method.progress(state, todo, enabled=progress)
@@ -186,12 +204,10 @@ def run_method(
                 outputs.save_checkpoint(out, {**ckpt, "elapsed": elapsed_before + time.perf_counter() - t_start})
             if log is not None and record is not None:  # after the checkpoint: a resume purges what follows it
                 log.write(rounds[-1])
-            if stop_after_round is not None and stop_after_round <= rnd < cfg.rounds:
+            if stop is not None and stop <= rnd < cfg.rounds:
                 return results_dict(method.name, cfg.to_dict(), rounds, None, stopped_after=rnd)
     finally:
         bar.close()
-        if log is not None:
-            log.close()
     final = method.final(state)
     final["seconds"] = clock()
     results = results_dict(method.name, cfg.to_dict(), rounds, final)
