@@ -108,7 +108,8 @@ def train(
     Args:
         config: the algorithm's settings: a RunConfig or a dict of its fields (None: the embedded default), or a
             FedDTPT / RAPT ``Config`` (``fpl_fast.methods.feddtpt.Config``, ``fpl_fast.methods.rapt.Config``).
-        settings: where and how it runs (output folder, resume, membership inference, progress bar, engine).
+        settings: where and how it runs (output folder, resume, membership inference, progress bar, engine,
+            TensorBoard log).
         dataset: your own torchvision-style datasets instead of ``config.dataset``.
         features: your own precomputed image features and client split (needs ``classnames``).
         classnames: class names in label order (with ``features``).
