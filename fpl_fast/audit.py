@@ -20,7 +20,7 @@ from fpl_fast.run import build_parser as run_parser
 __all__ = ["audit_line", "build_parser", "main"]
 
 PROG = "python -m fpl_fast.audit"
-_NOT_HERE = {"mia": "--mia", "resume": "--resume"}
+_NOT_HERE = {"mia": "--mia", "resume": "--resume", "tensorboard": "--tensorboard"}
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:

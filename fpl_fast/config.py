@@ -421,6 +421,8 @@ class RunSettings:
         feature_cache: a folder of image features on disk, shared across runs (None: encode in memory only).
         engine: "inprocess" (all clients in this process) or "flower-sim" (Flower's simulation runtime, one
             SuperNode per client, over the same client and server objects).
+        tensorboard: a folder for a TensorBoard log of every round (fpl_fast.tracking; needs the tensorboard
+            package); None: no log. results.json and rounds.csv stay the record.
     """
 
     out: str | None = setting(None, "--out", "output folder", section="run", none="runs/<timestamp>", metavar="DIR")
@@ -455,6 +457,15 @@ class RunSettings:
         section="run",
         choices=ENGINES,
     )
+    tensorboard: str | None = setting(
+        None,
+        "--tensorboard",
+        "folder for a TensorBoard log of every round (needs pip install .[tensorboard]); the private/* tags (loss, "
+        "clipped fraction) are statistics of the clients' private data that no DP guarantee covers",
+        section="run",
+        none="none (no log)",
+        metavar="DIR",
+    )
 
     def __post_init__(self) -> None:
         check_int(self, "mia", low=0, note=" (shadow models; 0: no attack)")
@@ -463,6 +474,8 @@ class RunSettings:
             raise ConfigError("mia", f"mia needs engine='inprocess' (engine={self.engine!r})", others=("engine",))
         if self.resume and not self.out:
             raise ConfigError("resume", "resume needs out, the folder of the run to continue", others=("out",))
+        if self.tensorboard is not None and (not isinstance(self.tensorboard, str) or not self.tensorboard.strip()):
+            raise ConfigError("tensorboard", f"tensorboard must be a folder path, got {self.tensorboard!r}")
 
 
 def setting_fields() -> list[Field[Any]]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fpl_fast import outputs
+from fpl_fast import outputs, tracking
 from fpl_fast.attacks.membership import check_pool, membership_inference, mia_summary, shadow_pool
 from fpl_fast.backbone.protocol import Backbone
 from fpl_fast.config import METHODS, RunConfig, RunSettings, resumed_config
@@ -110,7 +110,8 @@ def train(
             FedDTPT / RAPT ``Config`` (``fpl_fast.methods.feddtpt.Config``, ``fpl_fast.methods.rapt.Config``).
             With ``settings.resume`` the run's configuration is its checkpoint's: leave ``config`` None, or give
             settings that agree with it (one that does not is named, with both values).
-        settings: where and how it runs (output folder, resume, membership inference, progress bar, engine).
+        settings: where and how it runs (output folder, resume, membership inference, progress bar, engine,
+            TensorBoard log).
         dataset: your own torchvision-style datasets instead of ``config.dataset``.
         features: your own precomputed image features and client split (needs ``classnames``).
         classnames: class names in label order (with ``features``).
@@ -118,6 +119,7 @@ def train(
         stop_after_round: end early after this round, as if interrupted (tests of ``resume``).
     """
     run = _as_config(settings, RunSettings)
+    tracking.require_tensorboard(run.tensorboard)  # before anything is loaded or trained
     if _is_method_config(config):
         return _train_method(config, run, dataset=dataset, features=features, backbone=backbone)
     out = Path(run.out) if run.out else default_out_dir()
@@ -155,7 +157,13 @@ def train(
     pool = shadow_pool(cfg, backbone) if run.mia else None  # before training: a missing val split fails at once
     method = DPFPL(backbone, names, data, out=out)
     result = run_method(
-        method, cfg, out=out, progress=run.progress, resume=run.resume, stop_after_round=stop_after_round
+        method,
+        cfg,
+        out=out,
+        progress=run.progress,
+        resume=run.resume,
+        stop_after_round=stop_after_round,
+        tensorboard=run.tensorboard,
     )
     fed = method.fed
     assert fed is not None  # set up by run_method
@@ -186,7 +194,8 @@ def _train_method(config: Any, run: RunSettings, **unsupported: Any) -> Result:
     out = Path(run.out) if run.out else default_out_dir()
     outputs.check_out_dir(out, resume=False)
     outputs.check_writable(out)
-    result = importlib.import_module(f"fpl_fast.methods.{name}").run(config, out=out, progress=run.progress)
+    module = importlib.import_module(f"fpl_fast.methods.{name}")
+    result = module.run(config, out=out, progress=run.progress, tensorboard=run.tensorboard)
     return Result.of(result, out, None)
 
 

@@ -1,5 +1,10 @@
 """Run outputs: results.json, rounds.csv, accuracy.png, atomic checkpoints (and the one before), the summary
-table, and the checks before a run: a previous run's files are never overwritten, and the folder is writable."""
+table, and the checks before a run: a previous run's files are never overwritten, and the folder is writable.
+
+rounds.csv has the same columns for every method (:data:`ROUND_FIELDS`; a cell is empty where a method has no such
+value, e.g. FedDTPT's epsilons or loss): the accuracies, the epsilons spent so far, the mean training loss and
+clipped fraction of the round (statistics of the clients' private data, not covered by DP), and ``seconds_elapsed``,
+the run's wall seconds from its start (set-up included, resumes counted) to the end of that round."""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from fpl_fast import __version__
 from fpl_fast.validation import ConfigError
 
 __all__ = [
+    "CURVES",
     "ROUND_FIELDS",
     "atomic_write_bytes",
     "save_figure",
@@ -34,7 +40,19 @@ __all__ = [
     "summary_table",
 ]
 
-ROUND_FIELDS = ("round", "local_acc", "neighbor_acc", "epsilon_local", "epsilon_global", "epsilon_total", "seconds")
+ROUND_FIELDS = (
+    "round",
+    "local_acc",
+    "neighbor_acc",
+    "epsilon_local",
+    "epsilon_global",
+    "epsilon_total",
+    "loss",
+    "clipped_fraction",
+    "seconds_elapsed",
+)
+# accuracy.png's curves: a round record's key -> its label. A method plots those of its ``curves``.
+CURVES = {"local_acc": "local (own test split)", "neighbor_acc": "neighbour (others' splits)"}
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"  # the checkpoint before the last, kept by save_checkpoint
 
@@ -243,8 +261,8 @@ def results_dict(
     }
 
 
-def write_outputs(out: Path, results: dict[str, Any]) -> None:
-    """results.json, rounds.csv and accuracy.png (the plot only when matplotlib imports)."""
+def write_outputs(out: Path, results: dict[str, Any], *, curves: tuple[str, ...] = tuple(CURVES)) -> None:
+    """results.json, rounds.csv and accuracy.png; ``curves``: the round keys the plot draws (of :data:`CURVES`)."""
     write_json(out / "results.json", results)
     rows = results["rounds"]
     tmp = out / ".rounds.csv.tmp"
@@ -253,10 +271,10 @@ def write_outputs(out: Path, results: dict[str, Any]) -> None:
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, out / "rounds.csv")
-    _plot(out / "accuracy.png", rows, results.get("final", {}))
+    _plot(out / "accuracy.png", rows, results.get("final", {}), curves)
 
 
-def _plot(path: Path, rows: list[dict[str, Any]], final: dict[str, Any]) -> None:
+def _plot(path: Path, rows: list[dict[str, Any]], final: dict[str, Any], curves: tuple[str, ...]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,9 +283,11 @@ def _plot(path: Path, rows: list[dict[str, Any]], final: dict[str, Any]) -> None
 
     fig, ax = plt.subplots(figsize=(6, 4))
     r = [row["round"] for row in rows]
-    ax.plot(r, [row["local_acc"] for row in rows], marker="o", label="local (own classes)")
-    if any(row.get("neighbor_acc") is not None for row in rows):  # a Flower node with its own data has none
-        ax.plot(r, [row["neighbor_acc"] for row in rows], marker="s", label="neighbour (others' splits)")
+    for key, marker in zip(curves, "os^v", strict=False):
+        if any(row.get(key) is not None for row in rows):  # a Flower node with its own data has no neighbour's
+            ax.plot(
+                r, [math.nan if row.get(key) is None else row[key] for row in rows], marker=marker, label=CURVES[key]
+            )
     if final.get("zero_shot_acc") is not None:
         ax.axhline(final["zero_shot_acc"], color="grey", ls="--", label="hand-written prompt (zero-shot)")
     ax.set_xlabel("round")
@@ -289,6 +309,20 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def _window(rounds: list[int] | None) -> str:
+    """The evaluations a "last 5" mean actually averaged: "last 5 evaluations (rounds 16-20)", or after 3 of them
+    every 2 rounds "last 3 evaluations (rounds 2, 4, 6)"."""
+    if rounds is None:  # a results.json from before the rounds were recorded
+        return "last 5 evaluations"
+    if not rounds:
+        return "no evaluation"
+    if len(rounds) == 1:
+        return f"last 1 evaluation (round {rounds[0]})"
+    consecutive = rounds == list(range(rounds[0], rounds[0] + len(rounds)))
+    which = f"{rounds[0]}-{rounds[-1]}" if consecutive else ", ".join(map(str, rounds))
+    return f"last {len(rounds)} evaluations (rounds {which})"
+
+
 def summary_table(final: dict[str, Any], *, extra: bool = False) -> str:
     """The closing table of a run, one metric a line (``extra``: also every other scalar in ``final``)."""
     rows = [
@@ -296,9 +330,10 @@ def summary_table(final: dict[str, Any], *, extra: bool = False) -> str:
         ("mean neighbour accuracy", final.get("neighbor_acc")),
     ]
     if "local_acc_mean_last5" in final:  # DP-FPL: also the means over the last 5 evaluated rounds (the authors')
+        window = _window(final.get("acc_mean_last5_rounds"))
         rows += [
-            ("mean local accuracy, last 5 evaluations", final["local_acc_mean_last5"]),
-            ("mean neighbour accuracy, last 5 evaluations", final.get("neighbor_acc_mean_last5")),
+            (f"mean local accuracy, {window}", final["local_acc_mean_last5"]),
+            (f"mean neighbour accuracy, {window}", final.get("neighbor_acc_mean_last5")),
         ]
     rows += [
         ("zero-shot accuracy (hand-written prompt)", final.get("zero_shot_acc")),

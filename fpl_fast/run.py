@@ -170,7 +170,7 @@ def method_config_from_args(args: argparse.Namespace) -> Any:
     settings: dict[str, Any] = load_config_file(args.config, allowed=names) if args.config else {}
     for name, f in SETTINGS.items():
         value = getattr(args, name)
-        if value is None or name in ("out", "progress", "resume"):
+        if value is None or name in ("out", "progress", "resume", "tensorboard"):
             continue
         if name not in names:
             raise ValueError(
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
             cfg, run = config_from_args(args)
         else:
             cfg = method_config_from_args(args)
-            run = RunSettings(out=args.out, progress=args.progress is None)
+            run = RunSettings(out=args.out, progress=args.progress is None, tensorboard=args.tensorboard)
         from fpl_fast.job import train  # heavy imports after the flags are known good
         from fpl_fast.methods.dpfpl import default_out_dir
 

@@ -6,11 +6,11 @@
 
 Every run fixes ``--noise-seed`` (reproducible noise and sampling), so two commits that compute the same thing write
 the same numbers: a refactor must leave every value identical (``==`` on floats, no tolerance). Wall times
-(``seconds``), output paths and the version that wrote the file (``fpl_fast_version``) are left out of the
-comparison, and a path into either checkout counts from the
-package folder on. ``commits`` builds each worktree's C++ extension
-(CPU kernels only, ``build_ext --inplace``) unless ``csrc/`` and setup.py are those of this checkout, whose built
-extension is then copied. Runs use this interpreter (``sys.executable``) and its installed dependencies.
+(``seconds``, ``seconds_elapsed``), output paths and the version that wrote the file (``fpl_fast_version``) are left
+out of the comparison, and a path into either checkout counts from the package folder on. ``commits`` builds each
+worktree's C++ extension (CPU kernels only, ``build_ext --inplace``) unless ``csrc/`` and setup.py are those of this
+checkout, whose built extension is then copied. Runs use this interpreter (``sys.executable``) and its installed
+dependencies.
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ RUNS: dict[str, list[str]] = {
     "rapt": ["--method", "rapt", "--rounds", "2", *SEED],
 }
 
-# Keys whose values differ between two identical runs: wall times and where the files went; and the version that
-# wrote results.json (fpl_fast_version, absent before it was recorded), which is no computed value.
-IGNORED = {"seconds", "out", "output", "path", "out_dir", "fpl_fast_version"}
+# Keys whose values differ between two identical runs: wall times (a round record's seconds_elapsed, before it the
+# round's seconds) and where the files went; and the version that wrote results.json (fpl_fast_version, absent
+# before it was recorded), which is no computed value.
+IGNORED = {"seconds", "seconds_elapsed", "out", "output", "path", "out_dir", "fpl_fast_version"}
 
 
 def run_all(repo: Path, dest: Path) -> None:

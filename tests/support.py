@@ -37,6 +37,8 @@ __all__ = [
     "client_streams",
     "JOB_FIELDS",
     "train_job",
+    "tensorboard_scalars",
+    "assert_tensorboard_matches_rounds_csv",
 ]
 
 
@@ -96,14 +98,53 @@ JOB_FIELDS = (
 
 def train_job(job: tuple[Any, list[str], Any], cfg: Any, out: Any, **kwargs: Any) -> dict[str, Any]:
     """``fpl_fast.train`` of ``cfg`` on a prepared job (backbone, class names, client data), quiet, into ``out``;
-    results.json's dict. ``kwargs``: ``resume`` (a RunSettings field) or ``stop_after_round``."""
+    results.json's dict. ``kwargs``: ``resume``, ``tensorboard`` (RunSettings fields) or ``stop_after_round``."""
     from fpl_fast.config import RunSettings
     from fpl_fast.job import train
 
     backbone, classnames, data = job
-    settings = RunSettings(out=str(out), resume=kwargs.pop("resume", False), progress=False)
+    settings = RunSettings(
+        out=str(out),
+        resume=kwargs.pop("resume", False),
+        progress=False,
+        tensorboard=kwargs.pop("tensorboard", None),
+    )
     r = train(cfg, settings=settings, features=data, classnames=classnames, backbone=backbone, **kwargs)
     return {"method": r.method, "config": r.config, "rounds": r.rounds, "final": r.final}
+
+
+def tensorboard_scalars(logdir: Any) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the event files in ``logdir``, read back with TensorBoard's own EventAccumulator:
+    tag -> [(step, value)] in step order (purged steps of a resumed run left out, as TensorBoard shows them)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def assert_tensorboard_matches_rounds_csv(logdir: Any, rounds_csv: Any) -> dict[str, list[tuple[int, float]]]:
+    """The TensorBoard log in ``logdir`` holds exactly rounds.csv's values: one scalar per non-empty cell, at step
+    ``round``, under the column's tag (fpl_fast.tracking.TAGS), equal to the cell at float32, TensorBoard's scalar
+    precision. Returns the scalars."""
+    import csv
+
+    import numpy as np
+
+    from fpl_fast.tracking import TAGS
+
+    with open(rounds_csv) as f:
+        rows = list(csv.DictReader(f))
+    want: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        for key, tag in TAGS.items():
+            if row.get(key) not in (None, ""):
+                want.setdefault(tag, []).append((int(row["round"]), float(np.float32(float(row[key])))))
+    got = tensorboard_scalars(logdir)
+    assert sorted(got) == sorted(want), (sorted(got), sorted(want))
+    for tag, points in want.items():
+        assert [(s, float(np.float32(v))) for s, v in got[tag]] == points, tag
+    return got
 
 
 def make(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0, scale: float = 1.0) -> Tensor:

@@ -284,6 +284,7 @@ def test_cli_black_box_writes_its_report_and_plot(tmp_path) -> None:
     ("args", "message"),
     [
         (["--mia", "2"], "--mia does not apply to an audit"),
+        (["--tensorboard", "tb"], "--tensorboard does not apply to an audit"),
         (["--method", "rapt"], "the audit runs --method dpfpl"),
         (["--confidence", "1.5"], "confidence must be in (0, 1), got 1.5"),
         (["--canaries", "1"], "canaries must be an integer >= 2, got 1"),

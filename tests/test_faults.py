@@ -311,7 +311,7 @@ def _finish(proc: subprocess.Popen) -> tuple[int, str]:
 
 
 def _without_timing(res: dict) -> tuple[list[dict], dict]:
-    rounds = [{k: v for k, v in r.items() if k != "seconds"} for r in res["rounds"]]
+    rounds = [{k: v for k, v in r.items() if k != "seconds_elapsed"} for r in res["rounds"]]
     final = {k: v for k, v in res["final"].items() if k != "seconds"}
     return rounds, final
 

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from support import assert_tensorboard_matches_rounds_csv
 from torch.utils.data import Subset
 
 from fpl_fast.backbone.loading import load_backbone
@@ -336,15 +337,17 @@ SMALL = Config(num_users=3, rounds=2, iterations=4, candidates=4, batch_size=16,
 
 @pytest.mark.slow
 def test_run_end_to_end_writes_results_with_the_shared_shape(tmp_path) -> None:
-    res = run(SMALL, out=tmp_path, progress=False)
+    res = run(SMALL, out=tmp_path, progress=False, tensorboard=tmp_path / "tb")
     on_disk = json.loads((tmp_path / "results.json").read_text())
+    logged = assert_tensorboard_matches_rounds_csv(tmp_path / "tb", tmp_path / "rounds.csv")
+    assert sorted(logged) == ["released/local_acc", "released/neighbor_acc", "time/seconds_elapsed"]  # no DP, no loss
     assert (tmp_path / "rounds.csv").is_file()
     assert (
         list(on_disk) == ["method", "config", "rounds", "final", "fpl_fast_version"] and on_disk["method"] == "feddtpt"
     )
     assert len(on_disk["rounds"]) == SMALL.rounds
     for row in on_disk["rounds"]:
-        for key in ("round", "local_acc", "neighbor_acc", "epsilon_local", "epsilon_global", "seconds"):
+        for key in ("round", "local_acc", "neighbor_acc", "epsilon_local", "epsilon_global", "seconds_elapsed"):
             assert key in row
         assert row["epsilon_local"] is None and row["epsilon_global"] is None
         assert 0.0 <= row["local_acc"] <= 1.0 and 0.0 <= row["neighbor_acc"] <= 1.0

@@ -143,7 +143,7 @@ def test_resume_ends_with_exactly_the_results_of_an_uninterrupted_run(job, tmp_p
     resumed = train_job(job, cfg, tmp_path / "part", resume=True)
 
     def strip(rows):
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+        return [{k: v for k, v in r.items() if k != "seconds_elapsed"} for r in rows]
 
     assert strip(resumed["rounds"]) == strip(full["rounds"])
     for key in ("local_acc", "neighbor_acc", "epsilon_local", "epsilon_global", "local_acc_per_client"):
@@ -188,4 +188,5 @@ def test_accuracy_means_window_shorter_runs_and_missing_neighbour_accuracy() -> 
     assert got["neighbor_acc_mean_last5"] is None and got["acc_mean_last5_rounds"] == [2, 4, 6]
     assert recent_accuracy_means([])["local_acc_mean_last5"] is None
     table = summary_table({"local_acc": 0.3, **got})
-    assert re.search(r"mean local accuracy, last 5 evaluations +0\.2\n", table), table
+    # the summary names the evaluations it averaged: 3 of them, every other round
+    assert re.search(r"mean local accuracy, last 3 evaluations \(rounds 2, 4, 6\) +0\.2\n", table), table

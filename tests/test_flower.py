@@ -287,8 +287,11 @@ def test_wrong_num_partitions_and_duplicate_partitions_are_named(tmp_path: Path)
 
 
 def test_run_config_keys_map_to_the_settings() -> None:
-    cfg, app = from_run_config({"num-users": 2, "rounds": 1, "sync": "round", "run-name": "x", "noise-seed": "none"})
+    cfg, app = from_run_config(
+        {"num-users": 2, "rounds": 1, "sync": "round", "run-name": "x", "noise-seed": "none", "tensorboard": "tb"}
+    )
     assert (cfg.num_users, cfg.rounds, cfg.sync, cfg.noise_seed, app.run_name) == (2, 1, "round", None, "x")
+    assert app.tensorboard == "tb"
     with pytest.raises(ValueError, match=r"unknown run config key 'rnds'; allowed: .*rounds"):
         from_run_config({"rnds": 1})
 

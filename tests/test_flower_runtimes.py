@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import assert_tensorboard_matches_rounds_csv
 
 pytest.importorskip("flwr")  # the [flower] extra (CI installs it)
 
@@ -31,7 +32,7 @@ def test_engine_flower_sim_matches_the_in_process_run_of_the_embedded_default(tm
     run's (float rounding of one client per encoder call against all at once), the same epsilons exactly."""
     args = ["--rounds", "2", "--noise-seed", "7"]
     ip = _run(args, tmp_path / "inprocess")["final"]
-    fl = _run([*args, "--engine", "flower-sim"], tmp_path / "flower")
+    fl = _run([*args, "--engine", "flower-sim", "--tensorboard", str(tmp_path / "tb")], tmp_path / "flower")
     final = fl["final"]
     assert final["engine"] == "flower" and [r["round"] for r in fl["rounds"]] == [1, 2]
     assert abs(final["local_acc"] - ip["local_acc"]) <= 0.02
@@ -39,6 +40,9 @@ def test_engine_flower_sim_matches_the_in_process_run_of_the_embedded_default(tm
     assert final["epsilon_total_per_client"] == ip["epsilon_total_per_client"]
     assert final["steps_per_client"] == ip["steps_per_client"]
     assert (tmp_path / "flower" / "rounds.csv").is_file() and (tmp_path / "flower" / "accuracy.png").is_file()
+    # the server's log: what it holds, and no private/ tag (the loss and clipped fraction stay on the nodes)
+    logged = assert_tensorboard_matches_rounds_csv(tmp_path / "tb", tmp_path / "flower" / "rounds.csv")
+    assert "released/epsilon_total" in logged and not [t for t in logged if t.startswith("private/")]
     assert sorted(p.name for p in (tmp_path / "flower" / "nodes" / "flower").iterdir()) == [
         f"client-{k}" for k in range(10)
     ]

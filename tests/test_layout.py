@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "fpl_fast"
 # (fpl_fast/__init__.py: the public names, loaded lazily) and the compiled fpl_fast._C stand outside the layers.
 LAYERS: list[set[str]] = [
     {"validation"},  # checks and their wording (the CLI's too)
-    {"outputs"},  # the files a run writes (their checks raise validation's ConfigError)
+    {"outputs", "tracking"},  # the files a run writes, its TensorBoard log (their checks raise validation's errors)
     {"ops"},  # the kernels' Python face, their reference twins
     {"backbone"},  # frozen CLIP
     {"data"},  # datasets, splits (the recipes that pretrain the shipped models use the backbone)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import assert_tensorboard_matches_rounds_csv
 
 from fpl_fast.backbone.loading import load_backbone
 from fpl_fast.data.topics import TEXT_CLASSNAMES, make_text_dataset
@@ -117,17 +118,21 @@ def test_end_to_end(tmp_path: Path) -> None:
     cfg = rapt.Config(
         num_users=2, rounds=2, local_epochs=1, calibration_tokens=64, bayes_mc=4, n_prompt=4, rec_vocab=200
     )
-    res = rapt.run(cfg, out=tmp_path, progress=False)
+    res = rapt.run(cfg, out=tmp_path, progress=False, tensorboard=tmp_path / "tb")
     saved = json.loads((tmp_path / "results.json").read_text())
+    logged = assert_tensorboard_matches_rounds_csv(tmp_path / "tb", tmp_path / "rounds.csv")
+    assert "private/loss" in logged and "private/clipped_fraction" not in logged  # RAPT clips nothing
     assert (tmp_path / "rounds.csv").is_file()
     assert list(saved) == ["method", "config", "rounds", "final", "fpl_fast_version"] and saved["method"] == "rapt"
     assert saved["config"]["num_users"] == 2 and len(saved["rounds"]) == 2
     for row in saved["rounds"]:
-        for key in ("round", "local_acc", "neighbor_acc", "epsilon_local", "epsilon_global", "seconds"):
+        for key in ("round", "local_acc", "neighbor_acc", "epsilon_local", "epsilon_global", "loss", "seconds_elapsed"):
             assert key in row
     final = saved["final"]
     for key in ("local_acc", "neighbor_acc", "zero_shot_acc", "epsilon_local", "epsilon_global", "delta", "accountant"):
         assert key in final
+    for row in saved["rounds"]:  # the objective L = L_task + lambda L_rec, averaged over the round's steps
+        assert row["loss"] == pytest.approx(row["loss_task"] + cfg.rec_weight * row["loss_rec"], rel=1e-9)
     assert 0 <= final["local_acc"] <= 1 and 0 <= final["neighbor_acc"] <= 1
     assert final["epsilon_local"] == pytest.approx(final["eta"] * final["diameter"])
     assert final["nn_inversion_acc"] == final["preservation_rate_test"]

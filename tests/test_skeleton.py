@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ class _Cfg:
 class _Toy:
     name = "toy"
     postfix = ("local_acc",)
+    curves = ("local_acc", "neighbor_acc")
 
     def setup(self, cfg: _Cfg) -> dict[str, Any]:
         return {"calls": [], "cfg": cfg}
@@ -46,9 +48,12 @@ def test_driver_writes_one_shape_with_method_first(tmp_path: Path) -> None:
     assert saved["config"] == {"rounds": 3} and saved["final"]["calls"] == [1, 2, 3]
     row = saved["rounds"][1]
     # the shared columns first, in rounds.csv's order, then the method's own
-    assert list(row) == ["round", "local_acc", "neighbor_acc", "epsilon_local", "seconds", "extra"]
-    assert row["round"] == 2 and row["extra"] == 20 and row["seconds"] >= 0
-    assert res["final"]["seconds"] >= 0 and list(res["final"])[-1] == "seconds"
+    assert list(row) == ["round", "local_acc", "neighbor_acc", "epsilon_local", "seconds_elapsed", "extra"]
+    assert row["round"] == 2 and row["extra"] == 20
+    # one clock for every method: the run's seconds at the end of each round, up to the final total
+    elapsed = [r["seconds_elapsed"] for r in saved["rounds"]]
+    assert 0 <= elapsed[0] <= elapsed[1] <= elapsed[2] <= res["final"]["seconds"]
+    assert list(res["final"])[-1] == "seconds"
     with open(tmp_path / "run" / "rounds.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == list(ROUND_FIELDS) and [r["round"] for r in rows] == ["1", "2", "3"]
@@ -63,3 +68,43 @@ def test_client_split_names_the_empty_client() -> None:
     with pytest.raises(ValueError, match=r"client \d received no training examples with partition 'pathological' "):
         for seed in range(20):  # some seeds give the empty share to a client
             client_split(np.array([0, 0, 1, 1]), 2, "pathological", beta=0.5, seed=seed, test_labels=np.arange(4))
+
+
+def _plotted(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The legend labels of every accuracy.png written from now on (the figure caught before it is saved)."""
+    from fpl_fast import outputs
+
+    labels: list[list[str]] = []
+
+    def catch(fig: Any, path: Path) -> None:
+        labels.append(fig.axes[0].get_legend_handles_labels()[1])
+
+    monkeypatch.setattr(outputs, "save_figure", catch)
+    return labels
+
+
+def test_the_plot_draws_only_the_curves_a_method_has(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    labels = _plotted(monkeypatch)
+    run_method(_Toy(), _Cfg(), out=tmp_path / "both", progress=False)
+
+    class _OneModel(_Toy):  # like RAPT and FedDTPT: one global model, no neighbour curve though it has the values
+        curves = ("local_acc",)
+
+    run_method(_OneModel(), _Cfg(), out=tmp_path / "one", progress=False)
+    assert labels == [["local (own test split)", "neighbour (others' splits)"], ["local (own test split)"]]
+
+
+@pytest.mark.parametrize(
+    ("rounds", "label"),
+    [
+        ([16, 17, 18, 19, 20], "last 5 evaluations (rounds 16-20)"),
+        ([1, 2, 3, 4], "last 4 evaluations (rounds 1-4)"),
+        ([2, 4, 6], "last 3 evaluations (rounds 2, 4, 6)"),
+        ([1], "last 1 evaluation (round 1)"),
+    ],
+)
+def test_the_summary_says_how_many_evaluations_it_averaged(rounds: list[int], label: str) -> None:
+    final = {"local_acc": 0.5, "local_acc_mean_last5": 0.25, "acc_mean_last5_rounds": rounds}
+    table = summary_table(final)
+    assert re.search(rf"\nmean local accuracy, {re.escape(label)} +0\.25\n", table), table
+    assert re.search(rf"\nmean neighbour accuracy, {re.escape(label)} +-\n", table), table

@@ -112,6 +112,7 @@ class AppSettings:
         node_timeout: seconds to wait for every client's SuperNode to connect before giving up.
         reply_timeout: seconds to wait for the replies of one message round (late replies are dropped).
         progress: show a progress bar.
+        tensorboard: a folder for a TensorBoard log of the rounds (:mod:`fpl_fast.tracking`; None: none).
     """
 
     run_name: str = "fpl-fast"
@@ -120,6 +121,7 @@ class AppSettings:
     node_timeout: float = 120.0
     reply_timeout: float = 600.0
     progress: bool = True
+    tensorboard: str | None = None
 
     @property
     def out_dir(self) -> Path:

@@ -68,6 +68,7 @@ class FlowerDPFPL:
 
     name = "dpfpl"
     postfix = ("local_acc", "neighbor_acc", "epsilon_total")
+    curves = ("local_acc", "neighbor_acc")
 
     def __init__(self, grid: Grid, settings: AppSettings) -> None:
         self.grid, self.settings = grid, settings
@@ -218,7 +219,14 @@ def make_server_app(
             assert app_settings is not None
             method = FlowerDPFPL(grid, app_settings)
             out = app_settings.out_dir
-            run_method(method, run_cfg, out=out, progress=app_settings.progress, resume=app_settings.resume)
+            run_method(
+                method,
+                run_cfg,
+                out=out,
+                progress=app_settings.progress,
+                resume=app_settings.resume,
+                tensorboard=app_settings.tensorboard,
+            )
         except BaseException as exc:
             if errors is not None:
                 errors.append(exc)

@@ -35,7 +35,12 @@ def run_flower_simulation(
 
     outputs.check_out_dir(out, resume=run.resume)
     settings = AppSettings(
-        run_name=out.name, out=str(out), resume=run.resume, node_timeout=node_timeout, progress=run.progress
+        run_name=out.name,
+        out=str(out),
+        resume=run.resume,
+        node_timeout=node_timeout,
+        progress=run.progress,
+        tensorboard=run.tensorboard,
     )
     errors: list[BaseException] = []
     server_app = make_server_app(cfg, settings, errors=errors)

@@ -1,4 +1,5 @@
-"""`python -m fpl_fast.grid SPEC.json [--out DIR] [--workers N] [--devices cuda:0,cuda:1] [--metric M] [--quiet]`.
+"""`python -m fpl_fast.grid SPEC.json [--out DIR] [--workers N] [--devices cuda:0,cuda:1] [--metric M]
+[--tensorboard TB] [--quiet]`.
 
 Exit code 0: every cell finished; 1: some cells failed (each named on stderr with its one-line error, the
 others went on); 2: a bad spec or flag (one line on stderr, nothing run).
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from fpl_fast.grid.spec import SpecError, load_spec, parse_axis_flag, parse_spec
 from fpl_fast.grid.table import METRICS
+from fpl_fast.tracking import require_tensorboard
 from fpl_fast.validation import CliParser
 
 PROG = "python -m fpl_fast.grid"
@@ -49,6 +51,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         default="last",
         help="accuracy read from each results.json: last (final round, default) | mean_last5 | mean_last10",
     )
+    p.add_argument(
+        "--tensorboard",
+        metavar="TB",
+        help="TensorBoard logs of every round, one subfolder TB/<cell name> per cell (needs pip install "
+        ".[tensorboard]); tensorboard --logdir TB compares the cells",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -71,6 +79,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         out = Path(args.out) if args.out else Path("runs") / "grids" / spec.name.replace("/", "_")
         if out.exists() and not out.is_dir():
             raise SpecError(f"--out {out} is a file, not a folder")
+        require_tensorboard(args.tensorboard)
     except ValueError as exc:
         return _fail(str(exc).strip().splitlines()[0], prog)
 
@@ -84,6 +93,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         devices=devices,
         feature_cache=Path(args.feature_cache) if args.feature_cache else None,
         progress=not args.quiet,
+        tensorboard=Path(args.tensorboard) if args.tensorboard else None,
     )
     try:
         text = write_tables(spec, out, args.metric)

@@ -110,8 +110,9 @@ def _init_worker(counter: Any, devices: list[str], threads: int) -> None:
     _WORKER["device"] = devices[index % len(devices)] if devices else None
 
 
-def run_cell(name: str, cfg: RunConfig, out: str, feature_cache: str) -> dict[str, Any]:
-    """Run (or resume) one cell; never raises: a failure comes back as ``{"status": "failed", "error": line}``."""
+def run_cell(name: str, cfg: RunConfig, out: str, feature_cache: str, tensorboard: str | None = None) -> dict[str, Any]:
+    """Run (or resume) one cell; never raises: a failure comes back as ``{"status": "failed", "error": line}``.
+    ``tensorboard``: the cell's TensorBoard folder (None: no log)."""
     t0 = time.perf_counter()
     folder = Path(out)
     report: dict[str, Any] = {"name": name, "status": "failed", "error": None, "encoded_images": None}
@@ -128,7 +129,13 @@ def run_cell(name: str, cfg: RunConfig, out: str, feature_cache: str) -> dict[st
             device = saved["config"].get("device", cfg.device) if saved else device
         if device is not None and device != cfg.device:
             cfg = cfg.replace(device=device)
-        settings = RunSettings(out=str(folder), resume=state == "resume", progress=False, feature_cache=feature_cache)
+        settings = RunSettings(
+            out=str(folder),
+            resume=state == "resume",
+            progress=False,
+            feature_cache=feature_cache,
+            tensorboard=tensorboard,
+        )
         result = train(cfg, settings=settings)
         assert result.federation is not None  # an in-process run
         report.update(
@@ -152,9 +159,11 @@ def run_grid(
     feature_cache: Path | None = None,
     progress: bool = True,
     on_report: Callable[[dict[str, Any]], None] | None = None,
+    tensorboard: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Run every cell of ``spec`` under ``out/cells/`` (finished ones skipped, stopped ones resumed) and write
-    ``out/grid.json`` (the spec and each cell's status in this run). Returns the cells' reports in spec order."""
+    ``out/grid.json`` (the spec and each cell's status in this run). Returns the cells' reports in spec order.
+    ``tensorboard``: each cell that runs logs its rounds to ``tensorboard/<cell name>`` (None: no logs)."""
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
@@ -195,7 +204,7 @@ def run_grid(
             torch.set_num_threads(worker_threads(1))
             _WORKER["device"] = devices[0] if devices else None
             for cell in todo:
-                record(run_cell(cell.name, cell.config, str(_cell_dir(out, cell)), cache))
+                record(run_cell(cell.name, cell.config, str(_cell_dir(out, cell)), cache, _tb_dir(tensorboard, cell)))
         else:
             ctx = mp.get_context("spawn")
             counter = ctx.Value("i", 0)
@@ -203,7 +212,12 @@ def run_grid(
             with cf.ProcessPoolExecutor(
                 n, mp_context=ctx, initializer=_init_worker, initargs=(counter, devices, worker_threads(n))
             ) as pool:
-                futures = {pool.submit(run_cell, c.name, c.config, str(_cell_dir(out, c)), cache): c.name for c in todo}
+                futures = {
+                    pool.submit(
+                        run_cell, c.name, c.config, str(_cell_dir(out, c)), cache, _tb_dir(tensorboard, c)
+                    ): c.name
+                    for c in todo
+                }
                 for fut in cf.as_completed(futures):
                     try:
                         record(fut.result())
@@ -216,6 +230,10 @@ def run_grid(
 
 def _cell_dir(out: Path, cell: Cell) -> Path:
     return out / "cells" / cell.name
+
+
+def _tb_dir(tensorboard: Path | None, cell: Cell) -> str | None:
+    return str(tensorboard / cell.name) if tensorboard is not None else None
 
 
 def _write_status(out: Path, spec: GridSpec, reports: dict[str, dict[str, Any]], cache: str) -> None:

@@ -95,8 +95,8 @@ def parse_axis_flag(text: str) -> tuple[str, list[Any]]:
 def _check_field(where: str, key: str) -> None:
     if key in SETTINGS_FIELDS:
         raise SpecError(
-            f"{where}: {key!r} is a run setting, not a RunConfig field; the grid sets out, resume, progress and "
-            "feature_cache itself (--out DIR)"
+            f"{where}: {key!r} is a run setting, not a RunConfig field; the grid sets out, resume, progress, "
+            "feature_cache and tensorboard itself (--out DIR, --feature-cache, --tensorboard TB)"
         )
     if key not in CONFIG_FIELDS:
         raise SpecError(f"{where}: unknown field {key!r}; allowed: RunConfig fields {', '.join(CONFIG_FIELDS)}")

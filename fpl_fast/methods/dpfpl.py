@@ -179,8 +179,12 @@ def epsilons_spent(accountants: Sequence[ClientAccountant]) -> tuple[list[float]
     return [e.local for e in spent], [e.global_ for e in spent], [e.total for e in spent]
 
 
-def eval_record(ev: dict[str, Any], accountants: Sequence[ClientAccountant], loss: float | None) -> dict[str, Any]:
-    """A round's record: the evaluation's mean accuracies, the worst client's epsilons so far and the mean loss."""
+def eval_record(
+    ev: dict[str, Any], accountants: Sequence[ClientAccountant], stats: Sequence[StepStats] | None
+) -> dict[str, Any]:
+    """A round's record: the evaluation's mean accuracies, the worst client's epsilons so far, and the mean training
+    loss and clipped fraction over the round's local steps ``stats`` (statistics of the clients' private data that
+    no DP guarantee covers; None where they are not at hand: a Flower server never receives them)."""
     eps_l, eps_g, eps_t = epsilons_spent(accountants)
     return {
         "local_acc": ev["local_acc"],
@@ -188,7 +192,8 @@ def eval_record(ev: dict[str, Any], accountants: Sequence[ClientAccountant], los
         "epsilon_local": max(eps_l),
         "epsilon_global": max(eps_g),
         "epsilon_total": max(eps_t),
-        "loss": loss,
+        "loss": float(np.mean([s.loss for s in stats])) if stats else None,
+        "clipped_fraction": float(np.mean([s.clipped_fraction for s in stats])) if stats else None,
     }
 
 
@@ -273,6 +278,7 @@ class DPFPL:
 
     name = "dpfpl"
     postfix = ("local_acc", "neighbor_acc", "epsilon_total")  # unused: DP-FPL sets its own bar's postfix
+    curves = ("local_acc", "neighbor_acc")  # each client's personalised prompt, on its own split and the others'
 
     def __init__(self, backbone: Backbone, classnames: list[str], data: ClientData, *, out: Path) -> None:
         self.backbone, self.classnames, self.data, self.out = backbone, classnames, data, out
@@ -304,7 +310,7 @@ class DPFPL:
         if rnd % cfg.eval_every != 0 and rnd != cfg.rounds:
             return None
         ev = st.last_eval = fed.evaluate(eval_seed(cfg, rnd - 1))
-        record = eval_record(ev, fed.clients.accountants, float(np.mean([s.loss for s in stats])))
+        record = eval_record(ev, fed.clients.accountants, stats)
         st.history.append({"round": rnd, **record})
         if st.bar is not None:
             st.bar.set_postfix(

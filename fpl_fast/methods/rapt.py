@@ -500,6 +500,7 @@ class Rapt:
 
     name = "rapt"
     postfix: tuple[str, ...] = ("test_acc",)
+    curves: tuple[str, ...] = ("local_acc",)  # one global model: no personalised model for a neighbour curve
 
     def setup(self, cfg: Config) -> _State:
         """Backbone, text data and client split, eta, the privatised client and test texts, the model."""
@@ -636,6 +637,7 @@ class Rapt:
             "epsilon_local": st.eps_local,
             "epsilon_global": st.eps_local,
             "test_acc": float(correct.float().mean()),
+            "loss": float((stat[:, 0] + cfg.rec_weight * stat[:, 1]).mean()),  # L = L_task + lambda L_rec
             "loss_task": float(stat[:, 0].mean()),
             "loss_rec": float(stat[:, 1].mean()),
             "rec_acc": float(np.nanmean(stat[:, 2])),
@@ -711,10 +713,11 @@ def _zero_shot_acc(
     return float((pred == y_test).float().mean())
 
 
-def run(cfg: Config, *, out: Path, progress: bool = True) -> dict[str, Any]:
-    """Train federated RAPT and write results.json, rounds.csv and accuracy.png to ``out``.
+def run(cfg: Config, *, out: Path, progress: bool = True, tensorboard: str | Path | None = None) -> dict[str, Any]:
+    """Train federated RAPT and write results.json, rounds.csv and accuracy.png to ``out`` (``tensorboard``: also
+    a TensorBoard log of the rounds in that folder).
 
     Returns:
         The results dict (shared shape: ``method``, ``config``, ``rounds``, ``final``).
     """
-    return run_method(Rapt(), cfg, out=out, progress=progress)
+    return run_method(Rapt(), cfg, out=out, progress=progress, tensorboard=tensorboard)

@@ -1,10 +1,13 @@
 """The one skeleton every federated method follows: ``setup(cfg) -> state``, ``round(state, rnd) -> record`` per
 round, ``final(state) -> summary``, driven by :func:`run_method`.
 
-The driver owns what used to be re-done per method: the round loop, the progress bar, the timing, the checkpoints
-and the outputs (results.json, rounds.csv, accuracy.png through :func:`fpl_fast.outputs.write_outputs`). Every
-method's results.json therefore has one shape, ``{"method", "config", "rounds", "final"}`` with ``method`` first.
-A method's state is its own business (a dataclass of whatever its rounds need); the driver never looks inside.
+The driver owns what used to be re-done per method: the round loop, the progress bar, the timing, the checkpoints,
+the outputs (results.json, rounds.csv, accuracy.png through :func:`fpl_fast.outputs.write_outputs`) and the optional
+TensorBoard log (:mod:`fpl_fast.tracking`). Every method's results.json therefore has one shape, ``{"method",
+"config", "rounds", "final"}`` with ``method`` first, and every round record one clock: ``seconds_elapsed``, the
+run's wall seconds from its start to the end of that round (set-up included; a resumed run's earlier processes
+counted), so a record means the same whether a method records every round or, like DP-FPL with ``eval_every``,
+some. A method's state is its own business (a dataclass of whatever its rounds need); the driver never looks inside.
 
 Two optional protocols serve methods with longer runs (DP-FPL): :class:`Resumable` (a checkpoint after every round,
 ``resume`` and ``stop_after_round``) and :class:`OwnsProgress` (a bar that ticks inside a round, not per round).
@@ -18,7 +21,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from tqdm.auto import tqdm
 
-from fpl_fast import outputs
+from fpl_fast import outputs, tracking
 from fpl_fast.outputs import ROUND_FIELDS, results_dict, write_outputs
 
 __all__ = ["Method", "MethodConfig", "OwnsProgress", "Resumable", "run_method"]
@@ -42,6 +45,8 @@ class Method(Protocol[S]):
     Attributes:
         name: the ``--method`` name, written first in results.json.
         postfix: keys of a round record shown on the driver's progress bar.
+        curves: keys of a round record that accuracy.png draws (of :data:`fpl_fast.outputs.CURVES`): a method with
+            one global model has no neighbour curve (it would be the same model on the other clients' splits).
     """
 
     @property
@@ -49,6 +54,9 @@ class Method(Protocol[S]):
 
     @property
     def postfix(self) -> tuple[str, ...]: ...
+
+    @property
+    def curves(self) -> tuple[str, ...]: ...
 
     def setup(self, cfg: Any) -> S:
         """Load the backbone and data, split them over the clients, build the initial global state."""
@@ -70,9 +78,8 @@ class Resumable(Protocol[S_in]):
     short continues with ``resume=True`` to exactly the results of an uninterrupted one.
 
     The checkpoint holds ``config`` (a resumed run must agree on it), ``rounds`` (the records so far),
-    ``next_round`` (the number of rounds done), ``elapsed`` (the run's seconds so far) and the method's own keys.
-    Because such a run may span processes, its ``seconds`` (each record's and the final one) are the run's clock:
-    cumulative since its start, resumes included, to the millisecond.
+    ``next_round`` (the number of rounds done), ``elapsed`` (the run's seconds so far) and the method's own keys,
+    so that ``seconds_elapsed`` and the final ``seconds`` count the processes before a resume too.
     """
 
     def state_dict(self, state: S_in) -> dict[str, Any]:
@@ -94,12 +101,12 @@ class OwnsProgress(Protocol[S_in]):
         ...
 
 
-def _row(rnd: int, record: dict[str, Any], seconds: float) -> dict[str, Any]:
+def _row(rnd: int, record: dict[str, Any], seconds_elapsed: float) -> dict[str, Any]:
     """``record`` with the shared columns first (those of rounds.csv, in its order), then the method's own."""
     row: dict[str, Any] = {"round": rnd}
     for key in ROUND_FIELDS[1:]:
-        if key == "seconds":
-            row["seconds"] = seconds
+        if key == "seconds_elapsed":
+            row[key] = seconds_elapsed
         elif key in record:
             row[key] = record[key]
     row.update((k, v) for k, v in record.items() if k not in row)
@@ -118,16 +125,19 @@ def run_method(
     progress: bool = True,
     resume: bool = False,
     stop_after_round: int | None = None,
+    tensorboard: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run ``method`` for ``cfg.rounds`` rounds and write its outputs to ``out`` (created).
 
     Args:
         resume: continue from the checkpoint in ``out`` (a :class:`Resumable` method only).
         stop_after_round: end early after this round, as if interrupted, writing no outputs (tests resume).
+        tensorboard: also log every round record to TensorBoard event files in this folder
+            (:mod:`fpl_fast.tracking`; needs the tensorboard package).
 
     Returns:
         The results dict ``{"method", "config", "rounds", "final"}``; ``final["seconds"]`` is the whole run's
-        wall time, each round's ``seconds`` that round's (a :class:`Resumable` method's: the run's so far).
+        wall time, each round's ``seconds_elapsed`` the run's wall time at the end of that round.
         A stopped run has ``final`` None and ``stopped_after`` the last round run.
     """
     t_start = time.perf_counter()
@@ -137,11 +147,33 @@ def run_method(
         outputs.check_out_dir(out, resume=resume)  # never over a previous run's files; resume needs a checkpoint
     elif resume:
         raise ValueError(f"--resume: {method.name} writes no checkpoints, so it cannot be resumed")
-    out.mkdir(parents=True, exist_ok=True)
     saved = outputs.load_checkpoint(out) if resume else None
     if saved is not None and saved["config"] != cfg.to_dict():
         raise ValueError(f"--resume: the checkpoint in {out} was written with a different configuration")
+    done = saved["next_round"] if saved is not None else 0
+    log = None
+    if tensorboard is not None:  # before the set-up loads anything: a refused folder costs nothing
+        log = tracking.open_round_log(tensorboard, method=method.name, config=cfg.to_dict(), first_round=done + 1)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return _rounds(method, cfg, out, saved, log, t_start=t_start, progress=progress, stop=stop_after_round)
+    finally:
+        if log is not None:
+            log.close()
 
+
+def _rounds(
+    method: Method[Any],
+    cfg: MethodConfig,
+    out: Path,
+    saved: dict[str, Any] | None,
+    log: tracking.RoundLog | None,
+    *,
+    t_start: float,
+    progress: bool,
+    stop: int | None,
+) -> dict[str, Any]:
+    """:func:`run_method` from the set-up on: the rounds after ``saved``'s (None: all), then the outputs."""
     state = method.setup(cfg)
     rounds: list[dict[str, Any]] = []
     done, elapsed_before = 0, 0.0
@@ -160,10 +192,9 @@ def run_method(
         bar = tqdm(total=len(todo), desc=method.name, unit="round", disable=not progress, dynamic_ncols=True)
     try:
         for rnd in todo:
-            t_round = time.perf_counter()
             record = method.round(state, rnd)
             if record is not None:
-                rounds.append(_row(rnd, record, clock() if resumable else time.perf_counter() - t_round))
+                rounds.append(_row(rnd, record, clock()))
                 if not own_bar:
                     bar.set_postfix({k: _show(record[k]) for k in method.postfix if k in record})
             if not own_bar:
@@ -171,12 +202,14 @@ def run_method(
             if isinstance(method, Resumable):
                 ckpt = {"config": cfg.to_dict(), **method.state_dict(state), "rounds": rounds, "next_round": rnd}
                 outputs.save_checkpoint(out, {**ckpt, "elapsed": elapsed_before + time.perf_counter() - t_start})
-            if stop_after_round is not None and stop_after_round <= rnd < cfg.rounds:
+            if log is not None and record is not None:  # after the checkpoint: a resume purges what follows it
+                log.write(rounds[-1])
+            if stop is not None and stop <= rnd < cfg.rounds:
                 return results_dict(method.name, cfg.to_dict(), rounds, None, stopped_after=rnd)
     finally:
         bar.close()
     final = method.final(state)
-    final["seconds"] = clock() if resumable else time.perf_counter() - t_start
+    final["seconds"] = clock()
     results = results_dict(method.name, cfg.to_dict(), rounds, final)
-    write_outputs(out, results)
+    write_outputs(out, results, curves=method.curves)
     return results

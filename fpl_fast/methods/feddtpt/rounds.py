@@ -67,6 +67,7 @@ class FedDTPT:
 
     name = "feddtpt"
     postfix: tuple[str, ...] = ("test_acc", "prompt_len", "queries")
+    curves: tuple[str, ...] = ("local_acc",)  # one global prompt: no personalised model for a neighbour curve
 
     def setup(self, cfg: Config) -> _State:
         """Oracle, public set D_g, client split, proposer and the zero-shot / seed-prompt baselines."""
@@ -233,15 +234,16 @@ class FedDTPT:
         }
 
 
-def run(cfg: Config, *, out: Path, progress: bool = True) -> dict[str, Any]:
+def run(cfg: Config, *, out: Path, progress: bool = True, tensorboard: str | Path | None = None) -> dict[str, Any]:
     """Run FedDTPT and write results.json, rounds.csv and accuracy.png to ``out``.
 
     Args:
         cfg: the job.
         out: output folder (created).
         progress: show a tqdm progress bar over rounds.
+        tensorboard: also a TensorBoard log of the rounds in this folder (None: none).
 
     Returns:
         The results dict (``{"method", "config", "rounds", "final"}``).
     """
-    return run_method(FedDTPT(), cfg, out=out, progress=progress)
+    return run_method(FedDTPT(), cfg, out=out, progress=progress, tensorboard=tensorboard)
