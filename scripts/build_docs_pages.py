@@ -102,7 +102,7 @@ def cli_page() -> str:
     from fpl_fast import audit
     from fpl_fast.grid import __main__ as grid_cli
 
-    audit_parser = audit._parser()
+    audit_parser = audit.build_parser()
     audit_group = next(g for g in audit_parser._action_groups if g.title == "audit")
     parts = [
         GENERATED.format(source="the argument parsers of fpl_fast.run, fpl_fast.audit and fpl_fast.grid"),
