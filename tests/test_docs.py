@@ -80,7 +80,7 @@ def test_every_flag_of_the_three_commands_has_a_row_in_the_cli_reference() -> No
     rows = set(re.findall(r"^\| `(--[a-z0-9-]+)", page, flags=re.M))
     flags = {
         s
-        for parser in (build_parser(), audit._parser(), grid_cli.build_parser())
+        for parser in (build_parser(), audit.build_parser(), grid_cli.build_parser())
         for action in parser._actions
         for s in action.option_strings
         if s.startswith("--") and s != "--help"
