@@ -46,3 +46,15 @@ def pytest_report_header(config: pytest.Config) -> str:
         f"torch {torch.__version__}: CPU capability {torch.backends.cpu.get_cpu_capability()}, "
         f"{torch.get_num_threads()} threads; fpl_fast._C {'built' if ops.has_cpp_ops() else 'not built'}"
     )
+
+
+@pytest.fixture(autouse=True)
+def _factorization_registry_restored():
+    """A test may register its own factorization (the API tests, the own-data tutorial); the registry is global, so
+    it is put back after each test: a later test (the generated CLI reference's choices) sees the built-ins only."""
+    from fpl_fast.prompts import registry
+
+    saved = dict(registry._REGISTRY)
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)
