@@ -86,7 +86,7 @@ def setting(
         help: what it sets, in one or two sentences.
         section: its group in ``--help`` and in the CLI reference (a key of :data:`SECTIONS`).
         choices: the allowed values (a function for a registry that can grow), where the field takes a fixed set.
-        kind: how a flag's text is read where the annotation does not say: "number-or-auto".
+        kind: how a flag's text is read where the annotation does not say: "number-or-auto", "number-or-adaptive".
         none: what a default of None means ("runs/<timestamp>"), shown in place of the default.
         metavar: the flag's value in --help (default: by its type, N, X, TEXT, or its choices).
         switch: the flag takes no value and sets the field to the opposite of its default.
@@ -142,10 +142,59 @@ class RunConfig:
         none="none (--noise is used)",
     )
     delta: float = setting(1e-5, "--delta", "delta of the (epsilon, delta) guarantee", section="privacy")
-    norm_thresh: float = setting(
+    norm_thresh: float | str = setting(
         0.3,
         "--norm-thresh",
-        "clip norm C of the parameter clip modes (tuned for the embedded model; the authors use 10; inf: no clipping)",
+        "clip norm C of the parameter clip modes (tuned for the embedded model; the authors use 10; inf: no clipping), "
+        "or adaptive: each client's C follows a private quantile of its per-example norms (--target-quantile; with "
+        "--clip-mode output it adapts C_o)",
+        section="clipping",
+        kind="number-or-adaptive",
+    )
+    clip_init: float = setting(
+        10.0,
+        "--clip-init",
+        "with --norm-thresh adaptive: every client's starting C (the authors' C)",
+        section="clipping",
+    )
+    target_quantile: float = setting(
+        0.5,
+        "--target-quantile",
+        "with --norm-thresh adaptive: the fraction gamma of per-example norms each client's C should leave unclipped",
+        section="clipping",
+    )
+    clip_lr: float = setting(
+        0.2,
+        "--clip-lr",
+        "with --norm-thresh adaptive: eta of the geometric update C <- C exp(-eta (unclipped fraction - gamma))",
+        section="clipping",
+    )
+    clip_min: float = setting(
+        1e-3, "--clip-min", "with --norm-thresh adaptive: the smallest C a client may reach", section="clipping"
+    )
+    clip_max: float = setting(
+        100.0, "--clip-max", "with --norm-thresh adaptive: the largest C a client may reach", section="clipping"
+    )
+    count_budget: float = setting(
+        0.1,
+        "--count-budget",
+        "with --norm-thresh adaptive: the share of each step's privacy budget (of z_eff^-2) spent on the noised "
+        "unclipped counts",
+        section="clipping",
+    )
+    clip_style: str = setting(
+        "clip",
+        "--clip-style",
+        "clip: each example's gradient scaled by min(1, C / norm) | automatic: by 1 / (norm + --clip-stability) "
+        "(Bu et al.; sensitivity 1, no C to tune; --clip-mode sample only; not --output-clip auto, which bounds the "
+        "output mode's cotangents)",
+        section="clipping",
+        choices=("clip", "automatic"),
+    )
+    clip_stability: float = setting(
+        0.01,
+        "--clip-stability",
+        "with --clip-style automatic: the stability constant added to each norm",
         section="clipping",
     )
     clip_mode: ClipModeName = setting(
@@ -349,8 +398,7 @@ class RunConfig:
             check_finite(self, "epsilon")
         if not 0 < self.delta < 1:
             raise ConfigError("delta", f"delta must be in (0, 1), got {self.delta}")
-        if not (self.norm_thresh > 0):  # inf allowed: no clipping (only meaningful without noise)
-            raise ConfigError("norm_thresh", f"norm_thresh must be > 0 (inf: no clipping), got {self.norm_thresh}")
+        _check_clip_norm(self)
         if not 0 < self.client_fraction <= 1:
             raise ConfigError("client_fraction", f"client_fraction must be in (0, 1], got {self.client_fraction}")
         check_finite(self, "lr")
@@ -390,6 +438,26 @@ class RunConfig:
         """The SGD learning rate in force (an ``lr`` left None is the clip mode's default)."""
         assert self.lr is not None
         return float(self.lr)
+
+    @property
+    def adaptive_clip(self) -> bool:
+        """Each client's clip norm follows a private quantile of its per-example norms (--norm-thresh adaptive)."""
+        return self.norm_thresh == "adaptive"
+
+    @property
+    def automatic_clip(self) -> bool:
+        """Automatic clipping: each per-example gradient normalised, sensitivity 1 (--clip-style automatic)."""
+        return self.clip_style == "automatic"
+
+    @property
+    def clip_norm(self) -> float:
+        """The clip norm C in force at the start: --norm-thresh, --clip-init when adaptive, 1 with automatic
+        clipping (the sensitivity of a normalised gradient)."""
+        if self.automatic_clip:
+            return 1.0
+        if self.adaptive_clip:
+            return float(self.clip_init)
+        return float(self.norm_thresh)
 
     @property
     def dp_enabled(self) -> bool:
@@ -505,7 +573,7 @@ def allowed_values(f: Field[Any]) -> tuple[str, ...] | None:
 
 def value_kind(f: Field[Any]) -> str:
     """How a setting's text is read: "int", "float", "bool", "str" (from its type, None aside) or its metadata's
-    kind ("number-or-auto")."""
+    kind ("number-or-auto", "number-or-adaptive")."""
     if f.metadata.get("kind"):
         return str(f.metadata["kind"])
     hint = _HINTS[f.name]
@@ -560,6 +628,73 @@ def _check_output_clip(cfg: RunConfig) -> None:
             "clip_uv applies to the parameter clip modes; clip_mode='output' clips the head's cotangents",
             others=("clip_mode",),
         )
+
+
+def _check_clip_norm(cfg: RunConfig) -> None:
+    """norm_thresh is a number > 0 (inf: no clipping) or adaptive; the adaptive and automatic settings' ranges and
+    the clip modes that take them."""
+    value = cfg.norm_thresh
+    if isinstance(value, str):
+        if value != "adaptive":
+            raise ConfigError("norm_thresh", f"norm_thresh must be a number > 0, inf or adaptive, got {value!r}")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError("norm_thresh", f"norm_thresh must be > 0 (inf: no clipping) or adaptive, got {value!r}")
+    check_finite(cfg, "clip_init", "clip_lr", "clip_min", "clip_max", "clip_stability")
+    if not 0 < cfg.target_quantile < 1:
+        raise ConfigError("target_quantile", f"target_quantile must be in (0, 1), got {cfg.target_quantile}")
+    if not 0 < cfg.count_budget < 1:
+        raise ConfigError(
+            "count_budget",
+            f"count_budget must be in (0, 1) (the counts' share of each step's budget; the releases keep the rest), "
+            f"got {cfg.count_budget}",
+        )
+    if not cfg.clip_min < cfg.clip_max:
+        raise ConfigError(
+            "clip_min", f"clip_min must be < clip_max, got {cfg.clip_min} and {cfg.clip_max}", others=("clip_max",)
+        )
+    if cfg.adaptive_clip:
+        if not cfg.clip_min <= cfg.clip_init <= cfg.clip_max:
+            raise ConfigError(
+                "clip_init",
+                f"clip_init must be in [clip_min, clip_max] = [{cfg.clip_min:g}, {cfg.clip_max:g}], "
+                f"got {cfg.clip_init}",
+                others=("clip_min", "clip_max"),
+            )
+        if cfg.clip_mode == "batch":
+            raise ConfigError(
+                "norm_thresh",
+                "norm_thresh='adaptive' needs a per-example clip mode (sample or output): batch-mean clipping has no "
+                "per-example norms to count",
+                others=("clip_mode",),
+            )
+        if cfg.clip_mode == "output" and cfg.output_clip == "auto":
+            raise ConfigError(
+                "norm_thresh",
+                "norm_thresh='adaptive' adapts the output mode's C_o: leave out output_clip='auto' (a bound, not a "
+                "clip norm)",
+                others=("output_clip",),
+            )
+    if cfg.automatic_clip:
+        if cfg.clip_mode != "sample":
+            raise ConfigError(
+                "clip_style",
+                f"clip_style='automatic' needs clip_mode='sample' (per-example gradients to normalise), got "
+                f"clip_mode={cfg.clip_mode!r}; the output mode's output_clip='auto' is another thing (a bound on "
+                "its cotangents)",
+                others=("clip_mode",),
+            )
+        if cfg.adaptive_clip:
+            raise ConfigError(
+                "clip_style",
+                "clip_style='automatic' has no clip norm to adapt: leave out norm_thresh='adaptive'",
+                others=("norm_thresh",),
+            )
+    if cfg.clip_stability <= 0:
+        raise ConfigError("clip_stability", f"clip_stability must be > 0, got {cfg.clip_stability}")
+    if cfg.clip_init <= 0 or cfg.clip_min <= 0:
+        raise ConfigError("clip_min", f"clip_min and clip_init must be > 0, got {cfg.clip_min} and {cfg.clip_init}")
+    if cfg.clip_lr <= 0:
+        raise ConfigError("clip_lr", f"clip_lr must be > 0, got {cfg.clip_lr}")
 
 
 def _check_promptfl_client_noise(cfg: RunConfig) -> None:

@@ -49,6 +49,7 @@ ROUND_FIELDS = (
     "epsilon_total",
     "loss",
     "clipped_fraction",
+    "clip_norm",
     "seconds_elapsed",
 )
 # accuracy.png's curves: a round record's key -> its label. A method plots those of its ``curves``.
@@ -281,7 +282,10 @@ def _plot(path: Path, rows: list[dict[str, Any]], final: dict[str, Any], curves:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    # A second panel where the clip norm moved (adaptive clipping): each client's C of its first clipped quantity.
+    moving = len({tuple(map(tuple, row["clip_norms"])) for row in rows if row.get("clip_norms")}) > 1
+    fig, axes = plt.subplots(1, 2 if moving else 1, figsize=(11 if moving else 6, 4), squeeze=False)
+    ax = axes[0, 0]
     r = [row["round"] for row in rows]
     for key, marker in zip(curves, "os^v", strict=False):
         if any(row.get(key) is not None for row in rows):  # a Flower node with its own data has no neighbour's
@@ -297,6 +301,17 @@ def _plot(path: Path, rows: list[dict[str, Any]], final: dict[str, Any], curves:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     ax.set_title("fpl_fast: accuracy per round")
+    if moving:
+        cx = axes[0, 1]
+        kept = [row for row in rows if row.get("clip_norms")]
+        for k in range(len(kept[0]["clip_norms"])):
+            cx.plot([row["round"] for row in kept], [row["clip_norms"][k][0] for row in kept], lw=1, alpha=0.7)
+        cx.set_yscale("log")
+        cx.set_xlabel("round")
+        cx.xaxis.set_major_locator(MaxNLocator(integer=True))
+        cx.set_ylabel("clip norm C (one line per client)")
+        cx.grid(alpha=0.3)
+        cx.set_title("adaptive clip norms")
     fig.tight_layout()
     save_figure(fig, path)
 

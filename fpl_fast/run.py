@@ -17,7 +17,7 @@ import importlib
 import math
 import shlex
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import Field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -51,13 +51,18 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
-def _number_or_auto(text: str) -> float | str:
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+def _number_or(word: str) -> Callable[[str], float | str]:
+    """A flag reader of a number or one word (auto, adaptive)."""
+
+    def read(text: str) -> float | str:
+        if text.strip().lower() == word:
+            return word
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or {word}, got {text!r}") from None
+
+    return read
 
 
 def _bool(text: str) -> bool:
@@ -75,7 +80,8 @@ _KINDS: dict[str, tuple[Any, str, str]] = {
     "float": (_float, "X", "number"),
     "bool": (_bool, "{true,false}", "true/false"),
     "str": (str, "TEXT", "text"),
-    "number-or-auto": (_number_or_auto, "X|auto", "number or auto"),
+    "number-or-auto": (_number_or("auto"), "X|auto", "number or auto"),
+    "number-or-adaptive": (_number_or("adaptive"), "X|adaptive", "number, inf or adaptive"),
 }
 
 
@@ -154,7 +160,7 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
         if given:
             raise ValueError(f"--epsilon calibrates the noise: leave out {', '.join(given)} (or drop --epsilon)")
         settings["noise"] = None
-    if "norm_thresh" in settings and isinstance(settings["norm_thresh"], str):
+    if isinstance(settings.get("norm_thresh"), str) and settings["norm_thresh"] != "adaptive":
         settings["norm_thresh"] = math.inf if settings["norm_thresh"] == "inf" else float(settings["norm_thresh"])
     return settings
 

@@ -35,6 +35,7 @@ TAGS: dict[str, str] = {
     "epsilon_total": "released/epsilon_total",
     "loss": "private/loss",
     "clipped_fraction": "private/clipped_fraction",
+    "clip_norm": "released/clip_norm",
     "seconds_elapsed": "time/seconds_elapsed",
 }
 

@@ -90,7 +90,8 @@ class AuditedClients(Clients):
     def _crafted_context(self, grads: Tensor) -> Tensor:
         """The crafted context gradients (c, n_ctx, d) of this step's sampled canaries."""
         c = self.canaries
-        scale = c.norm * (self.cfg.norm_thresh if math.isfinite(self.cfg.norm_thresh) else 1.0)
+        C = float(self.clip_norms[self.audited].max())  # the audited client's clip norm in force (adaptive: now)
+        scale = c.norm * (C if math.isfinite(C) else 1.0)
         shape = grads.shape[-2:]
         return c.crafted(c.sampled, shape.numel(), scale, grads.device).view(-1, *shape).to(grads.dtype)
 
@@ -102,6 +103,13 @@ class AuditedClients(Clients):
         extra = grads.new_zeros(grads.shape[0], len(c.sampled), *grads.shape[2:])
         extra[c.position] = self._crafted_context(grads)
         return torch.cat([grads, extra], dim=1), losses  # more per-example rows; the denominator stays b
+
+    def count_mask(self, mask: Tensor, n_rows: int) -> Tensor:
+        out = super().count_mask(mask, n_rows)
+        c = self.canaries
+        if c.crafting and c.position is not None:  # the crafted canaries are examples of the audited client
+            out[c.position, mask.shape[1] : mask.shape[1] + len(c.sampled)] = 1.0
+        return out
 
     def batch_mean_grad(self, ctx, feats, labels, mask):
         grad, losses = super().batch_mean_grad(ctx, feats, labels, mask)
@@ -134,7 +142,8 @@ class AuditedClients(Clients):
         out = super().global_release(rows, grad_global)
         c = self.canaries
         if c.observing_global:
-            c.observe(out[c.position], self.cfg.norm_thresh / self.batch_denominator)
+            C = float(self.global_clip_norms(rows)[c.position])
+            c.observe(out[c.position], C / self.batch_denominator)
         return out
 
 
@@ -145,11 +154,12 @@ class AuditedServer(Server):
         super().__init__(*args, **kwargs)
         self.canaries = canaries
 
-    def aggregate(self, grads: Tensor) -> Tensor:
-        out = super().aggregate(grads)
+    def aggregate(self, grads: Tensor, clip_norm: float | None = None) -> Tensor:
+        out = super().aggregate(grads, clip_norm)
         c = self.canaries
         if c.observing_global:
-            c.observe(out, self.cfg.norm_thresh / (float(self.cfg.batch_size) * grads.shape[0]))
+            C = self.cfg.clip_norm if clip_norm is None else clip_norm
+            c.observe(out, C / (float(self.cfg.batch_size) * grads.shape[0]))
         return out
 
 

@@ -32,6 +32,13 @@ from torch import Tensor
 
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.optim import ClientSGD
+from fpl_fast.privacy.adaptive_clip import (
+    centred_counts,
+    noised_fractions,
+    op_clip_columns,
+    quantity_norms,
+    updated_clip_norms,
+)
 from fpl_fast.privacy.clipping import LocalDP, privatize_local
 from fpl_fast.privacy.global_noise import client_noise_global
 from fpl_fast.privacy.noise_stream import NoiseStream, take_each
@@ -41,7 +48,7 @@ from fpl_fast.privacy.per_sample import (
     per_sample_prompt_grads_by_row,
     per_sample_prompt_grads_from,
 )
-from fpl_fast.privacy.plan import ClientAccountant, NoisePlan, global_release_noise
+from fpl_fast.privacy.plan import ClientAccountant, NoisePlan, clipped_quantities, global_release_noise
 from fpl_fast.privacy.randomness import PartyRandomness, derive_key
 from fpl_fast.prompts import PromptLearner
 from fpl_fast.prompts.class_prompts import ClassPrompts
@@ -83,6 +90,8 @@ class StepStats:
     loss: float
     clipped_fraction: float
     batch_sizes: list[int] = field(default_factory=list)
+    # The largest clip norm of g_G among the step's clients (what the server's noise must cover; 0 in output mode).
+    global_clip_norm: float = 0.0
 
 
 # Activation floats one per-sample chunk may span (see Clients.chunk_size). CPU: measured. On the full text path
@@ -227,6 +236,10 @@ class Clients:
             for ix, r in zip(data.train_idx, self.rand, strict=True)
         ]
         self.accountants = [ClientAccountant(cfg, plan, s.sample_rate) for s in self.samplers]
+        # Each client's clip norm per clipped quantity (K, Q); adaptive clipping moves it after every step.
+        self.quantities = clipped_quantities(cfg)
+        self.clip_update = plan.adaptive_clipping(cfg) if cfg.adaptive_clip else None
+        self.clip_norms = torch.full((len(ids), len(self.quantities)), cfg.clip_norm, dtype=torch.float64)
         self.opt_local = ClientSGD(learner.local, lr=cfg.learning_rate, momentum=cfg.momentum)
         # sync="round": each client runs DP-SGD on its own copy of G.
         self.opt_global = ClientSGD({"g": learner.client_global}, lr=cfg.learning_rate, momentum=cfg.momentum)
@@ -271,7 +284,27 @@ class Clients:
             clip_mode="sample" if per_sample else "batch",
             joint_uv=cfg.clip_uv == "joint",
             expected_batch_size=self.batch_denominator,
+            normalize=cfg.automatic_clip and per_sample,
+            stability=cfg.clip_stability,
         )
+
+    def global_clip_norms(self, rows: Tensor) -> Tensor:
+        """(K_a,) the clip norm of g_G in force for each of the clients ``rows`` (float64, on the CPU)."""
+        g = next(j for j, cols in enumerate(self.quantities) if 2 in cols) if self.cfg.clip_mode != "output" else 0
+        return self.clip_norms[rows.cpu(), g]
+
+    def count_mask(self, mask: Tensor, n_rows: int) -> Tensor:
+        """(K_a, n_rows) which per-example norm rows are real examples (the audit's crafted canaries add rows)."""
+        return F.pad(mask, (0, n_rows - mask.shape[1]))
+
+    def adapt_clip_norms(self, rows: Tensor, norms: Tensor, mask: Tensor, streams: list[NoiseStream]) -> None:
+        """Adaptive clipping: each client's noised centred counts move its clip norms (adaptive_clip.py)."""
+        assert self.clip_update is not None
+        clip = self.clip_norms[rows.cpu()]
+        q_norms = quantity_norms(norms.detach().double().cpu(), self.quantities)
+        counts = centred_counts(q_norms, clip, self.count_mask(mask.cpu(), q_norms.shape[1]))
+        fractions = noised_fractions(counts, self.clip_update, streams)
+        self.clip_norms[rows.cpu()] = updated_clip_norms(clip, fractions, self.clip_update)
 
     def chunk_size(self, n_active: int) -> int:
         """Samples per vmapped backward: --chunk-size, else as many as keep one chunk's activations
@@ -371,9 +404,8 @@ class Clients:
 
     def output_release(self, text: Tensor, feats: Tensor, labels: Tensor, mask: Tensor, streams) -> OutputDPResult:
         """The step's private release of each active client (:func:`privatize_output` at text features ``text``)."""
-        out_cfg = OutputDP(
-            clip_norm=self.cfg.output_clip, noise_multiplier=self.plan.sigma_local, denominator=self.batch_denominator
-        )
+        clip = self.clip_norms[self.active_rows.cpu(), 0] if self.clip_update is not None else self.cfg.output_clip
+        out_cfg = OutputDP(clip_norm=clip, noise_multiplier=self.plan.sigma_local, denominator=self.batch_denominator)
         dt = text.dtype  # float32, or float64 for a float64 backbone (tests)
         scale = self.text.backbone.logit_scale
         return privatize_output(feats.to(dt), text, labels, mask.to(dt), scale, out_cfg, streams)
@@ -383,7 +415,10 @@ class Clients:
         gradients of G (K_a, n_ctx, d) (output mode: already private; with --promptfl-client-noise each noised by
         its client) and the step's statistics."""
         cfg, L = self.cfg, self.learner
+        self.active_rows = rows
         streams = self.noise_streams(rows)
+        adaptive = self.clip_update is not None
+        global_clip = self.global_clip_norms(rows)
         seed, off = take_each(streams, L.factorize_draws())
         factors = L.factors(rows, seed=seed, offset=off)
         ctx = L.context(rows, factors).detach()
@@ -409,7 +444,14 @@ class Clients:
             streams,
             batch_size=1.0 if output_mode else self.batch_denominator,
             local=L.scheme.has_local,
+            clip_norms=(
+                op_clip_columns(self.clip_norms[rows.cpu()], self.quantities).float().to(grad_ctx.device)
+                if adaptive and not output_mode
+                else None
+            ),
         )
+        if adaptive and self.dp_active:
+            self.adapt_clip_norms(rows, out_res.norms if out_res is not None else res.norms, mask, streams)
         local_grads = L.local_update_direction(factors, res.grad_u if uv else res.grad_local, res.grad_v)
         if local_grads:
             self.opt_local.step(rows, local_grads)
@@ -421,10 +463,11 @@ class Clients:
             loss=float(losses.sum() / n),
             clipped_fraction=float(clipped.mean()),
             batch_sizes=[int(x) for x in mask.sum(1).tolist()],
+            global_clip_norm=0.0 if output_mode else float(global_clip.max()),
         )
         grad_global = client_noise_global(
             res.grad_global,
-            clip_norm=cfg.norm_thresh,
+            clip_norm=global_clip.to(res.grad_global)[:, None, None] if adaptive else cfg.clip_norm,
             noise_multiplier=self.client_global_noise,
             batch_size=self.batch_denominator,
             streams=streams,
@@ -445,7 +488,10 @@ class Clients:
         if sigma_g > 0:
             streams = self.noise_streams(rows)
             z = torch.stack([s.normal(g[0].numel(), g.device) for s in streams]).view_as(g)
-            g = g + z * (sigma_g * self.cfg.norm_thresh / self.batch_denominator)
+            if self.clip_update is None:
+                g = g + z * (sigma_g * self.cfg.clip_norm / self.batch_denominator)
+            else:
+                g = g + z * (sigma_g * self.global_clip_norms(rows).to(g)[:, None, None] / self.batch_denominator)
         return g
 
     def local_round(self, rows: Tensor, global_ctx: Tensor, steps: int, on_step=None) -> list[StepStats]:
@@ -481,6 +527,7 @@ class Clients:
                 {"randomness": r.state_dict(), "sampler": s.state_dict(), "accountant": a.state_dict()}
                 for r, s, a in zip(self.rand, self.samplers, self.accountants, strict=True)
             ],
+            "clip_norms": self.clip_norms.clone(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -494,3 +541,5 @@ class Clients:
             r.load_state_dict(part["randomness"])
             s.load_state_dict(part["sampler"])
             a.load_state_dict(part["accountant"])
+        if "clip_norms" in state:  # a checkpoint from before adaptive clipping holds its fixed C
+            self.clip_norms = state["clip_norms"].clone()

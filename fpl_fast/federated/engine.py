@@ -97,7 +97,7 @@ class Federation:
         """One local step of every client in ``clients`` (sync="step": with server averaging of G)."""
         grad_global, stats = self.clients.local_step(clients)
         if server_average:
-            self.server.step(grad_global)
+            self.server.step(grad_global, stats.global_clip_norm)
             self.learner.client_global[:] = self.server.global_ctx  # broadcast to every client (idle ones too)
         else:
             self.clients.own_global_step(clients, grad_global)

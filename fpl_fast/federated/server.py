@@ -50,21 +50,23 @@ class Server:
         )
         return torch.as_tensor(chosen, dtype=torch.long, device=self._g.device)
 
-    def aggregate(self, grads: Tensor) -> Tensor:
-        """The mean of the clients' clipped gradients of G (K_a, n_ctx, d), noised N(0, (sigma_g C / (b K_a))^2)."""
+    def aggregate(self, grads: Tensor, clip_norm: float | None = None) -> Tensor:
+        """The mean of the clients' clipped gradients of G (K_a, n_ctx, d), noised N(0, (sigma_g C / (b K_a))^2);
+        C is the largest clip norm among the clients (adaptive clipping: theirs this step; default the run's C)."""
         if self.noise_multiplier > 0:
             return server_aggregate_global(
                 grads,
-                clip_norm=self.cfg.norm_thresh,
+                clip_norm=self.cfg.clip_norm if clip_norm is None else clip_norm,
                 noise_multiplier=self.noise_multiplier,
                 batch_size=float(self.cfg.batch_size),
                 stream=self.rand.noise,
             )
         return grads.mean(0)
 
-    def step(self, grads: Tensor) -> None:
-        """sync="step": one SGD step of G on the aggregate of this step's client gradients."""
-        self.opt.step(self._row, {"g": self.aggregate(grads)[None]})
+    def step(self, grads: Tensor, clip_norm: float | None = None) -> None:
+        """sync="step": one SGD step of G on the aggregate of this step's client gradients (clipped to at most
+        ``clip_norm``)."""
+        self.opt.step(self._row, {"g": self.aggregate(grads, clip_norm)[None]})
 
     @torch.no_grad()
     def average(self, copies: Tensor) -> None:

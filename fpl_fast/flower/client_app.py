@@ -123,7 +123,16 @@ def make_client_app(
             msg,
             **{
                 "global": ArrayRecord({"global": out.cpu()}),
-                "ledger": MetricRecord({"partition-id": node.partition_id, "steps": c.steps}),
+                "ledger": MetricRecord(
+                    {
+                        "partition-id": node.partition_id,
+                        "steps": c.steps,
+                        # The C of g_G its step was clipped to (the server's noise covers the largest) and its clip
+                        # norms now: fixed, or adaptive ones, post-processing of its noised counts.
+                        "clip-norm-global": stats[-1].global_clip_norm if stats else 0.0,
+                        "clip-norms": [float(x) for x in c.clients.clip_norms[0].tolist()],
+                    }
+                ),
             },
         )
 

@@ -157,7 +157,7 @@ class FlowerDPFPL:
         if rnd % cfg.eval_every != 0 and rnd != cfg.rounds:
             return None
         st.last_eval = self._evaluate(st, rnd, units[-1][0])
-        record = eval_record(st.last_eval, strategy.accountants, None)
+        record = eval_record(st.last_eval, strategy.accountants, None, strategy.clip_norm_table())
         st.history.append({"round": rnd, **record})
         return record
 

@@ -68,6 +68,13 @@ class GlobalPromptStrategy(Strategy):
     ) -> None:
         self.server, self.accountants, self.node_of, self.sync = server, accountants, node_of, sync
         self.active: list[int] = []
+        self.clip_norms: dict[int, list[float]] = {}  # each client's clip norms as its last reply reported them
+
+    def clip_norm_table(self) -> torch.Tensor | None:
+        """(K, Q) every client's clip norms as last reported, or None before every client has replied once."""
+        if len(self.clip_norms) < len(self.accountants):
+            return None
+        return torch.tensor([self.clip_norms[k] for k in range(len(self.accountants))], dtype=torch.float64)
 
     def sample(self) -> list[int]:
         """The clients of the next round (client fraction of all, from the server's generator)."""
@@ -96,11 +103,12 @@ class GlobalPromptStrategy(Strategy):
         order = sorted(got)  # the in-process runner's row order
         for k in order:
             self.accountants[k].steps = int(value(got[k], "ledger", "steps"))
+            self.clip_norms[k] = [float(x) for x in value(got[k], "ledger", "clip-norms")]
         released = torch.stack([prompt_of(got[k]) for k in order])
         if self.sync == "round":
             self.server.average(released)
-        else:
-            self.server.step(released)
+        else:  # the noise covers the largest clip norm of G among this step's clients
+            self.server.step(released, max(float(value(got[k], "ledger", "clip-norm-global")) for k in order))
         return ArrayRecord({"global": self.server.global_ctx.clone()}), MetricRecord({"replies": len(order)})
 
     def configure_evaluate(

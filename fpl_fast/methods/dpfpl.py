@@ -180,12 +180,22 @@ def epsilons_spent(accountants: Sequence[ClientAccountant]) -> tuple[list[float]
 
 
 def eval_record(
-    ev: dict[str, Any], accountants: Sequence[ClientAccountant], stats: Sequence[StepStats] | None
+    ev: dict[str, Any],
+    accountants: Sequence[ClientAccountant],
+    stats: Sequence[StepStats] | None,
+    clip_norms: Any = None,
 ) -> dict[str, Any]:
-    """A round's record: the evaluation's mean accuracies, the worst client's epsilons so far, and the mean training
+    """A round's record: the evaluation's mean accuracies, the worst client's epsilons so far, the mean training
     loss and clipped fraction over the round's local steps ``stats`` (statistics of the clients' private data that
-    no DP guarantee covers; None where they are not at hand: a Flower server never receives them)."""
+    no DP guarantee covers; None where they are not at hand: a Flower server never receives them), and each
+    client's clip norms now (``clip_norms`` (K, Q), one per clipped quantity; released: with adaptive clipping they
+    are post-processing of the noised counts): ``clip_norms`` per client and ``clip_norm``, their mean of the first
+    quantity (rounds.csv's column)."""
     eps_l, eps_g, eps_t = epsilons_spent(accountants)
+    clip: dict[str, Any] = {}
+    if clip_norms is not None:
+        per_client = [[float(c) for c in row] for row in clip_norms.tolist()]
+        clip = {"clip_norm": float(np.mean([row[0] for row in per_client])), "clip_norms": per_client}
     return {
         "local_acc": ev["local_acc"],
         "neighbor_acc": ev["neighbor_acc"],
@@ -194,6 +204,7 @@ def eval_record(
         "epsilon_total": max(eps_t),
         "loss": float(np.mean([s.loss for s in stats])) if stats else None,
         "clipped_fraction": float(np.mean([s.clipped_fraction for s in stats])) if stats else None,
+        **clip,
     }
 
 
@@ -310,7 +321,7 @@ class DPFPL:
         if rnd % cfg.eval_every != 0 and rnd != cfg.rounds:
             return None
         ev = st.last_eval = fed.evaluate(eval_seed(cfg, rnd - 1))
-        record = eval_record(ev, fed.clients.accountants, stats)
+        record = eval_record(ev, fed.clients.accountants, stats, fed.clients.clip_norms)
         st.history.append({"round": rnd, **record})
         if st.bar is not None:
             st.bar.set_postfix(

@@ -39,6 +39,9 @@ class LocalDP:
         joint_uv: clip (g_U,i, g_V,i) jointly to C (True) or each to C as the authors do (False).
         expected_batch_size: divide by this instead of the realised batch size (Poisson sampling);
             None divides by the realised b.
+        normalize: automatic clipping (Bu et al.): each per-example gradient scaled by C / (norm + stability)
+            instead of min(1, C / norm); per-example sensitivity below C ("sample" mode only).
+        stability: the constant added to each norm with ``normalize``.
     """
 
     clip_norm: float
@@ -46,6 +49,8 @@ class LocalDP:
     clip_mode: ClipMode = "sample"
     joint_uv: bool = True
     expected_batch_size: float | None = None
+    normalize: bool = False
+    stability: float = 0.01
 
     def __post_init__(self) -> None:
         check_positive_clip_norm(self.clip_norm)
@@ -55,6 +60,14 @@ class LocalDP:
             f"clip_norm must be finite when noise_multiplier > 0 (the noise std is sigma C), got {self.clip_norm}",
         )
         check(self.clip_mode in ("sample", "batch"), f"clip_mode must be 'sample' or 'batch', got {self.clip_mode!r}")
+        check(
+            not self.normalize or self.clip_mode == "sample",
+            "normalize (automatic clipping) needs clip_mode 'sample' (per-example gradients)",
+        )
+        check(
+            math.isfinite(self.stability) and self.stability > 0,
+            f"stability must be finite and > 0, got {self.stability}",
+        )
         check(
             self.expected_batch_size is None
             or (math.isfinite(self.expected_batch_size) and self.expected_batch_size > 0),
@@ -75,7 +88,8 @@ class LocalDPResult:
             mean in batch mode; g_V's column is 0 and g_U's holds g_L's norm without factors).
         clip_fraction: (K, 3) fraction of the rows of ``norms`` that were clipped, per column
             (U and V share the joint norm's decision with ``joint_uv``).
-        noise_std: std of the noise added to each entry of the local gradients (sigma C / b).
+        noise_std: std of the noise added to each entry of the local gradients (sigma C / b; with per-client clip
+            norms, the largest client's).
         batch_size: the denominator b used.
     """
 
@@ -99,6 +113,7 @@ def privatize_local(
     sum_classes: bool = False,
     batch_size: float | None = None,
     local: bool = True,
+    clip_norms: Tensor | None = None,
 ) -> LocalDPResult:
     """Clip per-sample gradients, noise the local ones, all clients in one fused op call.
 
@@ -119,6 +134,8 @@ def privatize_local(
             (default: grad_ctx's b).
         local: False when there is no local prompt (promptfl): no local noise is drawn and only
             ``grad_global`` is meaningful.
+        clip_norms: (K, 3) each client's clip norm of g_U (or g_L), g_V and g_G (adaptive clipping), in place of
+            ``cfg.clip_norm`` for every client; with ``joint_uv`` the pair is clipped to column 0.
 
     Returns:
         A :class:`LocalDPResult` (without K when grad_ctx has none).
@@ -144,11 +161,18 @@ def privatize_local(
     rank = None if u is None else u.shape[-1]
     numel = ops.dp_noise_numel(1, n_ctx, d, rank) if sigma > 0 else 0
     seed, offset = take_each(streams, numel)
+    clip: float | Tensor = cfg.clip_norm
+    if clip_norms is not None:
+        check(
+            clip_norms.shape == (K, 3) if batched else clip_norms.shape in ((3,), (1, 3)),
+            f"clip_norms must be (K, 3) = ({K}, 3), got shape {tuple(clip_norms.shape)}",
+        )
+        clip = clip_norms if batched else clip_norms.reshape(3)
     out_a, out_b, grad_g, norms = ops.dp_lowrank_clip_noise(
         grad_ctx,
         u,
         v,
-        clip_norm=cfg.clip_norm,
+        clip_norm=clip,
         noise_multiplier=sigma,
         seed=seed,
         offset=offset,
@@ -156,8 +180,14 @@ def privatize_local(
         joint_uv=cfg.joint_uv,
         per_sample=cfg.clip_mode == "sample",
         sum_classes=sum_classes,
+        normalize=cfg.normalize,
+        stability=cfg.stability,
     )
-    C = cfg.clip_norm
+    # C per column of norms: (K, 1, 3) with per-client clip norms (joint: the pair's in column 0), else a float.
+    C: float | Tensor = cfg.clip_norm
+    if isinstance(clip, Tensor):
+        cols = clip.to(norms).reshape(*norms.shape[:-2], 1, 3)
+        C = torch.cat([cols[..., :1], cols[..., :1], cols[..., 2:]], -1) if u is not None and cfg.joint_uv else cols
     if u is not None and cfg.joint_uv:
         joint = torch.sqrt(norms[..., 0] ** 2 + norms[..., 1] ** 2)
         clipped = torch.stack([joint, joint, norms[..., 2]], dim=-1) > C
@@ -172,6 +202,6 @@ def privatize_local(
         grad_global=grad_g,
         norms=norms,
         clip_fraction=fraction,
-        noise_std=sigma * C / denom if sigma > 0 else 0.0,
+        noise_std=sigma * (float(clip[..., :2].max()) if isinstance(clip, Tensor) else clip) / denom,
         batch_size=denom,
     )

@@ -66,7 +66,7 @@ def server_aggregate_global(
 def client_noise_global(
     client_grads: Tensor,
     *,
-    clip_norm: float,
+    clip_norm: float | Tensor,
     noise_multiplier: float,
     batch_size: float,
     streams: Sequence[NoiseStream],
@@ -77,7 +77,7 @@ def client_noise_global(
 
     Args:
         client_grads: (K_a, n_ctx, d) the active clients' clipped gradients of G.
-        clip_norm: C (finite).
+        clip_norm: C (finite), or (K_a, 1, 1) each client's C (adaptive clipping).
         noise_multiplier: sigma_g >= 0 (0: returned unchanged, nothing drawn).
         batch_size: b, the denominator of the clipped gradients.
         streams: one noise stream per row.
@@ -93,7 +93,9 @@ def client_noise_global(
     check_noise_multiplier(noise_multiplier)
     if noise_multiplier == 0:
         return client_grads
-    check(math.isfinite(clip_norm) and clip_norm > 0, f"clip_norm must be finite and > 0 for noise, got {clip_norm}")
+    finite = bool(torch.isfinite(clip_norm).all()) if isinstance(clip_norm, Tensor) else math.isfinite(clip_norm)
+    positive = bool((torch.as_tensor(clip_norm) > 0).all())
+    check(finite and positive, f"clip_norm must be finite and > 0 for noise, got {clip_norm}")
     check(math.isfinite(batch_size) and batch_size > 0, f"batch_size must be finite and > 0, got {batch_size}")
     numel = client_grads[0].numel()
     z = torch.stack([s.normal(numel, client_grads.device) for s in streams]).view_as(client_grads)

@@ -65,19 +65,25 @@ class OutputDP:
     """Output-space clipping and noise of one step.
 
     Attributes:
-        clip_norm: C_o > 0 for every client, or ``"auto"`` (:func:`output_clip_bound`, one per client per step).
+        clip_norm: C_o > 0 for every client, a (K,) tensor of each client's C_o (adaptive clipping), or ``"auto"``
+            (:func:`output_clip_bound`, one per client per step).
         noise_multiplier: sigma >= 0: the noise on the clipped sum has std sigma C_o.
         denominator: b, or the expected batch size under Poisson sampling.
         head: the logit head (``"auto"`` needs one of :data:`OUTPUT_HEADS`).
     """
 
-    clip_norm: float | str
+    clip_norm: float | str | Tensor
     noise_multiplier: float
     denominator: float
     head: str = "cosine"
 
     def __post_init__(self) -> None:
-        if isinstance(self.clip_norm, str):
+        if isinstance(self.clip_norm, Tensor):
+            check(
+                self.clip_norm.dim() == 1 and bool(torch.isfinite(self.clip_norm).all() and (self.clip_norm > 0).all()),
+                "output clip norms must be a (K,) tensor of finite numbers > 0",
+            )
+        elif isinstance(self.clip_norm, str):
             check(self.clip_norm == "auto", f"output clip norm must be a number > 0 or 'auto', got {self.clip_norm!r}")
             _check_auto_head(self.head)
         else:
@@ -134,7 +140,10 @@ def privatize_output(
     """
     K, n_cls, D = text_feats.shape
     check(len(streams) == K, f"streams must hold one noise stream per client ({K}), got {len(streams)}")
-    if cfg.clip_norm == "auto":
+    if isinstance(cfg.clip_norm, Tensor):
+        check(cfg.clip_norm.shape == (K,), f"output clip norms must be ({K},), got {tuple(cfg.clip_norm.shape)}")
+        clip = cfg.clip_norm.to(torch.float32).to(text_feats.device)
+    elif cfg.clip_norm == "auto":
         clip = output_clip_bound(text_feats, logit_scale, head=cfg.head).to(text_feats.device)
     else:
         clip = torch.full((K,), float(cfg.clip_norm), dtype=torch.float32, device=text_feats.device)

@@ -8,12 +8,14 @@ composes them when its epsilon is asked for, so a client that skipped rounds is 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
 
 from fpl_fast.config import AccountantName, RunConfig, SamplingName, clients_per_round
 from fpl_fast.privacy.accountant import calibrate_noise, epsilon_for, paper_noise_multiplier
+from fpl_fast.privacy.adaptive_clip import AdaptiveClipping, Quantities, count_noise_std, quantities, with_counts
 from fpl_fast.privacy.clipping import LocalDP
 from fpl_fast.privacy.sensitivity import (
     accountant_noise_multiplier,
@@ -26,6 +28,7 @@ from fpl_fast.prompts import get_factorization
 __all__ = [
     "NoisePlan",
     "active_clients",
+    "clipped_quantities",
     "plan_noise",
     "global_release_noise",
     "trust_model",
@@ -44,6 +47,9 @@ class NoisePlan:
     sigma C / b).
     accountant_total: the multiplier of both releases seen together (one Gaussian on the same batch per step,
     ``combined_noise_multiplier``); the global one alone when there is no local prompt (promptfl).
+    count_noise / n_counts: with adaptive clipping, the std sigma_b of the noise on each of the n_counts centred
+    counts per client and step; the three accountant multipliers then include the counts (each clip norm shapes both
+    prompts' releases, :func:`fpl_fast.privacy.adaptive_clip.with_counts`).
     """
 
     sigma_local: float
@@ -52,12 +58,43 @@ class NoisePlan:
     accountant_global: float
     accountant_total: float
     note: str = ""
+    count_noise: float = 0.0
+    n_counts: int = 0
 
     @classmethod
     def from_sigmas(cls, cfg: RunConfig, sigma_local: float, sigma_global: float, note: str = "") -> NoisePlan:
-        """The plan of these noise multipliers: the accountant's multipliers follow from the sensitivities."""
+        """The plan of these noise multipliers: the accountant's multipliers follow from the sensitivities, and with
+        adaptive clipping sigma_b from the count budget."""
         acc_l, acc_g = _accountant_multipliers(cfg, sigma_local, sigma_global)
-        return cls(sigma_local, sigma_global, acc_l, acc_g, _total_multiplier(cfg, acc_l, acc_g), note)
+        total = _total_multiplier(cfg, acc_l, acc_g)
+        if not cfg.adaptive_clip:
+            return cls(sigma_local, sigma_global, acc_l, acc_g, total, note)
+        n = len(clipped_quantities(cfg))
+        sigma_b = count_noise_std(total, n, cfg.count_budget)
+        acc_l, acc_g, total = (with_counts(m, sigma_b, n) for m in (acc_l, acc_g, total))
+        return cls(sigma_local, sigma_global, acc_l, acc_g, total, note, sigma_b, n)
+
+    def adaptive_clipping(self, cfg: RunConfig) -> AdaptiveClipping:
+        """The clip-norm update of an adaptive run, with this plan's count noise."""
+        return AdaptiveClipping(
+            target_quantile=cfg.target_quantile,
+            lr=cfg.clip_lr,
+            clip_min=cfg.clip_min,
+            clip_max=cfg.clip_max,
+            count_noise=self.count_noise,
+            expected_batch_size=float(cfg.batch_size),
+        )
+
+
+def clipped_quantities(cfg: RunConfig) -> Quantities:
+    """The quantities the run clips (each with its own clip norm and, when adaptive, its own count)."""
+    scheme = get_factorization(cfg.factorization)
+    return quantities(
+        clips_factors=scheme.clips_factors,
+        has_local=scheme.has_local,
+        joint_uv=cfg.clip_uv == "joint",
+        output_mode=cfg.clip_mode == "output",
+    )
 
 
 def _accountant_multipliers(cfg: RunConfig, sigma_local: float, sigma_global: float) -> tuple[float, float]:
@@ -66,7 +103,7 @@ def _accountant_multipliers(cfg: RunConfig, sigma_local: float, sigma_global: fl
         return sigma_local, sigma_local
     b = float(cfg.batch_size)  # the denominator of the clipped sums (fixed, or expected under Poisson sampling)
     local_cfg = LocalDP(
-        clip_norm=cfg.norm_thresh if math.isfinite(cfg.norm_thresh) else 1.0,
+        clip_norm=1.0,  # the multipliers do not depend on C
         noise_multiplier=sigma_local,
         clip_mode=cfg.clip_mode,
         joint_uv=cfg.clip_uv == "joint",
@@ -140,12 +177,37 @@ def plan_noise(cfg: RunConfig, *, sample_rate: float, steps: int) -> NoisePlan:
             s_l = s_g = need / _total_multiplier(cfg, scale_l, scale_g)
         else:
             s_l, s_g = need / scale_l, need / scale_g
+        if cfg.adaptive_clip:
+            # The counts' noise scales with the releases' (count_noise_std), so every multiplier is linear in a
+            # common factor of (s_l, s_g): scale both until the binding multiplier, counts included, is `need`.
+            s_l, s_g = (s * need / _binding_multiplier(cfg, NoisePlan.from_sigmas(cfg, s_l, s_g)) for s in (s_l, s_g))
         what = "epsilon_total (both prompts)" if cfg.calibrate_for == "total" else "each release"
         notes.append(
             f"sigma calibrated with {cfg.accountant.upper()} (dp_accounting) for {what} epsilon={cfg.epsilon}, "
             f"delta={cfg.delta}, q={sample_rate:.4g}, steps={steps}"
         )
-    return NoisePlan.from_sigmas(cfg, s_l, s_g, "; ".join(notes))
+    plan = NoisePlan.from_sigmas(cfg, s_l, s_g)
+    if cfg.adaptive_clip:
+        notes.append(
+            f"adaptive clipping: each client's {plan.n_counts} clip norm(s) follow the {cfg.target_quantile:g} "
+            f"quantile of its per-example norms from centred counts noised with sigma_b = {plan.count_noise:.4g} "
+            f"(multiplier {2 * plan.count_noise:.4g}, {cfg.count_budget:.0%} of each step's budget), counted in every "
+            "epsilon"
+        )
+    if cfg.automatic_clip:
+        notes.append(
+            f"automatic clipping: each example's gradient divided by its norm + {cfg.clip_stability:g} (sensitivity 1)"
+        )
+    return dataclasses.replace(plan, note="; ".join(notes))
+
+
+def _binding_multiplier(cfg: RunConfig, plan: NoisePlan) -> float:
+    """The multiplier that --epsilon bounds: the total one, or with --calibrate-for each the smaller of the two."""
+    if cfg.clip_mode == "output" or cfg.calibrate_for == "total":
+        return plan.accountant_total
+    if not get_factorization(cfg.factorization).has_local:
+        return plan.accountant_global
+    return min(plan.accountant_local, plan.accountant_global)
 
 
 def global_release_noise(cfg: RunConfig, plan: NoisePlan) -> float:
