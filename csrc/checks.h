@@ -190,8 +190,11 @@ struct DpClipNoiseDims {
   int64_t noise_per_client() const { return has_uv ? n_ctx * r + r * d : n_ctx * d; }
 };
 
+// clip_norm: float32 on grad's device, (K, 3) ((3,) without K), read by the kernels per client; its values
+// (> 0, finite with noise) are fpl_fast/ops/checks.py's to check.
 inline DpClipNoiseDims check_dp_lowrank_clip_noise(const at::Tensor& grad, const std::optional<at::Tensor>& u,
-                                                   const std::optional<at::Tensor>& v, c10::IntArrayRef seed,
+                                                   const std::optional<at::Tensor>& v,
+                                                   const at::Tensor& clip_norm, c10::IntArrayRef seed,
                                                    c10::IntArrayRef offset, double expected_batch_size,
                                                    bool sum_classes) {
   const detail::ArgChecks check("dp_lowrank_clip_noise");
@@ -206,6 +209,11 @@ inline DpClipNoiseDims check_dp_lowrank_clip_noise(const at::Tensor& grad, const
   dims.n_ctx = grad.size(-2);
   dims.d = grad.size(-1);
   check.streams(seed, offset, dims.K);
+  check.dtype(clip_norm, "clip_norm", c10::ScalarType::Float);
+  check.device(clip_norm, "clip_norm", grad.device());
+  check.shape(dims.batched ? clip_norm.dim() == 2 && clip_norm.size(0) == dims.K && clip_norm.size(1) == 3
+                           : clip_norm.dim() == 1 && clip_norm.size(0) == 3,
+              clip_norm, "clip_norm");
   check(u.has_value() == v.has_value(), "u, v", "given one without the other");
   dims.has_uv = u.has_value();
   if (dims.has_uv) {

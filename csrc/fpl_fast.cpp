@@ -16,9 +16,9 @@ TORCH_LIBRARY(fpl_fast, m) {
       "lowrank_prompt_backward(Tensor grad_out, Tensor? u, Tensor? v, int n_ctx) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
-      "dp_lowrank_clip_noise(Tensor grad, Tensor? u, Tensor? v, float clip_norm, float noise_multiplier, "
+      "dp_lowrank_clip_noise(Tensor grad, Tensor? u, Tensor? v, Tensor clip_norm, float noise_multiplier, "
       "int[] seed, int[] offset, float expected_batch_size, bool joint_uv, bool per_sample, "
-      "bool sum_classes) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool sum_classes, bool normalize, float stability) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("lowrank_full_grad(Tensor grad_u, Tensor grad_v, Tensor u, Tensor v, float scale) -> Tensor");
   m.def("lowrank_factorize(Tensor l, int rank, int[] seed, int[] offset) -> (Tensor, Tensor, Tensor)");
   m.def("nn_map(Tensor y, Tensor emb, Tensor? allowed, int chunk) -> Tensor");

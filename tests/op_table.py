@@ -443,7 +443,8 @@ DP_CTX, DP_D = 3, 7  # odd sizes
 DP_SEED, DP_OFFSET = 1234, 17  # client k's stream: client_streams(K, DP_SEED, DP_OFFSET)[.][k]
 DP_CLIP, DP_SIGMA = 3.0, 0.7
 
-# K: client dim (None: none); b: batch; r: rank (None: fedotp, no u/v); n_cls: sum_classes input; kw: op options.
+# K: client dim (None: none); b: batch; r: rank (None: fedotp, no u/v); n_cls: sum_classes input; kw: op options;
+# "table": clip_norm is a (K, 3) tensor of distinct clip norms per client and quantity (dp_clip_table).
 DP_CASES: dict[str, dict[str, Any]] = {
     "joint_K2": {"K": 2, "b": 5, "r": 2, "n_cls": None, "kw": {}},
     "separate_K2": {"K": 2, "b": 5, "r": 2, "n_cls": None, "kw": {"joint_uv": False}},
@@ -454,7 +455,70 @@ DP_CASES: dict[str, dict[str, Any]] = {
     "empty_b": {"K": 2, "b": 0, "r": 2, "n_cls": None, "kw": {}},
     "empty_b_batch_mean": {"K": 1, "b": 0, "r": 2, "n_cls": None, "kw": {"per_sample": False}},
     "rank1_expected_batch": {"K": 2, "b": 4, "r": 1, "n_cls": None, "kw": {"expected_batch_size": 7.5}},
-    "no_clip_inf": {"K": 1, "b": 3, "r": 2, "n_cls": None, "kw": {"clip_norm": math.inf}},
+    "no_clip_inf": {"K": 1, "b": 3, "r": 2, "n_cls": None, "kw": {"clip_norm": math.inf, "noise_multiplier": 0.0}},
+    # Per-client clip norms, one per quantity, in every mode; automatic clipping (normalize).
+    "table_joint": {"K": 3, "b": 5, "r": 2, "n_cls": None, "kw": {}, "table": True},
+    "table_separate": {"K": 3, "b": 5, "r": 2, "n_cls": None, "kw": {"joint_uv": False}, "table": True},
+    "table_batch_mean": {"K": 3, "b": 5, "r": 2, "n_cls": None, "kw": {"per_sample": False}, "table": True},
+    "table_batch_separate": {
+        "K": 2,
+        "b": 4,
+        "r": 2,
+        "n_cls": None,
+        "kw": {"per_sample": False, "joint_uv": False},
+        "table": True,
+    },  # fmt: skip
+    "table_sum_classes": {
+        "K": 2,
+        "b": 3,
+        "r": 2,
+        "n_cls": 3,
+        "kw": {"sum_classes": True, "joint_uv": False},
+        "table": True,
+    },  # fmt: skip
+    "table_fedotp": {"K": 3, "b": 4, "r": None, "n_cls": None, "kw": {}, "table": True},
+    "table_fedotp_batch_mean": {"K": 2, "b": 4, "r": None, "n_cls": None, "kw": {"per_sample": False}, "table": True},
+    "table_plain": {"K": None, "b": 3, "r": 2, "n_cls": None, "kw": {"joint_uv": False}, "table": True},
+    "table_wide": {
+        "K": 2,
+        "b": 11,
+        "r": 5,
+        "n_cls": None,
+        "kw": {"joint_uv": False},
+        "n_ctx": 6,
+        "d": 53,
+        "table": True,
+    },
+    "normalize_joint": {"K": 3, "b": 5, "r": 2, "n_cls": None, "kw": {"normalize": True}, "table": True},
+    "normalize_separate_wide": {
+        "K": 2,
+        "b": 9,
+        "r": 3,
+        "n_cls": None,
+        "kw": {"normalize": True, "joint_uv": False, "stability": 0.5},
+        "n_ctx": 6,
+        "d": 53,
+        "table": True,
+    },  # fmt: skip
+    "normalize_fedotp_sum_classes": {
+        "K": 2,
+        "b": 4,
+        "r": None,
+        "n_cls": 2,
+        "kw": {"normalize": True, "sum_classes": True},
+        "table": True,
+    },  # fmt: skip
+    "normalize_scalar_clip": {"K": 2, "b": 5, "r": 2, "n_cls": None, "kw": {"normalize": True}},
+    "normalize_vector_rank10": {
+        "K": 2,
+        "b": 9,
+        "r": 10,
+        "n_cls": None,
+        "kw": {"normalize": True},
+        "n_ctx": 12,
+        "d": 64,
+        "table": True,
+    },  # fmt: skip
     # Wider, and b > 8: the CPU kernel's SIMD main loops, 4-row blocks and several sample chunks per client run.
     "wide_many_samples": {"K": 2, "b": 11, "r": 5, "n_cls": None, "kw": {}, "n_ctx": 6, "d": 53},
     "wide_sum_classes_fedotp": {"K": 2, "b": 9, "r": None, "n_cls": 2, "kw": {"sum_classes": True}, "d": 53},
@@ -486,11 +550,25 @@ def dp_inputs(case: str, dtype: torch.dtype = torch.float32, seed: int = 0, *, K
     return [grad, u, v]
 
 
-def dp_kwargs(case: str, **over: Any) -> dict[str, Any]:
-    """The op's keyword arguments: the case's options, distinct per-client streams, then ``over``."""
-    seeds, offsets = client_streams(DP_CASES[case]["K"], DP_SEED, DP_OFFSET)
+def dp_clip_table(K: int | None) -> Tensor:
+    """(K, 3) float32 clip norms ((3,) for K None), distinct per client and quantity, spread around DP_CLIP from
+    0.25 to 2 times it so that each clips some samples of dp_inputs and leaves others."""
+    n = 1 if K is None else K
+    idx = torch.arange(n * 3, dtype=torch.float64).view(n, 3)
+    table = (DP_CLIP * (0.25 + torch.remainder(0.37 * idx + 0.11, 1.75))).float()
+    return table[0] if K is None else table
+
+
+def dp_kwargs(case: str, K: int | None = None, **over: Any) -> dict[str, Any]:
+    """The op's keyword arguments: the case's options, distinct per-client streams (and clip norms for a "table"
+    case), then ``over``. ``K`` overrides the case's client count."""
+    c = DP_CASES[case]
+    n_clients = c["K"] if K is None else K
+    seeds, offsets = client_streams(n_clients, DP_SEED, DP_OFFSET)
     kw: dict[str, Any] = {"clip_norm": DP_CLIP, "noise_multiplier": DP_SIGMA, "seed": seeds, "offset": offsets}
-    kw.update(DP_CASES[case]["kw"])
+    if c.get("table"):
+        kw["clip_norm"] = dp_clip_table(n_clients)
+    kw.update(c["kw"])
     kw.update(over)
     return kw
 
@@ -503,7 +581,7 @@ def _dp_schema(s: Sample) -> tuple[Any, ...]:
     kw = s.kwargs
     return (
         *s.args,
-        kw["clip_norm"],
+        reference.dp_clip_norms(kw["clip_norm"], s.args[0], kw.get("sum_classes", False)),
         kw["noise_multiplier"],
         kw["seed"],
         kw["offset"],
@@ -511,6 +589,8 @@ def _dp_schema(s: Sample) -> tuple[Any, ...]:
         kw.get("joint_uv", True),
         kw.get("per_sample", True),
         kw.get("sum_classes", False),
+        kw.get("normalize", False),
+        kw.get("stability", 0.01),
     )
 
 
@@ -526,6 +606,41 @@ def _dp_bad() -> dict[str, BadInput]:
         "clip_negative": BadInput(xs, {**ok, "clip_norm": -1.0}, "clip_norm"),
         "clip_zero": BadInput(xs, {**ok, "clip_norm": 0.0}, "clip_norm"),
         "clip_nan": BadInput(xs, {**ok, "clip_norm": math.nan}, "clip_norm"),
+        "clip_inf_with_noise": BadInput(xs, {**ok, "clip_norm": math.inf}, "^clip_norm entries must be finite when"),
+        "clip_table_wrong_K": BadInput(
+            xs, {**ok, "clip_norm": dp_clip_table(3)}, r"^clip_norm must have shape \(2, 3\)"
+        ),
+        "clip_table_two_columns": BadInput(
+            xs, {**ok, "clip_norm": dp_clip_table(2)[:, :2]}, "^clip_norm must have shape"
+        ),
+        "clip_table_3d": BadInput(xs, {**ok, "clip_norm": dp_clip_table(2)[..., None]}, "^clip_norm must have shape"),
+        "clip_table_unbatched_for_batched_grad": BadInput(
+            xs, {**ok, "clip_norm": dp_clip_table(None)}, "^clip_norm must have shape"
+        ),
+        "clip_table_negative_entry": BadInput(
+            xs, {**ok, "clip_norm": -dp_clip_table(2)}, "^clip_norm entries must be > 0"
+        ),
+        "clip_table_zero_entry": BadInput(
+            xs, {**ok, "clip_norm": dp_clip_table(2).index_fill(1, torch.tensor([1]), 0.0)}, "^clip_norm entries"
+        ),
+        "clip_table_nan_entry": BadInput(
+            xs, {**ok, "clip_norm": dp_clip_table(2).index_fill(0, torch.tensor([1]), math.nan)}, "^clip_norm entries"
+        ),
+        "clip_table_inf_with_noise": BadInput(
+            xs,
+            {**ok, "clip_norm": dp_clip_table(2).index_fill(1, torch.tensor([2]), math.inf)},
+            "^clip_norm entries must be finite when noise_multiplier > 0",
+        ),
+        "normalize_batch_mean": BadInput(xs, {**ok, "normalize": True, "per_sample": False}, "^normalize=True"),
+        "normalize_inf_clip": BadInput(
+            xs,
+            {**ok, "normalize": True, "noise_multiplier": 0.0, "clip_norm": math.inf},
+            "^clip_norm entries must be finite with normalize",
+        ),
+        "stability_zero": BadInput(xs, {**ok, "normalize": True, "stability": 0.0}, "^stability must be"),
+        "stability_negative": BadInput(xs, {**ok, "normalize": True, "stability": -0.1}, "^stability must be"),
+        "stability_nan": BadInput(xs, {**ok, "normalize": True, "stability": math.nan}, "^stability must be"),
+        "stability_inf": BadInput(xs, {**ok, "normalize": True, "stability": math.inf}, "^stability must be"),
         "sigma_negative": BadInput(xs, {**ok, "noise_multiplier": -0.1}, "noise_multiplier"),
         "sigma_nan": BadInput(xs, {**ok, "noise_multiplier": math.nan}, "noise_multiplier"),
         "sigma_inf": BadInput(xs, {**ok, "noise_multiplier": math.inf}, "noise_multiplier"),
@@ -562,8 +677,7 @@ def _dp_compile(device: torch.device) -> CompileCase:
 
 
 def _dp_launch(case: str, dtype: torch.dtype) -> Sample:
-    seeds, offsets = client_streams(3, DP_SEED, DP_OFFSET)
-    return Sample(tuple(dp_inputs(case, dtype, K=3)), {**dp_kwargs(case), "seed": seeds, "offset": offsets})
+    return Sample(tuple(dp_inputs(case, dtype, K=3)), dp_kwargs(case, K=3))
 
 
 # ==============================================================================================
@@ -903,17 +1017,42 @@ OPS: tuple[OpInfo, ...] = (
             "wide_sum_classes_fedotp",
             "vector_rank10",
             "paper_width",
+            "table_separate",
+            "table_fedotp",
+            "normalize_separate_wide",
+            "normalize_fedotp_sum_classes",
         ),  # fmt: skip
         bad_inputs=_dp_bad,
         cpp_bad_inputs=tuple(
             f"{k}_{b}" for k in ("seed", "offset") for b in ("too_short", "too_long", "empty", "negative")
-        ),
+        )
+        + ("clip_table_wrong_K", "clip_table_two_columns", "clip_table_3d", "clip_table_unbatched_for_batched_grad"),
         wrong_device=("joint_K2", 2, r"\bv\b"),
-        opcheck_cases=("joint_K2", "sum_classes", "full_local_no_uv", "empty_b", "plain_b1"),
+        opcheck_cases=(
+            "joint_K2",
+            "sum_classes",
+            "full_local_no_uv",
+            "empty_b",
+            "plain_b1",
+            "table_separate",
+            "table_plain",
+            "normalize_joint",
+        ),  # fmt: skip
         compile=_dp_compile,
         launch_cases=tuple(
             (c, torch.float32)
-            for c in ("joint_K2", "separate_K2", "batch_mean", "sum_classes", "full_local_no_uv", "vector_rank10")
+            for c in (
+                "joint_K2",
+                "separate_K2",
+                "batch_mean",
+                "sum_classes",
+                "full_local_no_uv",
+                "vector_rank10",
+                "table_separate",
+                "table_fedotp",
+                "table_batch_separate",
+                "normalize_joint",
+            )
         ),
         launch_sample=_dp_launch,
         stream_case="joint_K2",

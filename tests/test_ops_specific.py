@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from op_table import (
+    BY_NAME,
     DP_CASES,
     DP_CLIP,
     DP_CTX,
@@ -279,7 +280,10 @@ def dp_clip_by_hand(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Noise-free outputs of the op for one case, by the formulas of docs/design.md, K and sum_classes explicit."""
     c, kw = DP_CASES[case], dp_kwargs(case)
-    C, joint, per_sample = kw["clip_norm"], kw.get("joint_uv", True), kw.get("per_sample", True)
+    joint, per_sample = kw.get("joint_uv", True), kw.get("per_sample", True)
+    normalize, stability = kw.get("normalize", False), kw.get("stability", 0.01)
+    clip = kw["clip_norm"]  # a float, or per client (g_U or g_L, g_V, g_G)
+    table = torch.full((c["K"] or 1, 3), clip) if isinstance(clip, float) else clip.double().reshape(-1, 3)
     x = grad.double() if c["K"] is not None else grad.double().unsqueeze(0)
     if c["n_cls"] is not None:
         x = x.sum(dim=2)
@@ -290,11 +294,12 @@ def dp_clip_by_hand(
     ebs = kw.get("expected_batch_size", 0.0)
     denom = ebs if ebs > 0 else max(b, 1)
 
-    def factor(n: float) -> float:
-        return min(1.0, C / (n + 1e-6))
+    def factor(n: float, C: float) -> float:
+        return C / (n + stability) if normalize else min(1.0, C / (n + 1e-6))
 
     la, lb, gl, norms = [], [], [], []
     for k in range(K):
+        c_u, c_v, c_g = (float(x) for x in table[k])
         samples = [x[k, i] for i in range(b)] if per_sample else [x[k].mean(0) if b else x.new_zeros(n_ctx, d)]
         a_sum = x.new_zeros(n_ctx, d if uu is None else uu.shape[-1])
         b_sum = x.new_zeros(0 if uu is None else uu.shape[-1], d)
@@ -302,14 +307,14 @@ def dp_clip_by_hand(
         nk = []
         for s in samples:
             ng = s.norm().item()
-            g_sum += factor(ng) * s
+            g_sum += factor(ng, c_g) * s
             if uu is None:
-                a_sum += factor(ng) * s
+                a_sum += factor(ng, c_u) * s
                 nk.append([ng, 0.0, ng])
                 continue
             ga, gb = s @ vv[k].T, uu[k].T @ s  # g_U,i (n_ctx, r), g_V,i (r, d)
             na, nb = ga.norm().item(), gb.norm().item()
-            fa, fb = (factor(math.hypot(na, nb)),) * 2 if joint else (factor(na), factor(nb))
+            fa, fb = (factor(math.hypot(na, nb), c_u),) * 2 if joint else (factor(na, c_u), factor(nb, c_v))
             a_sum += fa * ga
             b_sum += fb * gb
             nk.append([na, nb, ng])
@@ -335,11 +340,25 @@ def test_dp_sigma_zero_equals_clip_only_by_hand(case: str, device: torch.device)
 
 
 @pytest.mark.parametrize(
-    "case", ["joint_K2", "batch_mean", "full_local_no_uv", "plain_b1", "empty_b", "wide_many_samples"]
+    "case",
+    [
+        "joint_K2",
+        "batch_mean",
+        "full_local_no_uv",
+        "plain_b1",
+        "empty_b",
+        "wide_many_samples",
+        "table_joint",
+        "table_separate",
+        "table_batch_separate",
+        "table_fedotp",
+        "table_plain",
+        "normalize_separate_wide",
+    ],
 )
 def test_dp_noise_is_the_philox_stream(case: str, device: torch.device) -> None:
     """out(sigma) - out(0) = sigma C / denom * normals 0 .. P - 1 of client k's own stream (seed[k], offset[k]),
-    U then V row-major."""
+    U then V row-major; C is client k's clip norm of g_U (g_L), resp. of g_V (of g_U with joint_uv)."""
     args = dp_inputs(case, torch.float64)
     noisy = dp_run(args, device, **dp_kwargs(case))
     clean = dp_run(args, device, **dp_kwargs(case, noise_multiplier=0.0))
@@ -351,9 +370,12 @@ def test_dp_noise_is_the_philox_stream(case: str, device: torch.device) -> None:
     denom = ebs if ebs > 0 else max(c["b"], 1)
     seeds, offsets = client_streams(c["K"], DP_SEED, DP_OFFSET)
     z = torch.stack([reference.philox_normal(s, o, P) for s, o in zip(seeds, offsets, strict=True)]).double()
-    z = z * (DP_SIGMA * DP_CLIP / denom)
+    table = dp_kwargs(case)["clip_norm"]
+    table = torch.full((K, 3), table) if isinstance(table, float) else table.double().reshape(K, 3)
+    col_b = 0 if c["kw"].get("joint_uv", True) else 1
     na = n_ctx * (d if c["r"] is None else c["r"])
-    for idx, part in ((0, z[:, :na]), (1, z[:, na:])):
+    std_a, std_b = DP_SIGMA * table[:, 0:1] / denom, DP_SIGMA * table[:, col_b : col_b + 1] / denom
+    for idx, part in ((0, z[:, :na] * std_a), (1, z[:, na:] * std_b)):
         diff = (noisy[idx] - clean[idx]).reshape(K, -1)
         torch.testing.assert_close(diff, part, rtol=1e-9, atol=1e-12)
     assert torch.equal(noisy[2], clean[2]), "the global-prompt gradient must carry no local noise"
@@ -479,6 +501,136 @@ def test_dp_zero_gradient_noise_std(mode: str, device: torch.device) -> None:
     assert abs(noise.mean().item()) <= 6 * s / math.sqrt(n)
     assert abs(noise.std().item() - s) <= 6 * s / math.sqrt(2 * n), (noise.std().item(), s)
     assert torch.count_nonzero(gg) == 0
+
+
+@pytest.mark.parametrize("mode", ["joint", "separate", "full_local", "batch_mean"])
+def test_dp_zero_gradient_noise_std_per_client(mode: str, device: torch.device) -> None:
+    """Distinct clip norms per client: client k's local noise has std sigma C_k / b, C_k its clip norm of g_U (of
+    g_L without u, v) for the U block and of g_V for the V block (of g_U with joint_uv).
+
+    Statistical bound as above, per client and block: n normals of std s give a sample std within
+    6 s / sqrt(2 n) of s, and a sample mean within 6 s / sqrt(n) of 0. The normals are Philox's, so this either
+    always passes or always fails; the tiny differences between the CPU's instruction sets (AVX2, AVX-512) and
+    thread counts are far inside the margin. The stds of different clients differ by far more than the margin,
+    so a kernel that used another client's (or another column's) clip norm fails.
+    """
+    K, b, n_ctx, d, r = 4, 4, 16, 64, 8
+    sigma = 1.3
+    table = torch.tensor([[0.5, 3.0, 7.0], [2.0, 0.25, 1.0], [4.0, 1.5, 0.3], [1.0, 6.0, 2.5]])
+    grad = torch.zeros(K, b, n_ctx, d)
+    fedotp = mode == "full_local"
+    u = None if fedotp else make(K, n_ctx, r, seed=1)
+    v = None if fedotp else make(K, r, d, seed=2)
+    gu, gv, gg, _ = dp_run(
+        [grad, u, v],
+        device,
+        clip_norm=table.to(device),
+        noise_multiplier=sigma,
+        seed=list(range(99, 99 + K)),
+        offset=[0] * K,
+        joint_uv=mode != "separate",
+        per_sample=mode != "batch_mean",
+    )
+    col_b = 1 if mode == "separate" else 0
+    for k in range(K):
+        blocks = [(gu[k], table[k, 0].item())]
+        if not fedotp:
+            blocks.append((gv[k], table[k, col_b].item()))
+        for block, C in blocks:
+            noise = block.flatten().double()
+            n = noise.numel()
+            want = sigma * C / b
+            assert abs(noise.mean().item()) <= 6 * want / math.sqrt(n), (k, noise.mean().item(), want)
+            assert abs(noise.std().item() - want) <= 6 * want / math.sqrt(2 * n), (k, noise.std().item(), want)
+    assert torch.count_nonzero(gg) == 0
+
+
+@pytest.mark.parametrize("mode", ["joint", "separate", "full_local"])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e6])
+def test_dp_automatic_clipping_contribution_below_c(mode: str, scale: float, device: torch.device) -> None:
+    """normalize=True: every per-example term is scaled by C / (norm + stability), so its norm is
+    C norm / (norm + stability) < C however large the gradient; one example per client (b = 1) shows each
+    example's contribution alone. The returned norms stay the unclipped ones."""
+    K, stab = 3, 0.01
+    table = torch.tensor([[2.5, 0.7, 1.5], [0.4, 3.0, 0.9], [1.0, 1.0, 5.0]])
+    grad = make(K, 1, DP_CTX, DP_D, dtype=torch.float64, seed=6) * scale
+    u = None if mode == "full_local" else make(K, DP_CTX, 3, dtype=torch.float64, seed=7)
+    v = None if mode == "full_local" else make(K, 3, DP_D, dtype=torch.float64, seed=8)
+    gu, gv, gg, norms = dp_run(
+        [grad, u, v],
+        device,
+        clip_norm=table.to(device),
+        noise_multiplier=0.0,
+        seed=[0] * K,
+        offset=[0] * K,
+        joint_uv=mode == "joint",
+        normalize=True,
+        stability=stab,
+    )
+    per_client = lambda t: t.flatten(1).norm(dim=1)  # noqa: E731
+    n = norms.double()[:, 0]  # (K, 3): the unclipped norms of g_U (g_L), g_V, g_G
+    torch.testing.assert_close(n[:, 2], grad.flatten(1).norm(dim=1), rtol=1e-6, atol=0)
+    if mode == "joint":
+        joint = torch.hypot(n[:, 0], n[:, 1])
+        got, C, want = torch.hypot(per_client(gu), per_client(gv)), table[:, 0].double(), joint
+    elif mode == "separate":
+        got = torch.cat([per_client(gu), per_client(gv)])
+        C, want = torch.cat([table[:, 0], table[:, 1]]).double(), torch.cat([n[:, 0], n[:, 1]])
+    else:
+        got, C, want = per_client(gu), table[:, 0].double(), n[:, 2]
+    got_g, C_g = per_client(gg), table[:, 2].double()
+    for g, c, nn in ((got, C, want), (got_g, C_g, n[:, 2])):
+        assert bool((g < c).all()), (g, c)
+        torch.testing.assert_close(g, c * nn / (nn + stab), rtol=1e-6, atol=1e-12)
+
+
+def test_dp_clip_norm_forms_broadcast(device: torch.device) -> None:
+    """The Python face's clip_norm: a float is the (K, 3) table full of it, a (K,) or (K, 1) tensor gives each
+    client one C for all its quantities; all bitwise equal to passing the full table, on the kernel and the
+    reference."""
+    grad, u, v = dp_inputs("separate_K2")
+    kw = dp_kwargs("separate_K2")
+    per_client = torch.tensor([0.8, 2.5])
+    forms = {
+        "float": (DP_CLIP, torch.full((2, 3), DP_CLIP)),
+        "(K,)": (per_client, per_client[:, None].expand(2, 3)),
+        "(K, 1)": (per_client[:, None].double(), per_client[:, None].expand(2, 3)),
+    }
+    for name, (short, full) in forms.items():
+        for fn in (ops.dp_lowrank_clip_noise, reference.dp_lowrank_clip_noise):
+            a = fn(*to_device([grad, u, v], device), **{**kw, "clip_norm": to_device(short, device)})
+            b = fn(*to_device([grad, u, v], device), **{**kw, "clip_norm": full.contiguous().to(device)})
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), name
+
+
+@pytest.mark.parametrize("impl", ["reference", "ops"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "clip_inf_with_noise",
+        "clip_table_wrong_K",
+        "clip_table_two_columns",
+        "clip_table_3d",
+        "clip_table_unbatched_for_batched_grad",
+        "clip_table_negative_entry",
+        "clip_table_zero_entry",
+        "clip_table_nan_entry",
+        "clip_table_inf_with_noise",
+        "normalize_batch_mean",
+        "normalize_inf_clip",
+        "stability_zero",
+        "stability_negative",
+        "stability_nan",
+    ],
+)
+def test_dp_clip_norm_errors_are_one_line(bad: str, impl: str, device: torch.device) -> None:
+    """A bad clip norm table, automatic clipping without per_sample or a bad stability: one ValueError line that
+    names the argument and the value."""
+    b = BY_NAME["dp_lowrank_clip_noise"].bad_inputs()[bad]
+    fn = reference.dp_lowrank_clip_noise if impl == "reference" else ops.dp_lowrank_clip_noise
+    with pytest.raises(ValueError, match=b.match) as info:
+        fn(*to_device(list(b.args), device), **to_device(b.kwargs, device))
+    assert "\n" not in str(info.value), str(info.value)
 
 
 # ==============================================================================================

@@ -4,7 +4,8 @@
 // computed and the clipped A goes into its work unit's sum; at the end of each chunk of samples (still in
 // cache) the clipped X are summed twice, with the factor of g_V and with that of g_G. The clipped g_V sum is
 // U^T times the first of these (linearity), formed once per client, so no per-sample (r, d) product and no
-// per-sample (K, b, r, d) tensor is ever materialised.
+// per-sample (K, b, r, d) tensor is ever materialised. Without u, v the clipped X are summed with the factor
+// of g_L (clip norm column 0) and with that of g_G (column 2).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -27,16 +28,18 @@ constexpr int64_t kChunk = 8;
 
 template <typename scalar_t>
 void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_acc, const at::Tensor& v_acc,
-                                  const DpClipNoiseDims& dims, double clip_norm, double noise_multiplier,
-                                  c10::IntArrayRef seed, c10::IntArrayRef offset, bool joint_uv,
-                                  bool per_sample, at::Tensor& out_a, at::Tensor& out_b, at::Tensor& out_g,
+                                  const DpClipNoiseDims& dims, const at::Tensor& clip_norm,
+                                  double noise_multiplier, c10::IntArrayRef seed, c10::IntArrayRef offset,
+                                  bool joint_uv, bool per_sample, bool normalize, double stability,
+                                  at::Tensor& out_a, at::Tensor& out_b, at::Tensor& out_g,
                                   at::Tensor& norms) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t K = dims.K, b = dims.b, n_cls = dims.n_cls, n = dims.n_ctx, d = dims.d, r = dims.r;
-  const int64_t nd = n * d, nr = n * r, rd = r * d;
+  const int64_t nd = n * d, nr = n * r, rd = r * d;  // r = 0 without u, v
   const bool uv = dims.has_uv;
-  const int64_t b_out = per_sample ? b : 1;        // rows of norms per client
-  const int64_t unit_len = uv ? nr + 2 * nd : nd;  // sums of cu A, cv X (uv), cg X
+  const int64_t b_out = per_sample ? b : 1;  // rows of norms per client
+  // Sums of cu A (uv), cv X (uv; without u, v: cL X), cg X.
+  const int64_t unit_len = nr + 2 * nd;
   const int64_t units_per_client = per_sample ? (b + kChunk - 1) / kChunk : 1;
   const int64_t sample_stride = n_cls * nd;
   const int64_t client_stride = b * sample_stride;
@@ -48,9 +51,15 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
   const acc_t* vp = uv ? v_acc.data_ptr<acc_t>() : nullptr;
   acc_t* pp = partial.data_ptr<acc_t>();
   float* normp = norms.data_ptr<float>();
-  const acc_t C = static_cast<acc_t>(clip_norm);
+  // (K, 3): client k's clip norms of g_U (or g_L), g_V, g_G.
+  const float* cp = clip_norm.data_ptr<float>();
   const acc_t eps = static_cast<acc_t>(kClipEps);
-  auto clip = [&](acc_t norm) { return std::min(C / (norm + eps), acc_t(1)); };
+  const acc_t stab = static_cast<acc_t>(stability);
+  // The factor of one per-sample term: min(1, C / (norm + eps)), or C / (norm + stability) (automatic
+  // clipping).
+  auto clip = [&](acc_t norm, acc_t C) {
+    return normalize ? C / (norm + stab) : std::min(C / (norm + eps), acc_t(1));
+  };
   // A sample needs a copy when it must be converted (half/bfloat16) or summed over classes.
   const bool direct = std::is_same<scalar_t, acc_t>::value && n_cls == 1;
 
@@ -64,9 +73,12 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
       const int64_t k = unit / units_per_client;
       const int64_t chunk = unit % units_per_client;
       acc_t* acc_u = pp + unit * unit_len;  // (n, r) when uv
-      acc_t* acc_xv = acc_u + nr;           // (n, d) when uv: sum of cv_i X_i
-      acc_t* acc_g = uv ? acc_xv + nd : acc_u;
-      std::fill(acc_u, acc_u + (uv ? nr : 0), acc_t(0));  // the X sums are written by weighted_sums
+      acc_t* acc_xv = acc_u + nr;           // (n, d): sum of cv_i X_i (uv), else of cL_i X_i
+      acc_t* acc_g = acc_xv + nd;
+      std::fill(acc_u, acc_u + nr, acc_t(0));  // the X sums are written by weighted_sums
+      const acc_t c_u = static_cast<acc_t>(cp[k * 3 + 0]);
+      const acc_t c_v = static_cast<acc_t>(cp[k * 3 + 1]);
+      const acc_t c_g = static_cast<acc_t>(cp[k * 3 + 2]);
       const acc_t* U = uv ? up + k * nr : nullptr;
       const acc_t* V = uv ? vp + k * rd : nullptr;
       if (uv && k != packed_k) {
@@ -120,33 +132,39 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
           const acc_t norm_u = std::sqrt(sq[0]), norm_v = std::sqrt(sq[1]), norm_g = std::sqrt(sq[2]);
           acc_t cu, cv;
           if (joint_uv) {
-            cu = cv = clip(std::sqrt(sq[0] + sq[1]));
+            cu = cv = clip(std::sqrt(sq[0] + sq[1]), c_u);
           } else {
-            cu = clip(norm_u);
-            cv = clip(norm_v);
+            cu = clip(norm_u, c_u);
+            cv = clip(norm_v, c_v);
           }
           cpu::axpy(nr, cu, abuf.data(), acc_u);
           wv[s] = cv;
-          wg[s] = clip(norm_g);
+          wg[s] = clip(norm_g, c_g);
           nrm[0] = static_cast<float>(norm_u);
           nrm[1] = static_cast<float>(norm_v);
           nrm[2] = static_cast<float>(norm_g);
         } else {
           const acc_t norm_g = std::sqrt(cpu::sumsq(nd, xs[s]));
-          wg[s] = clip(norm_g);
+          wv[s] = clip(norm_g, c_u);
+          wg[s] = clip(norm_g, c_g);
           nrm[0] = static_cast<float>(norm_g);
           nrm[1] = 0.f;
           nrm[2] = static_cast<float>(norm_g);
         }
       }
-      cpu::weighted_sums(count, xs, wg, uv ? wv : nullptr, nd, acc_g, uv ? acc_xv : nullptr);
+      if (!uv && std::equal(wv, wv + count, wg)) {
+        // The full local prompt with the factors of g_G (equal clip norms): one sum, copied.
+        cpu::weighted_sums(count, xs, wg, nullptr, nd, acc_g, nullptr);
+        std::copy(acc_g, acc_g + nd, acc_xv);
+      } else {
+        cpu::weighted_sums(count, xs, wg, wv, nd, acc_g, acc_xv);
+      }
     }
   });
 
   // Per client: reduce the work units in order, scale, add the noise, write the outputs.
   const double denom = dims.denom;
   const acc_t scale = static_cast<acc_t>(per_sample ? 1.0 / denom : 1.0);
-  const acc_t noise_scale = static_cast<acc_t>(noise_multiplier * clip_norm / denom);
   const bool noisy = noise_multiplier > 0;
   const int64_t numel_a = uv ? nr : nd;
   const int64_t numel_b = uv ? rd : 0;
@@ -163,19 +181,23 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
       if (noisy)
         cpu::fill_normals(static_cast<uint64_t>(seed[k]), static_cast<uint64_t>(offset[k]), 0,
                           per_client_noise, z.data());
-      const acc_t* sa = sum.data();
-      const acc_t* sg = uv ? sa + nr + nd : sa;
+      // Noise std sigma C / denom, C = client k's clip norm of g_U (or g_L), and of g_V (joint: of g_U).
+      const acc_t noise_a = static_cast<acc_t>(noise_multiplier * static_cast<double>(cp[k * 3]) / denom);
+      const acc_t noise_b =
+          static_cast<acc_t>(noise_multiplier * static_cast<double>(cp[k * 3 + (joint_uv ? 0 : 1)]) / denom);
+      const acc_t* sa = sum.data();  // sum of cu A (uv), else of cL X (nr = 0)
+      const acc_t* sg = sa + nr + nd;
       // sum_i cv_i U^T X_i = U^T (sum_i cv_i X_i).
       if (uv) cpu::ut_x(up + k * nr, sa + nr, n, d, r, sum_v.data());
       const acc_t* sb = sum_v.data();
       for (int64_t e = 0; e < numel_a; ++e) {
         acc_t val = sa[e] * scale;
-        if (noisy) val += static_cast<acc_t>(z[e]) * noise_scale;
+        if (noisy) val += static_cast<acc_t>(z[e]) * noise_a;
         oa[k * numel_a + e] = static_cast<scalar_t>(val);
       }
       for (int64_t e = 0; e < numel_b; ++e) {
         acc_t val = sb[e] * scale;
-        if (noisy) val += static_cast<acc_t>(z[numel_a + e]) * noise_scale;
+        if (noisy) val += static_cast<acc_t>(z[numel_a + e]) * noise_b;
         ob[k * numel_b + e] = static_cast<scalar_t>(val);
       }
       for (int64_t e = 0; e < nd; ++e) og[k * nd + e] = static_cast<scalar_t>(sg[e] * scale);
@@ -185,10 +207,11 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dp_lowrank_clip_noise_cpu(
     const at::Tensor& grad, const std::optional<at::Tensor>& u, const std::optional<at::Tensor>& v,
-    double clip_norm, double noise_multiplier, c10::IntArrayRef seed, c10::IntArrayRef offset,
-    double expected_batch_size, bool joint_uv, bool per_sample, bool sum_classes) {
+    const at::Tensor& clip_norm, double noise_multiplier, c10::IntArrayRef seed, c10::IntArrayRef offset,
+    double expected_batch_size, bool joint_uv, bool per_sample, bool sum_classes, bool normalize,
+    double stability) {
   const DpClipNoiseDims dims =
-      check_dp_lowrank_clip_noise(grad, u, v, seed, offset, expected_batch_size, sum_classes);
+      check_dp_lowrank_clip_noise(grad, u, v, clip_norm, seed, offset, expected_batch_size, sum_classes);
   TORCH_INTERNAL_ASSERT(grad.device().is_cpu());
   const at::Tensor x = grad.contiguous();
   const at::Tensor u_acc = dims.has_uv ? cpu::to_acc(*u) : at::Tensor();
@@ -201,10 +224,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dp_lowrank_clip_noise
   at::Tensor norms =
       at::empty(cpu::with_k(dims.batched, K, {per_sample ? dims.b : 1, 3}), opts.dtype(at::kFloat));
   if (K == 0) return {out_a, out_b, out_g, norms};
+  const at::Tensor clip = clip_norm.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "dp_lowrank_clip_noise_cpu", [&] {
-        dp_lowrank_clip_noise_kernel<scalar_t>(x, u_acc, v_acc, dims, clip_norm, noise_multiplier, seed,
-                                               offset, joint_uv, per_sample, out_a, out_b, out_g, norms);
+        dp_lowrank_clip_noise_kernel<scalar_t>(x, u_acc, v_acc, dims, clip, noise_multiplier, seed, offset,
+                                               joint_uv, per_sample, normalize, stability, out_a, out_b,
+                                               out_g, norms);
       });
   return {out_a, out_b, out_g, norms};
 }

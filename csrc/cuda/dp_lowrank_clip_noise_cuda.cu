@@ -4,7 +4,8 @@
 // Three launches; no per-sample (r, d) tensor is ever materialised:
 //  1. norms kernel, one block per sample (k, i), one pass over grad_i: g_U,i = grad_i V^T (a warp per
 //     context row, r dot products over d), ||U^T grad_i|| (a thread per column pair, r sums over n_ctx,
-//     grad_i re-read from L1) and ||grad_i||, then the clip factors. It writes the norms, the factors and
+//     grad_i re-read from L1) and ||grad_i||, then the clip factors from client k's clip norms (a (K, 3)
+//     device tensor; automatic clipping: C / (norm + stability)). It writes the norms, the factors and
 //     g_U,i (n_ctx x r, tiny).
 //  2. sum kernel, a thread per VEC elements of (k, n_ctx, d): loops over the samples of client k (grad
 //     re-read from L2) and forms sum_i cG_i grad_i (the global-prompt output) and sum_i cV_i grad_i.
@@ -12,7 +13,8 @@
 //     local V = U^T (sum_i cV_i grad_i) (g_V,i is linear in grad_i), then the scale and the Philox noise
 //     (normal e of client k's own stream (seed[k], offset[k]) for its element e, U block first, as the
 //     reference).
-// Without u, v the local output is the clipped sum of grad_i itself, written with its noise by kernel 2.
+// Without u, v the local output is the clipped sum of grad_i itself (the factors of g_L in the cV slot),
+// written with its noise by kernel 2. Noise std sigma C / denom with client k's C, formed in the kernels.
 // Class sums (sum_classes) and the batch mean (per_sample = false) are taken first with at:: reductions in
 // op-math precision; the kernels then see (K, b', n_ctx, d). Every sum runs in a fixed order, so the
 // result is bitwise reproducible.
@@ -46,14 +48,15 @@ constexpr int kRankChunk = 8;
 // One block per sample s = k * bs + i.
 template <typename in_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    dp_lowrank_clip_noise_kernel(const in_t* __restrict__ x,   // (K, bs, n_ctx, d)
-                                 const acc_t* __restrict__ u,  // (K, n_ctx, r), read when has_uv
-                                 const acc_t* __restrict__ v,  // (K, r, d), read when has_uv
-                                 float* __restrict__ norms,    // (K, bs, 3): ||g_U||, ||g_V||, ||g_G||
-                                 acc_t* __restrict__ coef,     // (K, bs, 3): clip factors cU, cV, cG
-                                 acc_t* __restrict__ proj_u,   // (K, bs, n_ctx, r): g_U,i, when has_uv
-                                 int64_t bs, int64_t n_ctx, int64_t d, int64_t r, bool has_uv,
-                                 acc_t clip_norm, acc_t eps, bool joint_uv) {
+    dp_lowrank_clip_noise_kernel(const in_t* __restrict__ x,      // (K, bs, n_ctx, d)
+                                 const acc_t* __restrict__ u,     // (K, n_ctx, r), read when has_uv
+                                 const acc_t* __restrict__ v,     // (K, r, d), read when has_uv
+                                 float* __restrict__ norms,       // (K, bs, 3): ||g_U||, ||g_V||, ||g_G||
+                                 acc_t* __restrict__ coef,        // (K, bs, 3): clip factors cU, cV, cG
+                                 acc_t* __restrict__ proj_u,      // (K, bs, n_ctx, r): g_U,i, when has_uv
+                                 const float* __restrict__ clip,  // (K, 3): C of g_U (or g_L), g_V, g_G
+                                 int64_t bs, int64_t n_ctx, int64_t d, int64_t r, bool has_uv, acc_t eps,
+                                 bool joint_uv, bool normalize, acc_t stability) {
   __shared__ acc_t red[3 * kWarpSize];
   const int64_t sample = blockIdx.x;
   const int64_t k = sample / bs;
@@ -142,22 +145,28 @@ __global__ void __launch_bounds__(kThreads)
 
   cuda::block_sum<acc_t, 3>(sums, red);
   if (threadIdx.x == 0) {
+    const acc_t clip_u = static_cast<acc_t>(clip[k * 3 + 0]);
+    const acc_t clip_v = static_cast<acc_t>(clip[k * 3 + 1]);
+    const acc_t clip_g = static_cast<acc_t>(clip[k * 3 + 2]);
+    auto factor = [&](acc_t norm, acc_t c) {
+      return normalize ? c / (norm + stability) : cuda::clip_factor(norm, c, eps);
+    };
     const acc_t norm_g = sqrt(sums[2]);
-    const acc_t c_g = cuda::clip_factor(norm_g, clip_norm, eps);
+    const acc_t c_g = factor(norm_g, clip_g);
     acc_t norm_u, norm_v, c_u, c_v;
     if (has_uv) {
       norm_u = sqrt(sums[0]);
       norm_v = sqrt(sums[1]);
       if (joint_uv) {
-        c_u = c_v = cuda::clip_factor(sqrt(sums[0] + sums[1]), clip_norm, eps);
+        c_u = c_v = factor(sqrt(sums[0] + sums[1]), clip_u);
       } else {
-        c_u = cuda::clip_factor(norm_u, clip_norm, eps);
-        c_v = cuda::clip_factor(norm_v, clip_norm, eps);
+        c_u = factor(norm_u, clip_u);
+        c_v = factor(norm_v, clip_v);
       }
     } else {  // the reference reports (||grad||, 0, ||grad||) for the full local prompt
       norm_u = norm_g;
       norm_v = acc_t(0);
-      c_u = c_v = c_g;
+      c_u = c_v = factor(norm_g, clip_u);  // g_L's factor, summed in the cV slot by the sum kernel
     }
     norms[sample * 3 + 0] = static_cast<float>(norm_u);
     norms[sample * 3 + 1] = static_cast<float>(norm_v);
@@ -176,8 +185,9 @@ __global__ void __launch_bounds__(kSumThreads)
                                      out_t* __restrict__ glob,        // (K, n_ctx, d): sum_i cG_i x_i * scale
                                      acc_t* __restrict__ sum_v,  // (K, n_ctx, d): sum_i cV_i x_i, or null
                                      out_t* __restrict__ local_full,  // (K, n_ctx, d) without u, v; else null
+                                     const float* __restrict__ clip,  // (K, 3)
                                      int64_t bs, int64_t numel, int64_t blocks_per_client, acc_t scale,
-                                     bool add_noise, acc_t noise_std, cuda::StreamPtrs streams) {
+                                     bool add_noise, double sigma, double denom, cuda::StreamPtrs streams) {
   const int64_t k = blockIdx.x / blocks_per_client;
   const int64_t e0 = ((blockIdx.x % blocks_per_client) * int64_t(blockDim.x) + threadIdx.x) * VEC;
   if (e0 >= numel) return;
@@ -203,9 +213,12 @@ __global__ void __launch_bounds__(kSumThreads)
   for (int q = 0; q < VEC; ++q) out[q] = sg[q] * scale;
   cuda::store_vec<VEC>(glob + k * numel + e0, out);
   if (sum_v != nullptr) cuda::store_vec<VEC>(sum_v + k * numel + e0, sv);
-  if (local_full != nullptr) {
-    if (add_noise) {  // client k: normal e of its own stream
+  if (local_full != nullptr) {  // the clipped sum of g_L: cV holds its factors
+#pragma unroll
+    for (int q = 0; q < VEC; ++q) out[q] = sv[q] * scale;
+    if (add_noise) {  // client k: normal e of its own stream, std sigma C_k / denom
       const uint64_t seed = streams.seed[k], offset = streams.offset[k];
+      const acc_t noise_std = static_cast<acc_t>(sigma * static_cast<double>(clip[k * 3]) / denom);
 #pragma unroll
       for (int q = 0; q < VEC; ++q) {
         const uint64_t j = static_cast<uint64_t>(e0 + q);
@@ -225,9 +238,10 @@ __global__ void __launch_bounds__(kThreads)
                                          const acc_t* __restrict__ sum_v,   // (K, n_ctx, d)
                                          out_t* __restrict__ local_u,       // (K, n_ctx, r)
                                          out_t* __restrict__ local_v,       // (K, r, d)
+                                         const float* __restrict__ clip,    // (K, 3)
                                          int64_t bs, int64_t n_ctx, int64_t d, int64_t r,
-                                         int64_t blocks_per_client, acc_t scale, bool add_noise,
-                                         acc_t noise_std, cuda::StreamPtrs streams) {
+                                         int64_t blocks_per_client, acc_t scale, bool add_noise, double sigma,
+                                         double denom, int v_clip_col, cuda::StreamPtrs streams) {
   const int64_t k = blockIdx.x / blocks_per_client;
   const int64_t e = (blockIdx.x % blocks_per_client) * int64_t(blockDim.x) + threadIdx.x;
   const int64_t n_u = n_ctx * r;
@@ -235,7 +249,8 @@ __global__ void __launch_bounds__(kThreads)
   if (e >= per_client) return;
   acc_t val = 0;
   out_t* dst;
-  if (e < n_u) {  // local U[t, j] = sum_i cU_i g_U,i[t, j], e = t r + j
+  int clip_col = 0;  // the clip norm whose sigma C / denom is this output's noise std
+  if (e < n_u) {     // local U[t, j] = sum_i cU_i g_U,i[t, j], e = t r + j
     for (int64_t i = 0; i < bs; ++i) val += coef[(k * bs + i) * 3 + 0] * proj_u[(k * bs + i) * n_u + e];
     dst = local_u + k * n_u + e;
   } else {  // local V[j, col] = sum_t U[t, j] (sum_i cV_i x_i)[t, col], e - n_u = j d + col
@@ -244,9 +259,11 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t col = e_v % d;
     for (int64_t t = 0; t < n_ctx; ++t) val += u[(k * n_ctx + t) * r + j] * sum_v[(k * n_ctx + t) * d + col];
     dst = local_v + k * r * d + e_v;
+    clip_col = v_clip_col;
   }
   val *= scale;
   if (add_noise) {
+    const acc_t noise_std = static_cast<acc_t>(sigma * static_cast<double>(clip[k * 3 + clip_col]) / denom);
     val += static_cast<acc_t>(philox_normal(streams.seed[k], streams.offset[k], static_cast<uint64_t>(e))) *
            noise_std;
   }
@@ -254,9 +271,12 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 struct DpParams {
-  int64_t bs;  // samples per client seen by the kernels (b, or 1 for the batch mean)
-  double clip_norm, scale, noise_std;
-  bool add_noise, joint_uv;
+  int64_t bs;           // samples per client seen by the kernels (b, or 1 for the batch mean)
+  const float* clip;    // device pointer: (K, 3) clip norms
+  double scale;         // 1 / denom per sample, 1 for the batch mean
+  double sigma, denom;  // noise std sigma C / denom, C per client
+  double stability;     // automatic clipping's C / (norm + stability)
+  bool add_noise, joint_uv, normalize;
   cuda::StreamPtrs streams;  // device pointers: client k's seed and offset
 };
 
@@ -278,13 +298,12 @@ void launch_dp(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v, co
   acc_t* proj_ptr = has_uv ? proj_u.data_ptr<acc_t>() : nullptr;
   acc_t* sum_v_ptr = has_uv ? sum_v.data_ptr<acc_t>() : nullptr;
   const acc_t scale = static_cast<acc_t>(p.scale);
-  const acc_t noise_std = static_cast<acc_t>(p.noise_std);
 
   if (K * bs > 0) {
     dp_lowrank_clip_noise_kernel<in_t, acc_t, VEC><<<cuda::grid_1d(K * bs), kThreads, 0, stream>>>(
-        x.data_ptr<in_t>(), u_ptr, v_ptr, norms.data_ptr<float>(), coef.data_ptr<acc_t>(), proj_ptr, bs,
-        n_ctx, d, has_uv ? r : 0, has_uv, static_cast<acc_t>(p.clip_norm), static_cast<acc_t>(kClipEps),
-        p.joint_uv);
+        x.data_ptr<in_t>(), u_ptr, v_ptr, norms.data_ptr<float>(), coef.data_ptr<acc_t>(), proj_ptr, p.clip,
+        bs, n_ctx, d, has_uv ? r : 0, has_uv, static_cast<acc_t>(kClipEps), p.joint_uv, p.normalize,
+        static_cast<acc_t>(p.stability));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (numel > 0) {
@@ -292,8 +311,8 @@ void launch_dp(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v, co
     dp_lowrank_clip_noise_sum_kernel<in_t, out_t, acc_t, VEC>
         <<<cuda::grid_1d(K * blocks_per_client), kSumThreads, 0, stream>>>(
             x.data_ptr<in_t>(), coef.data_ptr<acc_t>(), glob.data_ptr<out_t>(), sum_v_ptr,
-            has_uv ? nullptr : local_u.data_ptr<out_t>(), bs, numel, blocks_per_client, scale, p.add_noise,
-            noise_std, p.streams);
+            has_uv ? nullptr : local_u.data_ptr<out_t>(), p.clip, bs, numel, blocks_per_client, scale,
+            p.add_noise, p.sigma, p.denom, p.streams);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const int64_t per_client = n_ctx * r + r * d;
@@ -302,8 +321,8 @@ void launch_dp(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v, co
     dp_lowrank_clip_noise_project_kernel<out_t, acc_t>
         <<<cuda::grid_1d(K * blocks_per_client), kThreads, 0, stream>>>(
             coef.data_ptr<acc_t>(), proj_ptr, u_ptr, sum_v_ptr, local_u.data_ptr<out_t>(),
-            local_v.data_ptr<out_t>(), bs, n_ctx, d, r, blocks_per_client, scale, p.add_noise, noise_std,
-            p.streams);
+            local_v.data_ptr<out_t>(), p.clip, bs, n_ctx, d, r, blocks_per_client, scale, p.add_noise,
+            p.sigma, p.denom, p.joint_uv ? 0 : 1, p.streams);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -336,10 +355,11 @@ std::vector<int64_t> with_k(bool batched, int64_t K, std::initializer_list<int64
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dp_lowrank_clip_noise_cuda(
     const at::Tensor& grad, const std::optional<at::Tensor>& u_in, const std::optional<at::Tensor>& v_in,
-    double clip_norm, double noise_multiplier, c10::IntArrayRef seed, c10::IntArrayRef offset,
-    double expected_batch_size, bool joint_uv, bool per_sample, bool sum_classes) {
-  const DpClipNoiseDims dims =
-      check_dp_lowrank_clip_noise(grad, u_in, v_in, seed, offset, expected_batch_size, sum_classes);
+    const at::Tensor& clip_norm, double noise_multiplier, c10::IntArrayRef seed, c10::IntArrayRef offset,
+    double expected_batch_size, bool joint_uv, bool per_sample, bool sum_classes, bool normalize,
+    double stability) {
+  const DpClipNoiseDims dims = check_dp_lowrank_clip_noise(grad, u_in, v_in, clip_norm, seed, offset,
+                                                           expected_batch_size, sum_classes);
   detail::ArgChecks("dp_lowrank_clip_noise").cuda(grad, "grad");
   const c10::cuda::CUDAGuard device_guard(grad.device());
   const int64_t K = dims.K, b = dims.b, n_ctx = dims.n_ctx, d = dims.d, r = dims.r;
@@ -369,13 +389,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dp_lowrank_clip_noise
     u = cuda::to_acc(dims.batched ? *u_in : u_in->unsqueeze(0));  // (K, n_ctx, r)
     v = cuda::to_acc(dims.batched ? *v_in : v_in->unsqueeze(0));  // (K, r, d)
   }
+  const at::Tensor clip = clip_norm.contiguous();  // (K, 3) or (3,): the same memory
   DpParams p;
   p.bs = bs;
-  p.clip_norm = clip_norm;
+  p.clip = clip.data_ptr<float>();
   p.scale = per_sample ? 1.0 / dims.denom : 1.0;  // batch mode: clip(mean) itself, only the noise is divided
-  p.noise_std = noise_multiplier * clip_norm / dims.denom;
+  p.sigma = noise_multiplier;
+  p.denom = dims.denom;
+  p.stability = stability;
   p.add_noise = noise_multiplier > 0;
   p.joint_uv = joint_uv;
+  p.normalize = normalize;
   // Copied only when noise is drawn; without it the kernels never read the streams.
   const at::Tensor streams =
       p.add_noise ? cuda::streams_on_device(seed, offset, grad.device()) : at::Tensor();

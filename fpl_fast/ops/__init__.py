@@ -140,14 +140,20 @@ if _HAS_C:
         return _contiguous(reference.lowrank_prompt_backward(grad_out, u, v, n_ctx))
 
     @torch.library.register_fake("fpl_fast::dp_lowrank_clip_noise")
-    def _dp_fake(grad, u, v, clip_norm, noise_multiplier, seed, offset, expected_batch_size, joint_uv, *flags):
-        per_sample, sum_classes = flags
-        # Shapes only: run the reference without noise (the noise never changes shapes).
-        return _contiguous(
-            reference.dp_lowrank_clip_noise(
-                grad, u, v, clip_norm, 0.0, seed, offset, expected_batch_size, joint_uv, per_sample, sum_classes
-            )
-        )
+    def _dp_fake(grad, u, v, clip_norm, *rest):
+        # Shapes only (the clip norm values need real data).
+        checks.check_dp_lowrank_clip_noise(grad, u, v, clip_norm, *rest, values=False)
+        per_sample, sum_classes = rest[6], rest[7]
+        batched = grad.dim() == (5 if sum_classes else 4)
+        lead = (grad.shape[0],) if batched else ()
+        b = grad.shape[1] if batched else grad.shape[0]
+        n_ctx, d = grad.shape[-2], grad.shape[-1]
+        r = None if u is None else u.shape[-1]
+        local_a = grad.new_empty(*lead, n_ctx, d if r is None else r)
+        local_b = grad.new_empty(*lead, 0 if r is None else r, d)
+        glob = grad.new_empty(*lead, n_ctx, d)
+        norms = grad.new_empty(*lead, b if per_sample else 1, 3, dtype=torch.float32)
+        return local_a, local_b, glob, norms
 
     @torch.library.register_fake("fpl_fast::lowrank_full_grad")
     def _full_grad_fake(grad_u, grad_v, u, v, scale):
@@ -274,7 +280,7 @@ def dp_lowrank_clip_noise(
     u: Tensor | None = None,
     v: Tensor | None = None,
     *,
-    clip_norm: float,
+    clip_norm: float | Tensor,
     noise_multiplier: float,
     seed: Sequence[int],
     offset: Sequence[int],
@@ -282,18 +288,38 @@ def dp_lowrank_clip_noise(
     joint_uv: bool = True,
     per_sample: bool = True,
     sum_classes: bool = False,
+    normalize: bool = False,
+    stability: float = 0.01,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused per-sample clipping + local-DP noise of the prompt factors; see the reference.
 
-    ``seed`` and ``offset`` hold one Philox stream per client (K integers each; 1 without K)."""
+    ``clip_norm``: a float (every client, every quantity), a (K,) or (K, 1) tensor (one C per client) or the
+    full (K, 3) tensor of the clip norms of g_U (g_L without u, v), g_V and g_G per client ((3,) without K);
+    with ``joint_uv`` column 1 is ignored. It is passed to the op as float32 on grad's device.
+    ``normalize``: automatic clipping, each per-example term scaled by C / (norm + ``stability``) (per-sample
+    mode only). ``seed`` and ``offset`` hold one Philox stream per client (K integers each; 1 without K)."""
     seed, offset = _ints(seed), _ints(offset)
-    args = (grad, u, v, float(clip_norm), float(noise_multiplier), seed, offset)
-    kw = (float(expected_batch_size), bool(joint_uv), bool(per_sample), bool(sum_classes))
-    if _HAS_C and first_use_check.use_kernel("dp_lowrank_clip_noise", grad, u, v):
+    clip = reference.dp_clip_norms(clip_norm, grad, bool(sum_classes))
+    args = (
+        grad,
+        u,
+        v,
+        clip,
+        float(noise_multiplier),
+        seed,
+        offset,
+        float(expected_batch_size),
+        bool(joint_uv),
+        bool(per_sample),
+        bool(sum_classes),
+        bool(normalize),
+        float(stability),
+    )
+    if _HAS_C and first_use_check.use_kernel("dp_lowrank_clip_noise", grad, u, v, clip):
         if not torch.compiler.is_compiling():
-            checks.check_dp_lowrank_clip_noise(*args, expected_batch_size=kw[0], sum_classes=kw[3])
-        return torch.ops.fpl_fast.dp_lowrank_clip_noise(*args, *kw)
-    return reference.dp_lowrank_clip_noise(*args, *kw)
+            checks.check_dp_lowrank_clip_noise(*args, values=not first_use_check.tracing((grad, u, v, clip)))
+        return torch.ops.fpl_fast.dp_lowrank_clip_noise(*args)
+    return reference.dp_lowrank_clip_noise(*args)
 
 
 def lowrank_full_grad(grad_u: Tensor, grad_v: Tensor, u: Tensor, v: Tensor, scale: float = 0.1) -> Tensor:

@@ -130,19 +130,33 @@ def check_dp_lowrank_clip_noise(
     grad: Tensor,
     u: Tensor | None,
     v: Tensor | None,
-    clip_norm: float,
+    clip_norm: Tensor,
     noise_multiplier: float,
     seed: Sequence[int],
     offset: Sequence[int],
     expected_batch_size: float,
+    joint_uv: bool,
+    per_sample: bool,
     sum_classes: bool,
+    normalize: bool,
+    stability: float,
+    *,
+    values: bool = True,
 ) -> None:
-    check_positive_clip_norm(clip_norm)
     check_noise_multiplier(noise_multiplier)
     check(
         math.isfinite(expected_batch_size) and expected_batch_size >= 0,
         f"expected_batch_size must be finite and >= 0 (0: use b), got {expected_batch_size}",
     )
+    check(
+        per_sample or not normalize,
+        "normalize=True (automatic clipping) needs per_sample=True: it scales each per-example gradient",
+    )
+    if normalize:
+        check(
+            math.isfinite(stability) and stability > 0,
+            f"stability must be finite and > 0 with normalize=True, got {stability}",
+        )
     plain = 4 if sum_classes else 3
     what = "(b, n_cls, n_ctx, d) or (K, b, n_cls, n_ctx, d)" if sum_classes else "(b, n_ctx, d) or (K, b, n_ctx, d)"
     check_dim(grad, "grad", (plain, plain + 1), f"{plain}-D or {plain + 1}-D {what}")
@@ -151,6 +165,15 @@ def check_dp_lowrank_clip_noise(
     K = grad.shape[0] if batched else 1
     n_ctx, d = grad.shape[-2], grad.shape[-1]
     check_streams(seed, offset, K)
+    check(isinstance(clip_norm, Tensor), f"clip_norm must be a float32 tensor, got {type(clip_norm).__name__}")
+    want = (K, 3) if batched else (3,)
+    check(clip_norm.dtype == torch.float32, f"clip_norm must have dtype torch.float32, got {clip_norm.dtype}")
+    check(clip_norm.device == grad.device, f"clip_norm must be on {grad.device}, got {clip_norm.device}")
+    check(
+        tuple(clip_norm.shape) == want,
+        f"clip_norm must have shape {want} (per client: C of g_U or g_L, of g_V, of g_G) "
+        f"or be a float or a ({K},) tensor, got shape {tuple(clip_norm.shape)}",
+    )
     check((u is None) == (v is None), "u and v must be given together or not at all")
     if u is not None and v is not None:
         kd = 3 if batched else 2
@@ -163,6 +186,21 @@ def check_dp_lowrank_clip_noise(
         r = uu.shape[-1]
         check(uu.shape == (K, n_ctx, r), f"u must be ({K}, {n_ctx}, r) to match grad, got {tuple(u.shape)}")
         check(vv.shape == (K, r, d), f"v must be ({K}, {r}, {d}) to match grad and u, got {tuple(v.shape)}")
+    if values and K:
+        check(
+            bool((~torch.isnan(clip_norm) & (clip_norm > 0)).all()),
+            f"clip_norm entries must be > 0 (inf disables clipping), got {clip_norm.tolist()}",
+        )
+        check(
+            noise_multiplier == 0 or bool(torch.isfinite(clip_norm).all()),
+            f"clip_norm entries must be finite when noise_multiplier > 0 (the noise std is sigma C), "
+            f"got {clip_norm.tolist()}",
+        )
+        check(
+            not normalize or bool(torch.isfinite(clip_norm).all()),
+            f"clip_norm entries must be finite with normalize=True (the factor is C / (norm + stability)), "
+            f"got {clip_norm.tolist()}",
+        )
 
 
 def check_dp_output_clip_noise(

@@ -131,11 +131,16 @@ def _dp_cases(device: torch.device) -> list[Case]:
         return _ops().dp_lowrank_clip_noise(*a)
 
     ref = reference.dp_lowrank_clip_noise
-    # One sample's norm above C, others below, and the noise drawn: clipping, sums and the stream all count.
+    # Per client and quantity its own clip norm (g_U or g_L, g_V, g_G), float32 on the device as the op takes it.
+    clip = torch.tensor([[1.0, 0.6, 1.4], [0.5, 2.0, 0.8]], device=device)
+    # One sample's norm above C, others below, and the noise drawn: clipping, sums and the stream all count;
+    # then automatic clipping (normalize) with joint and with separate factors.
     return [
-        (call, ref, [*_on(device, grad, u, v), 1.0, 0.5, seed, offset, 0.0, True, True, False]),
-        (call, ref, [*_on(device, grad_cls, u, v), 2.0, 0.7, seed, offset, 4.0, False, True, True]),
-        (call, ref, [*_on(device, grad, None, None), 1.0, 0.5, seed, offset, 0.0, True, False, False]),
+        (call, ref, [*_on(device, grad, u, v), clip, 0.5, seed, offset, 0.0, True, True, False, False, 0.01]),
+        (call, ref, [*_on(device, grad_cls, u, v), 2 * clip, 0.7, seed, offset, 4.0, False, True, True, False, 0.01]),
+        (call, ref, [*_on(device, grad, None, None), clip, 0.5, seed, offset, 0.0, True, False, False, False, 0.01]),
+        (call, ref, [*_on(device, grad, u, v), clip, 0.5, seed, offset, 0.0, False, True, False, True, 0.05]),
+        (call, ref, [*_on(device, grad_cls, None, None), clip, 0.5, seed, offset, 0.0, True, True, True, True, 0.01]),
     ]
 
 

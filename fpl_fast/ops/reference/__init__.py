@@ -9,7 +9,7 @@ reference, the CPU kernels and the CUDA kernels draw the same numbers.
 """
 
 from fpl_fast.ops.reference.clip import CLIP_EPS
-from fpl_fast.ops.reference.dp_lowrank_clip_noise_ref import dp_lowrank_clip_noise, dp_noise_numel
+from fpl_fast.ops.reference.dp_lowrank_clip_noise_ref import dp_clip_norms, dp_lowrank_clip_noise, dp_noise_numel
 from fpl_fast.ops.reference.dp_output_clip_noise_ref import NORM_EPS, dp_output_clip_noise, output_noise_numel
 from fpl_fast.ops.reference.lowrank_factorize_ref import GS_EPS, factorize_noise_numel, lowrank_factorize
 from fpl_fast.ops.reference.lowrank_full_grad_ref import lowrank_full_grad
@@ -22,6 +22,7 @@ __all__ = [
     "GS_EPS",
     "NN_MAP_CHUNK",
     "NORM_EPS",
+    "dp_clip_norms",
     "dp_lowrank_clip_noise",
     "dp_noise_numel",
     "dp_output_clip_noise",

@@ -8,10 +8,10 @@ import torch
 from torch import Tensor
 
 from fpl_fast.ops.checks import check_dp_lowrank_clip_noise
-from fpl_fast.ops.reference.clip import clip_factor
+from fpl_fast.ops.reference.clip import CLIP_EPS
 from fpl_fast.ops.reference.philox import client_normals
 
-__all__ = ["dp_lowrank_clip_noise", "dp_noise_numel"]
+__all__ = ["dp_clip_norms", "dp_lowrank_clip_noise", "dp_noise_numel"]
 
 
 def dp_noise_numel(K: int, n_ctx: int, d: int, rank: int | None) -> int:
@@ -20,11 +20,27 @@ def dp_noise_numel(K: int, n_ctx: int, d: int, rank: int | None) -> int:
     return K * per_client
 
 
+def dp_clip_norms(clip_norm: float | Tensor, grad: Tensor, sum_classes: bool = False) -> Tensor:
+    """The op's clip-norm table from what the Python face accepts: a float (every client, every quantity), a (K,)
+    or (K, 1) tensor (one C per client for all its quantities) or the full (K, 3) tensor ((3,) without K), as
+    float32 on grad's device. Any other shape is returned as it is, for the op's check to name."""
+    plain = 4 if sum_classes else 3
+    batched = grad.dim() == plain + 1
+    want = (grad.shape[0], 3) if batched else (3,)
+    if not isinstance(clip_norm, Tensor):
+        return torch.full(want, float(clip_norm), dtype=torch.float32, device=grad.device)
+    c = clip_norm.to(device=grad.device, dtype=torch.float32)
+    K = want[0] if batched else 1
+    if c.dim() == 0 or (batched and tuple(c.shape) in ((K,), (K, 1))) or (not batched and tuple(c.shape) == (1,)):
+        c = c.reshape(-1, 1).expand(K, 3).reshape(want).contiguous()
+    return c
+
+
 def dp_lowrank_clip_noise(
     grad: Tensor,
     u: Tensor | None,
     v: Tensor | None,
-    clip_norm: float,
+    clip_norm: Tensor | float,
     noise_multiplier: float,
     seed: Sequence[int],
     offset: Sequence[int],
@@ -32,15 +48,22 @@ def dp_lowrank_clip_noise(
     joint_uv: bool = True,
     per_sample: bool = True,
     sum_classes: bool = False,
+    normalize: bool = False,
+    stability: float = 0.01,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-sample clipping and Gaussian noise for the prompt factors, for all clients at once.
 
     Per sample i of client k, with grad_i the context gradient (summed over classes if
     ``sum_classes``): g_U,i = grad_i V^T, g_V,i = U^T grad_i, g_G,i = grad_i. Each is clipped with
-    factor min(1, C / (norm + 1e-6)) (``joint_uv``: g_U,i and g_V,i share one factor from their joint
-    norm), the clipped terms are summed, N(0, (sigma C)^2) is added to the U and V sums (local DP; the
-    global prompt's noise is the server's), and everything is divided by ``expected_batch_size`` if
-    > 0 (Poisson sampling) else by max(b, 1).
+    factor min(1, C / (norm + 1e-6)), C the client's clip norm of that quantity (``joint_uv``: g_U,i and
+    g_V,i share one factor from their joint norm and C of g_U), the clipped terms are summed,
+    N(0, (sigma C)^2) is added to the U and V sums (local DP, C of each; the global prompt's noise is the
+    server's), and everything is divided by ``expected_batch_size`` if > 0 (Poisson sampling) else by
+    max(b, 1).
+
+    ``normalize`` (automatic clipping, Bu et al.) scales each per-example term by C / (norm + stability)
+    instead, norm being the one the clipping would use; every example then contributes norm < C whatever
+    its size (the sensitivity stays C). It needs ``per_sample``.
 
     With ``per_sample=False`` (the DP-FPL authors' batch-mean clipping, not a per-example guarantee)
     the batch mean of grad_i is clipped instead, and the result is clip(mean) + noise / denominator.
@@ -57,16 +80,37 @@ def dp_lowrank_clip_noise(
             (b, n_cls, n_ctx, d).
         u: (K, n_ctx, r) or (n_ctx, r), batched like grad; or None.
         v: (K, r, d) or (r, d); or None.
-        clip_norm: C > 0 (inf disables clipping).
+        clip_norm: (K, 3) float32 on grad's device ((3,) without K): per client k the clip norm C of g_U
+            (of g_L without u, v), of g_V and of g_G; with ``joint_uv`` column 1 is ignored (g_U and g_V are
+            clipped jointly to column 0, and both take column 0's noise). Entries > 0; inf disables clipping,
+            only without noise and without ``normalize``. A float, a (K,) or a (K, 1) tensor is broadcast
+            (:func:`dp_clip_norms`).
         noise_multiplier: sigma >= 0.
         seed, offset: the Philox stream of each client, K integers each (1 when grad has no K).
+        normalize: automatic clipping, C / (norm + stability), per-sample mode only.
+        stability: the automatic clipping's stability constant, finite and > 0 (read only with ``normalize``).
 
     Returns:
         grad_u (K, n_ctx, r), grad_v (K, r, d), grad_g (K, n_ctx, d) in grad's dtype, and
         norms (K, b, 3) float32 with the unclipped per-sample norms of (g_U, g_V, g_G)
         ((K, 1, 3) of the batch mean when ``per_sample=False``). K is absent when grad has none.
     """
-    check_dp_lowrank_clip_noise(grad, u, v, clip_norm, noise_multiplier, seed, offset, expected_batch_size, sum_classes)
+    clip_norm = dp_clip_norms(clip_norm, grad, sum_classes)
+    check_dp_lowrank_clip_noise(
+        grad,
+        u,
+        v,
+        clip_norm,
+        noise_multiplier,
+        seed,
+        offset,
+        expected_batch_size,
+        joint_uv,
+        per_sample,
+        sum_classes,
+        normalize,
+        stability,
+    )
     batched = grad.dim() == (5 if sum_classes else 4)
     x = grad if batched else grad.unsqueeze(0)
     K, b = x.shape[0], x.shape[1]
@@ -76,7 +120,15 @@ def dp_lowrank_clip_noise(
     if sum_classes:
         xs = xs.sum(dim=2)  # (K, b, n_ctx, d)
     denom = float(expected_batch_size) if expected_batch_size > 0 else float(max(b, 1))
-    C = float(clip_norm)
+    C = (clip_norm if batched else clip_norm.unsqueeze(0)).to(acc)  # (K, 3)
+    c_u, c_v, c_g = C[:, 0:1], C[:, 1:2], C[:, 2:3]  # (K, 1): broadcast over samples
+
+    def factor(norm: Tensor, c: Tensor) -> Tensor:
+        if normalize:
+            return c / (norm + stability)
+        # clip_factor's min(1, C / (norm + CLIP_EPS)) in the rounding a float C had (float / tensor multiplies
+        # by the reciprocal), so that a float clip norm gives the same bits as before clip norms were tensors.
+        return torch.clamp((norm + CLIP_EPS).reciprocal() * c, max=1.0)
 
     if per_sample:
         xg = xs
@@ -92,17 +144,17 @@ def dp_lowrank_clip_noise(
         norm_u = a.flatten(2).norm(dim=2)
         norm_v = bb.flatten(2).norm(dim=2)
         if joint_uv:
-            cu = cv = clip_factor(torch.sqrt(norm_u**2 + norm_v**2), C)
+            cu = cv = factor(torch.sqrt(norm_u**2 + norm_v**2), c_u)
         else:
-            cu, cv = clip_factor(norm_u, C), clip_factor(norm_v, C)
+            cu, cv = factor(norm_u, c_u), factor(norm_v, c_v)
         local_a = (cu[..., None, None] * a).sum(dim=1)  # (K, n_ctx, r)
         local_b = (cv[..., None, None] * bb).sum(dim=1)  # (K, r, d)
         norms = torch.stack([norm_u, norm_v, norm_g], dim=-1)
     else:
-        local_a = (clip_factor(norm_g, C)[..., None, None] * xg).sum(dim=1)  # (K, n_ctx, d)
+        local_a = (factor(norm_g, c_u)[..., None, None] * xg).sum(dim=1)  # (K, n_ctx, d), C of g_L
         local_b = xs.new_zeros(K, 0, d)
         norms = torch.stack([norm_g, torch.zeros_like(norm_g), norm_g], dim=-1)
-    glob = (clip_factor(norm_g, C)[..., None, None] * xg).sum(dim=1)  # (K, n_ctx, d)
+    glob = (factor(norm_g, c_g)[..., None, None] * xg).sum(dim=1)  # (K, n_ctx, d)
 
     if per_sample:
         scale = 1.0 / denom
@@ -112,9 +164,13 @@ def dp_lowrank_clip_noise(
     if noise_multiplier > 0:
         numel_a, numel_b = local_a[0].numel(), local_b[0].numel()
         z = client_normals(seed, offset, numel_a + numel_b, grad.device).to(acc)  # (K, P)
-        z = z * (noise_multiplier * C / denom)
-        local_a = local_a * scale + z[:, :numel_a].view_as(local_a)
-        local_b = local_b * scale + z[:, numel_a:].view_as(local_b)
+        # std sigma C / denom per client, formed in float64 (as the kernels do): C of g_U (g_L), and of g_V.
+        c64 = C.double()
+        std_a = (noise_multiplier * c64[:, 0:1] / denom).to(acc)
+        col_b = 0 if joint_uv else 1
+        std_b = (noise_multiplier * c64[:, col_b : col_b + 1] / denom).to(acc)
+        local_a = local_a * scale + (z[:, :numel_a] * std_a).view_as(local_a)
+        local_b = local_b * scale + (z[:, numel_a:] * std_b).view_as(local_b)
     else:
         local_a, local_b = local_a * scale, local_b * scale
     glob = glob * scale
