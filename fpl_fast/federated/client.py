@@ -279,7 +279,7 @@ class Clients:
         if not self.dp_active:
             return _NO_CLIP
         return LocalDP(
-            clip_norm=cfg.norm_thresh,
+            clip_norm=cfg.clip_norm,
             noise_multiplier=self.plan.sigma_local,
             clip_mode="sample" if per_sample else "batch",
             joint_uv=cfg.clip_uv == "joint",
