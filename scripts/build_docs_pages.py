@@ -364,6 +364,28 @@ def _study_table(data: dict[str, Any]) -> str:
     return body
 
 
+def _clipping_table(data: dict[str, Any]) -> str:
+    table = data["table"]
+    eps = sorted({r["epsilon_target"] for r in table})
+    cells: dict[tuple[str, str], dict[float, str]] = {}
+    for r in table:
+        cells.setdefault((r["setting"], r["variant"]), {})[r["epsilon_target"]] = (
+            f"{r['local_mean']:.3f} ± {r['local_std']:.3f}"
+        )
+    rows = [(s, v, *(c.get(e) for e in eps)) for (s, v), c in cells.items()]
+    tuned = "; ".join(f"{v}: lr {c['params']['lr']:g}" for v, c in data.get("tuned", {}).items())
+    body = (
+        "Local accuracy, mean ± std over the seeds, at matched epsilon_total (calibrated by the accountant). "
+        f"Learning rates tuned on the public digits-tune split: {tuned}.\n\n"
+    )
+    body += markdown_table(["setting", "variant", *(f"epsilon_total {e:g}" for e in eps)], rows)
+    if "rule" in data:
+        body += f"\nDecision rule: {data['rule']}. "
+        body += "; ".join(f"{v}: {d['cells_ok']} of {d['cells']} cells" for v, d in data.get("variants", {}).items())
+        body += f". Default: {data.get('default') or 'none'} ({data.get('reason', '')}).\n"
+    return body
+
+
 def _grid_table(path: Path) -> str:
     with open(path) as fh:
         rows = list(csv.DictReader(fh))
@@ -404,8 +426,13 @@ BENCHMARKS: list[tuple[str, str, str, Callable[[Any], str]]] = [
     ("ops_dp_2thread", "The fused DP ops, 2 threads", "bench_ops_dp_2thread.json", _ops_table),
     ("ops_dp_avx2_1thread", "The fused DP ops, 1 thread, AVX2", "bench_ops_dp_avx2_1thread.json", _ops_table),
     ("study_output_dp", "Output-space DP: the utility study", "study_output_dp.json", _study_table),
+    ("study_clipping", "Clipping: fixed, adaptive and automatic", "study_clipping.json", _clipping_table),
 ]
-PLOTS = {"scaling_quick": "bench_scaling_quick_cpu.png", "study_output_dp": "study_output_dp.png"}
+PLOTS = {
+    "scaling_quick": "bench_scaling_quick_cpu.png",
+    "study_output_dp": "study_output_dp.png",
+    "study_clipping": "study_clipping.png",
+}
 
 
 def benchmarks_page() -> str:
