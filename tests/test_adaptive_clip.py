@@ -241,3 +241,56 @@ def test_bad_flags_exit_2_with_one_line(args: list[str], needle: str, capsys: py
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1 and needle in lines[0], err
+
+
+# ----------------------------------------------------------------------------------------------
+# In a run
+# ----------------------------------------------------------------------------------------------
+ADAPTIVE = RunConfig(num_users=3, rounds=3, noise_seed=5, norm_thresh="adaptive", clip_init=10.0, clip_lr=0.5)
+
+
+def test_an_adaptive_run_records_each_clients_clip_norms_and_resumes_exactly(embedded_job, tmp_path) -> None:
+    from fpl_fast.job import train
+
+    job = embedded_job(ADAPTIVE)
+    whole = train(ADAPTIVE, settings={"out": str(tmp_path / "a"), "progress": False}, backbone=job[0])
+    rounds = whole.rounds
+    assert [len(r["clip_norms"]) for r in rounds] == [3, 3, 3] and all(len(c) == 2 for c in rounds[0]["clip_norms"])
+    first = [c[0] for c in rounds[0]["clip_norms"]]
+    last = [c[0] for c in rounds[-1]["clip_norms"]]
+    assert all(ADAPTIVE.clip_min <= c <= ADAPTIVE.clip_max for r in rounds for row in r["clip_norms"] for c in row)
+    assert max(last) < min(first) < 10.0  # from C = 10, far above the norms (~0.3): every client's C came down
+    assert rounds[-1]["clip_norm"] == pytest.approx(sum(last) / 3)
+    csv_rows = (tmp_path / "a" / "rounds.csv").read_text().splitlines()
+    assert "clip_norm" in csv_rows[0].split(",")
+    stopped = tmp_path / "b"
+    train(ADAPTIVE, settings={"out": str(stopped), "progress": False}, backbone=job[0], stop_after_round=1)
+    resumed = train(None, settings={"out": str(stopped), "resume": True, "progress": False}, backbone=job[0])
+    untimed = lambda rs: [{k: v for k, v in r.items() if k != "seconds_elapsed"} for r in rs]  # noqa: E731
+    assert untimed(resumed.rounds) == untimed(rounds) and resumed.final["local_acc"] == whole.final["local_acc"]
+
+
+def test_the_servers_noise_covers_the_largest_clip_norm_of_the_step(embedded_job, monkeypatch) -> None:
+    """Each step the server noises G for the largest clip norm of G among that step's clients, before they update."""
+    import fpl_fast.federated.client as client_mod
+    import fpl_fast.federated.server as server_mod
+    from fpl_fast.job import train
+
+    in_force: list[float] = []
+    covered: list[float] = []
+    real_step, real_noise = client_mod.Clients.local_step, server_mod.server_aggregate_global
+
+    def local_step(self, rows):
+        in_force.append(float(self.global_clip_norms(rows).max()))
+        return real_step(self, rows)
+
+    def server_noise(grads, *, clip_norm, **kw):
+        covered.append(clip_norm)
+        return real_noise(grads, clip_norm=clip_norm, **kw)
+
+    monkeypatch.setattr(client_mod.Clients, "local_step", local_step)
+    monkeypatch.setattr(server_mod, "server_aggregate_global", server_noise)
+    cfg = ADAPTIVE.replace(rounds=1)
+    train(cfg, settings={"out": None, "progress": False}, backbone=embedded_job(cfg)[0])
+    assert len(covered) == len(in_force) > 2 and covered == in_force
+    assert covered[0] == cfg.clip_init and covered[-1] < cfg.clip_init  # it follows the clients' moving C

@@ -213,6 +213,17 @@ def test_white_box_lower_bound_is_informative_and_below_the_accountant(default_j
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("noise_seed", [1, 2, 3])
+def test_adaptive_clipping_lower_bound_is_below_the_accountant(default_job, noise_seed) -> None:
+    """Adaptive clipping from the authors' C = 10: the canaries are crafted at twice the audited client's clip norm in
+    force at each step, and the releases observed against that C; the accountant's bound counts the noised counts."""
+    cfg = RunConfig(noise_seed=noise_seed, norm_thresh="adaptive", rounds=8)
+    report = run_audit(cfg, AuditConfig(), *default_job, progress=False)
+    assert report["upper_bound_name"] == "epsilon_global"
+    assert 0 <= report["epsilon_lower_bound"] <= report["upper_bound"], report["table"]
+
+
+@pytest.mark.slow
 def test_white_box_with_client_side_noise_of_g_is_below_the_accountant(default_job) -> None:
     """sync="round": each client noises its own gradient of G every step; the auditor sees those releases."""
     report = run_audit(RunConfig(noise_seed=1, sync="round"), AuditConfig(), *default_job, progress=False)

@@ -110,8 +110,9 @@ def _in_process(cfg: RunConfig, out: Path, backbone: Any) -> tuple[dict[str, Any
         {"sync": "round", "client_fraction": 0.34},
         {"clip_mode": "output"},
         {"factorization": "promptfl", "clip_mode": "batch", "clip_uv": "separate", "promptfl_client_noise": True},
+        {"norm_thresh": "adaptive", "clip_init": 1.0},
     ],
-    ids=["step", "round-one-client-a-round", "output", "authors-promptfl-client-noise"],
+    ids=["step", "round-one-client-a-round", "output", "authors-promptfl-client-noise", "adaptive-clipping"],
 )
 def test_the_flower_apps_give_the_in_process_federation(
     tmp_path: Path, changes: dict[str, Any], embedded_job: Any
@@ -143,6 +144,10 @@ def test_the_flower_apps_give_the_in_process_federation(
         if steps:
             assert json.loads(ledger.read_text())["epsilon_total"] == a["epsilon_total_per_client"][k]
     assert fl["final"]["engine"] == "flower" and fl["method"] == ip["method"]
+    # Each client's clip norms reach the server's record as the in-process run has them (adaptive: they moved).
+    np.testing.assert_allclose(fl["rounds"][-1]["clip_norms"], ip["rounds"][-1]["clip_norms"], rtol=1e-6)
+    moved = ip["rounds"][-1]["clip_norms"] != [[cfg.clip_norm] * len(row) for row in ip["rounds"][-1]["clip_norms"]]
+    assert moved == cfg.adaptive_clip
 
 
 def test_only_the_listed_releases_leave_a_client(tmp_path: Path) -> None:
