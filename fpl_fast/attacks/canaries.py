@@ -142,7 +142,7 @@ class AuditedClients(Clients):
         out = super().global_release(rows, grad_global)
         c = self.canaries
         if c.observing_global:
-            C = float(self.global_clip_norms(rows)[c.position])
+            C = float(self.step_global_clip[c.position])  # the C this step's g_G was clipped to
             c.observe(out[c.position], C / self.batch_denominator)
         return out
 

@@ -418,7 +418,8 @@ class Clients:
         self.active_rows = rows
         streams = self.noise_streams(rows)
         adaptive = self.clip_update is not None
-        global_clip = self.global_clip_norms(rows)
+        # The C of g_G this step clips to, kept for its noise (sync="round": global_release, after the update).
+        global_clip = self.step_global_clip = self.global_clip_norms(rows)
         seed, off = take_each(streams, L.factorize_draws())
         factors = L.factors(rows, seed=seed, offset=off)
         ctx = L.context(rows, factors).detach()
@@ -491,7 +492,7 @@ class Clients:
             if self.clip_update is None:
                 g = g + z * (sigma_g * self.cfg.clip_norm / self.batch_denominator)
             else:
-                g = g + z * (sigma_g * self.global_clip_norms(rows).to(g)[:, None, None] / self.batch_denominator)
+                g = g + z * (sigma_g * self.step_global_clip.to(g)[:, None, None] / self.batch_denominator)
         return g
 
     def local_round(self, rows: Tensor, global_ctx: Tensor, steps: int, on_step=None) -> list[StepStats]:
