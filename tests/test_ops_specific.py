@@ -283,7 +283,11 @@ def dp_clip_by_hand(
     joint, per_sample = kw.get("joint_uv", True), kw.get("per_sample", True)
     normalize, stability = kw.get("normalize", False), kw.get("stability", 0.01)
     clip = kw["clip_norm"]  # a float, or per client (g_U or g_L, g_V, g_G)
-    table = torch.full((c["K"] or 1, 3), clip) if isinstance(clip, float) else clip.double().reshape(-1, 3)
+    table = (
+        torch.full((c["K"] or 1, 3), clip, dtype=torch.float64)
+        if isinstance(clip, float)
+        else clip.double().reshape(-1, 3)
+    )
     x = grad.double() if c["K"] is not None else grad.double().unsqueeze(0)
     if c["n_cls"] is not None:
         x = x.sum(dim=2)
@@ -371,7 +375,7 @@ def test_dp_noise_is_the_philox_stream(case: str, device: torch.device) -> None:
     seeds, offsets = client_streams(c["K"], DP_SEED, DP_OFFSET)
     z = torch.stack([reference.philox_normal(s, o, P) for s, o in zip(seeds, offsets, strict=True)]).double()
     table = dp_kwargs(case)["clip_norm"]
-    table = torch.full((K, 3), table) if isinstance(table, float) else table.double().reshape(K, 3)
+    table = torch.full((K, 3), table, dtype=torch.float64) if isinstance(table, float) else table.double().reshape(K, 3)
     col_b = 0 if c["kw"].get("joint_uv", True) else 1
     na = n_ctx * (d if c["r"] is None else c["r"])
     std_a, std_b = DP_SIGMA * table[:, 0:1] / denom, DP_SIGMA * table[:, col_b : col_b + 1] / denom

@@ -38,8 +38,14 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
   const int64_t nd = n * d, nr = n * r, rd = r * d;  // r = 0 without u, v
   const bool uv = dims.has_uv;
   const int64_t b_out = per_sample ? b : 1;  // rows of norms per client
-  // Sums of cu A (uv), cv X (uv; without u, v: cL X), cg X.
-  const int64_t unit_len = nr + 2 * nd;
+  // (K, 3): client k's clip norms of g_U (or g_L), g_V, g_G.
+  const at::Tensor clip_c = clip_norm.contiguous();
+  const float* cp = clip_c.data_ptr<float>();
+  // Without u, v and with C of g_L = C of g_G for every client the two clipped sums of X are one.
+  bool one_sum = !uv;
+  for (int64_t k = 0; k < K && one_sum; ++k) one_sum = cp[k * 3] == cp[k * 3 + 2];
+  // Sums of cu A (uv), cv X (uv; without u, v: cL X), cg X (the same as cL X when one_sum).
+  const int64_t unit_len = one_sum ? nd : nr + 2 * nd;
   const int64_t units_per_client = per_sample ? (b + kChunk - 1) / kChunk : 1;
   const int64_t sample_stride = n_cls * nd;
   const int64_t client_stride = b * sample_stride;
@@ -51,8 +57,6 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
   const acc_t* vp = uv ? v_acc.data_ptr<acc_t>() : nullptr;
   acc_t* pp = partial.data_ptr<acc_t>();
   float* normp = norms.data_ptr<float>();
-  // (K, 3): client k's clip norms of g_U (or g_L), g_V, g_G.
-  const float* cp = clip_norm.data_ptr<float>();
   const acc_t eps = static_cast<acc_t>(kClipEps);
   const acc_t stab = static_cast<acc_t>(stability);
   // The factor of one per-sample term: min(1, C / (norm + eps)), or C / (norm + stability) (automatic
@@ -74,7 +78,7 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
       const int64_t chunk = unit % units_per_client;
       acc_t* acc_u = pp + unit * unit_len;  // (n, r) when uv
       acc_t* acc_xv = acc_u + nr;           // (n, d): sum of cv_i X_i (uv), else of cL_i X_i
-      acc_t* acc_g = acc_xv + nd;
+      acc_t* acc_g = one_sum ? acc_xv : acc_xv + nd;
       std::fill(acc_u, acc_u + nr, acc_t(0));  // the X sums are written by weighted_sums
       const acc_t c_u = static_cast<acc_t>(cp[k * 3 + 0]);
       const acc_t c_v = static_cast<acc_t>(cp[k * 3 + 1]);
@@ -152,13 +156,7 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
           nrm[2] = static_cast<float>(norm_g);
         }
       }
-      if (!uv && std::equal(wv, wv + count, wg)) {
-        // The full local prompt with the factors of g_G (equal clip norms): one sum, copied.
-        cpu::weighted_sums(count, xs, wg, nullptr, nd, acc_g, nullptr);
-        std::copy(acc_g, acc_g + nd, acc_xv);
-      } else {
-        cpu::weighted_sums(count, xs, wg, wv, nd, acc_g, acc_xv);
-      }
+      cpu::weighted_sums(count, xs, wg, one_sum ? nullptr : wv, nd, acc_g, one_sum ? nullptr : acc_xv);
     }
   });
 
@@ -186,7 +184,7 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
       const acc_t noise_b =
           static_cast<acc_t>(noise_multiplier * static_cast<double>(cp[k * 3 + (joint_uv ? 0 : 1)]) / denom);
       const acc_t* sa = sum.data();  // sum of cu A (uv), else of cL X (nr = 0)
-      const acc_t* sg = sa + nr + nd;
+      const acc_t* sg = one_sum ? sa : sa + nr + nd;
       // sum_i cv_i U^T X_i = U^T (sum_i cv_i X_i).
       if (uv) cpu::ut_x(up + k * nr, sa + nr, n, d, r, sum_v.data());
       const acc_t* sb = sum_v.data();
@@ -224,12 +222,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dp_lowrank_clip_noise
   at::Tensor norms =
       at::empty(cpu::with_k(dims.batched, K, {per_sample ? dims.b : 1, 3}), opts.dtype(at::kFloat));
   if (K == 0) return {out_a, out_b, out_g, norms};
-  const at::Tensor clip = clip_norm.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "dp_lowrank_clip_noise_cpu", [&] {
-        dp_lowrank_clip_noise_kernel<scalar_t>(x, u_acc, v_acc, dims, clip, noise_multiplier, seed, offset,
-                                               joint_uv, per_sample, normalize, stability, out_a, out_b,
-                                               out_g, norms);
+        dp_lowrank_clip_noise_kernel<scalar_t>(x, u_acc, v_acc, dims, clip_norm, noise_multiplier, seed,
+                                               offset, joint_uv, per_sample, normalize, stability, out_a,
+                                               out_b, out_g, norms);
       });
   return {out_a, out_b, out_g, norms};
 }

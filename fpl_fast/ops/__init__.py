@@ -143,7 +143,7 @@ if _HAS_C:
     def _dp_fake(grad, u, v, clip_norm, *rest):
         # Shapes only (the clip norm values need real data).
         checks.check_dp_lowrank_clip_noise(grad, u, v, clip_norm, *rest, values=False)
-        per_sample, sum_classes = rest[6], rest[7]
+        per_sample, sum_classes = rest[5], rest[6]
         batched = grad.dim() == (5 if sum_classes else 4)
         lead = (grad.shape[0],) if batched else ()
         b = grad.shape[1] if batched else grad.shape[0]
