@@ -190,7 +190,7 @@ struct DpClipNoiseDims {
   int64_t noise_per_client() const { return has_uv ? n_ctx * r + r * d : n_ctx * d; }
 };
 
-// clip_norm: float32 on grad's device, (K, 3) ((3,) without K), read by the kernels per client; its values
+// clip_norm: float64 on grad's device, (K, 3) ((3,) without K), read by the kernels per client; its values
 // (> 0, finite with noise) are fpl_fast/ops/checks.py's to check.
 inline DpClipNoiseDims check_dp_lowrank_clip_noise(const at::Tensor& grad, const std::optional<at::Tensor>& u,
                                                    const std::optional<at::Tensor>& v,
@@ -209,7 +209,7 @@ inline DpClipNoiseDims check_dp_lowrank_clip_noise(const at::Tensor& grad, const
   dims.n_ctx = grad.size(-2);
   dims.d = grad.size(-1);
   check.streams(seed, offset, dims.K);
-  check.dtype(clip_norm, "clip_norm", c10::ScalarType::Float);
+  check.dtype(clip_norm, "clip_norm", c10::ScalarType::Double);
   check.device(clip_norm, "clip_norm", grad.device());
   check.shape(dims.batched ? clip_norm.dim() == 2 && clip_norm.size(0) == dims.K && clip_norm.size(1) == 3
                            : clip_norm.dim() == 1 && clip_norm.size(0) == 3,

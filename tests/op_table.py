@@ -551,11 +551,11 @@ def dp_inputs(case: str, dtype: torch.dtype = torch.float32, seed: int = 0, *, K
 
 
 def dp_clip_table(K: int | None) -> Tensor:
-    """(K, 3) float32 clip norms ((3,) for K None), distinct per client and quantity, spread around DP_CLIP from
+    """(K, 3) float64 clip norms ((3,) for K None), distinct per client and quantity, spread around DP_CLIP from
     0.25 to 2 times it so that each clips some samples of dp_inputs and leaves others."""
     n = 1 if K is None else K
     idx = torch.arange(n * 3, dtype=torch.float64).view(n, 3)
-    table = (DP_CLIP * (0.25 + torch.remainder(0.37 * idx + 0.11, 1.75))).float()
+    table = DP_CLIP * (0.25 + torch.remainder(0.37 * idx + 0.11, 1.75))
     return table[0] if K is None else table
 
 

@@ -40,7 +40,7 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
   const int64_t b_out = per_sample ? b : 1;  // rows of norms per client
   // (K, 3): client k's clip norms of g_U (or g_L), g_V, g_G.
   const at::Tensor clip_c = clip_norm.contiguous();
-  const float* cp = clip_c.data_ptr<float>();
+  const double* cp = clip_c.data_ptr<double>();
   // Without u, v and with C of g_L = C of g_G for every client the two clipped sums of X are one.
   bool one_sum = !uv;
   for (int64_t k = 0; k < K && one_sum; ++k) one_sum = cp[k * 3] == cp[k * 3 + 2];
@@ -180,9 +180,9 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
         cpu::fill_normals(static_cast<uint64_t>(seed[k]), static_cast<uint64_t>(offset[k]), 0,
                           per_client_noise, z.data());
       // Noise std sigma C / denom, C = client k's clip norm of g_U (or g_L), and of g_V (joint: of g_U).
-      const acc_t noise_a = static_cast<acc_t>(noise_multiplier * static_cast<double>(cp[k * 3]) / denom);
+      const acc_t noise_a = static_cast<acc_t>(noise_multiplier * cp[k * 3] / denom);
       const acc_t noise_b =
-          static_cast<acc_t>(noise_multiplier * static_cast<double>(cp[k * 3 + (joint_uv ? 0 : 1)]) / denom);
+          static_cast<acc_t>(noise_multiplier * cp[k * 3 + (joint_uv ? 0 : 1)] / denom);
       const acc_t* sa = sum.data();  // sum of cu A (uv), else of cL X (nr = 0)
       const acc_t* sg = one_sum ? sa : sa + nr + nd;
       // sum_i cv_i U^T X_i = U^T (sum_i cv_i X_i).

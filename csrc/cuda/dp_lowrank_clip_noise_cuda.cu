@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(kThreads)
                                  float* __restrict__ norms,       // (K, bs, 3): ||g_U||, ||g_V||, ||g_G||
                                  acc_t* __restrict__ coef,        // (K, bs, 3): clip factors cU, cV, cG
                                  acc_t* __restrict__ proj_u,      // (K, bs, n_ctx, r): g_U,i, when has_uv
-                                 const float* __restrict__ clip,  // (K, 3): C of g_U (or g_L), g_V, g_G
+                                 const double* __restrict__ clip,  // (K, 3): C of g_U (or g_L), g_V, g_G
                                  int64_t bs, int64_t n_ctx, int64_t d, int64_t r, bool has_uv, acc_t eps,
                                  bool joint_uv, bool normalize, acc_t stability) {
   __shared__ acc_t red[3 * kWarpSize];
@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(kSumThreads)
                                      out_t* __restrict__ glob,        // (K, n_ctx, d): sum_i cG_i x_i * scale
                                      acc_t* __restrict__ sum_v,  // (K, n_ctx, d): sum_i cV_i x_i, or null
                                      out_t* __restrict__ local_full,  // (K, n_ctx, d) without u, v; else null
-                                     const float* __restrict__ clip,  // (K, 3)
+                                     const double* __restrict__ clip,  // (K, 3)
                                      int64_t bs, int64_t numel, int64_t blocks_per_client, acc_t scale,
                                      bool add_noise, double sigma, double denom, cuda::StreamPtrs streams) {
   const int64_t k = blockIdx.x / blocks_per_client;
@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(kSumThreads)
     for (int q = 0; q < VEC; ++q) out[q] = sv[q] * scale;
     if (add_noise) {  // client k: normal e of its own stream, std sigma C_k / denom
       const uint64_t seed = streams.seed[k], offset = streams.offset[k];
-      const acc_t noise_std = static_cast<acc_t>(sigma * static_cast<double>(clip[k * 3]) / denom);
+      const acc_t noise_std = static_cast<acc_t>(sigma * clip[k * 3] / denom);
 #pragma unroll
       for (int q = 0; q < VEC; ++q) {
         const uint64_t j = static_cast<uint64_t>(e0 + q);
@@ -238,7 +238,7 @@ __global__ void __launch_bounds__(kThreads)
                                          const acc_t* __restrict__ sum_v,   // (K, n_ctx, d)
                                          out_t* __restrict__ local_u,       // (K, n_ctx, r)
                                          out_t* __restrict__ local_v,       // (K, r, d)
-                                         const float* __restrict__ clip,    // (K, 3)
+                                         const double* __restrict__ clip,    // (K, 3)
                                          int64_t bs, int64_t n_ctx, int64_t d, int64_t r,
                                          int64_t blocks_per_client, acc_t scale, bool add_noise, double sigma,
                                          double denom, int v_clip_col, cuda::StreamPtrs streams) {
@@ -263,7 +263,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   val *= scale;
   if (add_noise) {
-    const acc_t noise_std = static_cast<acc_t>(sigma * static_cast<double>(clip[k * 3 + clip_col]) / denom);
+    const acc_t noise_std = static_cast<acc_t>(sigma * clip[k * 3 + clip_col] / denom);
     val += static_cast<acc_t>(philox_normal(streams.seed[k], streams.offset[k], static_cast<uint64_t>(e))) *
            noise_std;
   }
@@ -272,7 +272,7 @@ __global__ void __launch_bounds__(kThreads)
 
 struct DpParams {
   int64_t bs;           // samples per client seen by the kernels (b, or 1 for the batch mean)
-  const float* clip;    // device pointer: (K, 3) clip norms
+  const double* clip;   // device pointer: (K, 3) clip norms
   double scale;         // 1 / denom per sample, 1 for the batch mean
   double sigma, denom;  // noise std sigma C / denom, C per client
   double stability;     // automatic clipping's C / (norm + stability)
@@ -392,7 +392,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dp_lowrank_clip_noise
   const at::Tensor clip = clip_norm.contiguous();  // (K, 3) or (3,): the same memory
   DpParams p;
   p.bs = bs;
-  p.clip = clip.data_ptr<float>();
+  p.clip = clip.data_ptr<double>();
   p.scale = per_sample ? 1.0 / dims.denom : 1.0;  // batch mode: clip(mean) itself, only the noise is divided
   p.sigma = noise_multiplier;
   p.denom = dims.denom;

@@ -446,7 +446,7 @@ class Clients:
             batch_size=1.0 if output_mode else self.batch_denominator,
             local=L.scheme.has_local,
             clip_norms=(
-                op_clip_columns(self.clip_norms[rows.cpu()], self.quantities).float().to(grad_ctx.device)
+                op_clip_columns(self.clip_norms[rows.cpu()], self.quantities).to(grad_ctx.device)
                 if adaptive and not output_mode
                 else None
             ),

@@ -165,9 +165,9 @@ def check_dp_lowrank_clip_noise(
     K = grad.shape[0] if batched else 1
     n_ctx, d = grad.shape[-2], grad.shape[-1]
     check_streams(seed, offset, K)
-    check(isinstance(clip_norm, Tensor), f"clip_norm must be a float32 tensor, got {type(clip_norm).__name__}")
+    check(isinstance(clip_norm, Tensor), f"clip_norm must be a float64 tensor, got {type(clip_norm).__name__}")
     want = (K, 3) if batched else (3,)
-    check(clip_norm.dtype == torch.float32, f"clip_norm must have dtype torch.float32, got {clip_norm.dtype}")
+    check(clip_norm.dtype == torch.float64, f"clip_norm must have dtype torch.float64, got {clip_norm.dtype}")
     check(clip_norm.device == grad.device, f"clip_norm must be on {grad.device}, got {clip_norm.device}")
     check(
         tuple(clip_norm.shape) == want,

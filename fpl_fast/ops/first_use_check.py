@@ -131,8 +131,8 @@ def _dp_cases(device: torch.device) -> list[Case]:
         return _ops().dp_lowrank_clip_noise(*a)
 
     ref = reference.dp_lowrank_clip_noise
-    # Per client and quantity its own clip norm (g_U or g_L, g_V, g_G), float32 on the device as the op takes it.
-    clip = torch.tensor([[1.0, 0.6, 1.4], [0.5, 2.0, 0.8]], device=device)
+    # Per client and quantity its own clip norm (g_U or g_L, g_V, g_G), float64 on the device as the op takes it.
+    clip = torch.tensor([[1.0, 0.6, 1.4], [0.5, 2.0, 0.8]], dtype=torch.float64, device=device)
     # One sample's norm above C, others below, and the noise drawn: clipping, sums and the stream all count;
     # then automatic clipping (normalize) with joint and with separate factors.
     return [

@@ -23,13 +23,13 @@ def dp_noise_numel(K: int, n_ctx: int, d: int, rank: int | None) -> int:
 def dp_clip_norms(clip_norm: float | Tensor, grad: Tensor, sum_classes: bool = False) -> Tensor:
     """The op's clip-norm table from what the Python face accepts: a float (every client, every quantity), a (K,)
     or (K, 1) tensor (one C per client for all its quantities) or the full (K, 3) tensor ((3,) without K), as
-    float32 on grad's device. Any other shape is returned as it is, for the op's check to name."""
+    float64 on grad's device (exact for any Python float). Any other shape is returned as it is, for the op's check to name."""
     plain = 4 if sum_classes else 3
     batched = grad.dim() == plain + 1
     want = (grad.shape[0], 3) if batched else (3,)
     if not isinstance(clip_norm, Tensor):
-        return torch.full(want, float(clip_norm), dtype=torch.float32, device=grad.device)
-    c = clip_norm.to(device=grad.device, dtype=torch.float32)
+        return torch.full(want, float(clip_norm), dtype=torch.float64, device=grad.device)
+    c = clip_norm.to(device=grad.device, dtype=torch.float64)
     K = want[0] if batched else 1
     if c.dim() == 0 or (batched and tuple(c.shape) in ((K,), (K, 1))) or (not batched and tuple(c.shape) == (1,)):
         c = c.reshape(-1, 1).expand(K, 3).reshape(want).contiguous()
@@ -80,7 +80,7 @@ def dp_lowrank_clip_noise(
             (b, n_cls, n_ctx, d).
         u: (K, n_ctx, r) or (n_ctx, r), batched like grad; or None.
         v: (K, r, d) or (r, d); or None.
-        clip_norm: (K, 3) float32 on grad's device ((3,) without K): per client k the clip norm C of g_U
+        clip_norm: (K, 3) float64 on grad's device ((3,) without K): per client k the clip norm C of g_U
             (of g_L without u, v), of g_V and of g_G; with ``joint_uv`` column 1 is ignored (g_U and g_V are
             clipped jointly to column 0, and both take column 0's noise). Entries > 0; inf disables clipping,
             only without noise and without ``normalize``. A float, a (K,) or a (K, 1) tensor is broadcast
