@@ -181,8 +181,7 @@ void dp_lowrank_clip_noise_kernel(const at::Tensor& grad, const at::Tensor& u_ac
                           per_client_noise, z.data());
       // Noise std sigma C / denom, C = client k's clip norm of g_U (or g_L), and of g_V (joint: of g_U).
       const acc_t noise_a = static_cast<acc_t>(noise_multiplier * cp[k * 3] / denom);
-      const acc_t noise_b =
-          static_cast<acc_t>(noise_multiplier * cp[k * 3 + (joint_uv ? 0 : 1)] / denom);
+      const acc_t noise_b = static_cast<acc_t>(noise_multiplier * cp[k * 3 + (joint_uv ? 0 : 1)] / denom);
       const acc_t* sa = sum.data();  // sum of cu A (uv), else of cL X (nr = 0)
       const acc_t* sg = one_sum ? sa : sa + nr + nd;
       // sum_i cv_i U^T X_i = U^T (sum_i cv_i X_i).

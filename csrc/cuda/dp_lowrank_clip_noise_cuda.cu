@@ -48,12 +48,12 @@ constexpr int kRankChunk = 8;
 // One block per sample s = k * bs + i.
 template <typename in_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    dp_lowrank_clip_noise_kernel(const in_t* __restrict__ x,      // (K, bs, n_ctx, d)
-                                 const acc_t* __restrict__ u,     // (K, n_ctx, r), read when has_uv
-                                 const acc_t* __restrict__ v,     // (K, r, d), read when has_uv
-                                 float* __restrict__ norms,       // (K, bs, 3): ||g_U||, ||g_V||, ||g_G||
-                                 acc_t* __restrict__ coef,        // (K, bs, 3): clip factors cU, cV, cG
-                                 acc_t* __restrict__ proj_u,      // (K, bs, n_ctx, r): g_U,i, when has_uv
+    dp_lowrank_clip_noise_kernel(const in_t* __restrict__ x,       // (K, bs, n_ctx, d)
+                                 const acc_t* __restrict__ u,      // (K, n_ctx, r), read when has_uv
+                                 const acc_t* __restrict__ v,      // (K, r, d), read when has_uv
+                                 float* __restrict__ norms,        // (K, bs, 3): ||g_U||, ||g_V||, ||g_G||
+                                 acc_t* __restrict__ coef,         // (K, bs, 3): clip factors cU, cV, cG
+                                 acc_t* __restrict__ proj_u,       // (K, bs, n_ctx, r): g_U,i, when has_uv
                                  const double* __restrict__ clip,  // (K, 3): C of g_U (or g_L), g_V, g_G
                                  int64_t bs, int64_t n_ctx, int64_t d, int64_t r, bool has_uv, acc_t eps,
                                  bool joint_uv, bool normalize, acc_t stability) {
@@ -238,7 +238,7 @@ __global__ void __launch_bounds__(kThreads)
                                          const acc_t* __restrict__ sum_v,   // (K, n_ctx, d)
                                          out_t* __restrict__ local_u,       // (K, n_ctx, r)
                                          out_t* __restrict__ local_v,       // (K, r, d)
-                                         const double* __restrict__ clip,    // (K, 3)
+                                         const double* __restrict__ clip,   // (K, 3)
                                          int64_t bs, int64_t n_ctx, int64_t d, int64_t r,
                                          int64_t blocks_per_client, acc_t scale, bool add_noise, double sigma,
                                          double denom, int v_clip_col, cuda::StreamPtrs streams) {

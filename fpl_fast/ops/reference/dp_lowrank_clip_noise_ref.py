@@ -23,7 +23,8 @@ def dp_noise_numel(K: int, n_ctx: int, d: int, rank: int | None) -> int:
 def dp_clip_norms(clip_norm: float | Tensor, grad: Tensor, sum_classes: bool = False) -> Tensor:
     """The op's clip-norm table from what the Python face accepts: a float (every client, every quantity), a (K,)
     or (K, 1) tensor (one C per client for all its quantities) or the full (K, 3) tensor ((3,) without K), as
-    float64 on grad's device (exact for any Python float). Any other shape is returned as it is, for the op's check to name."""
+    float64 on grad's device (exact for any Python float). Any other shape is returned as it is, for the op's check
+    to name."""
     plain = 4 if sum_classes else 3
     batched = grad.dim() == plain + 1
     want = (grad.shape[0], 3) if batched else (3,)
