@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -58,3 +59,26 @@ def _factorization_registry_restored():
     yield
     registry._REGISTRY.clear()
     registry._REGISTRY.update(saved)
+
+
+# The files that take longest (seconds to minutes each, measured on 2 CPU cores), longest first. Under pytest-xdist
+# (pyproject.toml's addopts: -n auto --dist loadfile --no-loadscope-reorder: whole files to a worker, in collection
+# order) they are handed out first, so a long file does not start last and leave the other workers idle; the other
+# files follow in the usual order.
+LONG_FILES = ["test_flower_runtimes.py"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """An xdist worker gets its share of the cores for torch's intra-op threads (1 each with -n auto), so the
+    workers do not oversubscribe the machine."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        workers = int(workerinput.get("workercount", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if getattr(config, "workerinput", None) is None:
+        return
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the other files keep their order
