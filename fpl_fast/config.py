@@ -51,8 +51,12 @@ ENGINES = ("inprocess", "flower-sim")
 METHODS = ("dpfpl", "feddtpt", "rapt")
 
 # Learning rates by clip mode for the embedded model, tuned on the public digits-tune split at epsilon_total 3
-# (bench/study_output_dp.py; README "Output-space DP: the utility study"). Batch mode keeps its earlier 0.1.
-DEFAULT_LR = {"sample": 0.03, "output": 3.0, "batch": 0.1}
+# (bench/study_output_dp.py; README "Output-space DP: the utility study"); "automatic", per-sample mode's automatic
+# clipping, by bench/study_clipping.py. Batch mode keeps its earlier 0.1.
+DEFAULT_LR = {"sample": 0.03, "automatic": 0.00711, "output": 3.0, "batch": 0.1}
+# The fixed clip norm where --norm-thresh is not given and clipping is fixed (batch mode, --clip-style clip): tuned
+# for the embedded model on digits-tune (the authors use 10).
+FIXED_CLIP_NORM = 0.3
 
 # The sections of the settings, in the order of ``--help`` and of the CLI reference: name -> what they hold.
 SECTIONS: dict[str, str] = {
@@ -142,14 +146,15 @@ class RunConfig:
         none="none (--noise is used)",
     )
     delta: float = setting(1e-5, "--delta", "delta of the (epsilon, delta) guarantee", section="privacy")
-    norm_thresh: float | str = setting(
-        0.3,
+    norm_thresh: float | str | None = setting(
+        None,
         "--norm-thresh",
-        "clip norm C of the parameter clip modes (tuned for the embedded model; the authors use 10; inf: no clipping), "
-        "or adaptive: each client's C follows a private quantile of its per-example norms (--target-quantile; with "
-        "--clip-mode output it adapts C_o)",
+        "clip norm C of the parameter clip modes (fixed clipping; the authors use 10; inf: no clipping), or adaptive: "
+        "each client's C follows a private quantile of its per-example norms (--target-quantile; with --clip-mode "
+        "output it adapts C_o). Given, it turns the default automatic clipping off",
         section="clipping",
         kind="number-or-adaptive",
+        none=f"not given: automatic clipping in sample mode, else C = {FIXED_CLIP_NORM:g}",
     )
     clip_init: float = setting(
         10.0,
@@ -182,14 +187,15 @@ class RunConfig:
         "unclipped counts",
         section="clipping",
     )
-    clip_style: str = setting(
-        "clip",
+    clip_style: str | None = setting(
+        None,
         "--clip-style",
         "clip: each example's gradient scaled by min(1, C / norm) | automatic: by 1 / (norm + --clip-stability) "
         "(Bu et al.; sensitivity 1, no C to tune; --clip-mode sample only; not --output-clip auto, which bounds the "
         "output mode's cotangents)",
         section="clipping",
         choices=("clip", "automatic"),
+        none="automatic with --clip-mode sample and no --norm-thresh (bench/study_clipping.py), else clip",
     )
     clip_stability: float = setting(
         0.01,
@@ -378,8 +384,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.sampling is None:
             object.__setattr__(self, "sampling", _default_sampling(self.clip_mode))
-        if self.lr is None and self.clip_mode in DEFAULT_LR:
-            object.__setattr__(self, "lr", DEFAULT_LR[self.clip_mode])
+        if self.clip_style is None:
+            object.__setattr__(self, "clip_style", _default_clip_style(self.clip_mode, self.norm_thresh))
+        if self.lr is None:
+            object.__setattr__(self, "lr", DEFAULT_LR.get(_lr_key(self.clip_mode, self.clip_style)))
         for name, allowed in {"factorization": factorization_names(), **CHOICES}.items():
             check_choice(self, name, allowed)
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
@@ -457,7 +465,7 @@ class RunConfig:
             return 1.0
         if self.adaptive_clip:
             return float(self.clip_init)
-        return float(self.norm_thresh)
+        return FIXED_CLIP_NORM if self.norm_thresh is None else float(self.norm_thresh)
 
     @property
     def dp_enabled(self) -> bool:
@@ -471,8 +479,12 @@ class RunConfig:
         # A sampling that is the clip mode's default follows a change of clip mode (poisson <-> shuffle).
         if "clip_mode" in changes and "sampling" not in changes and self.sampling == _default_sampling(self.clip_mode):
             changes["sampling"] = None
-        if "clip_mode" in changes and "lr" not in changes and self.lr == DEFAULT_LR.get(self.clip_mode):
-            changes["lr"] = None  # and so does the clip mode's default learning rate
+        style_set = ("clip_mode" in changes or "norm_thresh" in changes) and "clip_style" not in changes
+        if style_set and self.clip_style == _default_clip_style(self.clip_mode, self.norm_thresh):
+            changes["clip_style"] = None  # a clip style that is the default follows the clip mode and norm_thresh
+        moved = ("clip_mode" in changes or "clip_style" in changes) and "lr" not in changes
+        if moved and self.lr == DEFAULT_LR.get(_lr_key(self.clip_mode, self.clip_style)):
+            changes["lr"] = None  # and so does their default learning rate
         return dataclasses.replace(self, **changes)
 
 
@@ -630,11 +642,24 @@ def _check_output_clip(cfg: RunConfig) -> None:
         )
 
 
+def _default_clip_style(clip_mode: str, norm_thresh: Any) -> str:
+    """Automatic clipping where it applies (per-sample mode) and no clip norm was given (bench/study_clipping.py: it
+    matched the tuned fixed C within a standard error in 5 of 6 cells, adaptive clipping in none)."""
+    return "automatic" if clip_mode == "sample" and norm_thresh is None else "clip"
+
+
+def _lr_key(clip_mode: str, clip_style: str | None) -> str:
+    """DEFAULT_LR's key of a clip mode and style."""
+    return "automatic" if clip_style == "automatic" else clip_mode
+
+
 def _check_clip_norm(cfg: RunConfig) -> None:
     """norm_thresh is a number > 0 (inf: no clipping) or adaptive; the adaptive and automatic settings' ranges and
     the clip modes that take them."""
     value = cfg.norm_thresh
-    if isinstance(value, str):
+    if value is None:
+        pass
+    elif isinstance(value, str):
         if value != "adaptive":
             raise ConfigError("norm_thresh", f"norm_thresh must be a number > 0, inf or adaptive, got {value!r}")
     elif isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -683,10 +708,10 @@ def _check_clip_norm(cfg: RunConfig) -> None:
                 "its cotangents)",
                 others=("clip_mode",),
             )
-        if cfg.adaptive_clip:
+        if cfg.norm_thresh is not None:
             raise ConfigError(
                 "clip_style",
-                "clip_style='automatic' has no clip norm to adapt: leave out norm_thresh='adaptive'",
+                f"clip_style='automatic' has no clip norm: leave out norm_thresh (got {cfg.norm_thresh!r})",
                 others=("norm_thresh",),
             )
     if cfg.clip_stability <= 0:
@@ -774,8 +799,11 @@ def resumed_config(out: Path, given: Mapping[str, Any] | RunConfig | None = None
     clip_mode = saved.get("clip_mode", by_name["clip_mode"].default)
     for name, value in items.items():
         was = saved.get(name, by_name[name].default)  # a setting newer than the checkpoint: its default
-        if value is None and name == "lr":
-            value = DEFAULT_LR.get(clip_mode)  # None: the saved clip mode's default, as RunConfig fills it
+        saved_style = saved.get("clip_style") or _default_clip_style(clip_mode, saved.get("norm_thresh"))
+        if value is None and name == "lr":  # None: the saved clip mode's (and style's) default, as RunConfig fills it
+            value = DEFAULT_LR.get(_lr_key(clip_mode, saved_style))
+        elif value is None and name == "clip_style":
+            value = saved_style
         elif value is None and name == "sampling":
             value = _default_sampling(clip_mode)
         if value != was or isinstance(value, bool) != isinstance(was, bool):

@@ -129,21 +129,21 @@ def _release_with_and_without_canaries(fed, canaries, capture):
 
 
 def test_white_box_canaries_are_clipped_per_example_into_the_global_release(job) -> None:
-    cfg = RunConfig(**{**SMALL.__dict__, "noise": 1.0, "sampling": "poisson"})
+    cfg = RunConfig(**{**SMALL.__dict__, "noise": 1.0, "sampling": "poisson", "norm_thresh": 0.3, "clip_style": None})
     fed, canaries = _audited(job, cfg)
     seen = []
     agg = fed.server.aggregate
-    fed.server.aggregate = lambda g: seen.append(agg(g)) or seen[-1]
+    fed.server.aggregate = lambda g, c=None: seen.append(agg(g, c)) or seen[-1]
     with_c, without, sampled = _release_with_and_without_canaries(fed, canaries, lambda: seen[-1].flatten())
     assert len(sampled) >= 2  # ~ q * 20 included canaries
-    unit = cfg.norm_thresh / (cfg.batch_size * cfg.num_users)  # one canary clipped to C, / b, averaged over K
+    unit = cfg.clip_norm / (cfg.batch_size * cfg.num_users)  # one canary clipped to C, / b, averaged over K
     want = torch.zeros_like(with_c)
     want[torch.as_tensor(canaries.design.coords[sampled])] = unit
     torch.testing.assert_close(with_c - without, want, rtol=0, atol=1e-3 * unit)
 
 
 def test_white_box_cotangent_canaries_are_clipped_into_the_output_release(job) -> None:
-    cfg = RunConfig(**{**SMALL.__dict__, "noise": 1.0, "clip_mode": "output", "output_clip": 0.25})
+    cfg = RunConfig(**{**SMALL.__dict__, "noise": 1.0, "clip_mode": "output", "output_clip": 0.25, "clip_style": None, "lr": None})
     fed, canaries = _audited(job, cfg)
     seen = []
     release = fed.clients.output_release

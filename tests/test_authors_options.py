@@ -134,13 +134,13 @@ def test_promptfl_noise_on_gs_update_has_the_stated_std_from_the_clients_own_str
     for used in offsets:  # each active client drew its n_ctx x d normals from its own stream, an idle one none
         assert sorted(used) == [0] * (cfg.num_users - ka) + [NoiseStream.counters(numel)] * ka
     u = torch.cat(updates) / -cfg.learning_rate
-    want = promptfl_noise_std(sigma, clip_norm=cfg.norm_thresh, batch_size=cfg.batch_size, active_clients=ka)
+    want = promptfl_noise_std(sigma, clip_norm=cfg.clip_norm, batch_size=cfg.batch_size, active_clients=ka)
     n = u.numel()
     assert n == steps * numel
     ratio = float((u**2).mean()) / want**2  # the mean is known (0): n degrees of freedom
     lo, hi = _variance_bounds(n)
     assert lo < ratio < hi, (ratio, lo, hi)
-    server_only = (sigma * cfg.norm_thresh / (cfg.batch_size * ka)) ** 2 / want**2
+    server_only = (sigma * cfg.clip_norm / (cfg.batch_size * ka)) ** 2 / want**2
     assert server_only < lo  # and the bound is tight enough to tell it from the server's noise alone
 
 
@@ -157,5 +157,5 @@ def test_client_noise_is_added_to_the_clipped_gradient_from_the_clients_stream(j
     states = [off.clients.rand[k].noise.state() for k in rows.tolist()]  # where the client noise is drawn from
     g_on, _ = on.clients.local_step(rows)
     z = torch.stack([NoiseStream.from_state(s).normal(g_off[0].numel()) for s in states]).view_as(g_off)
-    scale = sigma * PROMPTFL.norm_thresh / PROMPTFL.batch_size
+    scale = sigma * PROMPTFL.clip_norm / PROMPTFL.batch_size
     torch.testing.assert_close(g_on, g_off + scale * z, rtol=0, atol=1e-6)
