@@ -63,6 +63,7 @@ SECTIONS: dict[str, str] = {
     "prompt": "the learned prompt and its factorisation",
     "privacy": "the noise and its accounting",
     "clipping": "clipping and batch sampling",
+    "adaptive": "adaptive (--norm-thresh adaptive) and automatic (--clip-style automatic) clipping",
     "federation": "clients, rounds and local training",
     "data": "the dataset and its split over the clients",
     "model": "the frozen CLIP and where it runs",
@@ -151,7 +152,7 @@ class RunConfig:
         "--norm-thresh",
         "clip norm C of the parameter clip modes (fixed clipping; the authors use 10; inf: no clipping), or adaptive: "
         "each client's C follows a private quantile of its per-example norms (--target-quantile; with --clip-mode "
-        "output it adapts C_o). Given, it turns the default automatic clipping off",
+        "output it adapts C_o). Given, it turns automatic clipping off",
         section="clipping",
         kind="number-or-adaptive",
         none=f"not given: automatic clipping in sample mode, else C = {FIXED_CLIP_NORM:g}",
@@ -160,32 +161,38 @@ class RunConfig:
         10.0,
         "--clip-init",
         "with --norm-thresh adaptive: every client's starting C (the authors' C)",
-        section="clipping",
+        section="adaptive",
     )
     target_quantile: float = setting(
         0.5,
         "--target-quantile",
         "with --norm-thresh adaptive: the fraction gamma of per-example norms each client's C should leave unclipped",
-        section="clipping",
+        section="adaptive",
     )
     clip_lr: float = setting(
         0.2,
         "--clip-lr",
         "with --norm-thresh adaptive: eta of the geometric update C <- C exp(-eta (unclipped fraction - gamma))",
-        section="clipping",
+        section="adaptive",
     )
     clip_min: float = setting(
-        1e-3, "--clip-min", "with --norm-thresh adaptive: the smallest C a client may reach", section="clipping"
+        1e-3,
+        "--clip-min",
+        "with --norm-thresh adaptive: the smallest C a client may reach",
+        section="adaptive",
     )
     clip_max: float = setting(
-        100.0, "--clip-max", "with --norm-thresh adaptive: the largest C a client may reach", section="clipping"
+        100.0,
+        "--clip-max",
+        "with --norm-thresh adaptive: the largest C a client may reach",
+        section="adaptive",
     )
     count_budget: float = setting(
         0.1,
         "--count-budget",
         "with --norm-thresh adaptive: the share of each step's privacy budget (of z_eff^-2) spent on the noised "
         "unclipped counts",
-        section="clipping",
+        section="adaptive",
     )
     clip_style: str | None = setting(
         None,
@@ -193,7 +200,7 @@ class RunConfig:
         "clip: each example's gradient scaled by min(1, C / norm) | automatic: by 1 / (norm + --clip-stability) "
         "(Bu et al.; sensitivity 1, no C to tune; --clip-mode sample only; not --output-clip auto, which bounds the "
         "output mode's cotangents)",
-        section="clipping",
+        section="adaptive",
         choices=("clip", "automatic"),
         none="automatic with --clip-mode sample and no --norm-thresh (bench/study_clipping.py), else clip",
     )
@@ -201,7 +208,7 @@ class RunConfig:
         0.01,
         "--clip-stability",
         "with --clip-style automatic: the stability constant added to each norm",
-        section="clipping",
+        section="adaptive",
     )
     clip_mode: ClipModeName = setting(
         "sample",

@@ -143,7 +143,7 @@ def test_white_box_canaries_are_clipped_per_example_into_the_global_release(job)
 
 
 def test_white_box_cotangent_canaries_are_clipped_into_the_output_release(job) -> None:
-    cfg = RunConfig(**{**SMALL.__dict__, "noise": 1.0, "clip_mode": "output", "output_clip": 0.25, "clip_style": None, "lr": None})
+    cfg = SMALL.replace(noise=1.0, clip_mode="output", output_clip=0.25)
     fed, canaries = _audited(job, cfg)
     seen = []
     release = fed.clients.output_release

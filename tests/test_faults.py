@@ -264,10 +264,10 @@ def test_a_non_finite_released_gradient_stops_the_run_naming_round_and_step(
     calls = 0
     aggregate = Server.aggregate
 
-    def blow_up(self: Server, grads: torch.Tensor) -> torch.Tensor:
+    def blow_up(self: Server, grads: torch.Tensor, clip_norm: float | None = None) -> torch.Tensor:
         nonlocal calls
         calls += 1
-        out = aggregate(self, grads)
+        out = aggregate(self, grads, clip_norm)
         return out * float("inf") if calls == per_round + 2 else out
 
     monkeypatch.setattr(Server, "aggregate", blow_up)

@@ -156,7 +156,7 @@ def test_resume_ends_with_exactly_the_results_of_an_uninterrupted_run(job, tmp_p
 
 def test_resume_refuses_a_different_configuration(job, tmp_path) -> None:
     train_job(job, BASE.replace(rounds=2), tmp_path, stop_after_round=1)
-    with pytest.raises(ValueError, match=r"^lr=0.5 contradicts the checkpoint in .* \(saved with lr=0.03\)"):
+    with pytest.raises(ValueError, match=r"^lr=0.5 contradicts the checkpoint in .* \(saved with lr=0.00711\)"):
         train_job(job, BASE.replace(rounds=2, lr=0.5), tmp_path, resume=True)  # the differing setting is named
 
 

@@ -49,8 +49,8 @@ INFO, TRAIN, TRAIN_STEP, EVALUATE = "query.info", "train", "train.step", "evalua
 # Every record key a client reply may hold, by message type (ArrayRecord "global" (n_ctx, d) where present).
 REPLY_KEYS: dict[str, dict[str, set[str]]] = {
     INFO: {"info": {"partition-id", "n-train", "ctx-dim", "neighbours", "version", "config-hash"}},
-    TRAIN: {"global": {"global"}, "ledger": {"partition-id", "steps"}},
-    TRAIN_STEP: {"global": {"global"}, "ledger": {"partition-id", "steps"}},
+    TRAIN: {"global": {"global"}, "ledger": {"partition-id", "steps", "clip-norm-global", "clip-norms"}},
+    TRAIN_STEP: {"global": {"global"}, "ledger": {"partition-id", "steps", "clip-norm-global", "clip-norms"}},
     EVALUATE: {"accuracy": {"partition-id", "local-acc", "neighbor-acc"}},
 }
 
