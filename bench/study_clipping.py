@@ -26,18 +26,13 @@ import csv
 import itertools
 import json
 import math
-import os
-import shutil
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance  # noqa: E402
+from study_runs import run_all, stats  # noqa: E402
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},  # the embedded default: 10 clients, Dirichlet 0.5, dpfpl
@@ -76,50 +71,6 @@ LR_GRIDS: dict[str, list[float]] = {
 }
 
 
-def _flags(settings: dict[str, Any]) -> list[str]:
-    out = []
-    for key, value in settings.items():
-        out += [f"--{key.replace('_', '-')}", str(value)]
-    return out
-
-
-def _run_cell(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """One ``fpl_fast.run`` in ``out`` (skipped when finished, resumed when killed); its final results or None."""
-    done = out / "results.json"
-    if done.is_file():
-        return json.loads(done.read_text()).get("final")
-    resume = (out / "checkpoint.pt").is_file()
-    if out.exists() and not resume:
-        shutil.rmtree(out)  # started but never checkpointed (or failed): start again
-    cmd = [sys.executable, "-m", "fpl_fast.run", "--quiet", "--out", str(out), *_flags(settings)]
-    if resume:
-        cmd.append("--resume")
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "failed.txt").write_text(" ".join(cmd) + "\n\n" + proc.stderr[-4000:])
-        return None
-    return json.loads(done.read_text())["final"]
-
-
-def _run_all(cells: list[tuple[Path, dict[str, Any]]], workers: int, desc: str) -> list[dict[str, Any] | None]:
-    bar = tqdm(total=len(cells), desc=desc, unit="run")
-
-    def one(cell):
-        res = _run_cell(*cell)
-        bar.update()
-        return res
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(one, cells))
-    bar.close()
-    failed = [str(p) for (p, _), r in zip(cells, results, strict=True) if r is None]
-    if failed:
-        print(f"{len(failed)} run(s) failed (their failed.txt says why): {failed[:5]}", file=sys.stderr)
-    return results
-
-
 def _extra(rounds: int | None) -> dict[str, Any]:
     return {} if rounds is None else {"rounds": rounds}
 
@@ -137,7 +88,7 @@ def _load_tuned(root: Path) -> dict[str, dict[str, Any]]:
 def tune(root: Path, workers: int, variants: list[str], rounds: int | None) -> dict[str, dict[str, Any]]:
     """9 runs per variant (its lr grid) on digits-tune; the best local accuracy's lr is chosen."""
     cells = {(v, lr): _tune_cell(root, v, lr, rounds) for v in variants for lr in LR_GRIDS[v]}
-    results = dict(zip(cells, _run_all(list(cells.values()), workers, "tune"), strict=True))
+    results = dict(zip(cells, run_all(list(cells.values()), workers, "tune"), strict=True))
     chosen = _load_tuned(root)  # other variants' earlier choices are kept
     for v in variants:
         scored = [(results[v, lr]["local_acc"] if results[v, lr] else -1.0, lr) for lr in LR_GRIDS[v]]  # diverged: -1
@@ -185,19 +136,12 @@ def study(root: Path, workers: int, seeds: int, variants: list[str], rounds: int
     cells = _study_cells(root, _chosen(root, variants), seeds, variants, rounds)
     # Seed first, then epsilon, setting and variant, so that partial results cover every cell early.
     cells.sort(key=lambda c: (c[0][3], c[0][1], list(SETTINGS).index(c[0][0]), list(VARIANTS).index(c[0][2])))
-    _run_all([(p, s) for _, p, s in cells], workers, "study")
-
-
-def _stats(xs: list[float]) -> tuple[float, float, int]:
-    n = len(xs)
-    mean = sum(xs) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else float("nan")
-    return mean, sd, n
+    run_all([(p, s) for _, p, s in cells], workers, "study")
 
 
 def _pooled_se(a: list[float], b: list[float]) -> float:
     """The standard error of the difference of the two means: sqrt(s_a^2 / n_a + s_b^2 / n_b)."""
-    (_, sa, na), (_, sb, nb) = _stats(a), _stats(b)
+    (_, sa, na), (_, sb, nb) = stats(a), stats(b)
     return math.sqrt(sa**2 / na + sb**2 / nb)
 
 
@@ -219,8 +163,8 @@ def report(root: Path, out_prefix: Path, seeds: int, variants: list[str], rounds
     table = []
     order = {k: i for i, k in enumerate(itertools.product(SETTINGS, EPSILONS, VARIANTS))}
     for (setting, eps, variant), r in sorted(rows.items(), key=lambda kv: order[kv[0]]):
-        lm, ls, n = _stats(r["local"])
-        nm, ns, _ = _stats(r["neighbor"])
+        lm, ls, n = stats(r["local"])
+        nm, ns, _ = stats(r["neighbor"])
         base = rows.get((setting, eps, BASELINE))
         table.append(
             {
@@ -231,7 +175,7 @@ def report(root: Path, out_prefix: Path, seeds: int, variants: list[str], rounds
                 "local_mean": lm,
                 "local_std": ls,
                 "local_se": ls / math.sqrt(n),
-                "diff_vs_fixed_tuned": lm - _stats(base["local"])[0] if base else float("nan"),
+                "diff_vs_fixed_tuned": lm - stats(base["local"])[0] if base else float("nan"),
                 "pooled_se_vs_fixed_tuned": _pooled_se(r["local"], base["local"]) if base else float("nan"),
                 "neighbor_mean": nm,
                 "neighbor_std": ns,
@@ -312,7 +256,7 @@ def _decision(rows: dict[tuple, dict[str, list[float]]]) -> dict[str, Any]:
             b, o = rows.get((setting, eps, BASELINE)), rows.get((setting, eps, v))
             if not b or not o or len(b["local"]) < 2 or len(o["local"]) < 2:
                 continue
-            mb, mo = _stats(b["local"])[0], _stats(o["local"])[0]
+            mb, mo = stats(b["local"])[0], stats(o["local"])[0]
             se = _pooled_se(o["local"], b["local"])
             passed = mo >= mb - se
             ok += passed

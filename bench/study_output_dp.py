@@ -20,18 +20,13 @@ import argparse
 import itertools
 import json
 import math
-import os
-import shutil
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance  # noqa: E402
+from study_runs import run_all, stats  # noqa: E402
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},  # the embedded default: 10 clients, Dirichlet 0.5, dpfpl
@@ -53,47 +48,6 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "output": [{"output_clip": c, "lr": lr} for c in (0.03, 0.1, 0.3) for lr in (0.3, 1.0, 3.0)],
     "output-auto": [{"lr": lr} for lr in (0.03, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)],
 }
-
-
-def _flags(settings: dict[str, Any]) -> list[str]:
-    out = []
-    for key, value in settings.items():
-        out += [f"--{key.replace('_', '-')}", str(value)]
-    return out
-
-
-def _run_cell(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """One ``fpl_fast.run`` in ``out`` (skipped when finished, resumed when killed); its final results or None."""
-    done = out / "results.json"
-    if done.is_file():
-        return json.loads(done.read_text()).get("final")
-    resume = (out / "checkpoint.pt").is_file()
-    if out.exists() and not resume:
-        shutil.rmtree(out)  # started but never checkpointed: start again
-    cmd = [sys.executable, "-m", "fpl_fast.run", "--quiet", "--out", str(out), *_flags(settings)]
-    if resume:
-        cmd.append("--resume")
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "failed.txt").write_text(proc.stderr[-4000:])
-        return None
-    return json.loads(done.read_text())["final"]
-
-
-def _run_all(cells: list[tuple[Path, dict[str, Any]]], workers: int, desc: str) -> list[dict[str, Any] | None]:
-    bar = tqdm(total=len(cells), desc=desc, unit="run")
-
-    def one(cell):
-        res = _run_cell(*cell)
-        bar.update()
-        return res
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(one, cells))
-    bar.close()
-    return results
 
 
 def _refined(best: dict[str, Any]) -> list[dict[str, Any]]:
@@ -131,7 +85,7 @@ def tune(root: Path, workers: int) -> dict[str, dict[str, Any]]:
                 grids[mode] += [p for p in _refined(best) if p not in grids[mode]][: len(grid)]
         flat = [_tune_cell(root, mode, p) for mode, grid in grids.items() for p in grid]
         todo = [c for c in flat if str(c[0]) not in results]
-        results.update(zip([str(p) for p, _ in todo], _run_all(todo, workers, f"tune stage {stage}"), strict=True))
+        results.update(zip([str(p) for p, _ in todo], run_all(todo, workers, f"tune stage {stage}"), strict=True))
     chosen: dict[str, dict[str, Any]] = {}
     for mode, grid in grids.items():
         scored = _scored(root, mode, grid, results)
@@ -166,14 +120,7 @@ def study(root: Path, workers: int, seeds: int) -> None:
     cells = _study_cells(root, _chosen(root), seeds)
     # Interleave settings and modes so that partial results cover every cell early.
     cells.sort(key=lambda c: (c[0][3], c[0][1], c[0][0], c[0][2]))
-    _run_all([(p, s) for _, p, s in cells], workers, "study")
-
-
-def _stats(xs: list[float]) -> tuple[float, float, int]:
-    n = len(xs)
-    mean = sum(xs) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else float("nan")
-    return mean, sd, n
+    run_all([(p, s) for _, p, s in cells], workers, "study")
 
 
 def report(root: Path, out_prefix: Path, seeds: int) -> dict[str, Any]:
@@ -191,8 +138,8 @@ def report(root: Path, out_prefix: Path, seeds: int) -> dict[str, Any]:
         r["eps"].append(final["epsilon_total"])
     table = []
     for (setting, eps, mode), r in sorted(rows.items(), key=lambda kv: (list(SETTINGS).index(kv[0][0]), kv[0][1])):
-        lm, ls, n = _stats(r["local"])
-        nm, ns, _ = _stats(r["neighbor"])
+        lm, ls, n = stats(r["local"])
+        nm, ns, _ = stats(r["neighbor"])
         table.append(
             {
                 "setting": setting,
@@ -244,8 +191,8 @@ def _decision(rows: dict[tuple, dict[str, list[float]]]) -> dict[str, Any]:
             s, o = rows.get((setting, eps, "per-sample")), rows.get((setting, eps, v))
             if not s or not o or len(s["local"]) < 2 or len(o["local"]) < 2:
                 continue
-            ms, ss, ns = _stats(s["local"])
-            mo, so, no = _stats(o["local"])
+            ms, ss, ns = stats(s["local"])
+            mo, so, no = stats(o["local"])
             se = math.sqrt(ss**2 / ns + so**2 / no)
             passed = mo >= ms - se
             ok += passed

@@ -20,6 +20,7 @@ from torch import Tensor
 from fpl_fast.validation import check
 
 __all__ = [
+    "check_clip_entries",
     "check_denominator",
     "check_dim",
     "check_dp_lowrank_clip_noise",
@@ -126,6 +127,19 @@ def check_lowrank_prompt_backward(grad_out: Tensor, n_ctx: int) -> None:
     check(0 <= n_ctx and 1 + n_ctx <= L, f"n_ctx must be in [0, {L - 1}], got {n_ctx}")
 
 
+def check_clip_entries(clip_norm: Tensor, noise_multiplier: float) -> None:
+    """Every clip norm > 0 (inf: no clipping), and finite wherever noise is added (its std is sigma C)."""
+    check(
+        bool((~torch.isnan(clip_norm) & (clip_norm > 0)).all()),
+        f"clip_norm entries must be > 0 (inf disables clipping), got {clip_norm.tolist()}",
+    )
+    check(
+        noise_multiplier == 0 or bool(torch.isfinite(clip_norm).all()),
+        f"clip_norm entries must be finite when noise_multiplier > 0 (the noise std is sigma C), "
+        f"got {clip_norm.tolist()}",
+    )
+
+
 def check_dp_lowrank_clip_noise(
     grad: Tensor,
     u: Tensor | None,
@@ -187,15 +201,7 @@ def check_dp_lowrank_clip_noise(
         check(uu.shape == (K, n_ctx, r), f"u must be ({K}, {n_ctx}, r) to match grad, got {tuple(u.shape)}")
         check(vv.shape == (K, r, d), f"v must be ({K}, {r}, {d}) to match grad and u, got {tuple(v.shape)}")
     if values and K:
-        check(
-            bool((~torch.isnan(clip_norm) & (clip_norm > 0)).all()),
-            f"clip_norm entries must be > 0 (inf disables clipping), got {clip_norm.tolist()}",
-        )
-        check(
-            noise_multiplier == 0 or bool(torch.isfinite(clip_norm).all()),
-            f"clip_norm entries must be finite when noise_multiplier > 0 (the noise std is sigma C), "
-            f"got {clip_norm.tolist()}",
-        )
+        check_clip_entries(clip_norm, noise_multiplier)
         check(
             not normalize or bool(torch.isfinite(clip_norm).all()),
             f"clip_norm entries must be finite with normalize=True (the factor is C / (norm + stability)), "
@@ -249,15 +255,7 @@ def check_dp_output_clip_noise(
             f"labels must lie in [0, {n_cls}) (the classes of text_feats)",
         )
     if K:
-        check(
-            bool((~torch.isnan(clip_norm) & (clip_norm > 0)).all()),
-            f"clip_norm entries must be > 0 (inf disables clipping), got {clip_norm.tolist()}",
-        )
-        check(
-            noise_multiplier == 0 or bool(torch.isfinite(clip_norm).all()),
-            f"clip_norm entries must be finite when noise_multiplier > 0 (the noise std is sigma C), "
-            f"got {clip_norm.tolist()}",
-        )
+        check_clip_entries(clip_norm, noise_multiplier)
 
 
 def check_lowrank_full_grad(grad_u: Tensor, grad_v: Tensor, u: Tensor, v: Tensor, scale: float) -> None:
