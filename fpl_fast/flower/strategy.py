@@ -19,7 +19,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fpl_fast.federated.server import Server
 from fpl_fast.flower.protocol import EVALUATE, TRAIN, TRAIN_STEP, FederationError, prompt_of, value
-from fpl_fast.privacy.plan import ClientAccountant
+from fpl_fast.privacy.plan import ClientAccountant, clipped_quantities
 
 __all__ = ["GlobalPromptStrategy", "replies_by_partition"]
 
@@ -70,11 +70,12 @@ class GlobalPromptStrategy(Strategy):
         self.active: list[int] = []
         self.clip_norms: dict[int, list[float]] = {}  # each client's clip norms as its last reply reported them
 
-    def clip_norm_table(self) -> torch.Tensor | None:
-        """(K, Q) every client's clip norms as last reported, or None before every client has replied once."""
-        if len(self.clip_norms) < len(self.accountants):
-            return None
-        return torch.tensor([self.clip_norms[k] for k in range(len(self.accountants))], dtype=torch.float64)
+    def clip_norm_table(self) -> torch.Tensor:
+        """(K, Q) every client's clip norms as last reported; a client that has not trained yet still has the run's
+        starting C (public: the configuration's)."""
+        cfg = self.server.cfg
+        start = [cfg.clip_norm] * len(clipped_quantities(cfg))
+        return torch.tensor([self.clip_norms.get(k, start) for k in range(len(self.accountants))], dtype=torch.float64)
 
     def sample(self) -> list[int]:
         """The clients of the next round (client fraction of all, from the server's generator)."""
