@@ -306,8 +306,10 @@ class RunConfig:
     dataset: str = setting(
         "digits",
         "--dataset",
-        "digits (embedded) | digits-tune (its public pretraining part, for tuning) | caltech101 | oxford_pets | "
-        "oxford_flowers | food101 | dtd | cifar10 | cifar100",
+        "digits (embedded) | digits-tune (its public pretraining part, for tuning) | CoOp's datasets in CoOp's "
+        "layouts under --data-root: caltech101 | oxford_pets | oxford_flowers | food101 | dtd | imagenet | "
+        "stanford_cars | fgvc_aircraft | sun397 | eurosat | ucf101 (the test-only imagenet_v2 | imagenet_sketch | "
+        "imagenet_a | imagenet_r are evaluation targets, never trained on) | cifar10 | cifar100",
         section="data",
         metavar="NAME",
     )
@@ -352,7 +354,21 @@ class RunConfig:
     )
     beta: float = setting(0.5, "--beta", "Dirichlet concentration of --partition dirichlet", section="data")
     num_shots: int | None = setting(
-        None, "--num-shots", "few-shot: training examples per class per client", section="data", none="all"
+        None,
+        "--num-shots",
+        "few-shot: training examples per class, of each client (--shots-protocol per-client) or of the whole training "
+        "set (coop)",
+        section="data",
+        none="all",
+    )
+    shots_protocol: str = setting(
+        "per-client",
+        "--shots-protocol",
+        "with --num-shots: per-client: each client keeps that many per class of its share, drawn after the split | "
+        "coop: CoOp's protocol, that many per class of the whole training set drawn from --seed alone (the same "
+        "shots whatever the clients or the partition), then split",
+        section="data",
+        choices=("per-client", "coop"),  # fpl_fast.data.splits.SHOTS_PROTOCOLS
     )
     augment: bool = setting(
         False,
@@ -402,6 +418,7 @@ class RunConfig:
         check_int(self, "rank", "n_ctx", "num_users", "rounds", "local_epochs", "batch_size", "eval_every")
         if self.num_shots is not None and self.num_shots < 1:
             raise ConfigError("num_shots", f"num_shots must be >= 1, got {self.num_shots}")
+        _check_trainable(self.dataset)
         if self.noise_seed is not None:
             check_int(self, "noise_seed", low=0, note=" (leave it out for secret noise)")
         if self.chunk_size is not None and self.chunk_size < 1:
@@ -622,6 +639,20 @@ def clients_per_round(client_fraction: float, num_clients: int) -> int:
 def _default_sampling(clip_mode: str) -> SamplingName:
     """Poisson sampling (what the accountant assumes), except for batch-mean clipping, which has no Poisson account."""
     return "shuffle" if clip_mode == "batch" else "poisson"
+
+
+def _check_trainable(dataset: str) -> None:
+    """A test-only dataset (an ImageNet variant) has no training split: refused by name before anything loads."""
+    if dataset in ("digits", "digits-tune"):  # the embedded data: no need to import the dataset readers (seconds)
+        return
+    from fpl_fast.data.layouts import TEST_ONLY_DATASETS
+
+    if dataset in TEST_ONLY_DATASETS:
+        raise ConfigError(
+            "dataset",
+            f"dataset {dataset!r} is test-only (no training split; test-only: {', '.join(TEST_ONLY_DATASETS)}): "
+            "train on imagenet and evaluate on it as a target",
+        )
 
 
 def _check_output_clip(cfg: RunConfig) -> None:

@@ -117,6 +117,7 @@ def _encode(
             beta=cfg.beta,
             seed=cfg.seed,
             num_shots=cfg.num_shots,
+            shots_protocol=cfg.shots_protocol,
             test_labels=test_labels,
             pathological_split=cfg.pathological_split,
         )

@@ -247,7 +247,7 @@ def split_pool(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def shadow_data(cfg: RunConfig, pool: ShadowPool, seed: int) -> ClientData:
     """A shadow federation's data: the pool's "in" half partitioned over ``cfg.num_users`` clients with
-    ``cfg``'s scheme (and --num-shots), the "out" half as the clients' test examples."""
+    ``cfg``'s scheme (and --num-shots, --shots-protocol), the "out" half as the clients' test examples."""
     from fpl_fast.data.splits import partition
 
     in_ix, out_ix = split_pool(pool.labels, seed)
@@ -258,6 +258,7 @@ def shadow_data(cfg: RunConfig, pool: ShadowPool, seed: int) -> ClientData:
         beta=cfg.beta,
         seed=seed,
         num_shots=cfg.num_shots,
+        shots_protocol=cfg.shots_protocol,
         test_labels=pool.labels[out_ix],
         pathological_split=cfg.pathological_split,
     )

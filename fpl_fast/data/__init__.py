@@ -14,26 +14,32 @@ from dataclasses import dataclass
 from torch.utils.data import Dataset
 
 from fpl_fast.data.cifar import load_cifar
-from fpl_fast.data.coop import COOP_DATASETS, load_coop
+from fpl_fast.data.coop import COOP_DATASETS, CoOpSplitDataset, load_coop, load_test_only
 from fpl_fast.data.digits import DIGIT_CLASSNAMES, DigitsDataset
 from fpl_fast.data.labels import dataset_labels
-from fpl_fast.data.splits import SCHEMES, ClientSplit, partition, sample_shots
+from fpl_fast.data.layouts import IMAGENET_VARIANTS, TEST_ONLY_DATASETS
+from fpl_fast.data.splits import SCHEMES, SHOTS_PROTOCOLS, ClientSplit, coop_shots, partition, sample_shots
 
 __all__ = [
     "DATASETS",
     "DIGIT_CLASSNAMES",
+    "IMAGENET_VARIANTS",
     "SCHEMES",
+    "SHOTS_PROTOCOLS",
+    "TEST_ONLY_DATASETS",
     "ClientSplit",
     "DatasetBundle",
     "DigitsDataset",
+    "coop_shots",
     "dataset_labels",
     "load_dataset",
     "partition",
     "sample_shots",
 ]
 
-DATASETS = ("digits", "digits-tune", *COOP_DATASETS, "cifar10", "cifar100")
-"""Names accepted by :func:`load_dataset` (``"digits"`` ships with the package and is the default)."""
+DATASETS = ("digits", "digits-tune", *COOP_DATASETS, *TEST_ONLY_DATASETS, "cifar10", "cifar100")
+"""Names accepted by :func:`load_dataset` (``"digits"`` ships with the package and is the default; the
+:data:`TEST_ONLY_DATASETS`, ImageNet's variants, have an empty training set)."""
 
 
 @dataclass(frozen=True)
@@ -60,16 +66,18 @@ def load_dataset(
 
     Args:
         name: one of :data:`DATASETS`.
-        data_root: directory holding the dataset folders (not needed for ``"digits"``).
+        data_root: directory holding the dataset folders (not needed for ``"digits"``; the CoOp datasets in
+            CoOp's layouts, see :mod:`fpl_fast.data.layouts`).
         image_size: output size of the digits images (ignored for the others, whose transforms resize).
 
     Returns:
         The bundle. For ``"digits"``, train/test are the federated parts (the pretraining part of the embedded
-        tiny CLIP is never returned here).
+        tiny CLIP is never returned here). For a test-only dataset (:data:`TEST_ONLY_DATASETS`), ``train`` is empty
+        (its ``labels`` too) and ``test`` is the whole dataset.
 
     Raises:
         ValueError: unknown name, or a missing data_root for a dataset that needs one.
-        FileNotFoundError: dataset files missing under data_root.
+        FileNotFoundError: dataset files missing under data_root (one line naming the path and the layout).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; allowed: {list(DATASETS)}")
@@ -86,5 +94,8 @@ def load_dataset(
     if name in COOP_DATASETS:
         splits = load_coop(name, data_root)
         return DatasetBundle(name, splits["train"], splits["test"], splits["train"].classnames)
+    if name in TEST_ONLY_DATASETS:
+        test = load_test_only(name, data_root)
+        return DatasetBundle(name, CoOpSplitDataset([], [], test.classnames), test, test.classnames)
     train, test, classnames = load_cifar(name, data_root)
     return DatasetBundle(name, train, test, classnames)

@@ -20,6 +20,7 @@ def client_split(
     beta: float,
     seed: int,
     num_shots: int | None = None,
+    shots_protocol: str = "per-client",
     test_labels: Sequence[int] | np.ndarray | None = None,
     pathological_split: str = "balanced",
 ) -> ClientSplit:
@@ -31,7 +32,9 @@ def client_split(
         scheme: ``"iid"``, ``"pathological"`` or ``"dirichlet"``.
         beta: Dirichlet concentration (used by ``"dirichlet"`` only).
         seed: seed of the split.
-        num_shots: at most this many training examples per class per client (None: all).
+        num_shots: few-shot: training examples per class (None: all), per client or of the whole set as
+            ``shots_protocol`` says.
+        shots_protocol: ``"per-client"`` or ``"coop"`` (:func:`fpl_fast.data.splits.partition`).
         test_labels: (M,) test labels; each client gets a matching test split.
         pathological_split: ``"balanced"`` or ``"authors"`` class shares (``"pathological"`` only).
 
@@ -48,6 +51,7 @@ def client_split(
         beta=beta,
         seed=seed,
         num_shots=num_shots,
+        shots_protocol=shots_protocol,
         test_labels=test_labels,
         pathological_split=pathological_split,
     )

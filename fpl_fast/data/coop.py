@@ -1,23 +1,16 @@
-"""Datasets in the CoOp folder layouts, read through CoOp's split files.
+"""CoOp's datasets in their published folder layouts (:mod:`fpl_fast.data.layouts`), read as CoOp's readers read
+them: the eleven datasets a federation trains on, and the four ImageNet variants it is tested on.
 
-Each dataset lives in ``<data_root>/<folder>/`` with an image directory and a split JSON
-``{"train": [[relpath, label, classname], ...], "val": [...], "test": [...]}`` (CoOp's ``split_zhou_*.json``);
-``relpath`` is relative to the image directory. Images are opened lazily with PIL (converted to RGB).
-
-Layouts (name: folder / image directory / split file):
-
-* ``caltech101``: ``caltech-101/101_ObjectCategories``, ``split_zhou_Caltech101.json``
-* ``oxford_pets``: ``oxford_pets/images``, ``split_zhou_OxfordPets.json``
-* ``oxford_flowers``: ``oxford_flowers/jpg``, ``split_zhou_OxfordFlowers.json``
-* ``food101``: ``food-101/images``, ``split_zhou_Food101.json``
-* ``dtd``: ``dtd/images``, ``split_zhou_DescribableTextures.json``
+Each split is a :class:`CoOpSplitDataset` (images opened lazily with PIL, converted to RGB). Loading checks that
+the layout is there and that every image a split file names is on disk, so that a missing piece is one line
+naming its path and the layout expected, before any image is encoded.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,25 +18,28 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-__all__ = ["COOP_DATASETS", "CoOpLayout", "CoOpSplitDataset", "load_coop"]
+from fpl_fast.data.imagenet import read_imagenet, read_imagenet_variant
+from fpl_fast.data.layouts import (
+    COOP_DATASETS,
+    IMAGENET_VARIANTS,
+    LAYOUTS,
+    TEST_ONLY_DATASETS,
+    CoOpLayout,
+    check_listed,
+    require,
+)
 
+__all__ = [
+    "COOP_DATASETS",
+    "IMAGENET_VARIANTS",
+    "LAYOUTS",
+    "TEST_ONLY_DATASETS",
+    "CoOpLayout",
+    "CoOpSplitDataset",
+    "load_coop",
+    "load_test_only",
+]
 
-@dataclass(frozen=True)
-class CoOpLayout:
-    """Where a CoOp dataset lives under the data root."""
-
-    folder: str
-    image_dir: str
-    split_file: str
-
-
-COOP_DATASETS: dict[str, CoOpLayout] = {
-    "caltech101": CoOpLayout("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json"),
-    "oxford_pets": CoOpLayout("oxford_pets", "images", "split_zhou_OxfordPets.json"),
-    "oxford_flowers": CoOpLayout("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json"),
-    "food101": CoOpLayout("food-101", "images", "split_zhou_Food101.json"),
-    "dtd": CoOpLayout("dtd", "images", "split_zhou_DescribableTextures.json"),
-}
 _SPLITS = ("train", "val", "test")
 
 
@@ -56,9 +52,9 @@ class CoOpSplitDataset(Dataset):
         classnames: class names indexed by label.
     """
 
-    def __init__(self, image_root: Path, items: list[list[Any]], classnames: list[str]) -> None:
-        self.paths = [image_root / str(item[0]) for item in items]
-        self.labels = np.asarray([int(item[1]) for item in items], dtype=np.int64)
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int], classnames: list[str]) -> None:
+        self.paths = list(paths)
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         self.classnames = classnames
 
     def __len__(self) -> int:
@@ -81,30 +77,14 @@ def _classnames(split: dict[str, list[list[Any]]]) -> list[str]:
     return [names[k] for k in range(n)]
 
 
-def load_coop(name: str, data_root: str | os.PathLike[str]) -> dict[str, CoOpSplitDataset]:
-    """Load the train/val/test splits of a CoOp dataset.
+# A reader's parts: split name -> (image paths, labels, the file that lists them).
+_Parts = dict[str, tuple[list[Path], list[int], Path]]
 
-    Args:
-        name: one of :data:`COOP_DATASETS`.
-        data_root: directory that contains the dataset folder.
 
-    Returns:
-        ``{"train": ..., "val": ..., "test": ...}`` (val may be empty).
-
-    Raises:
-        ValueError: unknown name, or a malformed split file.
-        FileNotFoundError: missing folder or split file (one line naming the path and what is expected).
-    """
-    if name not in COOP_DATASETS:
-        raise ValueError(f"unknown CoOp dataset {name!r}; allowed: {sorted(COOP_DATASETS)}")
-    layout = COOP_DATASETS[name]
-    root = Path(data_root) / layout.folder
-    split_path = root / layout.split_file
-    if not split_path.is_file():
-        raise FileNotFoundError(
-            f"{split_path} not found: expected the CoOp layout {layout.folder}/{layout.image_dir}/ and "
-            f"{layout.folder}/{layout.split_file} under data root {data_root}"
-        )
+def _read_split_json(
+    name: str, layout: CoOpLayout, root: Path, data_root: str | os.PathLike[str]
+) -> tuple[_Parts, list[str]]:
+    split_path = require(name, root / layout.index, data_root)
     with open(split_path, encoding="utf-8") as f:
         split = json.load(f)
     if not isinstance(split, dict) or not all(isinstance(split.get(p, []), list) for p in _SPLITS):
@@ -114,5 +94,84 @@ def load_coop(name: str, data_root: str | os.PathLike[str]) -> dict[str, CoOpSpl
             if not (isinstance(item, list) and len(item) == 3):
                 raise ValueError(f"{split_path}: entries must be [relpath, label, classname], got {item!r}")
     classnames = _classnames(split)
-    image_root = root / layout.image_dir
-    return {part: CoOpSplitDataset(image_root, split.get(part, []), classnames) for part in _SPLITS}
+    image_root = require(name, root / layout.image_dir, data_root, folder=True)
+    parts: _Parts = {}
+    for part in _SPLITS:
+        items = split.get(part, [])
+        parts[part] = ([image_root / str(item[0]) for item in items], [int(item[1]) for item in items], split_path)
+    return parts, classnames
+
+
+def _read_aircraft(
+    name: str, layout: CoOpLayout, root: Path, data_root: str | os.PathLike[str]
+) -> tuple[_Parts, list[str]]:
+    """FGVC Aircraft: ``variants.txt`` gives the labels, ``images_variant_<part>.txt`` the images
+    (``<id> <variant>`` a line)."""
+    variants_path = require(name, root / layout.index, data_root)
+    classnames = [line.strip() for line in variants_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    label_of = {c: k for k, c in enumerate(classnames)}
+    image_root = require(name, root / layout.image_dir, data_root, folder=True)
+    parts: _Parts = {}
+    for part in _SPLITS:
+        listing = require(name, root / f"images_variant_{part}.txt", data_root)
+        paths: list[Path] = []
+        labels: list[int] = []
+        for n, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), 1):
+            image_id, _, variant = line.strip().partition(" ")
+            if not image_id:
+                continue
+            if variant not in label_of:
+                raise ValueError(f"{listing} line {n}: variant {variant!r} is not in {variants_path}")
+            paths.append(image_root / f"{image_id}.jpg")
+            labels.append(label_of[variant])
+        parts[part] = (paths, labels, listing)
+    return parts, classnames
+
+
+def load_coop(name: str, data_root: str | os.PathLike[str]) -> dict[str, CoOpSplitDataset]:
+    """Load the train/val/test splits of one of CoOp's eleven training datasets.
+
+    Args:
+        name: one of :data:`COOP_DATASETS`.
+        data_root: directory that contains the dataset folder.
+
+    Returns:
+        ``{"train": ..., "val": ..., "test": ...}`` (val may be empty; ImageNet has none: its validation set is the
+        test set, as in CoOp).
+
+    Raises:
+        ValueError: unknown name, or a malformed split or index file.
+        FileNotFoundError: a missing folder or split file, or images a split names that are not on disk (one line
+            naming the path and the layout expected).
+    """
+    if name not in COOP_DATASETS:
+        if name in TEST_ONLY_DATASETS:
+            raise ValueError(f"{name} is a test-only dataset (no training split): use load_test_only")
+        raise ValueError(f"unknown CoOp dataset {name!r}; allowed: {sorted(COOP_DATASETS)}")
+    layout = COOP_DATASETS[name]
+    root = require(name, Path(data_root) / layout.folder, data_root, folder=True)
+    if layout.reader == "imagenet":
+        train, test, classnames = read_imagenet(data_root)
+        return {
+            "train": CoOpSplitDataset(*train, classnames),
+            "val": CoOpSplitDataset([], [], classnames),
+            "test": CoOpSplitDataset(*test, classnames),
+        }
+    reader = _read_aircraft if layout.reader == "aircraft" else _read_split_json
+    parts, classnames = reader(name, layout, root, data_root)
+    for paths, _, listed_in in parts.values():
+        check_listed(name, paths, listed_in, data_root)
+    return {part: CoOpSplitDataset(paths, labels, classnames) for part, (paths, labels, _) in parts.items()}
+
+
+def load_test_only(name: str, data_root: str | os.PathLike[str]) -> CoOpSplitDataset:
+    """The test set of an ImageNet variant (:data:`IMAGENET_VARIANTS`).
+
+    Raises:
+        ValueError: not a test-only dataset, or a class folder that its ``classnames.txt`` does not name.
+        FileNotFoundError: a missing folder or ``classnames.txt`` (one line naming the path and the layout).
+    """
+    if name not in TEST_ONLY_DATASETS:
+        raise ValueError(f"{name!r} is not a test-only dataset; allowed: {list(TEST_ONLY_DATASETS)}")
+    (paths, labels), classnames = read_imagenet_variant(name, data_root)
+    return CoOpSplitDataset(paths, labels, classnames)

@@ -13,7 +13,15 @@ Every scheme returns, per client, indices into the training set and matching ind
   test samples are cut in those proportions (so each client's test labels follow its train labels). Smaller
   ``beta`` means more skew. Proportions are redrawn (up to 100 times) until every client has a train sample.
 
-``num_shots`` then keeps at most that many train samples per class per client (few-shot, as CoOp).
+Few-shot training sets (``num_shots``), two protocols (``shots_protocol``):
+
+* ``"per-client"`` (default): after the split, each client keeps at most ``num_shots`` of its train samples per
+  class (seeded per client, so the shots depend on the split).
+* ``"coop"``: CoOp's few-shot set first: ``num_shots`` train samples per class of the whole training set (all of
+  a class that has fewer, as CoOp's ``generate_fewshot_dataset`` without repeats), drawn from ``seed`` alone on a
+  stream of their own, so the same seed gives the same shots whatever the number of clients, the scheme or its
+  parameters; that set is then split (:func:`coop_shots`).
+
 All randomness comes from ``numpy.random.default_rng(seed)``: the same seed gives the same split (the authors'
 pathological shares use their fixed seed instead, whatever ``seed``).
 """
@@ -32,8 +40,10 @@ __all__ = [
     "PATHOLOGICAL_SPLITS",
     "AUTHORS_CLASS_SEED",
     "ClientSplit",
+    "SHOTS_PROTOCOLS",
     "authors_shares",
     "balanced_shares",
+    "coop_shots",
     "partition",
     "sample_shots",
 ]
@@ -41,6 +51,9 @@ __all__ = [
 SCHEMES = ("iid", "pathological", "dirichlet")
 PATHOLOGICAL_SPLITS = ("balanced", "authors")
 AUTHORS_CLASS_SEED = 2023  # the authors' fixed random.seed(2023), whatever the run's seed
+SHOTS_PROTOCOLS = ("per-client", "coop")
+# The stream of CoOp's few-shot draw, apart from the split's (both come from the run's seed).
+_COOP_SHOTS_STREAM = 0xC00F
 
 
 @dataclass(frozen=True)
@@ -89,10 +102,30 @@ def sample_shots(labels: Sequence[int] | np.ndarray, indices: np.ndarray, num_sh
     Returns:
         Sorted kept indices.
     """
-    if not isinstance(num_shots, int) or num_shots < 1:
-        raise ValueError(f"num_shots must be an int >= 1, got {num_shots!r}")
+    return _draw_shots(_labels(labels, "labels"), indices, num_shots, np.random.default_rng(seed))
+
+
+def coop_shots(labels: Sequence[int] | np.ndarray, num_shots: int, *, seed: int) -> np.ndarray:
+    """CoOp's few-shot training set: ``num_shots`` random samples of every class of the whole set (all of a class
+    that has fewer), drawn from ``seed`` alone: the same seed and labels give the same indices.
+
+    Args:
+        labels: labels of the whole training set.
+        num_shots: samples per class, >= 1.
+        seed: the run's seed.
+
+    Returns:
+        Sorted kept indices.
+    """
     lab = _labels(labels, "labels")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([_COOP_SHOTS_STREAM, seed])
+    return _draw_shots(lab, np.arange(len(lab)), num_shots, rng)
+
+
+def _draw_shots(lab: np.ndarray, indices: np.ndarray, num_shots: int, rng: np.random.Generator) -> np.ndarray:
+    if not isinstance(num_shots, int) or isinstance(num_shots, bool) or num_shots < 1:
+        raise ValueError(f"num_shots must be an int >= 1, got {num_shots!r}")
+    indices = np.asarray(indices, dtype=np.int64)
     kept = []
     for cls in np.unique(lab[indices]):
         members = indices[lab[indices] == cls]
@@ -169,6 +202,7 @@ def partition(
     classes_per_user: int | None = None,
     pathological_split: str = "balanced",
     num_shots: int | None = None,
+    shots_protocol: str = "per-client",
     seed: int,
 ) -> ClientSplit:
     """Split a training set (and optionally its test set) over ``num_users`` clients.
@@ -183,16 +217,21 @@ def partition(
             None: every class goes to some client, shares differing by at most one class).
         pathological_split: ``"balanced"`` (default) or ``"authors"`` (the DP-FPL authors' shares,
             :func:`authors_shares`), for ``"pathological"`` only.
-        num_shots: keep at most this many train samples per class per client (None: all).
+        num_shots: few-shot: train samples per class (None: all), per client or of the whole set as
+            ``shots_protocol`` says.
+        shots_protocol: ``"per-client"`` (at most ``num_shots`` per class of each client's share, after the split)
+            or ``"coop"`` (``num_shots`` per class of the whole set, :func:`coop_shots`, then the split).
         seed: RNG seed.
 
     Returns:
         The per-client splits.
 
     Raises:
-        ValueError: for a bad scheme, num_users, beta, classes_per_user, pathological_split or num_shots, naming
-            the value.
+        ValueError: for a bad scheme, num_users, beta, classes_per_user, pathological_split, num_shots or
+            shots_protocol, naming the value.
     """
+    if shots_protocol not in SHOTS_PROTOCOLS:
+        raise ValueError(f"shots_protocol must be one of {SHOTS_PROTOCOLS}, got {shots_protocol!r}")
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     train = _labels(labels, "labels")
@@ -203,6 +242,19 @@ def partition(
         raise ValueError(f"num_users={num_users} exceeds the {len(train)} training samples")
     if num_shots is not None and (not isinstance(num_shots, int) or num_shots < 1):
         raise ValueError(f"num_shots must be None or an int >= 1, got {num_shots!r}")
+    if shots_protocol == "coop" and num_shots is not None:
+        kept = coop_shots(train, num_shots, seed=seed)
+        sub = partition(
+            train[kept],
+            num_users,
+            scheme,
+            test_labels=test_labels,
+            beta=beta,
+            classes_per_user=classes_per_user,
+            pathological_split=pathological_split,
+            seed=seed,
+        )
+        return ClientSplit(train=[kept[ix] for ix in sub.train], test=sub.test, classes=sub.classes)
     n_cls = int(max(train.max(initial=-1), test.max(initial=-1))) + 1
     rng = np.random.default_rng(seed)
 
