@@ -187,3 +187,13 @@ def test_training_on_a_test_only_dataset_is_one_line(tmp_path: Path, name: str, 
     assert rc == 2 and len(lines) == 1, err
     assert f"--dataset '{name}' is test-only" in lines[0] and "train on imagenet" in lines[0], lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_the_api_refuses_a_test_only_dataset_naming_the_field() -> None:
+    from fpl_fast.config import RunConfig
+    from fpl_fast.validation import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^dataset 'imagenet_r' is test-only") as info:
+        RunConfig(dataset="imagenet_r")
+    assert info.value.field == "dataset"
+    assert RunConfig(dataset="imagenet").dataset == "imagenet"

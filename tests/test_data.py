@@ -50,10 +50,11 @@ def test_load_dataset_digits_is_federated_part() -> None:
     bundle = load_dataset("digits")
     assert len(bundle.train) == PART_SIZES["train"] and len(bundle.test) == PART_SIZES["test"]
     assert bundle.classnames[0] == "zero" and len(bundle.classnames) == 10
-    with pytest.raises(ValueError, match=r"'imagenet'.*caltech101.*cifar100"):
-        load_dataset("imagenet")
-    with pytest.raises(ValueError, match="data_root"):
-        load_dataset("dtd")
+    with pytest.raises(ValueError, match=r"'mnist'.*caltech101.*imagenet_r.*cifar100"):
+        load_dataset("mnist")
+    for name in ("dtd", "imagenet", "imagenet_a"):
+        with pytest.raises(ValueError, match="data_root"):
+            load_dataset(name)
     assert DATASETS[0] == "digits"
 
 

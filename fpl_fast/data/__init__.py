@@ -95,7 +95,7 @@ def load_dataset(
         splits = load_coop(name, data_root)
         return DatasetBundle(name, splits["train"], splits["test"], splits["train"].classnames)
     if name in TEST_ONLY_DATASETS:
-        test = load_test_only(name, data_root)
-        return DatasetBundle(name, CoOpSplitDataset([], [], test.classnames), test, test.classnames)
+        target = load_test_only(name, data_root)
+        return DatasetBundle(name, CoOpSplitDataset([], [], target.classnames), target, target.classnames)
     train, test, classnames = load_cifar(name, data_root)
     return DatasetBundle(name, train, test, classnames)
