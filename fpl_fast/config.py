@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_LR",
     "SECTIONS",
     "allowed_values",
+    "check_trainable",
     "clients_per_round",
     "load_config_file",
     "resumed_config",
@@ -418,7 +419,7 @@ class RunConfig:
         check_int(self, "rank", "n_ctx", "num_users", "rounds", "local_epochs", "batch_size", "eval_every")
         if self.num_shots is not None and self.num_shots < 1:
             raise ConfigError("num_shots", f"num_shots must be >= 1, got {self.num_shots}")
-        _check_trainable(self.dataset)
+        check_trainable(self.dataset)
         if self.noise_seed is not None:
             check_int(self, "noise_seed", low=0, note=" (leave it out for secret noise)")
         if self.chunk_size is not None and self.chunk_size < 1:
@@ -641,8 +642,13 @@ def _default_sampling(clip_mode: str) -> SamplingName:
     return "shuffle" if clip_mode == "batch" else "poisson"
 
 
-def _check_trainable(dataset: str) -> None:
-    """A test-only dataset (an ImageNet variant) has no training split: refused by name before anything loads."""
+def check_trainable(dataset: str) -> None:
+    """A test-only dataset (an ImageNet variant) has no training split: refused by name before anything loads (also
+    by the other methods' configs).
+
+    Raises:
+        ConfigError: ``dataset`` is test-only (field ``dataset``).
+    """
     if dataset in ("digits", "digits-tune"):  # the embedded data: no need to import the dataset readers (seconds)
         return
     from fpl_fast.data.layouts import TEST_ONLY_DATASETS

@@ -177,11 +177,13 @@ def test_dataset_runs_one_round_on_its_synthetic_layout(tmp_path: Path, name: st
     assert 0.0 <= res["final"]["local_acc"] <= 1.0
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-def test_training_on_a_test_only_dataset_is_one_line(tmp_path: Path, name: str, capsys) -> None:
+@pytest.mark.parametrize(("name", "method"), [(n, "dpfpl") for n in VARIANTS] + [("imagenet_a", "feddtpt")])
+def test_training_on_a_test_only_dataset_is_one_line(tmp_path: Path, name: str, method: str, capsys) -> None:
     from fpl_fast.run import main
 
-    rc = main(["--quiet", "--dataset", name, "--data-root", str(tmp_path), "--out", str(tmp_path / "run")])
+    build_layout(name, tmp_path)  # there, and still refused
+    argv = ["--quiet", "--method", method, "--dataset", name, "--data-root", str(tmp_path)]
+    rc = main([*argv, "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1, err

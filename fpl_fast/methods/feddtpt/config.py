@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from fpl_fast.config import CHOICES
+from fpl_fast.config import CHOICES, check_trainable
 from fpl_fast.data import SCHEMES
 from fpl_fast.methods.feddtpt.aggregation import ELBOW_METHODS, SERVER_MODES
 from fpl_fast.validation import ConfigError, check_choice, check_finite, check_int
@@ -118,6 +118,7 @@ class Config:
         if not 0 <= self.explore <= 1:
             raise ConfigError("explore", f"explore must be in [0, 1], got {self.explore}")
         check_finite(self, "position_beta", positive=False)
+        check_trainable(self.dataset)
         check_finite(self, "temperature")
         if not self.seed_prompt.strip():
             raise ConfigError(
