@@ -22,8 +22,9 @@ from fpl_fast.methods.protocols import harmonic_mean
 from fpl_fast.outputs import ROUND_FIELDS
 from fpl_fast.validation import ConfigError
 
-# Seconds a run: 3 clients, 2 rounds, reproducible noise (two runs of one config give the same numbers).
-QUICK: dict[str, Any] = {"num_users": 3, "rounds": 2, "noise_seed": 5}
+# A few seconds a run: 3 clients with 2 shots of every class each (iid: base2novel's 5 classes still fill a batch of
+# 8), 2 rounds, reproducible noise (two runs of one config give the same numbers).
+QUICK: dict[str, Any] = {"num_users": 3, "rounds": 2, "partition": "iid", "num_shots": 2, "noise_seed": 5}
 
 
 @pytest.fixture
@@ -161,7 +162,20 @@ def test_the_cli_reports_the_protocols_metrics(
     from fpl_fast.run import main
 
     out = tmp_path / protocol
-    assert main(["--quiet", "--protocol", protocol, "--rounds", "2", "--num-users", "3", "--out", str(out)]) == 0
+    argv = [
+        "--quiet",
+        "--protocol",
+        protocol,
+        "--rounds",
+        "2",
+        "--num-users",
+        "3",
+        "--num-shots",
+        "2",
+        "--partition",
+        "iid",
+    ]
+    assert main([*argv, "--out", str(out)]) == 0
     text = capsys.readouterr().out
     final = json.loads((out / "results.json").read_text())["final"]
     assert f"protocol {protocol}" in text
