@@ -263,3 +263,25 @@ def test_a_flower_run_config_refuses_another_protocol() -> None:
     with pytest.raises(ValueError, match=r"^run config protocol='dual': Flower apps evaluate the personal protocol"):
         from_run_config({"protocol": "dual"})
     assert from_run_config({"protocol": "personal"})[0].protocol == "personal"
+
+
+def test_xdomain_scores_the_four_imagenet_variants(embedded_job: Any, tmp_path: Path) -> None:
+    """The method with the test sets of the four variants in hand (here the digits' test split under their names:
+    the ImageNet folders are not on this machine): a metric pair per variant, and their means. Eval sets that do not
+    fit the protocol are refused."""
+    from fpl_fast.config import IMAGENET_VARIANTS
+    from fpl_fast.federated.eval_sets import EvalSet
+    from fpl_fast.methods.dpfpl import DPFPL
+    from fpl_fast.methods.skeleton import run_method
+
+    backbone, classnames, data = embedded_job(RunConfig(**QUICK))
+    cfg = RunConfig(**QUICK, protocol="xdomain", dataset="imagenet")
+    sets = [EvalSet(name, classnames, data.test_feats, data.test_labels) for name in IMAGENET_VARIANTS]
+    with pytest.raises(ValueError, match=r"protocol 'xdomain' evaluates on \['imagenet_v2', .*got eval sets \[\]"):
+        run_method(DPFPL(backbone, classnames, data, out=tmp_path / "x"), cfg, out=tmp_path / "x", progress=False)
+    method = DPFPL(backbone, classnames, data, out=tmp_path / "r", eval_sets=sets)
+    final = run_method(method, cfg, out=tmp_path / "r", progress=False)["final"]
+    pairs = [f"{kind}_acc@{name}" for name in IMAGENET_VARIANTS for kind in ("global", "personal")]
+    assert list(final["protocol_metrics"]) == ["global_acc", *pairs, "transfer_global_acc", "transfer_personal_acc"]
+    assert all(final[f"global_acc@{name}"] == final["global_acc"] for name in IMAGENET_VARIANTS)  # the same test set
+    assert final["transfer_global_acc"] == pytest.approx(final["global_acc"], rel=1e-12)
