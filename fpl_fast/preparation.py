@@ -163,6 +163,13 @@ def prepare_eval_sets(cfg: RunConfig, backbone: Backbone, *, dataset: DatasetBun
     return sets
 
 
+def _min_train(cfg: RunConfig) -> int:
+    """The fewest training examples a client of a Dirichlet split may get: base2novel's half of the data leaves
+    small clients (5 of the embedded default's with seed 1), so its split is redrawn until every client holds an
+    expected Poisson batch (q = b / n <= 1); the other protocols keep the split as it always was (at least one)."""
+    return cfg.batch_size if cfg.protocol == "base2novel" and cfg.sampling_scheme == "poisson" else 1
+
+
 def _encode(
     cfg: RunConfig, backbone: Backbone, dataset: DatasetBundle | None, *, whole: bool = False
 ) -> tuple[list[str], ClientData]:
@@ -189,6 +196,7 @@ def _encode(
             num_shots=cfg.num_shots,
             test_labels=test_labels,
             pathological_split=cfg.pathological_split,
+            min_train=_min_train(cfg),
         )
         train_idx, test_idx = [np.asarray(ix) for ix in split.train], [np.asarray(ix) for ix in split.test]
     train_feats = backbone.image_features(key, "train", ds.train, train_rows)

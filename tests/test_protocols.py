@@ -71,6 +71,20 @@ def test_base_is_the_first_ceil_half_of_the_labels() -> None:
         base_class_count(1)
 
 
+def test_base2novel_redraws_a_dirichlet_split_until_every_client_holds_a_batch() -> None:
+    """The embedded default's base half: the first Dirichlet draw leaves a client 5 examples, fewer than a batch of 8;
+    asking for 8 redraws, and asking for what the first draw already gives keeps it."""
+    from fpl_fast.data import partition
+
+    base = np.asarray(DigitsDataset("train").labels)
+    base = base[base < 5]
+    first = partition(base, 10, "dirichlet", beta=0.5, seed=1)
+    assert min(len(ix) for ix in first.train) == 5
+    assert min(len(ix) for ix in partition(base, 10, "dirichlet", beta=0.5, seed=1, min_train=8).train) >= 8
+    kept = partition(base, 10, "dirichlet", beta=0.5, seed=1, min_train=5)
+    assert all(np.array_equal(a, b) for a, b in zip(kept.train, first.train, strict=True))
+
+
 def test_personal_is_todays_run_and_dual_leaves_its_training_untouched(backbone: Any, tmp_path: Path) -> None:
     """The default protocol adds no key anywhere; dual, which evaluates more, trains exactly the same prompts."""
     personal = _run(backbone, tmp_path / "personal")

@@ -22,6 +22,7 @@ def client_split(
     num_shots: int | None = None,
     test_labels: Sequence[int] | np.ndarray | None = None,
     pathological_split: str = "balanced",
+    min_train: int = 1,
 ) -> ClientSplit:
     """Split the training labels (and the test labels) over ``num_users`` clients, every client getting some.
 
@@ -34,6 +35,7 @@ def client_split(
         num_shots: at most this many training examples per class per client (None: all).
         test_labels: (M,) test labels; each client gets a matching test split.
         pathological_split: ``"balanced"`` or ``"authors"`` class shares (``"pathological"`` only).
+        min_train: ``"dirichlet"`` redraws until every client has at least this many training examples.
 
     Returns:
         The split (indices into ``labels`` and ``test_labels``).
@@ -50,6 +52,7 @@ def client_split(
         num_shots=num_shots,
         test_labels=test_labels,
         pathological_split=pathological_split,
+        min_train=min_train,
     )
     for k, ix in enumerate(split.train):
         if len(ix) == 0:

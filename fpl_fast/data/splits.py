@@ -170,6 +170,7 @@ def partition(
     pathological_split: str = "balanced",
     num_shots: int | None = None,
     seed: int,
+    min_train: int = 1,
 ) -> ClientSplit:
     """Split a training set (and optionally its test set) over ``num_users`` clients.
 
@@ -185,6 +186,9 @@ def partition(
             :func:`authors_shares`), for ``"pathological"`` only.
         num_shots: keep at most this many train samples per class per client (None: all).
         seed: RNG seed.
+        min_train: ``"dirichlet"`` redraws its proportions (up to 100 times) until every client has at least this
+            many training samples (1: any; a draw that already has them is kept, so a larger value changes only
+            the splits that had a smaller client).
 
     Returns:
         The per-client splits.
@@ -231,7 +235,7 @@ def partition(
                     test_bins[c].append(part)
             train_parts = [np.concatenate(b) for b in train_bins]
             test_parts = [np.concatenate(b) for b in test_bins]
-            if min(len(p) for p in train_parts) > 0:
+            if min(len(p) for p in train_parts) >= max(min_train, 1):
                 break
 
     train_out = [np.sort(p).astype(np.int64) for p in train_parts]
