@@ -10,7 +10,7 @@ on beyond each client's own test split (local) and the others' (neighbour), whic
   personalised prompts' accuracies are means over the clients).
 - ``xdataset`` / ``xdomain``: the global prompt on the training dataset's whole test split, and the global prompt
   and every client's personalised prompt (mean over clients) on each target dataset's test split with its class
-  names, with the means over the targets (CoOp's cross-dataset and domain-generalisation transfer).
+  names, with the means over the targets (CoCoOp's cross-dataset transfer, CoOp's and CoCoOp's domain generalisation).
 
 Every metric is evaluated with the round's other accuracies (every ``--eval-every`` rounds and after the last), so
 that each has its curve in rounds.csv and its means over the last 5 and 10 evaluations in results.json.
