@@ -32,6 +32,8 @@ __all__ = [
     "ENGINES",
     "METHODS",
     "DEFAULT_LR",
+    "IMAGENET_VARIANTS",
+    "PROTOCOLS",
     "SECTIONS",
     "allowed_values",
     "check_trainable",
@@ -51,6 +53,11 @@ ENGINES = ("inprocess", "flower-sim")
 # --method: DP-FPL (RunConfig) or a method of fpl_fast.methods with its own Config and run().
 METHODS = ("dpfpl", "feddtpt", "rapt")
 
+# --protocol (docs/explanation/protocols.md): personal is the clients' own splits (local and neighbour accuracy).
+PROTOCOLS = ("personal", "global", "dual", "base2novel", "xdataset", "xdomain")
+# The test-only targets of --protocol xdomain (CoOp's domain generalisation from ImageNet), by their dataset names.
+IMAGENET_VARIANTS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+
 # Learning rates by clip mode for the embedded model, tuned on the public digits-tune split at epsilon_total 3
 # (bench/study_output_dp.py; README "Output-space DP: the utility study"); "automatic", per-sample mode's automatic
 # clipping, by bench/study_clipping.py. Batch mode keeps its earlier 0.1.
@@ -67,6 +74,7 @@ SECTIONS: dict[str, str] = {
     "adaptive": "adaptive (--norm-thresh adaptive) and automatic (--clip-style automatic) clipping",
     "federation": "clients, rounds and local training",
     "data": "the dataset and its split over the clients",
+    "protocol": "what is evaluated: the evaluation protocol and its target datasets",
     "model": "the frozen CLIP and where it runs",
     "run": "the output folder, resuming, what runs after training",
 }
@@ -377,6 +385,28 @@ class RunConfig:
         "random resized crop and flip in training (image features recomputed each step)",
         section="data",
     )
+    # protocol
+    protocol: str = setting(
+        "personal",
+        "--protocol",
+        "personal: each client's prompt on its own test split and the others' | global: also the global prompt "
+        "alone on the whole test split | dual: both and their harmonic mean | base2novel: train on the first "
+        "ceil(n/2) classes, test the global and the personalised prompts on those (base) and the rest (novel) | "
+        "xdataset: also the prompts on --eval-datasets' test splits and class names | xdomain: xdataset from "
+        "--dataset imagenet to its four variants (docs/explanation/protocols.md)",
+        section="protocol",
+        choices=PROTOCOLS,
+    )
+    eval_datasets: str | None = setting(
+        None,
+        "--eval-datasets",
+        "with --protocol xdataset: comma-separated datasets whose test splits and class names the prompts are "
+        "evaluated on (xdomain: some of " + ", ".join(IMAGENET_VARIANTS) + "); the other protocols leave it "
+        "unused, so that one grid spec covers them all",
+        section="protocol",
+        none="none (xdomain: its four variants)",
+        metavar="NAME[,NAME...]",
+    )
     # run
     eval_every: int = setting(1, "--eval-every", "evaluate every N rounds", section="federation")
     seed: int = setting(1, "--seed", "seed of the public random choices: initialisation, data splits", section="data")
@@ -452,6 +482,7 @@ class RunConfig:
             )
         _check_output_clip(self)
         _check_promptfl_client_noise(self)
+        _check_protocol(self)
         if self.sampling == "poisson" and self.clip_mode == "batch":
             raise ConfigError(
                 "sampling",
@@ -471,6 +502,16 @@ class RunConfig:
         """The SGD learning rate in force (an ``lr`` left None is the clip mode's default)."""
         assert self.lr is not None
         return float(self.lr)
+
+    @property
+    def eval_dataset_names(self) -> tuple[str, ...]:
+        """The datasets --protocol xdataset / xdomain evaluates on (xdomain without --eval-datasets: the four
+        ImageNet variants); none for the other protocols."""
+        if self.protocol not in ("xdataset", "xdomain"):
+            return ()
+        if self.eval_datasets is None:
+            return IMAGENET_VARIANTS if self.protocol == "xdomain" else ()
+        return tuple(name.strip() for name in self.eval_datasets.split(","))
 
     @property
     def adaptive_clip(self) -> bool:
@@ -780,6 +821,48 @@ def _check_promptfl_client_noise(cfg: RunConfig) -> None:
             f"clip_mode={cfg.clip_mode!r}",
             others=("factorization", "sync", "clip_mode"),
         )
+
+
+def _check_protocol(cfg: RunConfig) -> None:
+    """eval_datasets is a comma-separated list of distinct names (a list is joined); xdataset needs it, xdomain
+    trains on ImageNet and evaluates on its variants only. Whether each name is a dataset is checked where datasets
+    are loaded (fpl_fast.preparation.check_eval_datasets), as --dataset is."""
+    value = cfg.eval_datasets
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)
+        object.__setattr__(cfg, "eval_datasets", value)
+    if value is not None:
+        names = [n.strip() for n in value.split(",")] if isinstance(value, str) else []
+        if not names or not all(names):
+            raise ConfigError(
+                "eval_datasets", f"eval_datasets must be dataset names separated by commas, got {value!r}"
+            )
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ConfigError("eval_datasets", f"eval_datasets names {repeated[0]!r} twice")
+    if cfg.protocol == "xdataset" and value is None:
+        raise ConfigError(
+            "protocol",
+            "protocol='xdataset' needs eval_datasets, the datasets to evaluate the prompts on (e.g. dtd,eurosat)",
+            others=("eval_datasets",),
+        )
+    if cfg.protocol == "xdomain":
+        if cfg.dataset != "imagenet":
+            raise ConfigError(
+                "protocol",
+                f"protocol='xdomain' trains on dataset='imagenet' and evaluates on its variants "
+                f"({', '.join(IMAGENET_VARIANTS)}), got dataset={cfg.dataset!r}; for other targets use "
+                "protocol='xdataset' with eval_datasets",
+                others=("dataset", "eval_datasets"),
+            )
+        others = [n for n in cfg.eval_dataset_names if n not in IMAGENET_VARIANTS]
+        if others:
+            raise ConfigError(
+                "eval_datasets",
+                f"eval_datasets of protocol='xdomain' are ImageNet variants ({', '.join(IMAGENET_VARIANTS)}), got "
+                f"{others[0]!r}; use protocol='xdataset' for other targets",
+                others=("protocol",),
+            )
 
 
 # The DP-FPL authors' run settings (README, "The paper's setting"): use with real weights and data.

@@ -31,7 +31,8 @@ from fpl_fast.federated.client import ClientData
 from fpl_fast.federated.engine import Federation
 from fpl_fast.methods.dpfpl import DPFPL, default_out_dir
 from fpl_fast.methods.skeleton import run_method
-from fpl_fast.preparation import check_device, prepare
+from fpl_fast.preparation import check_device, check_eval_datasets, prepare, prepare_eval_sets
+from fpl_fast.validation import ConfigError
 
 __all__ = ["Result", "train"]
 
@@ -132,6 +133,7 @@ def train(
     else:
         cfg = _as_config(config, RunConfig)
     check_device(cfg.device)
+    _check_protocol(cfg, run, features)
     if run.engine == "flower-sim":
         given: dict[str, Any] = {"dataset": dataset, "features": features, "classnames": classnames}
         given.update(backbone=backbone, stop_after_round=stop_after_round)
@@ -145,6 +147,7 @@ def train(
         return Result.of(_train_on_flower(cfg, run, out), out, None)
     if run.mia:
         check_pool(cfg.dataset)  # before anything is loaded or trained
+    check_eval_datasets(cfg)
     backbone, names, data = prepare(
         cfg,
         backbone=backbone,
@@ -155,7 +158,8 @@ def train(
         reseed=True,
     )
     pool = shadow_pool(cfg, backbone) if run.mia else None  # before training: a missing val split fails at once
-    method = DPFPL(backbone, names, data, out=out)
+    eval_sets = prepare_eval_sets(cfg, backbone, dataset=dataset)  # before training: a missing target fails at once
+    method = DPFPL(backbone, names, data, out=out, eval_sets=eval_sets)
     result = run_method(
         method,
         cfg,
@@ -175,6 +179,35 @@ def train(
         result["mia"] = mia_summary(report)
         outputs.write_json(out / "results.json", result)
     return Result.of(result, out, fed)
+
+
+def _check_protocol(cfg: RunConfig, run: RunSettings, features: ClientData | None) -> None:
+    """The protocols other than personal run on the in-process engine; base2novel splits a dataset's classes (not
+    a given client split), and its federation knows only the base classes (no shadow pool of every class)."""
+    if cfg.protocol == "personal":
+        return
+    if run.engine != "inprocess":
+        raise ConfigError(
+            "protocol",
+            f"protocol={cfg.protocol!r} runs on engine='inprocess' only (a Flower server sees no test set "
+            "beyond the clients' own); use engine='inprocess' or protocol='personal'",
+            cli=f"--protocol {cfg.protocol} runs on --engine inprocess only (a Flower server sees no test set beyond "
+            "the clients' own); leave out --engine, or --protocol",
+        )
+    if cfg.protocol == "base2novel" and features is not None:
+        raise ConfigError(
+            "protocol",
+            "protocol='base2novel' splits a dataset's classes into base and novel: give dataset= (or "
+            "config.dataset), not features= with a client split of your own",
+        )
+    if cfg.protocol == "base2novel" and run.mia:
+        raise ConfigError(
+            "protocol",
+            "protocol='base2novel' with mia: the attack's shadow pool holds every class, the federation only the base "
+            "ones; run the attack with protocol='personal'",
+            cli="--protocol base2novel with --mia: the attack's shadow pool holds every class, the federation only "
+            "the base ones; run --mia with --protocol personal",
+        )
 
 
 def _is_method_config(config: Any) -> bool:

@@ -262,13 +262,16 @@ def results_dict(
     }
 
 
-def write_outputs(out: Path, results: dict[str, Any], *, curves: tuple[str, ...] = tuple(CURVES)) -> None:
-    """results.json, rounds.csv and accuracy.png; ``curves``: the round keys the plot draws (of :data:`CURVES`)."""
+def write_outputs(
+    out: Path, results: dict[str, Any], *, curves: tuple[str, ...] = tuple(CURVES), columns: tuple[str, ...] = ()
+) -> None:
+    """results.json, rounds.csv and accuracy.png; ``curves``: the round keys the plot draws (of :data:`CURVES`);
+    ``columns``: rounds.csv's columns after :data:`ROUND_FIELDS` (a protocol's metrics)."""
     write_json(out / "results.json", results)
     rows = results["rounds"]
     tmp = out / ".rounds.csv.tmp"
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=ROUND_FIELDS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=(*ROUND_FIELDS, *columns), extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, out / "rounds.csv")
@@ -350,6 +353,12 @@ def summary_table(final: dict[str, Any], *, extra: bool = False) -> str:
             (f"mean local accuracy, {window}", final["local_acc_mean_last5"]),
             (f"mean neighbour accuracy, {window}", final.get("neighbor_acc_mean_last5")),
         ]
+    metrics = final.get("protocol_metrics") or {}
+    if metrics:  # --protocol other than personal: each metric's last value | its mean over the last 5 evaluations
+        window = _window(final.get("acc_mean_last5_rounds"))
+        rows.append((f"protocol {final.get('protocol')}", f"last round | mean, {window}"))
+        for key, what in metrics.items():
+            rows.append((what, f"{_fmt(final.get(key))} | {_fmt(final.get(f'{key}_mean_last5'))}"))
     rows += [
         ("zero-shot accuracy (hand-written prompt)", final.get("zero_shot_acc")),
         ("epsilon local (max over clients)", final.get("epsilon_local")),

@@ -20,7 +20,7 @@ A one-line text (tag ``about``) in the event file says the same, and ``config`` 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +72,12 @@ class RoundLog:
     def __init__(self, writer: Any) -> None:
         self._writer = writer
 
-    def write(self, row: Mapping[str, Any]) -> None:
+    def write(self, row: Mapping[str, Any], *, extra: Iterable[str] = ()) -> None:
         """Log ``row`` (a record with ``round``) at step ``round``: each column of :data:`TAGS` that holds a number
-        (a missing or None value, such as FedDTPT's epsilon, is left out, as rounds.csv leaves its cell empty)."""
+        (a missing or None value, such as FedDTPT's epsilon, is left out, as rounds.csv leaves its cell empty), and
+        each key of ``extra`` (rounds.csv's further columns: a protocol's accuracies) as ``released/<key>``."""
         step = int(row["round"])
-        for key, tag in TAGS.items():
+        for key, tag in [*TAGS.items(), *((k, f"released/{k}") for k in extra)]:
             value = row.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._writer.add_scalar(tag, float(value), global_step=step)

@@ -93,6 +93,7 @@ JOB_FIELDS = (
     "num_shots",
     "pathological_split",
     "augment",
+    "protocol",  # base2novel keeps the base classes only
 )
 
 
@@ -125,19 +126,22 @@ def tensorboard_scalars(logdir: Any) -> dict[str, list[tuple[int, float]]]:
 
 def assert_tensorboard_matches_rounds_csv(logdir: Any, rounds_csv: Any) -> dict[str, list[tuple[int, float]]]:
     """The TensorBoard log in ``logdir`` holds exactly rounds.csv's values: one scalar per non-empty cell, at step
-    ``round``, under the column's tag (fpl_fast.tracking.TAGS), equal to the cell at float32, TensorBoard's scalar
-    precision. Returns the scalars."""
+    ``round``, under the column's tag (fpl_fast.tracking.TAGS; a protocol's columns after the shared ones under
+    ``released/<column>``), equal to the cell at float32, TensorBoard's scalar precision. Returns the scalars."""
     import csv
 
     import numpy as np
 
+    from fpl_fast.outputs import ROUND_FIELDS
     from fpl_fast.tracking import TAGS
 
     with open(rounds_csv) as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        extra = [k for k in reader.fieldnames or () if k not in ROUND_FIELDS]
     want: dict[str, list[tuple[int, float]]] = {}
     for row in rows:
-        for key, tag in TAGS.items():
+        for key, tag in [*TAGS.items(), *((k, f"released/{k}") for k in extra)]:
             if row.get(key) not in (None, ""):
                 want.setdefault(tag, []).append((int(row["round"]), float(np.float32(float(row[key])))))
     got = tensorboard_scalars(logdir)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import fpl_fast
-from fpl_fast.config import RunConfig, RunSettings
+from fpl_fast.config import PROTOCOLS, RunConfig, RunSettings
 from fpl_fast.grid import SpecError, load_spec, parse_spec
 from fpl_fast.grid.__main__ import main
 from fpl_fast.grid.cells import _WORKER, _init_worker, run_grid, worker_threads
@@ -103,6 +103,20 @@ def test_the_shipped_paper_grid_is_five_factorisations_by_three_noise_levels_by_
     default = RunConfig()
     changed = {k for k, v in spec.cells[0].config.to_dict().items() if v != getattr(default, k)} - set(spec.axes)
     assert changed == {"rounds"} and str(spec.cells[0].config.rounds) in spec.description
+
+
+def test_the_shipped_protocol_grids_cover_every_protocol_and_the_embedded_one_runs_offline() -> None:
+    configs = Path(fpl_fast.__file__).parent / "configs"
+    specs = {p.name: parse_spec(load_spec(p)) for p in sorted(configs.glob("grid-*.json"))}
+    assert {c.config.protocol for spec in specs.values() for c in spec.cells} == set(PROTOCOLS)
+    embedded = specs["grid-protocols.json"]
+    assert len(embedded.cells) == 15 and (embedded.rows, embedded.columns) == ("protocol", "clip_mode")
+    assert {c.config.protocol for c in embedded.cells} == set(PROTOCOLS) - {"xdomain"}  # xdomain needs ImageNet
+    assert all(c.config.model == RunConfig().model and c.config.dataset == "digits" for c in embedded.cells)
+    for name in ("dual", "base2novel", "xdataset", "xdomain"):  # paper scale: the authors' settings, 16 shots
+        cells = specs[f"grid-paper-{name}.json"].cells
+        assert {c.config.protocol for c in cells} == {name} and all(c.config.model == "ViT-B-16" for c in cells)
+        assert all(c.config.num_shots == 16 and c.config.rounds == 100 for c in cells)
 
 
 def test_worker_i_runs_on_device_i_mod_len_devices_with_its_share_of_the_cores() -> None:
@@ -232,7 +246,11 @@ def _start(spec: Path, out: Path) -> subprocess.Popen[bytes]:
 def test_a_grid_killed_with_its_workers_resumes_without_redoing_finished_cells(tmp_path: Path) -> None:
     spec = _write(
         tmp_path / "spec.json",
-        {"base": {**TINY, "rounds": 3}, "axes": {"factorization": ["promptfl", "fedotp", "dpfpl"], "seed": [1, 2]}},
+        {
+            "base": {**TINY, "rounds": 3, "partition": "iid"},  # iid: base2novel's 5 classes fill a batch of 8
+            "axes": {"protocol": ["personal", "dual", "base2novel"], "clip_mode": ["sample", "output"]},
+            "table": {"rows": "protocol", "columns": "clip_mode"},
+        },
     )
     out = tmp_path / "grid"
     proc = _start(spec, out)
@@ -258,3 +276,54 @@ def test_a_grid_killed_with_its_workers_resumes_without_redoing_finished_cells(t
     assert all(c["status"] == "resumed" for c in cells if c["name"] in stopped)  # from their checkpoints
     assert all(c["encoded_images"] == 0 for c in cells)  # the killed run had cached the features
     assert (out / "table.md").is_file() and (out / "accuracy_vs_epsilon.png").is_file()
+    table = (out / "table.md").read_text()  # every protocol's metrics, from the cells run before and after the kill
+    header = next(line for line in table.splitlines() if line.startswith("| protocol | clip_mode |"))
+    assert header.split(" | ")[2:4] == ["global_acc", "dual_hm"] and "personal_hm" in header
+    assert "| base2novel | output | - | - | " in table  # base2novel reports no global_acc, dual_hm
+
+
+def test_the_table_shows_every_protocols_metrics(tmp_path: Path) -> None:
+    """A grid over protocols: the cells' protocol metrics (results.json's final["protocol_metrics"]) make a second
+    table, one line per (row, column), "-" where a cell's protocol does not report a metric; in table.csv, their mean
+    and std per column value after the shared columns; --metric mean_last5 reads their means."""
+    out = tmp_path / "grid"
+    spec = parse_spec(
+        {
+            "base": {**TINY, "eval_datasets": "digits-tune"},
+            "axes": {"protocol": ["personal", "dual", "xdataset"], "clip_mode": ["sample", "output"], "seed": [1, 2]},
+            "table": {"rows": "protocol", "columns": "clip_mode"},
+        }
+    )
+    keys = {
+        "personal": [],
+        "dual": ["global_acc", "dual_hm"],
+        "xdataset": ["global_acc", "global_acc@digits-tune", "personal_acc@digits-tune"],
+    }
+    for cell in spec.cells:
+        seed, protocol = cell.values["seed"], cell.values["protocol"]
+        final: dict[str, Any] = {"local_acc": 0.5, "neighbor_acc": 0.4, "epsilon_total": 2.0}
+        final.update(local_acc_mean_last5=0.5, neighbor_acc_mean_last5=0.4)
+        if keys[protocol]:
+            final["protocol_metrics"] = {k: f"what {k} is" for k in keys[protocol]}
+        for i, k in enumerate(keys[protocol]):
+            final[k] = 0.1 * (i + 1) + 0.02 * seed + (0.3 if cell.values["clip_mode"] == "output" else 0.0)
+            final[f"{k}_mean_last5"] = 0.05
+        (out / "cells" / cell.name).mkdir(parents=True)
+        (out / "cells" / cell.name / "results.json").write_text(json.dumps({"final": final}))
+
+    md = write_tables(spec, out)
+    second = md[md.index("Protocol metrics") :].splitlines()
+    header = "| protocol | clip_mode | global_acc | dual_hm | global_acc@digits-tune | personal_acc@digits-tune |"
+    assert second[2] == header
+    lines = {tuple(line.split(" | ")[:2]): line.split(" | ")[2:] for line in second[4:] if line}
+    assert lines[("| personal", "sample")] == ["-", "-", "-", "- |"]
+    assert lines[("| dual", "output")] == ["43.0 ± 1.0", "53.0 ± 1.0", "-", "- |"]
+    assert lines[("| xdataset", "sample")] == ["13.0 ± 1.0", "-", "23.0 ± 1.0", "33.0 ± 1.0 |"]
+    with open(out / "table.csv") as f:
+        rows = list(csv.reader(f))
+    assert len(rows[0]) == 1 + 2 * 6 + 2 * 4 * 2
+    assert rows[0][13:15] == ["clip_mode=sample global_acc mean", "clip_mode=sample global_acc std"]
+    dual = next(r for r in rows if r[0] == "dual")
+    assert [float(x) for x in dual[13:17]] == pytest.approx([0.13, 0.01, 0.23, 0.01])
+    assert dual[17:21] == ["", "", "", ""]  # dual reports no transfer metric
+    assert "5.0 ± 0.0" in write_tables(spec, out, "mean_last5").split("Protocol metrics")[1]

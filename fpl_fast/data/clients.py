@@ -23,6 +23,7 @@ def client_split(
     shots_protocol: str = "per-client",
     test_labels: Sequence[int] | np.ndarray | None = None,
     pathological_split: str = "balanced",
+    min_train: int = 1,
 ) -> ClientSplit:
     """Split the training labels (and the test labels) over ``num_users`` clients, every client getting some.
 
@@ -37,6 +38,7 @@ def client_split(
         shots_protocol: ``"per-client"`` or ``"coop"`` (:func:`fpl_fast.data.splits.partition`).
         test_labels: (M,) test labels; each client gets a matching test split.
         pathological_split: ``"balanced"`` or ``"authors"`` class shares (``"pathological"`` only).
+        min_train: ``"dirichlet"`` redraws until every client has at least this many training examples.
 
     Returns:
         The split (indices into ``labels`` and ``test_labels``).
@@ -54,6 +56,7 @@ def client_split(
         shots_protocol=shots_protocol,
         test_labels=test_labels,
         pathological_split=pathological_split,
+        min_train=min_train,
     )
     for k, ix in enumerate(split.train):
         if len(ix) == 0:

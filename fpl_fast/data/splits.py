@@ -204,6 +204,7 @@ def partition(
     num_shots: int | None = None,
     shots_protocol: str = "per-client",
     seed: int,
+    min_train: int = 1,
 ) -> ClientSplit:
     """Split a training set (and optionally its test set) over ``num_users`` clients.
 
@@ -222,6 +223,9 @@ def partition(
         shots_protocol: ``"per-client"`` (at most ``num_shots`` per class of each client's share, after the split)
             or ``"coop"`` (``num_shots`` per class of the whole set, :func:`coop_shots`, then the split).
         seed: RNG seed.
+        min_train: ``"dirichlet"`` redraws its proportions (up to 100 times) until every client has at least this
+            many training samples (1: any; a draw that already has them is kept, so a larger value changes only
+            the splits that had a smaller client).
 
     Returns:
         The per-client splits.
@@ -283,7 +287,7 @@ def partition(
                     test_bins[c].append(part)
             train_parts = [np.concatenate(b) for b in train_bins]
             test_parts = [np.concatenate(b) for b in test_bins]
-            if min(len(p) for p in train_parts) > 0:
+            if min(len(p) for p in train_parts) >= max(min_train, 1):
                 break
 
     train_out = [np.sort(p).astype(np.int64) for p in train_parts]

@@ -510,13 +510,15 @@ class Clients:
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def text_features(self, eval_seed: int) -> Tensor:
-        """(K, n_cls, D) normalised text features of every row's current prompt (for evaluation)."""
+    def text_features(self, eval_seed: int, text: ClassPrompts | None = None) -> Tensor:
+        """(K, n_cls, D) normalised text features of every row's current prompt (for evaluation), on ``text``'s
+        class names (default: the federation's own)."""
+        text = self.text if text is None else text
         L, K = self.learner, len(self.ids)
         rows = torch.arange(K, device=self.device)
         # lowrank() at evaluation draws from public streams of its own, so evaluating never shifts training noise.
         factors = L.factors(rows, seed=[derive_key("eval", eval_seed, k) for k in self.ids], offset=[0] * K)
-        return F.normalize(self.text.encode(L.prompts(self.text.prefix, self.text.suffix, rows, factors)), dim=-1)
+        return F.normalize(text.encode(L.prompts(text.prefix, text.suffix, rows, factors)), dim=-1)
 
     def state_dict(self) -> dict:
         return {

@@ -118,9 +118,17 @@ class Federation:
         return stats
 
     # ------------------------------------------------------------------------------------------
-    def client_text_features(self, eval_seed: int) -> Tensor:
-        """(K, n_cls, D) normalised text features of every client's current prompt."""
-        return self.clients.text_features(eval_seed)
+    def client_text_features(self, eval_seed: int, text: ClassPrompts | None = None) -> Tensor:
+        """(K, n_cls, D) normalised text features of every client's current prompt, on ``text``'s class names
+        (default: the federation's)."""
+        return self.clients.text_features(eval_seed, text)
+
+    @torch.no_grad()
+    def global_text_features(self, text: ClassPrompts | None = None) -> Tensor:
+        """(1, n_cls, D) normalised text features of the global prompt G alone (the server's, no local part), on
+        ``text``'s class names (default: the federation's)."""
+        text = self.text if text is None else text
+        return torch.nn.functional.normalize(text.features(self.server.global_ctx[None]), dim=-1)
 
     @torch.no_grad()
     def evaluate(self, eval_seed: int) -> dict:

@@ -147,4 +147,10 @@ def from_run_config(run_config: Any) -> tuple[RunConfig, AppSettings]:
         else:
             allowed = sorted({k.replace("_", "-") for k in known} | set(_APP_KEYS))
             raise ValueError(f"unknown run config key {key!r}; allowed: {', '.join(allowed)}")
-    return RunConfig(**algo), AppSettings(**app)
+    cfg = RunConfig(**algo)
+    if cfg.protocol != "personal":  # a Flower server holds no test set beyond the clients' own splits
+        raise ValueError(
+            f"run config protocol={cfg.protocol!r}: Flower apps evaluate the personal protocol only; run the other "
+            "protocols with the in-process engine (python -m fpl_fast.run --protocol ...)"
+        )
+    return cfg, AppSettings(**app)

@@ -1,6 +1,8 @@
 """A finished grid's summary in the paper's shape: rows = one axis (the factorisation), columns = another (the
 noise level or the target epsilon), each entry the mean +- std over the remaining axes (seeds) of local and
-neighbour accuracy, with the mean epsilon spent; ``table.csv``, ``table.md`` and ``accuracy_vs_epsilon.png``."""
+neighbour accuracy, with the mean epsilon spent; ``table.csv``, ``table.md`` and ``accuracy_vs_epsilon.png``.
+Cells run under a ``protocol`` other than personal also report that protocol's metrics (results.json's
+``final["protocol_metrics"]``): a second table of them, one line per (row, column), and their columns in table.csv."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import numpy as np
 from fpl_fast.grid.spec import GridSpec
 from fpl_fast.outputs import atomic_write_bytes, save_figure
 
-__all__ = ["METRICS", "Entry", "collect", "write_tables", "write_plot"]
+__all__ = ["METRICS", "Entry", "collect", "protocol_metrics", "write_tables", "write_plot"]
 
 # --metric -> the suffix of the final-result keys it reads (local_acc<suffix>, neighbor_acc<suffix>).
 METRICS = {"last": "", "mean_last5": "_mean_last5", "mean_last10": "_mean_last10"}
@@ -39,6 +41,7 @@ class Entry:
         self.local: list[float] = []
         self.neighbor: list[float] = []
         self.epsilon: list[float] = []
+        self.protocol: dict[str, list[float]] = {}  # a protocol metric -> its value in each cell that reports it
         self.expected = 0
 
     @staticmethod
@@ -55,6 +58,9 @@ class Entry:
 
     def neighbor_stat(self) -> tuple[float, float]:
         return self._stat(self.neighbor)
+
+    def protocol_stat(self, key: str) -> tuple[float, float]:
+        return self._stat(self.protocol.get(key, []))
 
     def epsilon_mean(self) -> float:
         if any(math.isinf(e) for e in self.epsilon):
@@ -108,7 +114,18 @@ def collect(
         entry.local.append(_num(final[f"local_acc{suffix}"]))
         entry.neighbor.append(_num(final[f"neighbor_acc{suffix}"]))
         entry.epsilon.append(_num(final.get("epsilon_total")))
+        for key in final.get("protocol_metrics") or {}:
+            entry.protocol.setdefault(key, []).append(_num(final.get(f"{key}{suffix}")))
     return rows, cols, entries
+
+
+def protocol_metrics(entries: dict[tuple[str, str], Entry]) -> list[str]:
+    """Every protocol metric some cell reports, in the order the cells first report them (none: a grid of the
+    personal protocol only)."""
+    seen: dict[str, None] = {}
+    for entry in entries.values():
+        seen.update(dict.fromkeys(entry.protocol))
+    return list(seen)
 
 
 def _pct(stat: tuple[float, float]) -> str:
@@ -131,13 +148,23 @@ def write_tables(spec: GridSpec, out: Path, metric: str = "last") -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     stats = ("local_mean", "local_std", "neighbor_mean", "neighbor_std", "epsilon_total", "n")
-    w.writerow([spec.rows, *[f"{_label(spec.columns, c)} {s}" for c in cols for s in stats]])
+    extra = protocol_metrics(entries)  # after the columns above: mean and std of each, per column value
+    w.writerow(
+        [
+            spec.rows,
+            *[f"{_label(spec.columns, c)} {s}" for c in cols for s in stats],
+            *[f"{_label(spec.columns, c)} {m} {s}" for c in cols for m in extra for s in ("mean", "std")],
+        ]
+    )
     for r in rows:
         line: list[Any] = [r]
         for c in cols:
             e = entries[(_key(r), _key(c))]
             (lm, ls), (nm, ns) = e.local_stat(), e.neighbor_stat()
             line += [*(("" if math.isnan(x) else f"{x:.6g}") for x in (lm, ls, nm, ns, e.epsilon_mean())), e.n]
+        for c in cols:
+            e = entries[(_key(r), _key(c))]
+            line += [("" if math.isnan(x) else f"{x:.6g}") for m in extra for x in e.protocol_stat(m)]
         w.writerow(line)
     atomic_write_bytes(out / "table.csv", buf.getvalue().encode())
 
@@ -161,6 +188,19 @@ def write_tables(spec: GridSpec, out: Path, metric: str = "last") -> str:
             short = f" ({e.n}/{e.expected})" if e.n < e.expected else ""
             line += [_pct(e.local_stat()) + short, _pct(e.neighbor_stat()), _eps(e.epsilon_mean())]
         md.append("| " + " | ".join(line) + " |")
+    if extra:
+        md += [
+            "",
+            f"Protocol metrics in % ({which}), mean ± std {over}; - where a cell's protocol does not report the "
+            "metric (docs/explanation/protocols.md).",
+            "",
+            "| " + " | ".join([spec.rows, spec.columns, *extra]) + " |",
+            "|" + "---|" * (2 + len(extra)),
+        ]
+        for r in rows:
+            for c in cols:
+                e = entries[(_key(r), _key(c))]
+                md.append("| " + " | ".join([str(r), str(c), *(_pct(e.protocol_stat(m)) for m in extra)]) + " |")
     text = "\n".join(md) + "\n"
     atomic_write_bytes(out / "table.md", text.encode())
     return text

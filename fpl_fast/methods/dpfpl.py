@@ -22,6 +22,8 @@ from fpl_fast.backbone.protocol import Backbone
 from fpl_fast.config import RunConfig
 from fpl_fast.federated.client import sample_rates, steps_per_round
 from fpl_fast.federated.engine import ClientData, Federation, StepStats
+from fpl_fast.federated.eval_sets import EvalSet
+from fpl_fast.methods.protocols import ProtocolEval
 from fpl_fast.privacy.accountant import PrivacyAccountant
 from fpl_fast.privacy.plan import ClientAccountant, NoisePlan, plan_noise, trust_model
 from fpl_fast.privacy.randomness import randomness_statement
@@ -40,6 +42,7 @@ __all__ = [
     "epsilons_spent",
     "eval_record",
     "privacy_summary",
+    "protocol_summary",
     "MEAN_WINDOWS",
     "recent_accuracy_means",
 ]
@@ -168,8 +171,10 @@ class _State:
     plan: NoisePlan
     qs: list[float]  # each client's sampling rate
     zero_shot: float
+    protocol: ProtocolEval
     bar: tqdm | None = None
     last_eval: dict[str, Any] | None = None
+    last_protocol: tuple[dict[str, float], dict[str, Any]] | None = None  # the last evaluation's, by the protocol
     history: list[dict[str, Any]] = field(default_factory=list)  # the evaluated rounds' records, resumes included
 
 
@@ -237,6 +242,26 @@ def recent_accuracy_means(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def protocol_summary(
+    cfg: RunConfig,
+    protocol: ProtocolEval,
+    last: tuple[dict[str, float], dict[str, Any]],
+    records: Sequence[dict[str, Any]],
+) -> dict[str, Any]:
+    """The protocol's part of results.json's final (none for ``personal``): its name, its metrics with what each is,
+    their last values, their means over the last 5 and 10 evaluated rounds (the rounds are ``acc_mean_last5_rounds``'
+    and ``acc_mean_last10_rounds``') and the per-client accuracies of its personalised metrics."""
+    if not protocol.metrics:
+        return {}
+    values, per_client = last
+    out: dict[str, Any] = {"protocol": cfg.protocol, "protocol_metrics": dict(protocol.metrics)}
+    for key in protocol.metrics:
+        out[key] = values[key]
+        for n in MEAN_WINDOWS:
+            out[f"{key}_mean_last{n}"] = _mean_or_none([r.get(key) for r in list(records)[-n:]])
+    return {**out, **per_client}
+
+
 def privacy_summary(
     cfg: RunConfig, plan: NoisePlan, qs: list[float], accountants: Sequence[ClientAccountant]
 ) -> dict[str, Any]:
@@ -291,15 +316,28 @@ class DPFPL:
     postfix = ("local_acc", "neighbor_acc", "epsilon_total")  # unused: DP-FPL sets its own bar's postfix
     curves = ("local_acc", "neighbor_acc")  # each client's personalised prompt, on its own split and the others'
 
-    def __init__(self, backbone: Backbone, classnames: list[str], data: ClientData, *, out: Path) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        classnames: list[str],
+        data: ClientData,
+        *,
+        out: Path,
+        eval_sets: Sequence[EvalSet] = (),
+    ) -> None:
         self.backbone, self.classnames, self.data, self.out = backbone, classnames, data, out
+        self.eval_sets = list(eval_sets)  # what --protocol scores beyond the clients' splits
         self.fed: Federation | None = None
+        self.columns: tuple[str, ...] = ()  # rounds.csv's columns beyond the shared ones: the protocol's metrics
 
     def setup(self, cfg: RunConfig) -> _State:
         """The federation with its noise calibrated, and the zero-shot accuracy of the hand-written prompt."""
         fed, plan, qs = build_federation(cfg, self.backbone, self.classnames, self.data)
         self.fed = fed
-        return _State(cfg, fed, plan, qs, _zero_shot(self.backbone, self.classnames, self.data, cfg.text_path))
+        protocol = ProtocolEval(cfg, self.backbone, self.eval_sets)
+        self.columns = tuple(protocol.metrics)
+        zero_shot = _zero_shot(self.backbone, self.classnames, self.data, cfg.text_path)
+        return _State(cfg, fed, plan, qs, zero_shot, protocol)
 
     def state_dict(self, st: _State) -> dict[str, Any]:
         return {"federation": st.fed.state_dict()}
@@ -322,6 +360,8 @@ class DPFPL:
             return None
         ev = st.last_eval = fed.evaluate(eval_seed(cfg, rnd - 1))
         record = eval_record(ev, fed.clients.accountants, stats, fed.clients.clip_norms)
+        st.last_protocol = st.protocol.evaluate(fed, ev, eval_seed(cfg, rnd - 1))
+        record.update(st.last_protocol[0])
         st.history.append({"round": rnd, **record})
         if st.bar is not None:
             st.bar.set_postfix(
@@ -333,9 +373,10 @@ class DPFPL:
         """Accuracies (the last round's and the means over the last evaluated rounds), the privacy guarantee and
         what it rests on (accountant, noise plan, sampling, randomness)."""
         cfg, fed = st.cfg, st.fed
-        last_eval = st.last_eval
-        if last_eval is None:  # resumed a finished run: evaluate the final state again
+        last_eval, last_protocol = st.last_eval, st.last_protocol
+        if last_eval is None or last_protocol is None:  # resumed a finished run: evaluate the final state again
             last_eval = fed.evaluate(eval_seed(cfg, cfg.rounds - 1))
+            last_protocol = st.protocol.evaluate(fed, last_eval, eval_seed(cfg, cfg.rounds - 1))
         return {
             "local_acc": last_eval["local_acc"],
             "neighbor_acc": last_eval["neighbor_acc"],
@@ -345,4 +386,5 @@ class DPFPL:
             **fed.text.summary(),
             "local_acc_per_client": last_eval["local_acc_per_client"],
             "neighbor_acc_per_client": last_eval["neighbor_acc_per_client"],
+            **protocol_summary(cfg, st.protocol, last_protocol, st.history),
         }

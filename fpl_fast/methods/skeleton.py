@@ -203,7 +203,7 @@ def _rounds(
                 ckpt = {"config": cfg.to_dict(), **method.state_dict(state), "rounds": rounds, "next_round": rnd}
                 outputs.save_checkpoint(out, {**ckpt, "elapsed": elapsed_before + time.perf_counter() - t_start})
             if log is not None and record is not None:  # after the checkpoint: a resume purges what follows it
-                log.write(rounds[-1])
+                log.write(rounds[-1], extra=_columns(method))
             if stop is not None and stop <= rnd < cfg.rounds:
                 return results_dict(method.name, cfg.to_dict(), rounds, None, stopped_after=rnd)
     finally:
@@ -211,5 +211,11 @@ def _rounds(
     final = method.final(state)
     final["seconds"] = clock()
     results = results_dict(method.name, cfg.to_dict(), rounds, final)
-    write_outputs(out, results, curves=method.curves)
+    write_outputs(out, results, curves=method.curves, columns=_columns(method))
     return results
+
+
+def _columns(method: Method[Any]) -> tuple[str, ...]:
+    """The method's round-record keys beyond the shared ones that rounds.csv and the TensorBoard log also carry
+    (DP-FPL: its protocol's metrics, known once it is set up); none by default."""
+    return tuple(getattr(method, "columns", ()))
