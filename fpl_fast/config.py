@@ -643,7 +643,7 @@ def _check_client_drop_rate(cfg: RunConfig) -> None:
     if rate > 0 and clients_dropped(rate, m) == 0:
         raise ConfigError(
             "client_drop_rate",
-            f"client_drop_rate={rate:g} drops floor({rate:g} x {m}) = 0 of the {m} clients sampled each round; "
+            f"client_drop_rate {rate:g} drops floor({rate:g} x {m}) = 0 of the {m} clients sampled each round; "
             f"use 0 or a rate of at least 1/{m} = {1 / m:.4g}",
             others=("num_users", "client_fraction"),
         )
