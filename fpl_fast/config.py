@@ -37,6 +37,7 @@ __all__ = [
     "SECTIONS",
     "allowed_values",
     "check_trainable",
+    "clients_dropped",
     "clients_per_round",
     "load_config_file",
     "resumed_config",
@@ -55,7 +56,8 @@ METHODS = ("dpfpl", "feddtpt", "rapt")
 
 # --protocol (docs/explanation/protocols.md): personal is the clients' own splits (local and neighbour accuracy).
 PROTOCOLS = ("personal", "global", "dual", "base2novel", "xdataset", "xdomain")
-# The test-only targets of --protocol xdomain (CoOp's domain generalisation from ImageNet), by their dataset names.
+# The test-only targets of --protocol xdomain, by their dataset names: fpl_fast.data.layouts.IMAGENET_VARIANTS (not
+# imported: fpl_fast.data costs seconds to import; tests/test_coop_layouts.py checks the two agree).
 IMAGENET_VARIANTS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 
 # Learning rates by clip mode for the embedded model, tuned on the public digits-tune split at epsilon_total 3
@@ -296,6 +298,13 @@ class RunConfig:
     client_fraction: float = setting(
         1.0, "--client-fraction", "fraction of the clients sampled per round", section="federation"
     )
+    client_drop_rate: float = setting(
+        0.0,
+        "--client-drop-rate",
+        "fraction P of each round's m sampled clients that drop out for the whole round: floor(P m) of them, chosen "
+        "uniformly by the server's secret generator; a dropped client takes no step and spends no budget",
+        section="federation",
+    )
     lr: float | None = setting(
         None,
         "--lr",
@@ -332,7 +341,7 @@ class RunConfig:
     model: str = setting(
         "tiny-digits-clip",
         "--model",
-        "open_clip model name (e.g. ViT-B-16) or a config shipped in fpl_fast/configs",
+        "open_clip model name (e.g. ViT-B-16, RN50) or a config shipped in fpl_fast/configs",
         section="model",
         metavar="NAME",
     )
@@ -464,6 +473,7 @@ class RunConfig:
         _check_clip_norm(self)
         if not 0 < self.client_fraction <= 1:
             raise ConfigError("client_fraction", f"client_fraction must be in (0, 1], got {self.client_fraction}")
+        _check_client_drop_rate(self)
         check_finite(self, "lr")
         if not 0 <= self.momentum < 1:
             raise ConfigError("momentum", f"momentum must be in [0, 1), got {self.momentum}")
@@ -676,6 +686,27 @@ _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 def clients_per_round(client_fraction: float, num_clients: int) -> int:
     """Clients the server samples each round: round(fraction K), at least one (the privacy plan relies on it)."""
     return max(1, round(client_fraction * num_clients))
+
+
+def clients_dropped(drop_rate: float, sampled: int) -> int:
+    """Sampled clients that drop out of a round at --client-drop-rate P: floor(P m) of the m sampled (a fixed,
+    public count, so the clients that report, m - floor(P m) >= 1, are known to the privacy plan)."""
+    return max(0, min(sampled - 1, math.floor(drop_rate * sampled + 1e-9)))  # 1e-9: 0.29 x 100 is 28.99..
+
+
+def _check_client_drop_rate(cfg: RunConfig) -> None:
+    """client_drop_rate is in [0, 1), and a rate above 0 drops at least one of the clients sampled each round."""
+    rate = cfg.client_drop_rate
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise ConfigError("client_drop_rate", f"client_drop_rate must be a number in [0, 1), got {rate!r}")
+    m = clients_per_round(cfg.client_fraction, cfg.num_users)
+    if rate > 0 and clients_dropped(rate, m) == 0:
+        raise ConfigError(
+            "client_drop_rate",
+            f"client_drop_rate {rate:g} drops floor({rate:g} x {m}) = 0 of the {m} clients sampled each round; "
+            f"use 0 or a rate of at least 1/{m} = {1 / m:.4g}",
+            others=("num_users", "client_fraction"),
+        )
 
 
 def _default_sampling(clip_mode: str) -> SamplingName:

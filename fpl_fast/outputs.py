@@ -3,7 +3,8 @@ table, and the checks before a run: a previous run's files are never overwritten
 
 rounds.csv has the same columns for every method (:data:`ROUND_FIELDS`; a cell is empty where a method has no such
 value, e.g. FedDTPT's epsilons or loss): the accuracies, the epsilons spent so far, the mean training loss and
-clipped fraction of the round (statistics of the clients' private data, not covered by DP), and ``seconds_elapsed``,
+clipped fraction of the round (statistics of the clients' private data, not covered by DP), the clients that dropped
+out of the round (``dropped``, ids separated by spaces; --client-drop-rate), and ``seconds_elapsed``,
 the run's wall seconds from its start (set-up included, resumes counted) to the end of that round."""
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ ROUND_FIELDS = (
     "loss",
     "clipped_fraction",
     "clip_norm",
+    "dropped",
     "seconds_elapsed",
 )
 # accuracy.png's curves: a round record's key -> its label. A method plots those of its ``curves``.
@@ -242,6 +244,11 @@ def _json_safe(x: Any) -> Any:
     return x
 
 
+def _csv_cell(value: Any) -> Any:
+    """A list (the clients that dropped out of a round) as its items separated by spaces; anything else as is."""
+    return " ".join(str(v) for v in value) if isinstance(value, list) else value
+
+
 def write_json(path: Path, obj: Any) -> None:
     """``obj`` as indented JSON, atomically (non-finite floats as null / "inf" / "-inf")."""
     atomic_write_bytes(path, json.dumps(_json_safe(obj), indent=2).encode())
@@ -273,7 +280,7 @@ def write_outputs(
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=(*ROUND_FIELDS, *columns), extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({k: _csv_cell(v) for k, v in row.items()} for row in rows)
     os.replace(tmp, out / "rounds.csv")
     _plot(out / "accuracy.png", rows, results.get("final", {}), curves)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 __all__ = ["ABOUT", "TAGS", "RoundLog", "open_round_log", "require_tensorboard"]
 
-# rounds.csv's column -> its tag (a column of no tag, such as ``round``, is not logged: it is the step).
+# rounds.csv's column -> its tag (a column of no tag is not logged: ``round`` is the step, ``dropped`` client ids).
 TAGS: dict[str, str] = {
     "local_acc": "released/local_acc",
     "neighbor_acc": "released/neighbor_acc",

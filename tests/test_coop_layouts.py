@@ -11,6 +11,7 @@ import pytest
 from coop_layouts import COUNTS, build_layout
 from PIL import Image
 
+from fpl_fast import config
 from fpl_fast.data import DATASETS, IMAGENET_VARIANTS, TEST_ONLY_DATASETS, load_dataset
 from fpl_fast.data.coop import load_coop
 from fpl_fast.data.layouts import COOP_DATASETS, LAYOUTS
@@ -35,7 +36,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "reference" / "datasets.md
 
 def test_the_names_are_coops_eleven_and_the_four_test_only_variants() -> None:
     assert tuple(COOP_DATASETS) == TRAINABLE
-    assert TEST_ONLY_DATASETS == VARIANTS == IMAGENET_VARIANTS
+    assert TEST_ONLY_DATASETS == VARIANTS == IMAGENET_VARIANTS == config.IMAGENET_VARIANTS  # --protocol xdomain's
     assert set(LAYOUTS) == set(TRAINABLE) | set(VARIANTS) and set(LAYOUTS) <= set(DATASETS)
 
 

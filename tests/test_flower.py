@@ -111,8 +111,16 @@ def _in_process(cfg: RunConfig, out: Path, backbone: Any) -> tuple[dict[str, Any
         {"clip_mode": "output"},
         {"factorization": "promptfl", "clip_mode": "batch", "clip_uv": "separate", "promptfl_client_noise": True},
         {"norm_thresh": "adaptive", "clip_init": 1.0},
+        {"client_drop_rate": 0.34},
     ],
-    ids=["step", "round-one-client-a-round", "output", "authors-promptfl-client-noise", "adaptive-clipping"],
+    ids=[
+        "step",
+        "round-one-client-a-round",
+        "output",
+        "authors-promptfl-client-noise",
+        "adaptive-clipping",
+        "drop-out",
+    ],
 )
 def test_the_flower_apps_give_the_in_process_federation(
     tmp_path: Path, changes: dict[str, Any], embedded_job: Any
@@ -128,6 +136,8 @@ def test_the_flower_apps_give_the_in_process_federation(
     for key in ("epsilon_local_per_client", "epsilon_global_per_client", "epsilon_total_per_client"):
         assert b[key] == a[key], key
     assert b["epsilon_total"] == a["epsilon_total"]
+    assert b["clients_dropped_per_round"] == a["clients_dropped_per_round"]
+    assert [r["dropped"] for r in fl["rounds"]] == [r["dropped"] for r in ip["rounds"]]
     np.testing.assert_allclose(b["local_acc_per_client"], a["local_acc_per_client"], atol=0.02)
     np.testing.assert_allclose(b["neighbor_acc_per_client"], a["neighbor_acc_per_client"], atol=0.02)
     g_flower = outputs.load_checkpoint(tmp_path / "fl")["server"]["g"][0]
@@ -148,6 +158,35 @@ def test_the_flower_apps_give_the_in_process_federation(
     np.testing.assert_allclose(fl["rounds"][-1]["clip_norms"], ip["rounds"][-1]["clip_norms"], rtol=1e-6)
     moved = ip["rounds"][-1]["clip_norms"] != [[cfg.clip_norm] * len(row) for row in ip["rounds"][-1]["clip_norms"]]
     assert moved == cfg.adaptive_clip
+
+
+def test_a_dropped_client_is_sent_nothing_and_a_round_without_replies_leaves_g(tmp_path: Path, monkeypatch) -> None:
+    """Drop-out: the server sends the round's training messages to the clients that report only (1 of 3 drops out
+    each round), and only they are charged; a round whose replies all go missing (here round 2's) takes the
+    drop-out path: G stays, nobody's ledger moves, the run goes on."""
+    from fpl_fast.flower import strategy
+
+    real = strategy.GlobalPromptStrategy.aggregate_train
+    g_seen = []
+
+    def lose_every_reply_of_round_2(self, server_round, replies):
+        replies = list(replies)
+        if server_round == 2:
+            g_seen.append(self.server.global_ctx.clone())
+            replies = []  # all timed out
+        return real(self, server_round, replies)
+
+    monkeypatch.setattr(strategy.GlobalPromptStrategy, "aggregate_train", lose_every_reply_of_round_2)
+    cfg = CFG.replace(sync="round", client_drop_rate=0.34, rounds=2)
+    grid = _grid(cfg, tmp_path)
+    res = _run(grid, cfg, tmp_path / "a")
+    dropped = res["final"]["clients_dropped_per_round"]
+    assert [len(d) for d in dropped] == [1, 1]
+    trained = [m.metadata.dst_node_id - 100 for m in grid.sent if m.metadata.message_type == "train"]
+    assert trained == [k for d in dropped for k in range(3) if k not in d]
+    steps = res["final"]["steps_per_client"]  # as the replies of round 1 report them
+    assert steps[dropped[0][0]] == 0 and all(steps[k] > 0 for k in range(3) if k not in dropped[0])
+    assert torch.equal(outputs.load_checkpoint(tmp_path / "a")["server"]["g"][0], g_seen[0])
 
 
 def test_only_the_listed_releases_leave_a_client(tmp_path: Path) -> None:

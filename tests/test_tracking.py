@@ -83,8 +83,10 @@ def test_the_log_holds_rounds_csv_values_under_private_and_released_tags(tmp_pat
     texts = _texts(tmp_path / "tb")
     assert ABOUT in texts["about/text_summary"] and "no DP" in texts["about/text_summary"]
     assert json.loads(texts["config/text_summary"].strip("`\n")) == {"rounds": 3}
-    # every rounds.csv column but the round (the step) has its tag, under a prefix that says what it is
-    assert set(TAGS) == {f for f in csv.DictReader(open(tmp_path / "run" / "rounds.csv")).fieldnames or []} - {"round"}
+    # every rounds.csv column but the round (the step) and dropped (client ids, no scalar) has its tag, under a
+    # prefix that says what it is
+    columns = {f for f in csv.DictReader(open(tmp_path / "run" / "rounds.csv")).fieldnames or []}
+    assert set(TAGS) == columns - {"round", "dropped"}
     assert {t.split("/")[0] for t in TAGS.values()} == {"released", "private", "time"}
     assert [k for k, t in TAGS.items() if t.startswith("private/")] == ["loss", "clipped_fraction"]
 

@@ -90,7 +90,8 @@ class Federation:
         return np.asarray([a.steps for a in self.clients.accountants], dtype=np.int64)
 
     def sample_clients(self) -> Tensor:
-        return self.server.sample_clients(self.cfg.num_users)
+        """The clients that train this round: the server's sample less its drop-outs (``server.dropped[-1]``)."""
+        return self.server.round_clients(self.cfg.num_users)
 
     # ------------------------------------------------------------------------------------------
     def train_step(self, clients: Tensor, *, server_average: bool) -> StepStats:
@@ -104,7 +105,13 @@ class Federation:
         return stats
 
     def train_round(self, clients: Tensor, on_step=None) -> list[StepStats]:
-        """One round: E local epochs of the active clients (G synchronised per step or at the end)."""
+        """One round: E local epochs of the active clients (G synchronised per step or at the end). With none
+        (every sampled client dropped out) nobody steps and G stays (the round's steps still tick ``on_step``)."""
+        if len(clients) == 0:
+            if on_step is not None:
+                for _ in range(self.steps_per_round):
+                    on_step()
+            return []
         if self.cfg.sync == "round":
             stats = self.clients.local_round(clients, self.server.global_ctx, self.steps_per_round, on_step)
             self.server.average(self.learner.client_global[clients])  # FedAvg of the (DP-SGD trained) copies

@@ -4,8 +4,10 @@ so its results.json, rounds.csv, accuracy.png, checkpoints and resume are the in
 Set-up: wait (``node-timeout``) for one SuperNode per client, ask each for its partition id, training-set size and
 the text encoder's width (refusing another fpl_fast version or configuration), compute the sampling rates and steps
 per round exactly as the in-process runner does, plan the noise, and build the server's G from the public
-initialisation. Each round: sample clients (:class:`~fpl_fast.flower.strategy.GlobalPromptStrategy`), send G, take the
-releases that come back, aggregate; on evaluated rounds, ask every client for its accuracies. Each client's ledger
+initialisation. Each round: sample clients (:class:`~fpl_fast.flower.strategy.GlobalPromptStrategy`) and draw the
+drop-outs among them (--client-drop-rate: the in-process runner's draw, so a dropped client is sent nothing), send G
+to the others, take the releases that come back (a missing reply is a drop-out too: the server aggregates those that
+came, and with none G stays), aggregate; on evaluated rounds, ask every client for its accuracies. Each client's ledger
 counts the steps the client reports it took (a client that missed a round is accounted for what it did).
 """
 
@@ -28,7 +30,7 @@ from fpl_fast.federated.server import Server
 from fpl_fast.flower.node import initial_learner
 from fpl_fast.flower.protocol import INFO, AppSettings, FederationError, from_run_config, header
 from fpl_fast.flower.strategy import GlobalPromptStrategy, replies_by_partition
-from fpl_fast.methods.dpfpl import eval_record, eval_seed, privacy_summary, recent_accuracy_means
+from fpl_fast.methods.dpfpl import dropped, eval_record, eval_seed, privacy_summary, recent_accuracy_means
 from fpl_fast.methods.skeleton import run_method
 from fpl_fast.privacy.plan import ClientAccountant, NoisePlan, global_release_noise, plan_noise
 
@@ -144,20 +146,23 @@ class FlowerDPFPL:
         ``eval_every`` rounds and on the last."""
         cfg, strategy = st.cfg, st.strategy
         self._rejoin(st)
-        strategy.sample()
+        reporting = strategy.sample()  # sampled, less the clients that drop out of this round
         units = (
             [(rnd, st.steps_per_round)]
             if cfg.sync == "round"
             else [((rnd - 1) * st.steps_per_round + s + 1, 1) for s in range(st.steps_per_round)]
         )
-        for tag, steps in units:
+        for tag, steps in units if reporting else []:  # none reporting: G stays
             arrays = ArrayRecord({"global": st.server.global_ctx.clone()})
             config = self._header(cfg, st.nonce, st.plan, tag=tag, steps=steps)
             strategy.aggregate_train(rnd, self._send(strategy.configure_train(rnd, arrays, config, self.grid)))
         if rnd % cfg.eval_every != 0 and rnd != cfg.rounds:
             return None
         st.last_eval = self._evaluate(st, rnd, units[-1][0])
-        record = eval_record(st.last_eval, strategy.accountants, None, strategy.clip_norm_table())
+        record = {
+            **eval_record(st.last_eval, strategy.accountants, None, strategy.clip_norm_table()),
+            **dropped(st.server),
+        }
         st.history.append({"round": rnd, **record})
         return record
 
@@ -199,6 +204,7 @@ class FlowerDPFPL:
             ),
             "zero_shot_acc": None,  # the server holds no test data
             **privacy_summary(cfg, st.plan, st.qs, st.strategy.accountants),
+            "clients_dropped_per_round": [list(d) for d in st.server.dropped],
             "local_acc_per_client": ev["local_acc_per_client"],
             "neighbor_acc_per_client": ev["neighbor_acc_per_client"],
             "run_name": self.settings.run_name,

@@ -26,9 +26,13 @@ __all__ = ["GlobalPromptStrategy", "replies_by_partition"]
 log = logging.getLogger("fpl_fast.flower")
 
 
-def replies_by_partition(replies: Iterable[Message], record: str, expected: list[int]) -> dict[int, RecordDict]:
+def replies_by_partition(
+    replies: Iterable[Message], record: str, expected: list[int], *, allow_none: bool = False
+) -> dict[int, RecordDict]:
     """Each replying client's content by partition id; a node's error is raised as one line naming it. Missing
-    replies (a timeout drops late ones) are logged and left out: the step goes on with the replies that came."""
+    replies (a timeout drops late ones) are logged and left out: the step goes on with the replies that came (the
+    path of a client that drops out). No reply at all is an error unless ``allow_none`` (a training step then
+    leaves G as it is)."""
     got: dict[int, RecordDict] = {}
     for msg in replies:
         if msg.has_error():
@@ -42,7 +46,7 @@ def replies_by_partition(replies: Iterable[Message], record: str, expected: list
         log.warning(
             "no reply from clients %s within the reply timeout: going on with the %d that came", missing, len(got)
         )
-    if not got:
+    if not got and not allow_none:
         raise FederationError(f"no client replied (asked: {expected}); raise reply-timeout or check the SuperNodes")
     return got
 
@@ -78,8 +82,9 @@ class GlobalPromptStrategy(Strategy):
         return torch.tensor([self.clip_norms.get(k, start) for k in range(len(self.accountants))], dtype=torch.float64)
 
     def sample(self) -> list[int]:
-        """The clients of the next round (client fraction of all, from the server's generator)."""
-        self.active = [int(k) for k in self.server.sample_clients(len(self.accountants)).tolist()]
+        """The clients of the next round: client fraction of all, less the round's drop-outs (--client-drop-rate),
+        both from the server's generators as in the in-process runner (a dropped client is sent nothing)."""
+        self.active = [int(k) for k in self.server.round_clients(len(self.accountants)).tolist()]
         return self.active
 
     def _messages(self, kind: str, arrays: ArrayRecord, config: ConfigRecord, clients: list[int]) -> list[Message]:
@@ -100,8 +105,10 @@ class GlobalPromptStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The uniform mean of the replies' G (round) or an SGD step of G on their noised mean gradient (step);
         each client's ledger is told the steps it reports."""
-        got = replies_by_partition(replies, "ledger", self.active)
+        got = replies_by_partition(replies, "ledger", self.active, allow_none=True)
         order = sorted(got)  # the in-process runner's row order
+        if not order:  # every client dropped out of this step: G stays, as in the in-process runner
+            return ArrayRecord({"global": self.server.global_ctx.clone()}), MetricRecord({"replies": 0})
         for k in order:
             self.accountants[k].steps = int(value(got[k], "ledger", "steps"))
             self.clip_norms[k] = [float(x) for x in value(got[k], "ledger", "clip-norms")]

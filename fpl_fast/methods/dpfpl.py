@@ -23,6 +23,7 @@ from fpl_fast.config import RunConfig
 from fpl_fast.federated.client import sample_rates, steps_per_round
 from fpl_fast.federated.engine import ClientData, Federation, StepStats
 from fpl_fast.federated.eval_sets import EvalSet
+from fpl_fast.federated.server import Server
 from fpl_fast.methods.protocols import ProtocolEval
 from fpl_fast.privacy.accountant import PrivacyAccountant
 from fpl_fast.privacy.plan import ClientAccountant, NoisePlan, plan_noise, trust_model
@@ -41,6 +42,7 @@ __all__ = [
     "DPFPL",
     "epsilons_spent",
     "eval_record",
+    "dropped",
     "privacy_summary",
     "protocol_summary",
     "MEAN_WINDOWS",
@@ -213,6 +215,11 @@ def eval_record(
     }
 
 
+def dropped(server: Server) -> dict[str, list[int]]:
+    """The round record's ``dropped``: the clients that dropped out of the round just trained (--client-drop-rate)."""
+    return {"dropped": list(server.dropped[-1]) if server.dropped else []}
+
+
 # Means over the last N evaluated rounds in results.json's final: the authors' training script prints the mean of
 # the last 5 rounds (federated_main.py:226), their table.py averages the last 10.
 MEAN_WINDOWS = (5, 10)
@@ -359,7 +366,7 @@ class DPFPL:
         if rnd % cfg.eval_every != 0 and rnd != cfg.rounds:
             return None
         ev = st.last_eval = fed.evaluate(eval_seed(cfg, rnd - 1))
-        record = eval_record(ev, fed.clients.accountants, stats, fed.clients.clip_norms)
+        record = {**eval_record(ev, fed.clients.accountants, stats, fed.clients.clip_norms), **dropped(fed.server)}
         st.last_protocol = st.protocol.evaluate(fed, ev, eval_seed(cfg, rnd - 1))
         record.update(st.last_protocol[0])
         st.history.append({"round": rnd, **record})
@@ -383,6 +390,7 @@ class DPFPL:
             **recent_accuracy_means(st.history),
             "zero_shot_acc": st.zero_shot,
             **privacy_summary(cfg, st.plan, st.qs, fed.clients.accountants),
+            "clients_dropped_per_round": [list(d) for d in fed.server.dropped],
             **fed.text.summary(),
             "local_acc_per_client": last_eval["local_acc_per_client"],
             "neighbor_acc_per_client": last_eval["neighbor_acc_per_client"],

@@ -13,7 +13,7 @@ import functools
 import math
 from dataclasses import dataclass
 
-from fpl_fast.config import AccountantName, RunConfig, SamplingName, clients_per_round
+from fpl_fast.config import AccountantName, RunConfig, SamplingName, clients_dropped, clients_per_round
 from fpl_fast.privacy.accountant import calibrate_noise, epsilon_for, paper_noise_multiplier
 from fpl_fast.privacy.adaptive_clip import AdaptiveClipping, Quantities, count_noise_std, quantities, with_counts
 from fpl_fast.privacy.clipping import LocalDP
@@ -120,8 +120,10 @@ def _accountant_multipliers(cfg: RunConfig, sigma_local: float, sigma_global: fl
 
 
 def active_clients(cfg: RunConfig) -> int:
-    """K_a, the clients averaged in every step: the server samples exactly this many each round."""
-    return clients_per_round(cfg.client_fraction, cfg.num_users)
+    """K_a, the clients averaged in every step: the server samples exactly m each round and floor(P m) of them drop
+    out (--client-drop-rate P), so m - floor(P m) report."""
+    m = clients_per_round(cfg.client_fraction, cfg.num_users)
+    return m - clients_dropped(cfg.client_drop_rate, m)
 
 
 def _total_multiplier(cfg: RunConfig, local: float, glob: float) -> float:
