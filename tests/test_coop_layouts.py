@@ -200,3 +200,22 @@ def test_the_api_refuses_a_test_only_dataset_naming_the_field() -> None:
         RunConfig(dataset="imagenet_r")
     assert info.value.field == "dataset"
     assert RunConfig(dataset="imagenet").dataset == "imagenet"
+
+
+@pytest.mark.slow  # one end-to-end run (seconds)
+def test_xdomain_runs_from_imagenet_to_its_four_variants_on_synthetic_layouts(tmp_path: Path, capsys) -> None:
+    """`--dataset imagenet --protocol xdomain`: trained on the synthetic ImageNet, the global and the personalised
+    prompts evaluated on each variant's own test set and class names (A and R: their 3-class subsets)."""
+    from fpl_fast.run import main
+
+    for name in ("imagenet", *VARIANTS):
+        build_layout(name, tmp_path / "data")
+    out = tmp_path / "run"
+    argv = ["--quiet", "--dataset", "imagenet", "--protocol", "xdomain", "--data-root", str(tmp_path / "data")]
+    argv += ["--out", str(out), "--rounds", "1", "--num-users", "2", "--partition", "iid", "--batch-size", "2"]
+    rc = main(argv)
+    assert rc == 0, capsys.readouterr().err
+    final = json.loads((out / "results.json").read_text())["final"]
+    for name in VARIANTS:
+        for kind in ("global", "personal"):
+            assert 0.0 <= final[f"{kind}_acc@{name}"] <= 1.0, (kind, name)
