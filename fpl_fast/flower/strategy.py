@@ -113,7 +113,7 @@ def reply_problem(
             if problem := _field_problem(key, x, n_quantities):
                 return problem
     record = next(n for n in allowed if n != "global")
-    k = content[record]["partition-id"]
+    k: int = value(content, record, "partition-id")  # an integer: checked above
     if k not in set(partitions):
         return f"partition-id {k} was not asked for in this message round"
     if node_of is not None and node_of.get(k) != msg.metadata.src_node_id:
