@@ -82,6 +82,17 @@ class LocalGrid:
         )
         self.index[old.node_id + 1000] = i
 
+    def join(self, app: Any, node_config: dict[str, Any]) -> int:
+        """A new SuperNode joins (an enrolled one: the grid lists it); returns its node id."""
+        i = len(self.contexts)
+        node_id = 2000 + i
+        self.apps.append(app)
+        self.contexts.append(
+            Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={})
+        )
+        self.index[node_id] = i
+        return node_id
+
     def forget_state(self) -> None:
         """What a new ``flwr run`` (new run id) or restarted SuperNodes see: empty context.state."""
         for c in self.contexts:
@@ -243,6 +254,33 @@ def test_a_restarted_supernode_rejoins_under_its_new_node_id(tmp_path: Path, mon
     assert 1100 + 1 in {m.metadata.dst_node_id for m in grid.sent}  # round 2 went to the new node
     for key in ("local_acc_per_client", "epsilon_total_per_client", "steps_per_client"):
         assert res["final"][key] == whole["final"][key], key
+
+
+@pytest.mark.slow
+def test_a_newcomer_claiming_the_partition_of_a_connected_node_is_refused(
+    tmp_path: Path, monkeypatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Mid-run, an enrolled node joins claiming partition 1 while client 1's node is still connected: it is refused
+    (one log line), asked nothing more and sent no G; the run goes on with the node that held the partition."""
+    cfg = CFG.replace(sync="round", rounds=2)
+    grid = _grid(cfg, tmp_path)
+    real = FlowerDPFPL.round
+    joined: list[int] = []
+
+    def intruder_joins_before_round_2(self, st, rnd):
+        if rnd == 2:
+            app = make_client_app(cfg, state_dir=tmp_path / "intruder")
+            joined.append(grid.join(app, {"partition-id": 1, "num-partitions": cfg.num_users}))
+        return real(self, st, rnd)
+
+    monkeypatch.setattr(FlowerDPFPL, "round", intruder_joins_before_round_2)
+    with caplog.at_level("WARNING", logger="fpl_fast.flower"):
+        res = _run(grid, cfg, tmp_path / "out")
+    (intruder,) = joined
+    assert f"refused node {intruder}: partition-id 1 is held by node 101, which is still connected" in caplog.messages
+    assert [m.metadata.message_type for m in grid.sent if m.metadata.dst_node_id == intruder] == ["query.info"]
+    assert [r["round"] for r in res["rounds"]] == [1, 2]
+    assert sum(m.metadata.dst_node_id == 101 and m.metadata.message_type == "train" for m in grid.sent) == 2
 
 
 def test_a_second_process_on_a_node_encodes_no_image(tmp_path: Path) -> None:
