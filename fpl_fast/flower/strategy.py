@@ -251,6 +251,14 @@ class GlobalPromptStrategy(Strategy):
             self.accountants[k].steps = int(value(got[k], "ledger", "steps"))
             self.clip_norms[k] = [float(x) for x in value(got[k], "ledger", "clip-norms")]
         released = torch.stack([prompt_of(got[k]) for k in order])
+        updates = (released - sent if self.sync == "round" else released).flatten(1).double().norm(dim=1)
+        # A function of the releases only; it tells the operator where to set max-update-norm.
+        log.info(
+            "round %d: largest accepted update norm %.4g (max-update-norm=%g)",
+            server_round,
+            float(updates.max()),
+            self.max_update_norm,
+        )
         if self.sync == "round":
             self.server.average(released)
         else:  # the noise covers the largest clip norm of G among this step's clients
