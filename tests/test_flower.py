@@ -345,6 +345,10 @@ def test_run_config_keys_map_to_the_settings() -> None:
     assert app.tensorboard == "tb"
     with pytest.raises(ValueError, match=r"unknown run config key 'rnds'; allowed: .*rounds"):
         from_run_config({"rnds": 1})
+    assert from_run_config({"max-update-norm": 5})[1].max_update_norm == 5
+    assert from_run_config({})[1].max_update_norm == math.inf  # no ceiling unless the run sets one
+    with pytest.raises(ValueError, match=r"^max-update-norm must be a number > 0 \(inf: no ceiling\), got 0$"):
+        from_run_config({"max-update-norm": 0})
 
 
 def test_a_node_with_its_own_data_folder_reports_no_neighbour_accuracy(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -229,6 +230,16 @@ class FlowerDPFPL:
         }
 
 
+def _log_to_stderr() -> None:
+    """The strategy's lines (rejected replies, refused nodes, update norms) in the ServerApp's output (``flwr log``),
+    where nothing else configured logging: Python's default shows no INFO and no logger name."""
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s fpl_fast: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def make_server_app(
     cfg: RunConfig | None = None, settings: AppSettings | None = None, *, errors: list[BaseException] | None = None
 ) -> ServerApp:
@@ -238,6 +249,7 @@ def make_server_app(
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        _log_to_stderr()
         try:
             run_cfg, app_settings = from_run_config(context.run_config) if cfg is None else (cfg, settings)
             assert app_settings is not None
