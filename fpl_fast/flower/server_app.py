@@ -249,7 +249,8 @@ def make_server_app(
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        _log_to_stderr()
+        if cfg is None:  # flwr run (a deployment): the simulation's process has its own output
+            _log_to_stderr()
         try:
             run_cfg, app_settings = from_run_config(context.run_config) if cfg is None else (cfg, settings)
             assert app_settings is not None
