@@ -24,7 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grid": ("fpl_fast.grid.__main__", "a grid of runs and its paper-shaped table"),
     "audit": ("fpl_fast.audit", "an empirical lower bound on epsilon from one training run with canaries"),
     "selftest": ("fpl_fast.selftest", "check every compiled kernel against its reference"),
-    "deploy": ("fpl_fast.flower.deploy", "write the Flower app folder that flwr run ships"),
+    "deploy": (
+        "fpl_fast.flower.deploy",
+        "write the Flower app folder that flwr run ships, or a deployment's TLS certificates and node keys",
+    ),
 }
 
 

@@ -8,7 +8,11 @@ reference run on the CPU: the Philox stream makes the noise identical up to floa
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,6 +42,9 @@ __all__ = [
     "JOB_FIELDS",
     "train_job",
     "tensorboard_scalars",
+    "Processes",
+    "free_loopback_ports",
+    "listening",
     "assert_tensorboard_matches_rounds_csv",
 ]
 
@@ -274,3 +281,63 @@ def assert_bf16_close(
             f"output {i}: {low} kernel error {err_kernel:.3e} > {factor} x reference error {err_ref:.3e}"
             f" + floor {floor:.3e}"
         )
+
+
+class Processes:
+    """Processes a test starts (each the leader of its own session, so its children go with it), stopped by PID:
+    SIGTERM to each group, then SIGKILL to what is left after ``grace`` seconds."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, cmd: Sequence[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                list(cmd),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        self.started.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # the group's other members (a superexec) may outlive their leader for a moment
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.started):
+            self.stop(proc)
+
+
+def free_loopback_ports(n: int) -> list[int]:
+    """``n`` distinct ports that are free on 127.0.0.1 now."""
+    ports: list[int] = []
+    while len(ports) < n:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def listening(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:port."""
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0

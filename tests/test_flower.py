@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from fpl_fast.job import train  # noqa: E402
 from fpl_fast.methods.skeleton import run_method  # noqa: E402
 
 CFG = RunConfig(num_users=3, rounds=2, noise_seed=7, seed=3)
+CEILING = 100.0  # a public max-update-norm for the malicious-node test, far above an honest client's update here
 
 
 @pytest.fixture(autouse=True)
@@ -80,6 +82,17 @@ class LocalGrid:
         )
         self.index[old.node_id + 1000] = i
 
+    def join(self, app: Any, node_config: dict[str, Any]) -> int:
+        """A new SuperNode joins (an enrolled one: the grid lists it); returns its node id."""
+        i = len(self.contexts)
+        node_id = 2000 + i
+        self.apps.append(app)
+        self.contexts.append(
+            Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={})
+        )
+        self.index[node_id] = i
+        return node_id
+
     def forget_state(self) -> None:
         """What a new ``flwr run`` (new run id) or restarted SuperNodes see: empty context.state."""
         for c in self.contexts:
@@ -93,7 +106,13 @@ def _grid(cfg: RunConfig, tmp_path: Path, *, app_cfg: RunConfig | None = None, n
 
 
 def _run(grid: Any, cfg: RunConfig, out: Path, **kwargs: Any) -> dict[str, Any]:
-    settings = AppSettings(run_name="t", out=str(out), node_timeout=kwargs.pop("node_timeout", 5.0), progress=False)
+    settings = AppSettings(
+        run_name="t",
+        out=str(out),
+        node_timeout=kwargs.pop("node_timeout", 5.0),
+        progress=False,
+        max_update_norm=kwargs.pop("max_update_norm", math.inf),
+    )
     return run_method(FlowerDPFPL(grid, settings), cfg, out=out, progress=False, **kwargs)
 
 
@@ -276,6 +295,33 @@ def test_a_restarted_supernode_rejoins_under_its_new_node_id(tmp_path: Path, mon
         assert res["final"][key] == whole["final"][key], key
 
 
+@pytest.mark.slow
+def test_a_newcomer_claiming_the_partition_of_a_connected_node_is_refused(
+    tmp_path: Path, monkeypatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Mid-run, an enrolled node joins claiming partition 1 while client 1's node is still connected: it is refused
+    (one log line), asked nothing more and sent no G; the run goes on with the node that held the partition."""
+    cfg = CFG.replace(sync="round", rounds=2)
+    grid = _grid(cfg, tmp_path)
+    real = FlowerDPFPL.round
+    joined: list[int] = []
+
+    def intruder_joins_before_round_2(self, st, rnd):
+        if rnd == 2:
+            app = make_client_app(cfg, state_dir=tmp_path / "intruder")
+            joined.append(grid.join(app, {"partition-id": 1, "num-partitions": cfg.num_users}))
+        return real(self, st, rnd)
+
+    monkeypatch.setattr(FlowerDPFPL, "round", intruder_joins_before_round_2)
+    with caplog.at_level("WARNING", logger="fpl_fast.flower"):
+        res = _run(grid, cfg, tmp_path / "out")
+    (intruder,) = joined
+    assert f"refused node {intruder}: partition-id 1 is held by node 101, which is still connected" in caplog.messages
+    assert [m.metadata.message_type for m in grid.sent if m.metadata.dst_node_id == intruder] == ["query.info"]
+    assert [r["round"] for r in res["rounds"]] == [1, 2]
+    assert sum(m.metadata.dst_node_id == 101 and m.metadata.message_type == "train" for m in grid.sent) == 2
+
+
 def test_a_second_process_on_a_node_encodes_no_image(tmp_path: Path) -> None:
     """Every message may start a fresh ClientApp process: the node's disk cache serves its image features."""
     from fpl_fast.flower import node as node_mod
@@ -338,6 +384,10 @@ def test_run_config_keys_map_to_the_settings() -> None:
     assert app.tensorboard == "tb"
     with pytest.raises(ValueError, match=r"unknown run config key 'rnds'; allowed: .*rounds"):
         from_run_config({"rnds": 1})
+    assert from_run_config({"max-update-norm": 5})[1].max_update_norm == 5
+    assert from_run_config({})[1].max_update_norm == math.inf  # no ceiling unless the run sets one
+    with pytest.raises(ValueError, match=r"^max-update-norm must be a number > 0 \(inf: no ceiling\), got 0$"):
+        from_run_config({"max-update-norm": 0})
 
 
 def test_a_node_with_its_own_data_folder_reports_no_neighbour_accuracy(tmp_path: Path) -> None:
@@ -362,3 +412,124 @@ def test_the_python_api_runs_the_flower_engine_on_the_nodes_own_data_only(tmp_pa
     with pytest.raises(ValueError, match=r"engine='flower-sim' prepares its data on each node: leave out classnames"):
         fpl_fast.train(CFG, settings={"engine": "flower-sim", "out": str(tmp_path)}, classnames=["a"])
     assert not any(tmp_path.iterdir())  # refused before anything ran
+
+
+# ------------------------------------------------------------------------------------------
+# A malicious enrolled node: the replies the strategy rejects
+# ------------------------------------------------------------------------------------------
+def _ledger(k: int = 1, **changes: Any) -> dict[str, Any]:
+    return {"partition-id": k, "steps": 3, "clip-norm-global": 1.0, "clip-norms": [1.0], **changes}
+
+
+def _train_reply(arr: torch.Tensor, ledger: dict[str, Any], **extra: Any) -> Message:
+    """A reply to a train message sent to node 101 (Flower stamps the reply's source node from the message)."""
+    sent = Message(
+        RecordDict({"global": ArrayRecord({"global": torch.zeros(4, 8)})}), dst_node_id=101, message_type="train"
+    )
+    records: dict[str, Any] = {"global": ArrayRecord({"global": arr}), "ledger": MetricRecord(ledger), **extra}
+    return Message(RecordDict(records), reply_to=sent)
+
+
+_G = torch.zeros(4, 8)
+_OK = torch.full((4, 8), 0.01)
+
+
+@pytest.mark.parametrize(
+    ("reply", "problem"),
+    [
+        (lambda: _train_reply(_OK, _ledger()), None),  # the control: an honest reply passes
+        (lambda: _train_reply(_OK, _ledger(loss=0.3)), r"record 'ledger' has keys \[.*'loss'.*\], expected"),
+        (
+            lambda: _train_reply(_OK, _ledger(), private=ConfigRecord({"x": 1})),
+            r"records \['global', 'ledger', 'private'\]",
+        ),
+        (lambda: _train_reply(torch.zeros(5, 8), _ledger()), r"array of shape \(5, 8\), expected \(4, 8\)"),
+        (lambda: _train_reply(_OK.double(), _ledger()), r"array of dtype torch.float64, expected torch.float32"),
+        (lambda: _train_reply(_OK.clone().index_fill_(0, torch.tensor([0]), math.nan), _ledger()), "NaN or inf"),
+        (lambda: _train_reply(_OK.clone().index_fill_(1, torch.tensor([2]), math.inf), _ledger()), "NaN or inf"),
+        (lambda: _train_reply(_OK * 1e4, _ledger()), r"update norm 565\.7 above the ceiling max-update-norm=10$"),
+        (lambda: _train_reply(_OK, _ledger(k=0)), r"partition-id 0 is held by node 100, not by the replying node"),
+        (lambda: _train_reply(_OK, _ledger(k=7)), r"partition-id 7 was not asked for"),
+        (lambda: _train_reply(_OK, _ledger(steps=-1)), r"steps must be an integer >= 0, got -1"),
+        (lambda: _train_reply(_OK, _ledger(**{"clip-norms": [math.inf]})), r"clip-norms must be 1 finite numbers > 0"),
+    ],
+    ids=[
+        "honest",
+        "unexpected-key",
+        "unexpected-record",
+        "wrong-shape",
+        "wrong-dtype",
+        "nan",
+        "inf",
+        "norm",
+        "other-partition",
+        "unasked-partition",
+        "negative-steps",
+        "inf-clip-norm",
+    ],
+)
+def test_the_strategy_names_what_is_wrong_with_a_reply(reply: Any, problem: str | None) -> None:
+    from fpl_fast.flower.strategy import reply_problem
+
+    found = reply_problem(
+        reply(), "train", partitions=[0, 1], node_of={0: 100, 1: 101}, sent=_G, delta=True, max_update_norm=10.0
+    )
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and re.search(problem, found), found
+
+
+@pytest.mark.slow
+def test_a_malicious_nodes_bad_replies_are_rejected_and_logged_and_the_run_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Client 1's node sends NaN and an accuracy of 1.5, client 2's an update 1e4 times its own (above the ceiling
+    that the run's max-update-norm sets, far above an honest client's): each reply is rejected with one log line,
+    and the round goes on with the honest client, whose copy G becomes."""
+    cfg = CFG.replace(sync="round", rounds=1)
+    grid = _grid(cfg, tmp_path)
+    honest_apps = list(grid.apps)
+
+    def malicious(i: int) -> Any:
+        def app(msg: Message, context: Context) -> Message:
+            reply = honest_apps[i](msg, context)
+            if msg.metadata.message_type == "evaluate" and i == 1:
+                acc = dict(reply.content["accuracy"])
+                return Message(RecordDict({"accuracy": MetricRecord({**acc, "local-acc": 1.5})}), reply_to=msg)
+            if msg.metadata.message_type != "train":
+                return reply
+            sent, arr = protocol.prompt_of(msg.content), protocol.prompt_of(reply.content)
+            bad = arr.clone().fill_(math.nan) if i == 1 else sent + 1e4 * (arr - sent)
+            records = {"global": ArrayRecord({"global": bad}), "ledger": reply.content["ledger"]}
+            return Message(RecordDict(records), reply_to=msg)
+
+        return app
+
+    grid.apps[1], grid.apps[2] = malicious(1), malicious(2)
+    with caplog.at_level("INFO", logger="fpl_fast.flower"):
+        res = _run(grid, cfg, tmp_path / "out", max_update_norm=CEILING)
+    rejected = sorted(r.getMessage() for r in caplog.records if r.getMessage().startswith("rejected"))
+    assert len(rejected) == 3, rejected
+    assert (
+        rejected[0]
+        == "rejected the evaluate reply of node 101: local-acc must be in [0, 1], got 1.5; going on without it"
+    )
+    assert rejected[1] == "rejected the train reply of node 101: array with NaN or inf values; going on without it"
+    assert re.fullmatch(
+        r"rejected the train reply of node 102: update norm [\d.e+]+ above the ceiling max-update-norm=100; going on "
+        r"without it",
+        rejected[2],
+    ), rejected
+    assert [r["round"] for r in res["rounds"]] == [1]
+    # G is the honest client's copy; its update was far below the ceiling.
+    (honest,) = [m for m in grid.replies if m.metadata.message_type == "train" and m.metadata.src_node_id == 100]
+    sent = protocol.prompt_of([m for m in grid.sent if m.metadata.message_type == "train"][-1].content)
+    honest_norm = float((protocol.prompt_of(honest.content) - sent).double().norm())
+    assert honest_norm < CEILING / 10
+    assert f"round 1: largest accepted update norm {honest_norm:.4g} (max-update-norm=100)" in caplog.messages
+    g = outputs.load_checkpoint(tmp_path / "out")["server"]["g"][0]
+    torch.testing.assert_close(g, protocol.prompt_of(honest.content))
+    assert res["final"]["steps_per_client"][1:] == [0, 0]  # the server counts only steps it accepted a release for
+    assert math.isnan(res["final"]["local_acc_per_client"][1])
+    assert not math.isnan(res["final"]["local_acc_per_client"][2])

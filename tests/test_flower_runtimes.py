@@ -59,9 +59,11 @@ def test_engine_flower_sim_refuses_the_membership_attack(tmp_path: Path) -> None
 def test_a_loopback_deployment_survives_a_killed_server_and_leaves_nothing_running(tmp_path: Path) -> None:
     """SuperLink + 2 SuperNodes on their own loopback ports + ``flwr run`` of the app folder that
     ``python -m fpl_fast.flower.deploy`` writes (scripts/flower_loopback.sh, which stops its processes by PID), 2
-    rounds of sync="round". The ServerApp is SIGKILLed once its round-1 checkpoint exists (the clients are in round
-    2) and a new ``flwr run`` with resume=true continues: the results are the uninterrupted in-process run's (same
-    steps and epsilons, accuracies to 0.02), and every process the script started has stopped."""
+    rounds of sync="round", over TLS with SuperNode authentication (each node's key enrolled; a third SuperNode with
+    a key no one enrolled is refused before the run). The ServerApp is SIGKILLed once its round-1 checkpoint exists
+    (the clients are in round 2) and a new ``flwr run`` with resume=true continues: the results are the
+    uninterrupted in-process run's with the same --noise-seed (same steps and epsilons, accuracies to 0.02), and
+    every process the script started has stopped."""
     from fpl_fast.flower.deploy import write_app
 
     app = tmp_path / "app"
@@ -71,10 +73,14 @@ def test_a_loopback_deployment_survives_a_killed_server_and_leaves_nothing_runni
     script = REPO / "scripts" / "flower_loopback.sh"
     cmd = ["bash", str(script), str(app), "2", "--run-config", run_config]
     cmd += ["--node-config-extra", f"state-dir='{state}'", "--kill-server-when", str(out / "checkpoint.pt")]
+    cmd += ["--unenrolled-node"]
     env = {**ENV, "VENV": str(Path(sys.executable).parent.parent), "LOG_DIR": str(tmp_path / "logs")}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"ServerApp \(pid \d+\) killed", proc.stderr), proc.stderr[-3000:]
+    assert "TLS on; 2 SuperNode keys enrolled" in proc.stderr, proc.stderr[-3000:]
+    refusal = re.search(r"unenrolled SuperNode refused: (.*)", proc.stderr)
+    assert refusal is not None and "Failed to activate SuperNode." in refusal.group(1), proc.stderr[-3000:]
     ports = re.search(r"SuperLink 127\.0\.0\.1:(\d+), SuperNode ports ([\d ]+)", proc.stderr)
     assert ports is not None, proc.stderr
     for port in [ports.group(1), *ports.group(2).split()]:  # every process the script started has stopped

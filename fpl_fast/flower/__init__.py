@@ -9,6 +9,8 @@
 - :mod:`.strategy`: the strategy that samples clients by partition id with the server's generator and averages
   only the global prompt (uniform mean).
 - :mod:`.simulation`: ``--engine flower-sim``, Flower's simulation runtime in one process.
+- :mod:`.deploy` / :mod:`.credentials`: the app folder ``flwr run`` ships, and a secure deployment's credentials
+  (a CA and the SuperLink's TLS certificate, each SuperNode's authentication key).
 
 Needs ``pip install .[flower]`` (flwr is imported only here).
 """

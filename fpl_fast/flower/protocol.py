@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,10 @@ class AppSettings:
         reply_timeout: seconds to wait for the replies of one message round (late replies are dropped).
         progress: show a progress bar.
         tensorboard: a folder for a TensorBoard log of the rounds (:mod:`fpl_fast.tracking`; None: none).
+        max_update_norm: the public ceiling on the L2 norm of a client's update (sync="round": its copy of G minus
+            the G it was sent; sync="step": its clipped gradient); a reply above it is rejected and logged, and the
+            step goes on without it (inf: no ceiling). A client's true norm depends on its private batch size and
+            its noise, so the server cannot check it exactly: set the ceiling well above an honest client's.
     """
 
     run_name: str = "fpl-fast"
@@ -122,6 +127,12 @@ class AppSettings:
     reply_timeout: float = 600.0
     progress: bool = True
     tensorboard: str | None = None
+    max_update_norm: float = math.inf
+
+    def __post_init__(self) -> None:
+        bound = self.max_update_norm
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or math.isnan(bound) or bound <= 0:
+            raise ValueError(f"max-update-norm must be a number > 0 (inf: no ceiling), got {bound!r}")
 
     @property
     def out_dir(self) -> Path:

@@ -13,8 +13,10 @@ counts the steps the client reports it took (a client that missed a round is acc
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,12 +31,14 @@ from fpl_fast.federated.client import sample_rates, steps_per_round
 from fpl_fast.federated.server import Server
 from fpl_fast.flower.node import initial_learner
 from fpl_fast.flower.protocol import INFO, AppSettings, FederationError, from_run_config, header
-from fpl_fast.flower.strategy import GlobalPromptStrategy, replies_by_partition
+from fpl_fast.flower.strategy import GlobalPromptStrategy, replies_by_partition, reply_problem
 from fpl_fast.methods.dpfpl import dropped, eval_record, eval_seed, privacy_summary, recent_accuracy_means
 from fpl_fast.methods.skeleton import run_method
 from fpl_fast.privacy.plan import ClientAccountant, NoisePlan, global_release_noise, plan_noise
 
 __all__ = ["FlowerDPFPL", "make_server_app", "app", "wait_for_nodes"]
+
+log = logging.getLogger("fpl_fast.flower")
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
@@ -74,6 +78,7 @@ class FlowerDPFPL:
 
     def __init__(self, grid: Grid, settings: AppSettings) -> None:
         self.grid, self.settings = grid, settings
+        self.refused: set[int] = set()  # nodes that claimed a partition another connected node holds
 
     def _send(self, messages: Iterable[Message]) -> Iterable[Message]:
         return self.grid.send_and_receive(list(messages), timeout=self.settings.reply_timeout)
@@ -83,23 +88,37 @@ class FlowerDPFPL:
         return ConfigRecord(header(st_cfg, self.settings.run_name, nonce, **sigmas, **fields))
 
     def _ask_info(self, cfg: RunConfig, nonce: str, nodes: Iterable[int]) -> dict[int, tuple[Any, int]]:
-        """partition id -> (its info record, its node id), from the nodes asked; two nodes of one partition fail."""
+        """partition id -> (its info record, its node id), from the nodes asked; two nodes of one partition fail,
+        a reply that fails its checks is left out (logged)."""
         ask = RecordDict({"header": self._header(cfg, nonce)})
         got: dict[int, tuple[Any, int]] = {}
+        partitions = range(cfg.num_users)
+        check = lambda m: reply_problem(m, INFO, partitions=partitions)  # noqa: E731
         for msg in self._send(Message(ask, dst_node_id=n, message_type=INFO) for n in nodes):
-            ((k, content),) = replies_by_partition([msg], "info", []).items()
+            if not (one := replies_by_partition([msg], "info", [], check)):
+                continue
+            ((k, content),) = one.items()
             if k in got:
                 raise FederationError(f"nodes {got[k][1]} and {msg.metadata.src_node_id} both hold partition-id {k}")
             got[k] = (content["info"], msg.metadata.src_node_id)
         return got
 
     def _rejoin(self, st: _State) -> None:
-        """A restarted SuperNode comes back under a new node id: map its partition to it (same data required)."""
+        """A restarted SuperNode comes back under a new node id: map its partition to it (same data required). A
+        new node that claims a partition whose node is still connected is refused (logged) and never sent a
+        message."""
         node_of = st.strategy.node_of
-        new = sorted(set(self.grid.get_node_ids()) - set(node_of.values()))
+        online = set(self.grid.get_node_ids())
+        new = sorted(online - set(node_of.values()) - self.refused)
         if not new:
             return
         for k, (info, node) in self._ask_info(st.cfg, st.nonce, new).items():
+            if node_of.get(k) in online:
+                log.warning(
+                    "refused node %s: partition-id %d is held by node %s, which is still connected", node, k, node_of[k]
+                )
+                self.refused.add(node)
+                continue
             if int(info["n-train"]) != st.sizes[k]:
                 raise FederationError(
                     f"node {node} rejoined as partition {k} with {info['n-train']} training examples, not "
@@ -117,13 +136,19 @@ class FlowerDPFPL:
             raise FederationError(f"no SuperNode answered for partitions {missing} of 0 .. {K - 1}")
         infos = {k: info for k, (info, _) in got.items()}
         node_of = {k: node for k, (_, node) in got.items()}
+        widths = {int(info["ctx-dim"]) for info in infos.values()}
+        if len(widths) > 1:
+            by_width = {k: int(info["ctx-dim"]) for k, info in sorted(infos.items())}
+            raise FederationError(f"the nodes report different text encoder widths (partition: ctx-dim) {by_width}")
         sizes = [int(infos[k]["n-train"]) for k in range(K)]
         qs, spr = sample_rates(cfg, sizes), steps_per_round(cfg, sizes)
         plan = plan_noise(cfg, sample_rate=max(qs), steps=cfg.rounds * spr)
         g0 = initial_learner(cfg, int(infos[0]["ctx-dim"])).global_ctx
         server = Server(cfg, g0, noise_multiplier=global_release_noise(cfg, plan))
         accountants = [ClientAccountant(cfg, plan, q) for q in qs]
-        strategy = GlobalPromptStrategy(server, accountants, node_of, sync=cfg.sync)
+        strategy = GlobalPromptStrategy(
+            server, accountants, node_of, sync=cfg.sync, max_update_norm=self.settings.max_update_norm
+        )
         neighbours = all(bool(infos[k]["neighbours"]) for k in range(K))
         return _State(cfg, server, strategy, plan, qs, sizes, spr, neighbours, nonce)
 
@@ -211,6 +236,16 @@ class FlowerDPFPL:
         }
 
 
+def _log_to_stderr() -> None:
+    """The strategy's lines (rejected replies, refused nodes, update norms) in the ServerApp's output (``flwr log``),
+    where nothing else configured logging: Python's default shows no INFO and no logger name."""
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s fpl_fast: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def make_server_app(
     cfg: RunConfig | None = None, settings: AppSettings | None = None, *, errors: list[BaseException] | None = None
 ) -> ServerApp:
@@ -220,6 +255,8 @@ def make_server_app(
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        if cfg is None:  # flwr run (a deployment): the simulation's process has its own output
+            _log_to_stderr()
         try:
             run_cfg, app_settings = from_run_config(context.run_config) if cfg is None else (cfg, settings)
             assert app_settings is not None
