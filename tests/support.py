@@ -341,3 +341,32 @@ def listening(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(1.0)
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def save_openai_files(src: Any, markers: dict[str, int], state_dict_path: Path, jit_path: Path) -> None:
+    """Write the open_clip CLIP ``src`` as OpenAI distributes it: its state dict with OpenAI's three entries
+    (``markers``: input_resolution, context_length, vocab_size) at ``state_dict_path``, and a TorchScript archive at
+    ``jit_path`` (the causal mask a constant, not a state entry; the markers state entries)."""
+    import copy
+    import warnings
+
+    state = src.state_dict()
+    torch.save({**state, **{k: torch.tensor(v) for k, v in markers.items()}}, state_dict_path)
+    jit_src = copy.deepcopy(src)
+    mask = jit_src.attn_mask
+    del jit_src._buffers["attn_mask"]
+    jit_src.attn_mask = mask
+    del jit_src.context_length, jit_src.vocab_size
+    for key, value in markers.items():
+        jit_src.register_buffer(key, torch.tensor(value))
+    size = markers["input_resolution"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.* deprecation notices
+        traced = torch.jit.trace_module(
+            jit_src,
+            inputs={
+                "encode_image": (torch.ones(2, 3, size, size),),
+                "encode_text": (torch.zeros(2, 77, dtype=torch.long),),
+            },
+        )
+        torch.jit.save(traced, str(jit_path))

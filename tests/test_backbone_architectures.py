@@ -22,7 +22,7 @@ import pytest
 import torch
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import QuickGELU, VisionTransformer
-from support import train_job
+from support import save_openai_files, train_job
 from torch import nn
 
 from fpl_fast.backbone.loading import load_backbone
@@ -167,24 +167,7 @@ def openai_rn_files(tmp_path_factory: pytest.TempPathFactory, small_configs: Non
     markers = {"input_resolution": 64, "context_length": 77, "vocab_size": 49408}
     paths = {"source": out / "source.pt", "jit": out / "RN50.pt", "state_dict": out / "rn50_state_dict.pt"}
     torch.save(state, paths["source"])
-    torch.save({**state, **{k: torch.tensor(v) for k, v in markers.items()}}, paths["state_dict"])
-    jit_src = copy.deepcopy(src)
-    mask = jit_src.attn_mask
-    del jit_src._buffers["attn_mask"]
-    jit_src.attn_mask = mask  # OpenAI's archive holds the causal mask as a constant, not a state entry
-    del jit_src.context_length, jit_src.vocab_size
-    for key, value in markers.items():
-        jit_src.register_buffer(key, torch.tensor(value))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.* deprecation notices
-        traced = torch.jit.trace_module(
-            jit_src,
-            inputs={
-                "encode_image": (torch.ones(2, 3, 64, 64),),
-                "encode_text": (torch.zeros(2, 77, dtype=torch.long),),
-            },
-        )
-        torch.jit.save(traced, str(paths["jit"]))
+    save_openai_files(src, markers, paths["state_dict"], paths["jit"])
     assert set(torch.jit.load(str(paths["jit"])).state_dict()) >= set(state) - {"attn_mask"}
     return paths
 

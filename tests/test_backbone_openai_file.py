@@ -16,6 +16,7 @@ import open_clip
 import pytest
 import torch
 from open_clip.transformer import QuickGELU
+from support import save_openai_files
 from torch import nn
 
 from fpl_fast.backbone.loading import load_backbone
@@ -59,27 +60,9 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_configs: None) -> dict[
         "open_clip_wrapped": out / "epoch_1.pt",
     }
     torch.save(state, paths["source"])
-    torch.save({**state, **{k: torch.tensor(v) for k, v in _MARKERS.items()}}, paths["state_dict"])
     torch.save(state, paths["clip_layout"])
 
-    # OpenAI's archive layout: the causal mask is a constant (no state entry), the three markers are state entries.
-    jit_src = copy.deepcopy(src)
-    mask = jit_src.attn_mask
-    del jit_src._buffers["attn_mask"]
-    jit_src.attn_mask = mask
-    del jit_src.context_length, jit_src.vocab_size
-    for key, value in _MARKERS.items():
-        jit_src.register_buffer(key, torch.tensor(value))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.* deprecation notices
-        traced = torch.jit.trace_module(
-            jit_src,
-            inputs={
-                "encode_image": (torch.ones(2, 3, 32, 32),),
-                "encode_text": (torch.zeros(2, 77, dtype=torch.long),),
-            },
-        )
-        torch.jit.save(traced, str(paths["jit"]))
+    save_openai_files(src, _MARKERS, paths["state_dict"], paths["jit"])
     assert set(torch.jit.load(str(paths["jit"])).state_dict()) == set(state) | set(_MARKERS)
 
     # open_clip's own training checkpoint of a GELU model with this architecture.
