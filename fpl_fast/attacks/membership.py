@@ -166,7 +166,7 @@ def shadow_pool(cfg: RunConfig, backbone) -> ShadowPool:
     else:
         ds = load_coop(cfg.dataset, cfg.data_root)["val"]
         if len(ds) == 0:
-            raise ValueError(f"--mia: the {cfg.dataset} split file has no 'val' examples for the shadow models")
+            raise ValueError(f"--mia: {cfg.dataset} has no 'val' examples for the shadow models")
         ids = [str(p) for p in ds.paths]
         source = f"{cfg.dataset} 'val' split ({len(ds)} images)"
         split = "val"
