@@ -20,7 +20,7 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from fpl_fast import outputs
-from fpl_fast.backbone.text_tower import TEXT_PATHS
+from fpl_fast.backbone.protocol import TEXT_PATHS
 from fpl_fast.prompts import factorization_names, get_factorization
 from fpl_fast.validation import ConfigError, check_choice, check_finite, check_int, read_json_object
 

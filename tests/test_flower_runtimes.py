@@ -26,13 +26,21 @@ def _run(args: list[str], out: Path, timeout: float = 600) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+def _in_process(out: Path, **changes: object) -> dict:
+    """The uninterrupted in-process run's ``final`` (in this process: no interpreter to start)."""
+    from fpl_fast.config import RunConfig
+    from fpl_fast.job import train
+
+    return train(RunConfig(**changes), settings={"out": str(out), "progress": False}).final  # type: ignore[arg-type]
+
+
 @pytest.mark.slow
 def test_engine_flower_sim_matches_the_in_process_run_of_the_embedded_default(tmp_path: Path) -> None:
     """The embedded default for 2 rounds on Flower's simulation runtime: accuracies within 0.02 of the in-process
     run's (float rounding of one client per encoder call against all at once), the same epsilons exactly."""
-    args = ["--rounds", "2", "--noise-seed", "7"]
-    ip = _run(args, tmp_path / "inprocess")["final"]
-    fl = _run([*args, "--engine", "flower-sim", "--tensorboard", str(tmp_path / "tb")], tmp_path / "flower")
+    ip = _in_process(tmp_path / "inprocess", rounds=2, noise_seed=7)
+    args = ["--rounds", "2", "--noise-seed", "7", "--engine", "flower-sim", "--tensorboard", str(tmp_path / "tb")]
+    fl = _run(args, tmp_path / "flower")
     final = fl["final"]
     assert final["engine"] == "flower" and [r["round"] for r in fl["rounds"]] == [1, 2]
     assert abs(final["local_acc"] - ip["local_acc"]) <= 0.02
@@ -59,17 +67,18 @@ def test_engine_flower_sim_refuses_the_membership_attack(tmp_path: Path) -> None
 def test_a_loopback_deployment_survives_a_killed_server_and_leaves_nothing_running(tmp_path: Path) -> None:
     """SuperLink + 2 SuperNodes on their own loopback ports + ``flwr run`` of the app folder that
     ``python -m fpl_fast.flower.deploy`` writes (scripts/flower_loopback.sh, which stops its processes by PID), 2
-    rounds of sync="round", over TLS with SuperNode authentication (each node's key enrolled; a third SuperNode with
-    a key no one enrolled is refused before the run). The ServerApp is SIGKILLed once its round-1 checkpoint exists
-    (the clients are in round 2) and a new ``flwr run`` with resume=true continues: the results are the
-    uninterrupted in-process run's with the same --noise-seed (same steps and epsilons, accuracies to 0.02), and
+    rounds of sync="round" evaluated once, at the end (each message costs a ClientApp process), over TLS with
+    SuperNode authentication (each node's key enrolled; a third SuperNode with a key no one enrolled is refused before
+    the run). The ServerApp is SIGKILLed once its round-1 checkpoint exists (the clients are in round 2) and a new
+    ``flwr run`` with resume=true continues: the results are the uninterrupted in-process run's with the same
+    --noise-seed (same steps and epsilons, accuracies to 0.02), and
     every process the script started has stopped."""
     from fpl_fast.flower.deploy import write_app
 
     app = tmp_path / "app"
     write_app(app)
     out, state = tmp_path / "out", tmp_path / "nodes"
-    run_config = f"num-users=2 rounds=2 sync='round' noise-seed=7 run-name='lb' out='{out}' progress=false"
+    run_config = f"num-users=2 rounds=2 sync='round' noise-seed=7 eval-every=2 run-name='lb' out='{out}' progress=false"
     script = REPO / "scripts" / "flower_loopback.sh"
     cmd = ["bash", str(script), str(app), "2", "--run-config", run_config]
     cmd += ["--node-config-extra", f"state-dir='{state}'", "--kill-server-when", str(out / "checkpoint.pt")]
@@ -87,8 +96,8 @@ def test_a_loopback_deployment_survives_a_killed_server_and_leaves_nothing_runni
         left = subprocess.run(["pgrep", "-f", f"127.0.0.1 --port {port}|127.0.0.1:{port}"], capture_output=True)
         assert left.returncode == 1, f"still running on port {port}: {left.stdout!r}"
     fl = json.loads((out / "results.json").read_text())
-    assert [r["round"] for r in fl["rounds"]] == [1, 2]
-    ip = _run(["--num-users", "2", "--rounds", "2", "--sync", "round", "--noise-seed", "7"], tmp_path / "ip")["final"]
+    assert [r["round"] for r in fl["rounds"]] == [2]  # eval-every=2: one evaluation, after the resume
+    ip = _in_process(tmp_path / "ip", num_users=2, rounds=2, sync="round", noise_seed=7, eval_every=2)
     final = fl["final"]
     assert final["steps_per_client"] == ip["steps_per_client"]
     assert final["epsilon_total_per_client"] == ip["epsilon_total_per_client"]

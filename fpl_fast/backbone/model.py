@@ -25,8 +25,8 @@ from torchvision.transforms import v2
 
 import fpl_fast.backbone.shipped_models  # noqa: F401 - registers the shipped configs, which the tokenizer lookup needs
 from fpl_fast.backbone.feature_cache import FeatureCache
-from fpl_fast.backbone.protocol import Backbone, FeatureIndices, PromptParts
-from fpl_fast.backbone.text_tower import TEXT_PATHS, SuffixPack, shared_prefix_forward, text_encoder_forward, text_tower
+from fpl_fast.backbone.protocol import TEXT_PATHS, Backbone, FeatureIndices, PromptParts
+from fpl_fast.backbone.text_tower import SuffixPack, shared_prefix_forward, text_encoder_forward, text_tower
 
 __all__ = ["FrozenCLIP"]
 

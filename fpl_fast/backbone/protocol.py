@@ -20,7 +20,10 @@ import numpy.typing as npt
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Backbone", "FeatureDisk", "FeatureIndices", "ImageFeatureCache", "PromptParts"]
+__all__ = ["TEXT_PATHS", "Backbone", "FeatureDisk", "FeatureIndices", "ImageFeatureCache", "PromptParts"]
+
+# How class prompts go through the tower: the prompt prefix once per client ("shared") or each prompt whole.
+TEXT_PATHS = ("shared", "full")
 
 FeatureIndices: TypeAlias = Sequence[int] | Tensor | npt.NDArray[np.integer[Any]]
 """Dataset indices accepted by :meth:`Backbone.image_features`: a sequence of ints, a tensor or an integer array."""

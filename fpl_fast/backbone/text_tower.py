@@ -33,9 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# How class prompts go through the tower: the prompt prefix once per client ("shared") or each prompt whole.
-TEXT_PATHS = ("shared", "full")
-
 __all__ = [
     "SuffixPack",
     "TextTower",

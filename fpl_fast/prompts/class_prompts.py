@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fpl_fast import ops
-from fpl_fast.backbone.protocol import Backbone
-from fpl_fast.backbone.text_tower import TEXT_PATHS
+from fpl_fast.backbone.protocol import TEXT_PATHS, Backbone
 
 __all__ = ["ClassPrompts"]
 
