@@ -80,6 +80,19 @@ def test_bad_input_exits_2_with_one_line_from_a_process(args: list[str], needle:
     assert needle in lines[0]
 
 
+def test_a_bad_flag_is_refused_before_the_heavy_imports() -> None:
+    """The parser and the config checks import neither open_clip (with torchvision and torch._dynamo: seconds) nor
+    the accountant's scipy, Flower or matplotlib: ``--help`` and a bad flag answer at once."""
+    heavy = ("open_clip", "torchvision", "dp_accounting", "flwr", "matplotlib")
+    code = (
+        "import sys\nfrom fpl_fast.run import main\ntry:\n    main(['--rank', '0'])\nexcept SystemExit:\n    pass\n"
+        f"print(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--rank" in proc.stderr, proc.stderr
+    assert proc.stdout.strip() == "", f"imported: {proc.stdout.strip()}"
+
+
 def test_config_file_then_flags_override(tmp_path: Path) -> None:
     cfg_file = tmp_path / "run.json"
     cfg_file.write_text(json.dumps({"rank": 4, "rounds": 7, "factorization": "fedpgp"}))

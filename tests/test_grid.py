@@ -247,7 +247,7 @@ def test_a_grid_killed_with_its_workers_resumes_without_redoing_finished_cells(t
     spec = _write(
         tmp_path / "spec.json",
         {
-            "base": {**TINY, "rounds": 3, "partition": "iid"},  # iid: base2novel's 5 classes fill a batch of 8
+            "base": {**TINY, "partition": "iid"},  # iid: base2novel's 5 classes fill a batch of 8
             "axes": {"protocol": ["personal", "dual", "base2novel"], "clip_mode": ["sample", "output"]},
             "table": {"rows": "protocol", "columns": "clip_mode"},
         },
