@@ -1,5 +1,11 @@
-"""Flower's own runtimes: ``--engine flower-sim`` (the simulation, Ray) and a real deployment on loopback
-(SuperLink + one SuperNode per client + ``flwr run``, scripts/flower_loopback.sh), each in subprocesses."""
+"""Flower's own runtimes, each in subprocesses: ``--engine flower-sim`` (the simulation, Ray) and real deployments on
+loopback (SuperLink + one SuperNode per client + ``flwr run``, scripts/flower_loopback.sh, over TLS with SuperNode
+authentication): a killed ServerApp resumed, and a second claim of a partition refused.
+
+The three runs start together (the ``runs`` fixture) and each test waits for its own: each run spends most of its
+time waiting (a process per Flower message to start, Flower's polls), so together they take little longer than the
+longest alone, where one after the other they took 210 s of a worker's time (2 CPU cores).
+"""
 
 from __future__ import annotations
 
@@ -8,22 +14,95 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import assert_tensorboard_matches_rounds_csv
+from support import assert_tensorboard_matches_rounds_csv, listening
 
 pytest.importorskip("flwr")  # the [flower] extra (CI installs it)
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+TIMEOUT = 600.0  # s for a run (they share the machine with each other and with the other tests' worker)
 
 
-def _run(args: list[str], out: Path, timeout: float = 600) -> dict:
-    cmd = [sys.executable, "-m", "fpl_fast.run", *args, "--quiet", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=out.parent, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads((out / "results.json").read_text())
+@dataclass
+class Started:
+    """A run in the background: its process, its folder, and its output files (files, not pipes: a full pipe would
+    block the run)."""
+
+    proc: subprocess.Popen[bytes]
+    root: Path
+
+    def finish(self) -> tuple[int, str]:
+        """Wait for the run; (exit status, stderr)."""
+        try:
+            rc = self.proc.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{self.root.name} did not finish in {TIMEOUT:g} s: " + self.stderr()[-3000:])
+        return rc, self.stderr()
+
+    def stderr(self) -> str:
+        return (self.root / "stderr.txt").read_text(errors="replace")
+
+
+def _start(root: Path, cmd: list[str], env: dict[str, str]) -> Started:
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "stdout.txt", "wb") as out, open(root / "stderr.txt", "wb") as err:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=err, start_new_session=True)
+    return Started(proc, root)
+
+
+def _loopback(root: Path, run_config: str, *options: str) -> Started:
+    """scripts/flower_loopback.sh with 2 SuperNodes on the app folder that ``python -m fpl_fast.flower.deploy``
+    writes."""
+    from fpl_fast.flower.deploy import write_app
+
+    root.mkdir(parents=True)
+    write_app(root / "app")
+    cmd = ["bash", str(REPO / "scripts" / "flower_loopback.sh"), str(root / "app"), "2", "--run-config", run_config]
+    env = {**ENV, "VENV": str(Path(sys.executable).parent.parent), "LOG_DIR": str(root / "logs"), "RUN_TIMEOUT": "500"}
+    return _start(root, [*cmd, *options], env)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Started]]:
+    started: dict[str, Started] = {}
+    try:
+        sim = tmp_path_factory.mktemp("sim")
+        cmd = [sys.executable, "-m", "fpl_fast.run", "--rounds", "2", "--noise-seed", "7", "--engine", "flower-sim"]
+        cmd += ["--tensorboard", str(sim / "tb"), "--quiet", "--out", str(sim / "flower")]
+        started["sim"] = _start(sim / "run", cmd, ENV)
+
+        killed = tmp_path_factory.mktemp("killed")
+        out, state = killed / "out", killed / "nodes"
+        config = f"num-users=2 rounds=2 sync='round' noise-seed=7 eval-every=2 run-name='lb' out='{out}' progress=false"
+        started["killed"] = _loopback(
+            killed / "run",
+            config,
+            *("--node-config-extra", f"state-dir='{state}'", "--kill-server-when", str(out / "checkpoint.pt")),
+            "--unenrolled-node",
+        )
+
+        dup = tmp_path_factory.mktemp("dup")
+        config = f"num-users=2 rounds=1 sync='round' run-name='dup' out='{dup / 'out'}' progress=false node-timeout=60"
+        started["dup"] = _loopback(
+            dup / "run",
+            config,
+            *("--node-config-extra", f"state-dir='{dup / 'nodes'}'"),
+            *("--extra-node", f"partition-id=1 num-partitions=2 state-dir='{dup / 'intruder'}'"),
+        )
+        yield started
+    finally:
+        for run in started.values():  # a failed test's run: the script's trap stops the processes it started
+            if run.proc.poll() is None:
+                run.proc.terminate()
+                try:
+                    run.proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(run.proc.pid, 9)
 
 
 def _in_process(out: Path, **changes: object) -> dict:
@@ -34,26 +113,38 @@ def _in_process(out: Path, **changes: object) -> dict:
     return train(RunConfig(**changes), settings={"out": str(out), "progress": False}).final  # type: ignore[arg-type]
 
 
+def _script_ports_stopped(stderr: str) -> None:
+    """Every process the loopback script started has stopped: nothing runs or listens on its ports."""
+    ports = re.search(r"SuperLink 127\.0\.0\.1:(\d+), SuperNode ports ([\d ]+)", stderr)
+    assert ports is not None, stderr[-3000:]
+    for port in [ports.group(1), *ports.group(2).split()]:
+        left = subprocess.run(["pgrep", "-f", f"127.0.0.1 --port {port}|127.0.0.1:{port}"], capture_output=True)
+        assert left.returncode == 1, f"still running on port {port}: {left.stdout!r}"
+        assert not listening(int(port)), f"still listening on {port}"
+
+
 @pytest.mark.slow
-def test_engine_flower_sim_matches_the_in_process_run_of_the_embedded_default(tmp_path: Path) -> None:
+def test_engine_flower_sim_matches_the_in_process_run_of_the_embedded_default(
+    runs: dict[str, Started], tmp_path: Path
+) -> None:
     """The embedded default for 2 rounds on Flower's simulation runtime: accuracies within 0.02 of the in-process
     run's (float rounding of one client per encoder call against all at once), the same epsilons exactly."""
     ip = _in_process(tmp_path / "inprocess", rounds=2, noise_seed=7)
-    args = ["--rounds", "2", "--noise-seed", "7", "--engine", "flower-sim", "--tensorboard", str(tmp_path / "tb")]
-    fl = _run(args, tmp_path / "flower")
+    rc, err = runs["sim"].finish()
+    assert rc == 0, err[-3000:]
+    sim = runs["sim"].root.parent
+    fl = json.loads((sim / "flower" / "results.json").read_text())
     final = fl["final"]
     assert final["engine"] == "flower" and [r["round"] for r in fl["rounds"]] == [1, 2]
     assert abs(final["local_acc"] - ip["local_acc"]) <= 0.02
     assert abs(final["neighbor_acc"] - ip["neighbor_acc"]) <= 0.02
     assert final["epsilon_total_per_client"] == ip["epsilon_total_per_client"]
     assert final["steps_per_client"] == ip["steps_per_client"]
-    assert (tmp_path / "flower" / "rounds.csv").is_file() and (tmp_path / "flower" / "accuracy.png").is_file()
+    assert (sim / "flower" / "rounds.csv").is_file() and (sim / "flower" / "accuracy.png").is_file()
     # the server's log: what it holds, and no private/ tag (the loss and clipped fraction stay on the nodes)
-    logged = assert_tensorboard_matches_rounds_csv(tmp_path / "tb", tmp_path / "flower" / "rounds.csv")
+    logged = assert_tensorboard_matches_rounds_csv(sim / "tb", sim / "flower" / "rounds.csv")
     assert "released/epsilon_total" in logged and not [t for t in logged if t.startswith("private/")]
-    assert sorted(p.name for p in (tmp_path / "flower" / "nodes" / "flower").iterdir()) == [
-        f"client-{k}" for k in range(10)
-    ]
+    assert sorted(p.name for p in (sim / "flower" / "nodes" / "flower").iterdir()) == [f"client-{k}" for k in range(10)]
 
 
 def test_engine_flower_sim_refuses_the_membership_attack(tmp_path: Path) -> None:
@@ -64,43 +155,41 @@ def test_engine_flower_sim_refuses_the_membership_attack(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_a_loopback_deployment_survives_a_killed_server_and_leaves_nothing_running(tmp_path: Path) -> None:
-    """SuperLink + 2 SuperNodes on their own loopback ports + ``flwr run`` of the app folder that
-    ``python -m fpl_fast.flower.deploy`` writes (scripts/flower_loopback.sh, which stops its processes by PID), 2
-    rounds of sync="round" evaluated once, at the end (each message costs a ClientApp process), over TLS with
-    SuperNode authentication (each node's key enrolled; a third SuperNode with a key no one enrolled is refused before
-    the run). The ServerApp is SIGKILLed once its round-1 checkpoint exists (the clients are in round 2) and a new
-    ``flwr run`` with resume=true continues: the results are the uninterrupted in-process run's with the same
-    --noise-seed (same steps and epsilons, accuracies to 0.02), and
+def test_a_loopback_deployment_survives_a_killed_server_and_leaves_nothing_running(
+    runs: dict[str, Started], tmp_path: Path
+) -> None:
+    """2 rounds of sync="round" evaluated once, at the end (each message costs a ClientApp process), with a third
+    SuperNode whose key no one enrolled refused before the run. The ServerApp is SIGKILLed once its round-1
+    checkpoint exists (the clients are in round 2) and a new ``flwr run`` with resume=true continues: the results are
+    the uninterrupted in-process run's with the same --noise-seed (same steps and epsilons, accuracies to 0.02), and
     every process the script started has stopped."""
-    from fpl_fast.flower.deploy import write_app
-
-    app = tmp_path / "app"
-    write_app(app)
-    out, state = tmp_path / "out", tmp_path / "nodes"
-    run_config = f"num-users=2 rounds=2 sync='round' noise-seed=7 eval-every=2 run-name='lb' out='{out}' progress=false"
-    script = REPO / "scripts" / "flower_loopback.sh"
-    cmd = ["bash", str(script), str(app), "2", "--run-config", run_config]
-    cmd += ["--node-config-extra", f"state-dir='{state}'", "--kill-server-when", str(out / "checkpoint.pt")]
-    cmd += ["--unenrolled-node"]
-    env = {**ENV, "VENV": str(Path(sys.executable).parent.parent), "LOG_DIR": str(tmp_path / "logs")}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"ServerApp \(pid \d+\) killed", proc.stderr), proc.stderr[-3000:]
-    assert "TLS on; 2 SuperNode keys enrolled" in proc.stderr, proc.stderr[-3000:]
-    refusal = re.search(r"unenrolled SuperNode refused: (.*)", proc.stderr)
-    assert refusal is not None and "Failed to activate SuperNode." in refusal.group(1), proc.stderr[-3000:]
-    ports = re.search(r"SuperLink 127\.0\.0\.1:(\d+), SuperNode ports ([\d ]+)", proc.stderr)
-    assert ports is not None, proc.stderr
-    for port in [ports.group(1), *ports.group(2).split()]:  # every process the script started has stopped
-        left = subprocess.run(["pgrep", "-f", f"127.0.0.1 --port {port}|127.0.0.1:{port}"], capture_output=True)
-        assert left.returncode == 1, f"still running on port {port}: {left.stdout!r}"
-    fl = json.loads((out / "results.json").read_text())
-    assert [r["round"] for r in fl["rounds"]] == [2]  # eval-every=2: one evaluation, after the resume
     ip = _in_process(tmp_path / "ip", num_users=2, rounds=2, sync="round", noise_seed=7, eval_every=2)
+    rc, err = runs["killed"].finish()
+    assert rc == 0, err[-3000:]
+    assert re.search(r"ServerApp \(pid \d+\) killed", err), err[-3000:]
+    assert "TLS on; 2 SuperNode keys enrolled" in err, err[-3000:]
+    refusal = re.search(r"unenrolled SuperNode refused: (.*)", err)
+    assert refusal is not None and "Failed to activate SuperNode." in refusal.group(1), err[-3000:]
+    _script_ports_stopped(err)
+    root = runs["killed"].root.parent
+    fl = json.loads((root / "out" / "results.json").read_text())
+    assert [r["round"] for r in fl["rounds"]] == [2]  # eval-every=2: one evaluation, after the resume
     final = fl["final"]
     assert final["steps_per_client"] == ip["steps_per_client"]
     assert final["epsilon_total_per_client"] == ip["epsilon_total_per_client"]
     assert abs(final["local_acc"] - ip["local_acc"]) <= 0.02
-    assert sorted(p.name for p in (state / "lb").iterdir()) == ["client-0", "client-1"]
-    assert (state / "lb" / "client-0" / "state-2.pt").is_file()
+    assert sorted(p.name for p in (root / "nodes" / "lb").iterdir()) == ["client-0", "client-1"]
+    assert (root / "nodes" / "lb" / "client-0" / "state-2.pt").is_file()
+
+
+@pytest.mark.slow
+def test_a_second_node_claiming_a_taken_partition_is_refused_under_tls(runs: dict[str, Started]) -> None:
+    """Two enrolled SuperNodes for partitions 0 and 1 and a third, also enrolled, that claims partition 1: the
+    ServerApp refuses the run at set-up with one line naming both nodes (it cannot tell which one is honest), and
+    every process stops."""
+    rc, err = runs["dup"].finish()
+    assert rc == 1, err[-3000:]
+    assert "TLS on; 3 SuperNode keys enrolled" in err
+    assert re.search(r"nodes \d+ and \d+ both hold partition-id 1", err) is not None, err[-3000:]
+    assert not (runs["dup"].root.parent / "out" / "results.json").exists()
+    _script_ports_stopped(err)

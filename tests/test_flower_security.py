@@ -3,8 +3,8 @@
 One SuperLink per module (TLS with a CA of its own, ``--enable-supernode-auth``) on a free 127.0.0.1 port; each
 test starts its SuperNodes against it, every process stopped by PID; the module ends by asserting that nothing is
 left listening on its ports. What a node may *send* (reply checks) is tested in test_flower.py; a whole run with an
-unenrolled node refused is test_flower_runtimes.py's loopback deployment; a second claim of a partition is the slow
-deployment at the end of this file.
+unenrolled node refused, and a second claim of a partition under TLS, are test_flower_runtimes.py's loopback
+deployments.
 """
 
 from __future__ import annotations
@@ -266,34 +266,3 @@ def test_a_plain_client_against_the_tls_superlink_fails(link: Link) -> None:
         except (ConnectionResetError, TimeoutError):
             reply = b""
     assert not reply.startswith(b"HTTP/"), reply  # the TLS server answers no plain HTTP
-
-
-# ------------------------------------------------------------------------------------------
-# A whole deployment: a second claim of a partition
-# ------------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_a_second_node_claiming_a_taken_partition_is_refused_under_tls(tmp_path: Path) -> None:
-    """Two enrolled SuperNodes for partitions 0 and 1 and a third, also enrolled, that claims partition 1: the
-    ServerApp refuses the run at set-up with one line naming both nodes (it cannot tell which one is honest), and
-    every process stops."""
-    from fpl_fast.flower.deploy import write_app
-
-    app = tmp_path / "app"
-    write_app(app)
-    run_config = (
-        f"num-users=2 rounds=1 sync='round' run-name='dup' out='{tmp_path / 'out'}' progress=false node-timeout=60"
-    )
-    cmd = ["bash", str(REPO / "scripts" / "flower_loopback.sh"), str(app), "2", "--run-config", run_config]
-    cmd += ["--node-config-extra", f"state-dir='{tmp_path / 'nodes'}'"]
-    cmd += ["--extra-node", f"partition-id=1 num-partitions=2 state-dir='{tmp_path / 'intruder'}'"]
-    env = {**_env(tmp_path), "VENV": str(BIN.parent), "LOG_DIR": str(tmp_path / "logs"), "RUN_TIMEOUT": "300"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "TLS on; 3 SuperNode keys enrolled" in proc.stderr
-    line = re.search(r"nodes \d+ and \d+ both hold partition-id 1", proc.stderr)
-    assert line is not None, proc.stderr[-3000:]
-    assert not (tmp_path / "out" / "results.json").exists()
-    ports = re.search(r"SuperLink 127\.0\.0\.1:(\d+), SuperNode ports ([\d ]+)", proc.stderr)
-    assert ports is not None, proc.stderr
-    for port in [ports.group(1), *ports.group(2).split()]:
-        assert not listening(int(port)), f"still listening on {port}"
