@@ -290,7 +290,10 @@ class Processes:
     def __init__(self) -> None:
         self.started: list[subprocess.Popen[bytes]] = []
 
-    def start(self, cmd: Sequence[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def start(
+        self, cmd: Sequence[str], log: Path, env: dict[str, str], cwd: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start ``cmd`` with its stdout and stderr in ``log`` (a file, not a pipe: a full pipe would block it)."""
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 list(cmd),
@@ -298,6 +301,7 @@ class Processes:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
+                cwd=cwd,
                 start_new_session=True,
             )
         self.started.append(proc)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import assert_tensorboard_matches_rounds_csv, listening
+from support import Processes, assert_tensorboard_matches_rounds_csv, listening
 
 pytest.importorskip("flwr")  # the [flower] extra (CI installs it)
 
@@ -30,56 +30,54 @@ TIMEOUT = 600.0  # s for a run (they share the machine with each other and with 
 
 @dataclass
 class Started:
-    """A run in the background: its process, its folder, and its output files (files, not pipes: a full pipe would
-    block the run)."""
+    """A run in the background: its process and its folder, which holds its log (stdout and stderr)."""
 
     proc: subprocess.Popen[bytes]
     root: Path
 
     def finish(self) -> tuple[int, str]:
-        """Wait for the run; (exit status, stderr)."""
+        """Wait for the run; (exit status, log)."""
         try:
             rc = self.proc.wait(timeout=TIMEOUT)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"{self.root.name} did not finish in {TIMEOUT:g} s: " + self.stderr()[-3000:])
-        return rc, self.stderr()
+            pytest.fail(f"{self.root.name} did not finish in {TIMEOUT:g} s: " + self.log()[-3000:])
+        return rc, self.log()
 
-    def stderr(self) -> str:
-        return (self.root / "stderr.txt").read_text(errors="replace")
-
-
-def _start(root: Path, cmd: list[str], env: dict[str, str]) -> Started:
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / "stdout.txt", "wb") as out, open(root / "stderr.txt", "wb") as err:
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=err, start_new_session=True)
-    return Started(proc, root)
+    def log(self) -> str:
+        return (self.root / "log.txt").read_text(errors="replace")
 
 
-def _loopback(root: Path, run_config: str, *options: str) -> Started:
+def _start(procs: Processes, root: Path, cmd: list[str], env: dict[str, str]) -> Started:
+    """``cmd`` in its folder ``root`` (which exists), in a session of its own."""
+    return Started(procs.start(cmd, root / "log.txt", env, cwd=root), root)
+
+
+def _loopback(procs: Processes, root: Path, run_config: str, *options: str) -> Started:
     """scripts/flower_loopback.sh with 2 SuperNodes on the app folder that ``python -m fpl_fast.flower.deploy``
     writes."""
     from fpl_fast.flower.deploy import write_app
 
-    root.mkdir(parents=True)
-    write_app(root / "app")
     cmd = ["bash", str(REPO / "scripts" / "flower_loopback.sh"), str(root / "app"), "2", "--run-config", run_config]
     env = {**ENV, "VENV": str(Path(sys.executable).parent.parent), "LOG_DIR": str(root / "logs"), "RUN_TIMEOUT": "500"}
-    return _start(root, [*cmd, *options], env)
+    write_app(root / "app")  # makes root too
+    return _start(procs, root, [*cmd, *options], env)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Started]]:
-    started: dict[str, Started] = {}
+    procs = Processes()
     try:
+        started: dict[str, Started] = {}
         sim = tmp_path_factory.mktemp("sim")
         cmd = [sys.executable, "-m", "fpl_fast.run", "--rounds", "2", "--noise-seed", "7", "--engine", "flower-sim"]
         cmd += ["--tensorboard", str(sim / "tb"), "--quiet", "--out", str(sim / "flower")]
-        started["sim"] = _start(sim / "run", cmd, ENV)
+        started["sim"] = _start(procs, sim, cmd, ENV)
 
         killed = tmp_path_factory.mktemp("killed")
         out, state = killed / "out", killed / "nodes"
         config = f"num-users=2 rounds=2 sync='round' noise-seed=7 eval-every=2 run-name='lb' out='{out}' progress=false"
         started["killed"] = _loopback(
+            procs,
             killed / "run",
             config,
             *("--node-config-extra", f"state-dir='{state}'", "--kill-server-when", str(out / "checkpoint.pt")),
@@ -89,20 +87,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Started
         dup = tmp_path_factory.mktemp("dup")
         config = f"num-users=2 rounds=1 sync='round' run-name='dup' out='{dup / 'out'}' progress=false node-timeout=60"
         started["dup"] = _loopback(
+            procs,
             dup / "run",
             config,
             *("--node-config-extra", f"state-dir='{dup / 'nodes'}'"),
             *("--extra-node", f"partition-id=1 num-partitions=2 state-dir='{dup / 'intruder'}'"),
         )
         yield started
-    finally:
-        for run in started.values():  # a failed test's run: the script's trap stops the processes it started
-            if run.proc.poll() is None:
-                run.proc.terminate()
-                try:
-                    run.proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(run.proc.pid, 9)
+    finally:  # a failed test's run: its process group is stopped (a finished run's group is already gone)
+        procs.stop_all()
 
 
 def _in_process(out: Path, **changes: object) -> dict:
@@ -132,7 +125,7 @@ def test_engine_flower_sim_matches_the_in_process_run_of_the_embedded_default(
     ip = _in_process(tmp_path / "inprocess", rounds=2, noise_seed=7)
     rc, err = runs["sim"].finish()
     assert rc == 0, err[-3000:]
-    sim = runs["sim"].root.parent
+    sim = runs["sim"].root
     fl = json.loads((sim / "flower" / "results.json").read_text())
     final = fl["final"]
     assert final["engine"] == "flower" and [r["round"] for r in fl["rounds"]] == [1, 2]
