@@ -28,6 +28,10 @@ def run_flower_simulation(
     """Run ``cfg`` on Flower's simulation runtime and return its results (what results.json holds)."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray runs its workers (here: the clients, i.e. the run's work) at nice 15, behind every other process on the
+    # machine: the embedded default's 2 rounds took 27 s alone and 216 s beside two busy processes on 2 cores, 48 s
+    # at nice 0. The raylet, started by ray.init below, reads this from the environment.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     from flwr.simulation import run_simulation
 
     from fpl_fast.flower.client_app import make_client_app
