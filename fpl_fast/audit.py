@@ -105,8 +105,11 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         if run.engine != "inprocess":
             raise ValueError(f"the audit runs in process, not on --engine {run.engine}")
         from fpl_fast import outputs
+
+        out = Path(run.out) if run.out else outputs.default_out_dir()
+        if (out / "audit.json").exists():  # before the heavy imports below (seconds)
+            raise ValueError(f"{out} already holds an audit (audit.json): give another --out")
         from fpl_fast.attacks.canaries import run_audit
-        from fpl_fast.methods.dpfpl import default_out_dir
         from fpl_fast.preparation import prepare
         from fpl_fast.privacy.audit_bound import AuditConfig
 
@@ -118,9 +121,6 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
             canary_norm=args.canary_norm,
             design_seed=args.design_seed,
         )
-        out = Path(run.out) if run.out else default_out_dir()
-        if (out / "audit.json").exists():
-            raise ValueError(f"{out} already holds an audit (audit.json): give another --out")
         outputs.check_writable(out)  # writable, before the training
         backbone, classnames, data = prepare(cfg, feature_cache=run.feature_cache)
         report = run_audit(cfg, audit, backbone, classnames, data, progress=run.progress)

@@ -29,7 +29,7 @@ from fpl_fast.config import METHODS, RunConfig, RunSettings, resumed_config
 from fpl_fast.data import DatasetBundle
 from fpl_fast.federated.client import ClientData
 from fpl_fast.federated.engine import Federation
-from fpl_fast.methods.dpfpl import DPFPL, default_out_dir
+from fpl_fast.methods.dpfpl import DPFPL
 from fpl_fast.methods.skeleton import run_method
 from fpl_fast.preparation import check_device, check_eval_datasets, prepare, prepare_eval_sets
 from fpl_fast.validation import ConfigError
@@ -123,7 +123,7 @@ def train(
     tracking.require_tensorboard(run.tensorboard)  # before anything is loaded or trained
     if _is_method_config(config):
         return _train_method(config, run, dataset=dataset, features=features, backbone=backbone)
-    out = Path(run.out) if run.out else default_out_dir()
+    out = Path(run.out) if run.out else outputs.default_out_dir()
     # A resumed run is the stopped one: its checkpoint's configuration (a damaged checkpoint fails here, before the
     # backbone loads), which a given config must not contradict.
     if run.resume:
@@ -224,7 +224,7 @@ def _train_method(config: Any, run: RunSettings, **unsupported: Any) -> Result:
         given.append(f"engine={run.engine!r}")
     if given:
         raise ValueError(f"{', '.join(given)} apply to DP-FPL runs only, not to {name}")
-    out = Path(run.out) if run.out else default_out_dir()
+    out = Path(run.out) if run.out else outputs.default_out_dir()
     outputs.check_out_dir(out, resume=False)
     outputs.check_writable(out)
     module = importlib.import_module(f"fpl_fast.methods.{name}")

@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import tempfile
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "save_figure",
     "check_out_dir",
     "check_writable",
+    "default_out_dir",
     "save_checkpoint",
     "load_checkpoint",
     "results_dict",
@@ -58,6 +60,16 @@ ROUND_FIELDS = (
 CURVES = {"local_acc": "local (own test split)", "neighbor_acc": "neighbour (others' splits)"}
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"  # the checkpoint before the last, kept by save_checkpoint
+
+
+def default_out_dir() -> Path:
+    """runs/<timestamp>, with a -2, -3, ... suffix when a run started in the same second already took it."""
+    base = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
 
 
 def _write_synced_temp(path: Path, data: bytes) -> str:

@@ -245,10 +245,10 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         else:
             cfg = method_config_from_args(args)
             run = RunSettings(out=args.out, progress=args.progress is None, tensorboard=args.tensorboard)
+        from fpl_fast import outputs
         from fpl_fast.job import train  # heavy imports after the flags are known good
-        from fpl_fast.methods.dpfpl import default_out_dir
 
-        out = Path(run.out) if run.out else default_out_dir()  # named here: Ctrl-C says where to resume
+        out = Path(run.out) if run.out else outputs.default_out_dir()  # named here: Ctrl-C says where to resume
         result = train(cfg, settings=dataclasses.replace(run, out=str(out)))
     except (ValueError, FileNotFoundError) as exc:
         return _fail(exc, prog)

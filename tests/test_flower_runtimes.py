@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import Processes, assert_tensorboard_matches_rounds_csv, listening
@@ -98,12 +99,16 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Started
         procs.stop_all()
 
 
-def _in_process(out: Path, **changes: object) -> dict:
-    """The uninterrupted in-process run's ``final`` (in this process: no interpreter to start)."""
+def _in_process(embedded_job: Any, out: Path, **changes: object) -> dict:
+    """The uninterrupted in-process run's ``final``, in this process on the session's prepared job (its images are
+    encoded once per session)."""
     from fpl_fast.config import RunConfig
     from fpl_fast.job import train
 
-    return train(RunConfig(**changes), settings={"out": str(out), "progress": False}).final  # type: ignore[arg-type]
+    cfg = RunConfig(**changes)  # type: ignore[arg-type]
+    backbone, names, data = embedded_job(cfg)
+    settings = {"out": str(out), "progress": False}
+    return train(cfg, settings=settings, backbone=backbone, features=data, classnames=names).final
 
 
 def _script_ports_stopped(stderr: str) -> None:
@@ -118,11 +123,11 @@ def _script_ports_stopped(stderr: str) -> None:
 
 @pytest.mark.slow
 def test_engine_flower_sim_matches_the_in_process_run_of_the_embedded_default(
-    runs: dict[str, Started], tmp_path: Path
+    runs: dict[str, Started], embedded_job: Any, tmp_path: Path
 ) -> None:
     """The embedded default for 2 rounds on Flower's simulation runtime: accuracies within 0.02 of the in-process
     run's (float rounding of one client per encoder call against all at once), the same epsilons exactly."""
-    ip = _in_process(tmp_path / "inprocess", rounds=2, noise_seed=7)
+    ip = _in_process(embedded_job, tmp_path / "inprocess", rounds=2, noise_seed=7)
     rc, err = runs["sim"].finish()
     assert rc == 0, err[-3000:]
     sim = runs["sim"].root
@@ -149,14 +154,14 @@ def test_engine_flower_sim_refuses_the_membership_attack(tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_a_loopback_deployment_survives_a_killed_server_and_leaves_nothing_running(
-    runs: dict[str, Started], tmp_path: Path
+    runs: dict[str, Started], embedded_job: Any, tmp_path: Path
 ) -> None:
     """2 rounds of sync="round" evaluated once, at the end (each message costs a ClientApp process), with a third
     SuperNode whose key no one enrolled refused before the run. The ServerApp is SIGKILLed once its round-1
     checkpoint exists (the clients are in round 2) and a new ``flwr run`` with resume=true continues: the results are
     the uninterrupted in-process run's with the same --noise-seed (same steps and epsilons, accuracies to 0.02), and
     every process the script started has stopped."""
-    ip = _in_process(tmp_path / "ip", num_users=2, rounds=2, sync="round", noise_seed=7, eval_every=2)
+    ip = _in_process(embedded_job, tmp_path / "ip", num_users=2, rounds=2, sync="round", noise_seed=7, eval_every=2)
     rc, err = runs["killed"].finish()
     assert rc == 0, err[-3000:]
     assert re.search(r"ServerApp \(pid \d+\) killed", err), err[-3000:]

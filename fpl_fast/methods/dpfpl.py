@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,6 @@ __all__ = [
     "load_federation",
     "eval_seed",
     "progress_bar",
-    "default_out_dir",
     "TrainingDiverged",
     "divergence_guard",
     "DPFPL",
@@ -50,16 +48,6 @@ __all__ = [
 ]
 
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
-
-
-def default_out_dir() -> Path:
-    """runs/<timestamp>, with a -2, -3, ... suffix when a run started in the same second already took it."""
-    base = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    out, n = base, 1
-    while out.exists():
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
-    return out
 
 
 def build_federation(
